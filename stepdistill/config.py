@@ -1,0 +1,237 @@
+"""Typed configs: dataclasses loaded from YAML, with dotted ``a.b=c`` command-line overrides.
+
+Unknown keys and values of the wrong type fail with a :class:`ConfigError` naming the key::
+
+    cfg = load_config(DistillConfig, "configs/dmd2_animal.yaml", ["train.max_steps=200"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is invalid; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "animal_mnist"      # animal_mnist | digits | path to an image folder
+    resolution: int = 32
+    channels: int = 1
+    split: str = "train"
+
+
+@dataclass
+class TeacherModelConfig:
+    """A class-conditional diffusers UNet2DModel (null class = num_classes, for CFG)."""
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])
+    norm_num_groups: int = 16
+    attention_head_dim: int = 32
+    prediction_type: str = "v_prediction"
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 64
+    max_steps: int = 1000          # steps of the main player (teacher / generator)
+    ema_decay: float = 0.999
+    log_every: int = 10
+    sample_every: int = 250
+    checkpoint_every: int = 250
+    mixed_precision: str = "no"    # no | bf16 (autocast; fp16 needs loss scaling and is not offered)
+    cpu: bool = False              # force CPU (also makes 2-process CPU runs use gloo)
+    num_workers: int = 0
+    threads: int = 0               # torch.set_num_threads when > 0
+
+
+@dataclass
+class TeacherConfig:
+    output_dir: str = "runs/teacher"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: TeacherModelConfig = field(default_factory=TeacherModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cfg_dropout: float = 0.1       # probability of replacing the label by the null class
+    sample_steps: int = 25         # sampler steps for the periodic sample grids
+    guidance_scale: float = 2.0
+
+
+@dataclass
+class DMDConfig:
+    """DMD / DMD2 hyper-parameters (Yin et al. 2023, 2024); defaults follow DMD2 where they transfer."""
+    teacher: str = "builtin:animal_mnist"  # diffusers folder, hub id, or builtin:animal_mnist
+    allow_pickle: bool = False
+    student_timesteps: list[float] = field(default_factory=lambda: [999.0])  # one-step default
+    backward_simulation: bool = True
+    real_guidance_scale: float = 2.0
+    fake_guidance_scale: float = 1.0
+    t_min: float = 20.0            # 0.02 T
+    t_max: float = 980.0           # 0.98 T
+    critic_updates: int = 5        # fake-score updates per generator update (two time-scale rule)
+    dm_weight: float = 1.0
+    gan: bool = True
+    gan_g_weight: float = 3e-3
+    gan_d_weight: float = 1e-2
+    regression_weight: float = 0.0  # original DMD regression loss; > 0 builds teacher ODE pairs
+    regression_pairs: int = 256
+    regression_steps: int = 25
+    regression_distance: str = "mse"  # mse | lpips
+    student_lr: float = 2e-5
+    critic_lr: float = 2e-5
+    beta1: float = 0.0
+    beta2: float = 0.999
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class DistillConfig:
+    output_dir: str = "runs/dmd2"
+    method: str = "dmd2"           # dmd | dmd2
+    data: DataConfig = field(default_factory=DataConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32, max_steps=300, ema_decay=0.95,
+                                                                   sample_every=50, checkpoint_every=50))
+
+
+# -- loading / overriding ------------------------------------------------------------------
+def _coerce(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        try:
+            v = yaml.safe_load(value) if isinstance(value, str) else value
+            if tp is int and (isinstance(v, float) and not v.is_integer()):
+                raise ValueError
+            return tp(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (valid keys: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(d: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+    d[parts[-1]] = value
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Defaults <- YAML file <- ``key.sub=value`` overrides; validated into ``cls``."""
+    data = to_dict(cls())
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping")
+        _merge(data, loaded, "")
+    for o in overrides or []:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} must look like key.sub=value")
+        k, v = o.split("=", 1)
+        _set_dotted(data, k.strip(), yaml.safe_load(v) if v.strip() else v)
+    cfg = _build(cls, data)
+    validate(cfg)
+    return cfg
+
+
+def _merge(base: dict, new: dict, prefix: str) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v, prefix + k + ".")
+        else:
+            base[k] = v
+
+
+def validate(cfg) -> None:
+    """Value checks that types alone cannot express."""
+    def check(cond, key, msg):
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    tr = getattr(cfg, "train", None)
+    if tr is not None:
+        check(tr.batch_size > 0, "train.batch_size", "must be > 0")
+        check(tr.max_steps >= 0, "train.max_steps", "must be >= 0")
+        check(0.0 <= tr.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
+        check(tr.mixed_precision in ("no", "bf16"), "train.mixed_precision", "must be no | bf16")
+        check(tr.sample_every > 0 and tr.checkpoint_every > 0 and tr.log_every > 0,
+              "train.sample_every", "sample/checkpoint/log intervals must be > 0")
+    if isinstance(cfg, TeacherConfig):
+        m = cfg.model
+        check(m.prediction_type in ("epsilon", "v_prediction", "sample"), "model.prediction_type",
+              "must be epsilon | v_prediction | sample")
+        check(len(m.attention_levels) == len(m.block_out_channels), "model.attention_levels",
+              "needs one entry per block_out_channels")
+        check(0.0 <= cfg.cfg_dropout < 1.0, "cfg_dropout", "must be in [0, 1)")
+    if isinstance(cfg, DistillConfig):
+        d = cfg.dmd
+        check(cfg.method in ("dmd", "dmd2"), "method", "must be dmd | dmd2")
+        check(len(d.student_timesteps) >= 1, "dmd.student_timesteps", "needs at least one timestep")
+        check(all(a > b for a, b in zip(d.student_timesteps, d.student_timesteps[1:])),
+              "dmd.student_timesteps", "must be strictly decreasing")
+        check(0 <= d.t_min < d.t_max, "dmd.t_min", "must satisfy 0 <= t_min < t_max")
+        check(d.critic_updates >= 1, "dmd.critic_updates", "must be >= 1")
+        check(d.regression_distance in ("mse", "lpips"), "dmd.regression_distance", "must be mse | lpips")
+        check(d.student_lr > 0 and d.critic_lr > 0, "dmd.student_lr", "learning rates must be > 0")

@@ -1,0 +1,201 @@
+"""The ``Denoiser`` adapter: any backbone -> x0 / eps / v predictions, conditioning and CFG.
+
+Trainers and samplers only ever call a :class:`Denoiser`; model-family differences live here
+(the role of the preconditioner in EDM, Karras et al. 2022, and of k-diffusion's wrappers).
+
+Supported backbones (``backbone_kind``):
+
+* ``unet2d``       diffusers ``UNet2DModel``            (class labels via ``class_labels``)
+* ``unet2d_cond``  diffusers ``UNet2DConditionModel``   (text via ``encoder_hidden_states``)
+* ``dit``          diffusers ``DiTTransformer2DModel``  (class labels; learned-sigma half dropped)
+* ``pixart``       diffusers ``Transformer2DModel``     (PixArt-style, text cross-attention)
+* ``sd3``          diffusers ``SD3Transformer2DModel``  (text + pooled text, flow matching)
+* ``flux``         diffusers ``FluxTransformer2DModel`` (packed latents, flow matching)
+* ``custom``       any ``nn.Module`` with the signature
+
+      ``forward(x_t: (B, C, H, W), t: (B,) float, cond: None | (B,) long | (B, L, D) float) -> (B, C, H, W)``
+
+  returning the prediction named by ``prediction_type``. Give it an attribute ``bottleneck``
+  (an ``nn.Module`` whose output is a (B, C', h, w) feature map) to use a GAN head on it.
+
+Conditioning ``cond``: ``None`` (unconditional), a LongTensor of class labels (B,), or text
+embeddings (B, L, D) (a dict ``{"emb": (B, L, D), "pooled": (B, P)}`` for SD3-style models).
+Classifier-free guidance (Ho & Salimans 2022, Eq. 6):
+``pred = pred_uncond + w * (pred_cond - pred_uncond)``, computed on the native prediction. Since
+every conversion in :mod:`stepdistill.schedules` is affine in the prediction for fixed
+(x_t, t), guiding eps, x0 or v gives the same x0.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .schedules import NoiseSchedule
+
+BACKBONE_KINDS = {
+    "UNet2DModel": "unet2d",
+    "UNet2DConditionModel": "unet2d_cond",
+    "DiTTransformer2DModel": "dit",
+    "Transformer2DModel": "pixart",
+    "PixArtTransformer2DModel": "pixart",
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+}
+
+
+def backbone_kind(module: nn.Module) -> str:
+    return BACKBONE_KINDS.get(type(module).__name__, "custom")
+
+
+class Denoiser(nn.Module):
+    """Wraps a backbone network with its noise schedule, prediction type and conditioning.
+
+    Args:
+        backbone: the network (a diffusers model or a custom module, see module docstring).
+        schedule: the :class:`NoiseSchedule` the backbone was trained with.
+        prediction_type: ``epsilon`` | ``sample`` | ``v_prediction`` | ``flow_prediction``.
+        null_class: label of the unconditional class (class-conditional CFG), or None.
+        null_cond: unconditional text embedding (1, L, D) (text CFG), or None.
+    """
+
+    def __init__(self, backbone: nn.Module, schedule: NoiseSchedule, prediction_type: str = "epsilon",
+                 null_class: int | None = None, null_cond: Any = None):
+        super().__init__()
+        self.backbone = backbone
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.kind = backbone_kind(backbone)
+        self.null_class = null_class
+        self.null_cond = null_cond
+        self._feats: torch.Tensor | None = None
+        self._hook_module = self._find_bottleneck()
+
+    # -- features for GAN heads (forward hook, no monkey-patching) ------------------------
+    def _find_bottleneck(self) -> nn.Module | None:
+        b = self.backbone
+        if getattr(b, "mid_block", None) is not None:
+            return b.mid_block
+        if getattr(b, "bottleneck", None) is not None:
+            return b.bottleneck
+        blocks = getattr(b, "transformer_blocks", None)
+        if blocks is not None and len(blocks) > 0:
+            return blocks[len(blocks) // 2]
+        return None
+
+    def _store_features(self, module, inputs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        if self.kind in ("dit", "pixart", "sd3", "flux") and out.ndim == 3:  # tokens (B, N, D) -> (B, D, h, w)
+            B, N, D = out.shape
+            h = int(round(N ** 0.5))
+            out = out.transpose(1, 2).reshape(B, D, h, N // h)
+        self._feats = out
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of the bottleneck features (runs nothing: reads the module config)."""
+        if self._hook_module is None:
+            raise ValueError("this backbone exposes no bottleneck module for a GAN head")
+        b = self.backbone
+        if self.kind in ("unet2d", "unet2d_cond"):
+            return b.config.block_out_channels[-1]
+        if self.kind in ("dit", "pixart", "sd3", "flux"):
+            return b.config.num_attention_heads * b.config.attention_head_dim
+        return getattr(b, "bottleneck_channels")
+
+    # -- raw network call ---------------------------------------------------------------
+    def _call(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """One network evaluation returning the native prediction (B, C, H, W)."""
+        tm = self.schedule.model_timestep(t).to(x_t.device)
+        b, k = self.backbone, self.kind
+        if k == "unet2d":
+            return b(x_t, tm, class_labels=cond).sample
+        if k == "unet2d_cond":
+            if cond is not None and cond.dtype == torch.long:  # class-conditional UNet2DConditionModel
+                emb = torch.zeros(x_t.shape[0], 1, b.config.cross_attention_dim, device=x_t.device, dtype=x_t.dtype)
+                return b(x_t, tm, encoder_hidden_states=emb, class_labels=cond).sample
+            return b(x_t, tm, encoder_hidden_states=cond).sample
+        if k == "dit":
+            out = b(x_t, timestep=tm, class_labels=cond).sample
+            return out[:, : x_t.shape[1]]  # drop the learned-variance half if present
+        if k == "pixart":
+            out = b(x_t, encoder_hidden_states=cond, timestep=tm,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+            return out[:, : x_t.shape[1]]
+        if k == "sd3":
+            return b(hidden_states=x_t, encoder_hidden_states=cond["emb"], pooled_projections=cond["pooled"],
+                     timestep=tm).sample
+        if k == "flux":
+            return _flux_call(b, x_t, tm, cond)
+        return b(x_t, tm, cond)
+
+    def _uncond_like(self, cond, batch: int):
+        if cond is None:
+            return None
+        if isinstance(cond, dict):
+            if self.null_cond is None:
+                raise ValueError("CFG with text conditioning needs null_cond (the empty-prompt embedding)")
+            return {k: v.expand(batch, *v.shape[1:]) for k, v in self.null_cond.items()}
+        if cond.dtype == torch.long:
+            if self.null_class is None:
+                raise ValueError("CFG with class labels needs null_class (the unconditional label)")
+            return torch.full_like(cond, self.null_class)
+        if self.null_cond is None:
+            raise ValueError("CFG with text conditioning needs null_cond (the empty-prompt embedding)")
+        return self.null_cond.to(cond).expand(batch, *self.null_cond.shape[1:])
+
+    def raw(self, x_t, t, cond=None, guidance_scale: float = 1.0, negative=None) -> torch.Tensor:
+        """Native prediction with CFG. ``negative`` overrides the unconditional input (negative prompt)."""
+        t = self.schedule._t(t, x_t.shape[0], x_t.device)
+        if guidance_scale == 1.0 or cond is None:
+            return self._call(x_t, t, cond)
+        unc = negative if negative is not None else self._uncond_like(cond, x_t.shape[0])
+        # one batched call: (2B, ...) = [uncond; cond]
+        both = self._call(torch.cat([x_t, x_t]), torch.cat([t, t]), _cat_cond(unc, cond))
+        p_u, p_c = both.chunk(2)
+        return p_u + guidance_scale * (p_c - p_u)
+
+    def forward(self, x_t, t, cond=None, guidance_scale: float = 1.0, output: str = "x0", negative=None):
+        """Prediction of ``output`` type: ``x0`` | ``eps`` | ``v`` | ``flow`` | ``raw``."""
+        pred = self.raw(x_t, t, cond, guidance_scale, negative)
+        if output == "raw":
+            return pred
+        x0, eps = self.schedule.pred_to_x0_eps(pred.float(), x_t.float(), t, self.prediction_type)
+        if output == "x0":
+            return x0
+        if output == "eps":
+            return eps
+        return self.schedule.x0_eps_to_pred(x0, eps, t, {"v": "v_prediction", "flow": "flow_prediction"}[output])
+
+    def x0_and_features(self, x_t, t, cond=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0 (no CFG) and the bottleneck features of the same forward pass (for GAN heads)."""
+        if self._hook_module is None:
+            raise ValueError("this backbone exposes no bottleneck module for a GAN head")
+        handle = self._hook_module.register_forward_hook(self._store_features)
+        try:
+            x0 = self.forward(x_t, t, cond)
+        finally:
+            handle.remove()
+        feats, self._feats = self._feats, None
+        return x0, feats
+
+
+def _cat_cond(a, b):
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
+
+
+def _flux_call(b, x_t, tm, cond):
+    """Flux packs 2x2 latent patches into tokens; pack, call, unpack."""
+    B, C, H, W = x_t.shape
+    tokens = x_t.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), C * 4)
+    ids = torch.zeros(H // 2, W // 2, 3, device=x_t.device)
+    ids[..., 1] = torch.arange(H // 2, device=x_t.device)[:, None]
+    ids[..., 2] = torch.arange(W // 2, device=x_t.device)[None, :]
+    txt_ids = torch.zeros(cond["emb"].shape[1], 3, device=x_t.device)
+    out = b(hidden_states=tokens, encoder_hidden_states=cond["emb"], pooled_projections=cond["pooled"],
+            timestep=tm / 1000.0, img_ids=ids.reshape(-1, 3), txt_ids=txt_ids,
+            guidance=cond.get("guidance")).sample  # (B, N, C*4)
+    return out.reshape(B, H // 2, W // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)

@@ -1,0 +1,203 @@
+"""Building, saving and loading backbones as diffusers folders (safetensors only by default).
+
+A stepdistill model folder is a diffusers pipeline folder::
+
+    model_index.json            pipeline class + components
+    unet/ (or transformer/)     config.json + diffusion_pytorch_model.safetensors
+    scheduler/                  scheduler_config.json (stock diffusers scheduler)
+    stepdistill.json            conditioning metadata: class names, null class, prediction type,
+                                student timesteps (for distilled students)
+
+Loading also accepts a bare diffusers *model* folder (config.json + weights), a pipeline folder
+made by diffusers itself, or a hub id (``from_pretrained``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import TeacherModelConfig
+from .denoiser import BACKBONE_KINDS, Denoiser
+from .schedules import NoiseSchedule, schedule_from_config
+
+BUILTIN_TEACHERS = {"builtin:animal_mnist": Path(__file__).parent / "assets" / "animal_mnist_teacher"}
+WEIGHT_SAFE = "diffusion_pytorch_model.safetensors"
+WEIGHT_PICKLE = "diffusion_pytorch_model.bin"
+BACKBONE_SUBFOLDERS = ("unet", "transformer")
+
+
+class ModelLoadError(ValueError):
+    """The path/hub id does not hold a supported diffusers model; the message says why."""
+
+
+@dataclass
+class ModelMeta:
+    """What a Denoiser needs beyond the network: saved as ``stepdistill.json``."""
+    prediction_type: str = "epsilon"
+    conditioning: str = "class"           # none | class | text
+    class_names: list[str] = field(default_factory=list)
+    null_class: int | None = None
+    student_timesteps: list[float] | None = None  # set for distilled students
+    method: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / "stepdistill.json").write_text(json.dumps(self.__dict__, indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> "ModelMeta | None":
+        p = Path(folder) / "stepdistill.json"
+        if not p.exists():
+            return None
+        return cls(**json.loads(p.read_text()))
+
+
+def build_teacher_unet(cfg: TeacherModelConfig, num_classes: int, channels: int, resolution: int):
+    """A class-conditional diffusers UNet2DModel; label ``num_classes`` is the null (CFG) class."""
+    from diffusers import UNet2DModel
+
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels))
+    return UNet2DModel(
+        sample_size=resolution, in_channels=channels, out_channels=channels,
+        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        down_block_types=down, up_block_types=up, norm_num_groups=cfg.norm_num_groups,
+        attention_head_dim=cfg.attention_head_dim, num_class_embeds=num_classes + 1,
+    )
+
+
+def build_scheduler(cfg: TeacherModelConfig):
+    """The stock diffusers scheduler stored with the model (DDPM family, our VP schedule reads it)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         prediction_type=cfg.prediction_type, clip_sample=False)
+
+
+def _resolve(path_or_id: str) -> str | Path:
+    if path_or_id in BUILTIN_TEACHERS:
+        p = BUILTIN_TEACHERS[path_or_id]
+        if not p.exists():
+            raise ModelLoadError(f"{path_or_id}: shipped teacher missing at {p}; run `stepdistill teacher` first")
+        return p
+    return path_or_id
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+
+
+def _check_weights(folder: Path, allow_pickle: bool) -> bool:
+    """True when safetensors weights exist; pickle weights only with ``allow_pickle``."""
+    if (folder / WEIGHT_SAFE).exists() or any(folder.glob("*.safetensors")):
+        return True
+    if (folder / WEIGHT_PICKLE).exists() or any(folder.glob("*.bin")):
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{folder} only has pickle (.bin) weights, which can run arbitrary code when loaded; "
+                "convert them to safetensors or pass allow_pickle=True (--allow-pickle) if you trust the source")
+        return False
+    raise ModelLoadError(f"{folder} has a config.json but no weights ({WEIGHT_SAFE})")
+
+
+def load_backbone(path_or_id: str | Path, allow_pickle: bool = False, subfolder: str | None = None):
+    """Load a supported diffusers backbone. Returns (model, model_folder_or_None)."""
+    import diffusers
+
+    src = _resolve(str(path_or_id))
+    p = Path(src)
+    if p.exists():
+        if not p.is_dir():
+            raise ModelLoadError(f"{p} is a file; expected a diffusers folder")
+        folder = p / subfolder if subfolder else p
+        if not (folder / "config.json").exists():
+            for sub in BACKBONE_SUBFOLDERS:
+                if (p / sub / "config.json").exists():
+                    folder = p / sub
+                    break
+            else:
+                raise ModelLoadError(f"{p} is not a diffusers model folder (no config.json, unet/ or transformer/)")
+        config = json.loads((folder / "config.json").read_text())
+        cls_name = config.get("_class_name")
+        if cls_name not in BACKBONE_KINDS:
+            raise ModelLoadError(
+                f"{folder}: model class {cls_name!r} is not supported; supported: {', '.join(BACKBONE_KINDS)}")
+        safe = _check_weights(folder, allow_pickle)
+        cls = getattr(diffusers, cls_name)
+        return cls.from_pretrained(folder, use_safetensors=safe), folder
+    if isinstance(path_or_id, str) and _looks_like_hub_id(path_or_id):
+        from diffusers import ConfigMixin
+
+        last_err = None
+        for sub in ([subfolder] if subfolder else BACKBONE_SUBFOLDERS):
+            try:
+                config = ConfigMixin.load_config(path_or_id, subfolder=sub)
+            except Exception as e:  # noqa: BLE001 - try the next subfolder, report the last failure
+                last_err = e
+                continue
+            cls_name = config.get("_class_name")
+            if cls_name not in BACKBONE_KINDS:
+                raise ModelLoadError(f"{path_or_id}/{sub}: model class {cls_name!r} is not supported")
+            cls = getattr(diffusers, cls_name)
+            return cls.from_pretrained(path_or_id, subfolder=sub, use_safetensors=not allow_pickle), None
+        raise ModelLoadError(f"could not load {path_or_id!r} from the hub: {last_err}")
+    raise ModelLoadError(f"{path_or_id}: no such folder (and not a hub id of the form owner/name)")
+
+
+def load_scheduler_config(path_or_id: str | Path, model_folder: Path | None) -> dict:
+    src = _resolve(str(path_or_id))
+    p = Path(src)
+    if p.exists():
+        for cand in (p / "scheduler" / "scheduler_config.json", p / "scheduler_config.json",
+                     (model_folder.parent / "scheduler" / "scheduler_config.json") if model_folder else None):
+            if cand is not None and cand.exists():
+                return json.loads(cand.read_text())
+        raise ModelLoadError(f"{p}: no scheduler/scheduler_config.json; the noise schedule is unknown")
+    from diffusers import ConfigMixin
+
+    return ConfigMixin.load_config(str(path_or_id), subfolder="scheduler")
+
+
+def load_denoiser(path_or_id: str | Path, allow_pickle: bool = False) -> tuple[Denoiser, ModelMeta]:
+    """Teacher (or student) as a :class:`Denoiser` plus its metadata."""
+    backbone, folder = load_backbone(path_or_id, allow_pickle)
+    sched_cfg = load_scheduler_config(path_or_id, folder)
+    schedule: NoiseSchedule = schedule_from_config(sched_cfg)
+    root = Path(_resolve(str(path_or_id)))
+    meta = ModelMeta.load(root) if root.exists() else None
+    if meta is None:
+        pt = sched_cfg.get("prediction_type", "epsilon")
+        if "FlowMatch" in sched_cfg.get("_class_name", ""):
+            pt = "flow_prediction"
+        n_cls = getattr(backbone.config, "num_class_embeds", None) or getattr(backbone.config, "num_embeds_ada_norm", None)
+        cond = "class" if n_cls else ("text" if getattr(backbone.config, "cross_attention_dim", None) else "none")
+        meta = ModelMeta(prediction_type=pt, conditioning=cond,
+                         class_names=[str(i) for i in range(n_cls - 1)] if n_cls and cond == "class" else [],
+                         null_class=(n_cls - 1) if n_cls and cond == "class" else None)
+    den = Denoiser(backbone, schedule, meta.prediction_type, null_class=meta.null_class)
+    return den, meta
+
+
+def save_model_folder(folder: str | Path, backbone, scheduler, meta: ModelMeta, pipeline_class: str) -> Path:
+    """Write a diffusers pipeline folder (safetensors weights, scheduler, model_index.json)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    backbone.save_pretrained(folder / "unet", safe_serialization=True)
+    scheduler.save_pretrained(folder / "scheduler")
+    meta.save(folder)
+    index = {
+        "_class_name": pipeline_class,
+        "_diffusers_version": __import__("diffusers").__version__,
+        "unet": ["diffusers", type(backbone).__name__],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def count_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())

@@ -1,0 +1,66 @@
+"""Samplers over a :class:`~stepdistill.denoiser.Denoiser`: stock diffusers schedulers for the
+teacher, and the few-step chain of a distilled student (DMD2, Yin et al. 2024, Sec. 4.3)."""
+from __future__ import annotations
+
+import torch
+
+from ..denoiser import Denoiser
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "ddpm": "DDPMScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
+}
+
+
+def make_scheduler(name: str, config: dict):
+    """A stock diffusers scheduler built from the model's scheduler config."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SCHEDULERS)}")
+    cls = getattr(diffusers, SCHEDULERS[name])
+    extra = {"timestep_spacing": "trailing"} if name in ("ddim", "euler", "dpm++") else {}
+    if name == "dpm++":
+        extra["algorithm_type"] = "dpmsolver++"
+    return cls.from_config(config, **extra)
+
+
+@torch.no_grad()
+def scheduler_sample(den: Denoiser, scheduler, cond, num_steps: int, guidance_scale: float,
+                     noise: torch.Tensor, progress: bool = False, negative=None) -> torch.Tensor:
+    """Teacher sampling with a stock diffusers scheduler; returns x0 in [-1, 1] (B, C, H, W)."""
+    from tqdm.auto import tqdm
+
+    scheduler.set_timesteps(num_steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    for t in tqdm(scheduler.timesteps, disable=not progress, desc="teacher", leave=False):
+        x_in = scheduler.scale_model_input(x, t)
+        tt = t.float().expand(x.shape[0]).to(noise.device)
+        if hasattr(scheduler, "sigmas") and "FlowMatch" in type(scheduler).__name__:
+            tt = tt  # flow schedulers' timesteps are already sigma * 1000 == our continuous t
+        pred = den.raw(x_in, tt, cond, guidance_scale, negative)
+        x = scheduler.step(pred, t, x).prev_sample
+    return x.clamp(-1, 1)
+
+
+@torch.no_grad()
+def student_sample(den: Denoiser, timesteps: list[float], cond, noise: torch.Tensor,
+                   generator: torch.Generator | None = None, first_step=None) -> torch.Tensor:
+    """Few-step student chain: x0_k = G(x_{t_k}, t_k); x_{t_{k+1}} = add_noise(x0_k, fresh eps, t_{k+1}).
+
+    ``noise`` is x_{t_0} (pure Gaussian noise). Fresh, uncorrelated noise is drawn for every
+    re-noising (DMD2 reports artifacts with correlated noise). ``first_step`` optionally replaces
+    the first denoising call (hybrid sampling: a teacher takes the high-noise step).
+    """
+    x = noise
+    x0 = None
+    for k, t in enumerate(timesteps):
+        tt = torch.full((x.shape[0],), float(t), device=x.device)
+        x0 = first_step(x, tt) if (k == 0 and first_step is not None) else den(x, tt, cond)
+        if k + 1 < len(timesteps):
+            eps = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
+            x = den.schedule.add_noise(x0, eps, torch.full((x.shape[0],), float(timesteps[k + 1]), device=x.device))
+    return x0.clamp(-1, 1)

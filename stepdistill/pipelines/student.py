@@ -1,0 +1,98 @@
+"""``StepDistillPipeline``: a distilled one-/few-step student as a diffusers pipeline.
+
+Loads with ``StepDistillPipeline.from_pretrained(folder)``; imports only diffusers, torch and
+the lightweight :mod:`stepdistill.denoiser` / :mod:`stepdistill.schedules` (no training code).
+The student network itself is a stock diffusers model (``UNet2DModel`` for our teachers) and the
+scheduler a stock ``DDPMScheduler`` config, so the same output can be reproduced with diffusers
+alone (see tests/test_export.py)::
+
+    x = noise                                   # x_{t_0}, t_0 = student_timesteps[0]
+    for k, t in enumerate(student_timesteps):
+        x0 = pred_to_x0(unet(x, t, class_labels).sample)      # v / eps / x0 prediction
+        x = sqrt(ac[t_{k+1}]) x0 + sqrt(1 - ac[t_{k+1}]) eps_k  # fresh noise, if k < K-1
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+from ..denoiser import Denoiser
+from ..schedules import schedule_from_config
+from .sampling import student_sample
+
+
+class StepDistillPipeline(DiffusionPipeline):
+    """One-/few-step sampling of a distilled student (CFG-free: guidance is distilled in)."""
+
+    def __init__(self, unet, scheduler, student_timesteps: list[float] | None = None,
+                 class_names: list[str] | None = None, prediction_type: str | None = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(student_timesteps=list(student_timesteps or [999.0]),
+                                class_names=list(class_names or []),
+                                prediction_type=prediction_type or scheduler.config.prediction_type)
+
+    def denoiser(self) -> Denoiser:
+        sched = schedule_from_config(dict(self.scheduler.config))
+        return Denoiser(self.unet, sched, self.config.prediction_type)
+
+    def timesteps_for(self, num_inference_steps: int | None) -> list[float]:
+        ts = list(self.config.student_timesteps)
+        n = num_inference_steps or len(ts)
+        if not 1 <= n <= len(ts):
+            raise ValueError(f"num_inference_steps must be in 1..{len(ts)} for this student, got {n}")
+        if n == len(ts):
+            return ts
+        idx = torch.linspace(0, len(ts) - 1, n).round().long().tolist()
+        return [ts[i] for i in idx]
+
+    def class_index(self, c) -> int:
+        names = self.config.class_names
+        if isinstance(c, str):
+            if c not in names:
+                raise ValueError(f"unknown class {c!r}; known: {', '.join(names)}")
+            return names.index(c)
+        c = int(c)
+        if names and not 0 <= c < len(names):
+            raise ValueError(f"class index {c} out of range 0..{len(names) - 1}")
+        return c
+
+    @torch.no_grad()
+    def __call__(self, class_labels=None, batch_size: int = 1, num_inference_steps: int | None = None,
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 output_type: str = "pil", return_dict: bool = True, first_step=None):
+        """Sample ``batch_size`` images (or one per entry of ``class_labels``: names or indices)."""
+        dev = self.unet.device
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        labels = None
+        if class_labels is not None:
+            if isinstance(class_labels, (int, str)):
+                class_labels = [class_labels] * batch_size
+            labels = torch.tensor([self.class_index(c) for c in class_labels], dtype=torch.long, device=dev)
+            batch_size = len(labels)
+        c = self.unet.config
+        noise = torch.randn(batch_size, c.in_channels, c.sample_size, c.sample_size, generator=generator).to(dev)
+        t0 = time.perf_counter()
+        x = student_sample(self.denoiser(), self.timesteps_for(num_inference_steps), labels, noise,
+                           generator=generator, first_step=first_step)
+        self.last_latency_s = time.perf_counter() - t0
+        return _output(x, output_type, return_dict)
+
+
+def _output(x: torch.Tensor, output_type: str, return_dict: bool):
+    if output_type == "pt":
+        images = x
+    else:
+        images = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).float().cpu().numpy()
+        if output_type == "pil":
+            from PIL import Image
+
+            images = [Image.fromarray(((im[..., 0] if im.shape[-1] == 1 else im) * 255).round().astype("uint8"))
+                      for im in images]
+    if not return_dict:
+        return (images,)
+    return ImagePipelineOutput(images=images)

@@ -1,0 +1,94 @@
+"""``stepdistill distill``: build teacher / student / critic from a config, train, export."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import DistillConfig
+from ..data import load_dataset
+from ..denoiser import Denoiser
+from ..models import ModelMeta, load_denoiser, load_scheduler_config, save_model_folder
+from ..pairs import teacher_ode_pairs
+from .core import Trainer
+from .dmd import DMDObjective
+
+STUDENT_PIPELINE = "StepDistillPipeline"
+
+
+def build_dmd(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMeta | None = None,
+              data=None) -> tuple[DMDObjective, object, ModelMeta]:
+    """Teacher (frozen real score), student and critic (both initialised from the teacher)."""
+    if teacher is None:
+        teacher, meta = load_denoiser(cfg.dmd.teacher, allow_pickle=cfg.dmd.allow_pickle)
+    if data is None:
+        data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
+    num_classes = len(meta.class_names) if meta.conditioning == "class" else 0
+    if num_classes and data.num_classes != num_classes:
+        raise ValueError(f"teacher has {num_classes} classes but dataset {cfg.data.name} has {data.num_classes}")
+    T = teacher.schedule.num_train_timesteps
+    if any(not 0 <= t < T for t in cfg.dmd.student_timesteps):
+        raise ValueError(f"dmd.student_timesteps {cfg.dmd.student_timesteps} must lie in [0, {T})")
+    student = Denoiser(copy.deepcopy(teacher.backbone), teacher.schedule, teacher.prediction_type, teacher.null_class)
+    critic = Denoiser(copy.deepcopy(teacher.backbone), teacher.schedule, teacher.prediction_type, teacher.null_class)
+    student.backbone.train()
+    critic.backbone.train()
+    shape = tuple(data.images.shape[1:])
+    pairs = None
+    if cfg.dmd.regression_weight > 0:
+        pairs = teacher_ode_pairs(teacher, cfg.dmd, num_classes, shape, seed=cfg.train.seed)
+    obj = DMDObjective(teacher, student, critic, cfg.dmd, num_classes, shape, regression_pairs=pairs)
+    return obj, data, meta
+
+
+def distill(cfg: DistillConfig, resume: bool = False, accelerator=None) -> Path:
+    obj, data, meta = build_dmd(cfg)
+    trainer = Trainer(obj, cfg, accelerator=accelerator, data=data)
+    result = trainer.train(resume=resume)
+    out = Path(cfg.output_dir) / "student"
+    if trainer.acc.is_main_process and not result["interrupted"]:
+        export_student(trainer.ema["generator"], cfg, meta, out)
+        (Path(cfg.output_dir) / "training_result.json").write_text(json.dumps(result, indent=2, default=str))
+        print(f"student exported to {out}")
+    return out
+
+
+def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path) -> Path:
+    """EMA student -> diffusers folder (safetensors unet + stock DDPMScheduler config + pipeline index)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    sched_cfg = load_scheduler_config(cfg.dmd.teacher, None)
+    sched_cls = FlowMatchEulerDiscreteScheduler if "FlowMatch" in sched_cfg.get("_class_name", "") else DDPMScheduler
+    scheduler = sched_cls.from_config(sched_cfg)
+    smeta = ModelMeta(prediction_type=meta.prediction_type, conditioning=meta.conditioning,
+                      class_names=list(meta.class_names), null_class=meta.null_class,
+                      student_timesteps=[float(t) for t in cfg.dmd.student_timesteps], method=cfg.method,
+                      extra={"teacher": cfg.dmd.teacher, "config": json.loads(json.dumps(_cfg_dict(cfg)))})
+    save_model_folder(out, backbone, scheduler, smeta, STUDENT_PIPELINE)
+    index = json.loads((out / "model_index.json").read_text())
+    index.update({"student_timesteps": smeta.student_timesteps, "class_names": smeta.class_names,
+                  "prediction_type": smeta.prediction_type})
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+def _cfg_dict(cfg) -> dict:
+    from ..config import to_dict
+
+    return to_dict(cfg)
+
+
+def load_trained_generator(cfg: DistillConfig, checkpoint: str | Path | None = None) -> torch.nn.Module:
+    """EMA generator weights from a run's checkpoint (latest by default), for ``stepdistill export``."""
+    from safetensors.torch import load_file
+
+    obj, _, _ = build_dmd(cfg)
+    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
+    path = Path(checkpoint) if checkpoint else ckpt_dir / (ckpt_dir / "latest").read_text().strip()
+    tensors = load_file(path / "models.safetensors")
+    sd = {k[len("ema.generator."):]: v for k, v in tensors.items() if k.startswith("ema.generator.")}
+    g = obj.student.backbone
+    g.load_state_dict(sd)
+    return g

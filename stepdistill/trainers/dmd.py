@@ -1,0 +1,266 @@
+"""DMD and DMD2 objectives.
+
+* DMD  (Yin et al. 2023, "One-step Diffusion with Distribution Matching Distillation"):
+  distribution-matching gradient (Eq. 7) + regression loss on teacher ODE pairs (Eq. 9).
+* DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation for Fast Image Synthesis"):
+  no regression, two time-scale update rule (Sec. 4.1), GAN loss on the fake score's bottleneck
+  (Sec. 4.2, Eq. 3), multi-step students trained with backward simulation (Sec. 4.3).
+
+Players: ``generator`` (the student G) and ``critic`` (the fake score mu_fake plus the GAN
+classifier head). The real score mu_real (the teacher) is frozen and is not a player.
+All three see the data only through :class:`~stepdistill.denoiser.Denoiser`, so any backbone
+family works.
+
+Distribution-matching gradient (DMD Eq. 7, with DMD2's normalisation, authors' code)::
+
+    x = G(z)                                     # (B, C, H, W) the student's clean sample
+    x_t = alpha_t x + sigma_t eps,  t ~ U[t_min, t_max]
+    p_real = x - mu_real(x_t, t, c; w)           # teacher x0 with CFG scale w
+    p_fake = x - mu_fake(x_t, t, c)
+    grad = (p_real - p_fake) / mean_{C,H,W} |p_real|          # per-sample normaliser
+    L_DM = 0.5 * || x - stopgrad(x - grad) ||^2  (mean)       # d L_DM / d x = grad / numel
+
+The gradient of ``L_DM`` w.r.t. x is proportional to ``mu_fake - mu_real``: it moves the
+student's samples toward the teacher's denoised estimate and away from the critic's.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import DMDConfig
+from ..denoiser import Denoiser
+from ..pipelines.sampling import student_sample
+from ..utils import class_balanced_labels
+from .core import Ctx, Player
+
+
+class GANHead(nn.Module):
+    """DMD2's classifier head: (conv k4 s2 -> GroupNorm -> SiLU) until 1x1, then a 1x1 conv to one logit."""
+
+    def __init__(self, channels: int, spatial: int, width: int | None = None):
+        super().__init__()
+        width = width or channels
+        layers, c, s = [], channels, spatial
+        while s > 1:
+            layers += [nn.Conv2d(c, width, 4, 2, 1), nn.GroupNorm(_groups(width), width), nn.SiLU()]
+            c, s = width, s // 2
+        layers.append(nn.Conv2d(c, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:   # (B, C', h, w) -> (B,)
+        return self.net(feats).flatten(1).mean(1)
+
+
+def _groups(c: int) -> int:
+    for g in (32, 16, 8, 4, 2, 1):
+        if c % g == 0:
+            return g
+    return 1
+
+
+def dm_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_DM and the (detached) gradient direction, in fp32, NaN-safe (see module docstring)."""
+    x32 = x.float()
+    p_real = x32.detach() - real_x0.float()
+    p_fake = x32.detach() - fake_x0.float()
+    norm = p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)      # (B, 1, 1, 1)
+    grad = torch.nan_to_num((p_real - p_fake) / norm)
+    loss = 0.5 * F.mse_loss(x32, (x32 - grad).detach(), reduction="mean")
+    return loss, grad
+
+
+class CondSampler:
+    """Draws generator conditions: class labels uniform over classes, or None (unconditional)."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def __call__(self, ctx: Ctx):
+        return ctx.randint(0, self.num_classes) if self.num_classes > 0 else None
+
+    def grid(self, n: int, device):
+        return class_balanced_labels(n, self.num_classes).to(device) if self.num_classes > 0 else None
+
+
+class DMDObjective:
+    """DMD / DMD2 as an Objective for :class:`~stepdistill.trainers.core.Trainer`.
+
+    Args:
+        teacher: frozen real score mu_real.
+        student: generator G (a Denoiser; its backbone is the trainable network).
+        critic:  fake score mu_fake (a Denoiser; trainable, usually initialised from the teacher).
+        cfg:     :class:`~stepdistill.config.DMDConfig`.
+        num_classes: class count (0 for unconditional).
+        regression_pairs: (noise, labels, teacher_x0) for the DMD regression loss, or None.
+    """
+
+    def __init__(self, teacher: Denoiser, student: Denoiser, critic: Denoiser, cfg: DMDConfig, num_classes: int,
+                 sample_shape: tuple[int, int, int], regression_pairs=None):
+        self.teacher, self.student, self.critic, self.cfg = teacher, student, critic, cfg
+        self.teacher.requires_grad_(False).eval()
+        self.shape = tuple(sample_shape)
+        self.conds = CondSampler(num_classes)
+        self.timesteps = [float(t) for t in cfg.student_timesteps]
+        critic_mod = nn.ModuleDict({"fake": critic.backbone})
+        if cfg.gan:
+            res = self._feature_spatial()
+            self.head = GANHead(critic.feature_channels, res)
+            critic_mod["head"] = self.head
+        betas = (cfg.beta1, cfg.beta2)
+        self.players = {
+            "generator": Player(student.backbone, cfg.student_lr, betas, cfg.weight_decay, cfg.grad_clip,
+                                cfg.warmup_steps, ema=True),
+            "critic": Player(critic_mod, cfg.critic_lr, betas, cfg.weight_decay, cfg.grad_clip, cfg.warmup_steps),
+        }
+        self.pairs = regression_pairs
+
+    def to(self, device):
+        self.teacher.to(device)
+        return self
+
+    def _feature_spatial(self) -> int:
+        with torch.no_grad():
+            x = torch.zeros(1, *self.shape)
+            cond = torch.zeros(1, dtype=torch.long) if self.conds.num_classes else None
+            _, f = self.critic.x0_and_features(x, torch.tensor([500.0]), cond)
+        return f.shape[-1]
+
+    # -- schedule of updates: the two time-scale rule (DMD2 Sec. 4.1) -----------------------
+    def updates(self, step: int) -> list[str]:
+        return ["critic"] * self.cfg.critic_updates + ["generator"]
+
+    # -- generator sample with backward simulation (DMD2 Sec. 4.3) ---------------------------
+    def generate(self, ctx: Ctx, cond, grad: bool) -> tuple[torch.Tensor, int]:
+        """x0 from the student at a training step k of its chain.
+
+        k ~ U{0..K-1} (same k on all ranks). With backward simulation the input x_{t_k} is
+        produced by running the student's own k-step chain (no grad, fresh noise per re-noising);
+        otherwise it is noised real data (as FastGen). Returns (x0 (B, C, H, W), k).
+        """
+        K = len(self.timesteps)
+        k = ctx.scalar_randint(0, K) if K > 1 else 0
+        x = ctx.randn(*self.shape)                               # x_{t_0}: pure noise
+        if k > 0:
+            if self.cfg.backward_simulation:
+                with torch.no_grad():
+                    for j in range(k):
+                        x0 = self.student(x, self._tt(self.timesteps[j], x), cond)
+                        x = self.student.schedule.add_noise(x0, ctx.randn(*self.shape), self._tt(self.timesteps[j + 1], x))
+            else:
+                real, _ = ctx.real_batch()
+                x = self.student.schedule.add_noise(real, ctx.randn(*self.shape), self._tt(self.timesteps[k], real))
+        with torch.set_grad_enabled(grad):
+            x0 = self.student(x, self._tt(self.timesteps[k], x), cond)
+        return x0, k
+
+    @staticmethod
+    def _tt(t: float, like: torch.Tensor) -> torch.Tensor:
+        return torch.full((like.shape[0],), float(t), device=like.device)
+
+    # -- losses -------------------------------------------------------------------------------
+    def loss(self, player: str, ctx: Ctx):
+        return self.generator_loss(ctx) if player == "generator" else self.critic_loss(ctx)
+
+    def generator_loss(self, ctx: Ctx):
+        c = self.cfg
+        cond = self.conds(ctx)
+        x, k = self.generate(ctx, cond, grad=True)                     # (B, C, H, W)
+        logs = {"backsim_k": float(k)}
+        total = torch.zeros((), device=x.device)
+        if c.dm_weight > 0:
+            t = ctx.sample_t(self.teacher.schedule, c.t_min, c.t_max)
+            x_t = self.teacher.schedule.add_noise(x.detach(), ctx.randn(*self.shape), t)
+            with torch.no_grad():
+                real_x0 = self.teacher(x_t, t, cond, guidance_scale=c.real_guidance_scale)
+                fake_x0 = self.critic(x_t, t, cond, guidance_scale=c.fake_guidance_scale)
+            l_dm, grad = dm_loss(x, real_x0, fake_x0)
+            total = total + c.dm_weight * l_dm
+            logs["dm_loss"] = l_dm.item()
+            logs["dm_grad_abs"] = grad.abs().mean().item()
+        if c.gan:
+            t = ctx.sample_t(self.critic.schedule, 0, self.critic.schedule.num_train_timesteps - 1)
+            x_t = self.critic.schedule.add_noise(x, ctx.randn(*self.shape), t)
+            _, feats = self.critic.x0_and_features(x_t, t, cond)
+            l_g = F.softplus(-self.head(feats.float())).mean()         # non-saturating G loss
+            total = total + c.gan_g_weight * l_g
+            logs["gan_g_loss"] = l_g.item()
+        if c.regression_weight > 0 and self.pairs is not None:
+            l_reg = self.regression_loss(ctx)
+            total = total + c.regression_weight * l_reg
+            logs["regression_loss"] = l_reg.item()
+        logs["generator_loss"] = total.item()
+        logs["sample_std"] = x.detach().float().std().item()
+        return total, logs
+
+    def regression_loss(self, ctx: Ctx) -> torch.Tensor:
+        """DMD Eq. 9: E ||G(z) - y||, (z, y) pairs from the teacher's deterministic ODE sampler."""
+        noise, labels, target = self.pairs
+        idx = ctx.randint(0, noise.shape[0]).cpu()
+        z, y = noise[idx].to(ctx.device), target[idx].to(ctx.device)
+        cond = labels[idx].to(ctx.device) if self.conds.num_classes else None
+        pred = self.student(z, self._tt(self.timesteps[0], z), cond)
+        if self.cfg.regression_distance == "lpips":
+            return _lpips(pred, y)
+        return F.mse_loss(pred.float(), y.float())
+
+    def critic_loss(self, ctx: Ctx):
+        c = self.cfg
+        cond = self.conds(ctx)
+        with torch.no_grad():
+            x, _ = self.generate(ctx, cond, grad=False)
+        sched = self.critic.schedule
+        T = sched.num_train_timesteps
+        # fake-score denoising loss on detached generator samples, t over the whole range
+        t = ctx.sample_t(sched, 0, T - 1)
+        eps = ctx.randn(*self.shape)
+        x_t = sched.add_noise(x, eps, t)
+        pred = self.critic.raw(x_t, t, cond)
+        target = sched.x0_eps_to_pred(x, eps, t, self.critic.prediction_type)
+        l_fake = F.mse_loss(pred.float(), target.float())
+        total, logs = l_fake, {"fake_loss": l_fake.item()}
+        if c.gan:
+            real, real_labels = ctx.real_batch()
+            t_f = ctx.sample_t(sched, 0, T - 1)
+            t_r = ctx.sample_t(sched, 0, T - 1)
+            xf = sched.add_noise(x, ctx.randn(*self.shape), t_f)
+            xr = sched.add_noise(real, ctx.randn(*self.shape), t_r)
+            _, f_fake = self.critic.x0_and_features(xf, t_f, cond)
+            _, f_real = self.critic.x0_and_features(xr, t_r, real_labels if self.conds.num_classes else None)
+            logit_fake, logit_real = self.head(f_fake.float()), self.head(f_real.float())
+            l_d = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
+            total = total + c.gan_d_weight * l_d
+            logs.update({"gan_d_loss": l_d.item(), "d_real_acc": (logit_real > 0).float().mean().item(),
+                         "d_fake_acc": (logit_fake < 0).float().mean().item()})
+        logs["critic_loss"] = total.item()
+        return total, logs
+
+    # -- samples for grids ----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, ema: dict[str, nn.Module], n: int, device) -> torch.Tensor:
+        den = Denoiser(ema["generator"], self.student.schedule, self.student.prediction_type, self.student.null_class)
+        g = torch.Generator().manual_seed(1234)
+        noise = torch.randn(n, *self.shape, generator=g).to(device)
+        return student_sample(den, self.timesteps, self.conds.grid(n, device), noise, generator=g)
+
+
+def _lpips(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    try:
+        import lpips  # optional dependency
+    except ImportError as e:
+        raise RuntimeError("dmd.regression_distance=lpips needs the 'lpips' package (pip install lpips)") from e
+    global _LPIPS
+    if "_LPIPS" not in globals():
+        _LPIPS = lpips.LPIPS(net="vgg").eval().requires_grad_(False)
+    net = _LPIPS.to(a.device)
+    rep = (lambda x: x.repeat(1, 3, 1, 1)) if a.shape[1] == 1 else (lambda x: x)
+    up = (lambda x: F.interpolate(x, size=224, mode="bilinear")) if a.shape[-1] < 64 else (lambda x: x)
+    return net(up(rep(a.float())), up(rep(b.float()))).mean()
+
+
+def warn_if_unsupported_timesteps(timesteps: list[float], T: int) -> None:
+    if any(t < 0 or t >= T or math.isnan(t) for t in timesteps):
+        raise ValueError(f"student timesteps {timesteps} must lie in [0, {T})")

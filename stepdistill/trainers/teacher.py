@@ -1,0 +1,37 @@
+"""``stepdistill teacher``: train a class-conditional diffusers UNet2DModel and save it as a folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import TeacherConfig
+from ..data import load_dataset
+from ..denoiser import Denoiser
+from ..models import ModelMeta, build_scheduler, build_teacher_unet, save_model_folder
+from ..schedules import VPSchedule
+from .core import Trainer
+from .diffusion import DiffusionObjective
+
+TEACHER_PIPELINE = "StepDistillTeacherPipeline"
+
+
+def train_teacher(cfg: TeacherConfig, resume: bool = False, accelerator=None) -> Path:
+    data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
+    unet = build_teacher_unet(cfg.model, data.num_classes, data.channels, data.resolution)
+    scheduler = build_scheduler(cfg.model)
+    schedule = VPSchedule(scheduler.alphas_cumprod.clone(), dict(scheduler.config))
+    den = Denoiser(unet, schedule, cfg.model.prediction_type, null_class=data.num_classes)
+    o = cfg.optim
+    obj = DiffusionObjective(den, dict(scheduler.config), data.num_classes, o.lr, (o.beta1, o.beta2), o.weight_decay,
+                             o.grad_clip, o.warmup_steps, cfg.cfg_dropout, cfg.sample_steps, cfg.guidance_scale)
+    trainer = Trainer(obj, cfg, accelerator=accelerator, data=data)
+    result = trainer.train(resume=resume)
+    out = Path(cfg.output_dir) / "model"
+    if trainer.acc.is_main_process and not result["interrupted"]:
+        meta = ModelMeta(prediction_type=cfg.model.prediction_type, conditioning="class",
+                         class_names=list(data.class_names), null_class=data.num_classes,
+                         extra={"dataset": cfg.data.name, "steps": trainer.step})
+        save_model_folder(out, trainer.ema["model"], scheduler, meta, TEACHER_PIPELINE)
+        (out / "training_result.json").write_text(json.dumps({k: v for k, v in result.items()}, indent=2, default=str))
+        print(f"teacher saved to {out}")
+    return out

@@ -1,0 +1,90 @@
+"""Small helpers: image grids, loss plots, hashing, atomic writes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(x: torch.Tensor, nrow: int, scale: int = 1, pad: int = 1) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (rows*H, nrow*W, 3) uint8 image, ``scale``x nearest upsampled."""
+    imgs = to_uint8(x)
+    if imgs.shape[-1] == 1:
+        imgs = np.repeat(imgs, 3, axis=-1)
+    n, h, w, _ = imgs.shape
+    rows = (n + nrow - 1) // nrow
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 64, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = imgs[i]
+    if scale > 1:
+        grid = grid.repeat(scale, 0).repeat(scale, 1)
+    return grid
+
+
+def save_grid(x: torch.Tensor, path: str | Path, nrow: int, scale: int = 2) -> Path:
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(make_grid(x, nrow, scale)).save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_losses(log_path: str | Path, out_path: str | Path) -> Path | None:
+    """Plot every numeric key of a ``log.jsonl`` file (one subplot per key) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    keys = sorted({k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
+    if not rows or not keys:
+        return None
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.0 * len(keys)), squeeze=False, sharex=True)
+    for ax, k in zip(axes[:, 0], keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
+        ax.set_ylabel(k, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    out_path = Path(out_path)
+    tmp = out_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def class_balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """0, 1, ..., K-1, 0, 1, ... (n labels)."""
+    return torch.arange(n) % max(num_classes, 1)

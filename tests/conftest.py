@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny models and a tiny teacher trained on sklearn digits (seconds on CPU)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+TINY_TEACHER_OVERRIDES = [
+    "data.name=digits", "data.resolution=16",
+    "model.block_out_channels=[16,32]", "model.attention_levels=[false,true]", "model.norm_num_groups=8",
+    "model.attention_head_dim=8", "optim.lr=0.002", "optim.warmup_steps=5",
+    "train.batch_size=32", "train.max_steps=40", "train.sample_every=40", "train.checkpoint_every=40",
+    "train.log_every=5", "train.threads=1", "sample_steps=4", "train.cpu=true",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    os.environ["STEPDISTILL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A class-conditional UNet2DModel teacher on 16x16 digits, saved as a diffusers folder."""
+    from stepdistill.config import TeacherConfig, load_config
+    from stepdistill.trainers.teacher import train_teacher
+
+    out = tmp_path_factory.mktemp("tiny_teacher")
+    cfg = load_config(TeacherConfig, None, TINY_TEACHER_OVERRIDES + [f"output_dir={out}"])
+    return train_teacher(cfg)
+
+
+def tiny_distill_overrides(teacher, out, **extra) -> list[str]:
+    base = {
+        "output_dir": str(out), "data.name": "digits", "data.resolution": 16, "dmd.teacher": str(teacher),
+        "train.batch_size": 8, "train.max_steps": 4, "train.sample_every": 4, "train.checkpoint_every": 2,
+        "train.log_every": 1, "train.threads": 1, "train.cpu": "true", "dmd.critic_updates": 2,
+        "dmd.student_lr": 1e-4, "dmd.critic_lr": 1e-4,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
