@@ -174,6 +174,11 @@ class FlowMatchSchedule(NoiseSchedule):
         s = self._t(t) / self.num_train_timesteps
         return self.shift * s / (1 + (self.shift - 1) * s)
 
+    def t_from_sigma(self, sigma) -> torch.Tensor:
+        """Inverse of :meth:`sigma_of`: the training time ``t`` whose (shifted) sigma is ``sigma``."""
+        sig = torch.as_tensor(sigma, dtype=torch.float64)
+        return sig / (self.shift - (self.shift - 1) * sig) * self.num_train_timesteps
+
     def alpha_sigma(self, t):
         sig = self.sigma_of(t)
         return (1 - sig).float(), sig.float()
@@ -189,6 +194,9 @@ class FlowMatchSchedule(NoiseSchedule):
 def schedule_from_config(config: dict) -> NoiseSchedule:
     """Pick the schedule family from a diffusers scheduler config (or our own ``kind`` key)."""
     name = config.get("_class_name", "")
-    if config.get("kind") == "flow" or "FlowMatch" in name:
+    # ``dict(scheduler.config)`` of a live diffusers scheduler carries no ``_class_name``: recognise
+    # flow-matching configs by their ``shift`` key (DDPM-family configs have betas instead).
+    flow_keys = "shift" in config and "beta_schedule" not in config and "trained_betas" not in config
+    if config.get("kind") == "flow" or "FlowMatch" in name or (config.get("kind") != "vp" and flow_keys):
         return FlowMatchSchedule.from_scheduler_config(config)
     return VPSchedule.from_scheduler_config({k: v for k, v in config.items() if k != "kind"})

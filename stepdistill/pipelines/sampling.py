@@ -35,12 +35,16 @@ def scheduler_sample(den: Denoiser, scheduler, cond, num_steps: int, guidance_sc
     from tqdm.auto import tqdm
 
     scheduler.set_timesteps(num_steps, device=noise.device)
-    x = noise * scheduler.init_noise_sigma
+    # flow-matching schedulers have neither init_noise_sigma nor scale_model_input (both identity)
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    flow = "FlowMatch" in type(scheduler).__name__
     for t in tqdm(scheduler.timesteps, disable=not progress, desc="teacher", leave=False):
-        x_in = scheduler.scale_model_input(x, t)
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         tt = t.float().expand(x.shape[0]).to(noise.device)
-        if hasattr(scheduler, "sigmas") and "FlowMatch" in type(scheduler).__name__:
-            tt = tt  # flow schedulers' timesteps are already sigma * 1000 == our continuous t
+        if flow and hasattr(den.schedule, "t_from_sigma"):
+            # flow schedulers' timesteps are the *shifted* sigma * 1000; our t is pre-shift, so undo the
+            # shift once (model_timestep re-applies it and the backbone then sees exactly ``t``)
+            tt = den.schedule.t_from_sigma(tt.double() / den.schedule.num_train_timesteps).to(noise.device)
         pred = den.raw(x_in, tt, cond, guidance_scale, negative)
         x = scheduler.step(pred, t, x).prev_sample
     return x.clamp(-1, 1)

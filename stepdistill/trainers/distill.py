@@ -39,7 +39,8 @@ def build_dmd(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMe
     pairs = None
     if cfg.dmd.regression_weight > 0:
         pairs = teacher_ode_pairs(teacher, cfg.dmd, num_classes, shape, seed=cfg.train.seed)
-    obj = DMDObjective(teacher, student, critic, cfg.dmd, num_classes, shape, regression_pairs=pairs)
+    obj = DMDObjective(teacher, student, critic, cfg.dmd, num_classes, shape, regression_pairs=pairs,
+                       seed=cfg.train.seed)
     return obj, data, meta
 
 

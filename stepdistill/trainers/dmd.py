@@ -39,13 +39,15 @@ from .core import Ctx, Player
 
 
 class GANHead(nn.Module):
-    """DMD2's classifier head: (conv k4 s2 -> GroupNorm -> SiLU) until 1x1, then a 1x1 conv to one logit."""
+    """DMD2's classifier head: (conv k4 s2 -> GroupNorm -> SiLU) down to 2x2, then a 1x1 conv to a
+    logit map averaged into one logit. (Stopping at 2x2 rather than 1x1 keeps GroupNorm from
+    normalising single values to a constant, which would cut the gradient.)"""
 
     def __init__(self, channels: int, spatial: int, width: int | None = None):
         super().__init__()
         width = width or channels
         layers, c, s = [], channels, spatial
-        while s > 1:
+        while s > 2:
             layers += [nn.Conv2d(c, width, 4, 2, 1), nn.GroupNorm(_groups(width), width), nn.SiLU()]
             c, s = width, s // 2
         layers.append(nn.Conv2d(c, 1, 1))
@@ -56,8 +58,9 @@ class GANHead(nn.Module):
 
 
 def _groups(c: int) -> int:
+    """Largest group count <= 32 dividing c with at least 4 channels per group."""
     for g in (32, 16, 8, 4, 2, 1):
-        if c % g == 0:
+        if c % g == 0 and c // g >= 4:
             return g
     return 1
 
@@ -68,7 +71,8 @@ def dm_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> tu
     p_real = x32.detach() - real_x0.float()
     p_fake = x32.detach() - fake_x0.float()
     norm = p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)      # (B, 1, 1, 1)
-    grad = torch.nan_to_num((p_real - p_fake) / norm)
+    # x == mu_real exactly gives 0/0: no signal, so a zero gradient rather than inf/NaN
+    grad = torch.nan_to_num((p_real - p_fake) / norm.clamp_min(1e-8), nan=0.0, posinf=0.0, neginf=0.0)
     loss = 0.5 * F.mse_loss(x32, (x32 - grad).detach(), reduction="mean")
     return loss, grad
 
@@ -99,7 +103,7 @@ class DMDObjective:
     """
 
     def __init__(self, teacher: Denoiser, student: Denoiser, critic: Denoiser, cfg: DMDConfig, num_classes: int,
-                 sample_shape: tuple[int, int, int], regression_pairs=None):
+                 sample_shape: tuple[int, int, int], regression_pairs=None, seed: int = 0):
         self.teacher, self.student, self.critic, self.cfg = teacher, student, critic, cfg
         self.teacher.requires_grad_(False).eval()
         self.shape = tuple(sample_shape)
@@ -108,7 +112,9 @@ class DMDObjective:
         critic_mod = nn.ModuleDict({"fake": critic.backbone})
         if cfg.gan:
             res = self._feature_spatial()
-            self.head = GANHead(critic.feature_channels, res)
+            with torch.random.fork_rng(devices=[]):  # head init depends on the seed only
+                torch.manual_seed(seed)
+                self.head = GANHead(critic.feature_channels, res)
             critic_mod["head"] = self.head
         betas = (cfg.beta1, cfg.beta2)
         self.players = {
