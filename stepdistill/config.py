@@ -116,38 +116,58 @@ class DistillConfig:
 
 
 # -- loading / overriding ------------------------------------------------------------------
+def _parse(text: str, key: str):
+    """YAML-parse an override's raw text; a syntax error names the key."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse {text!r} ({type(e).__name__})") from None
+
+
 def _coerce(value, tp, key: str):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, str):
+            value = _parse(value, key)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _build(tp, value, key + ".")
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _parse(value, key)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp in (int, float):
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
         try:
-            v = yaml.safe_load(value) if isinstance(value, str) else value
+            v = _parse(value, key) if isinstance(value, str) else value
+            if isinstance(v, bool):
+                raise ValueError
             if tp is int and (isinstance(v, float) and not v.is_integer()):
                 raise ValueError
             return tp(v)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
     if tp is str:
-        if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if isinstance(value, str):
+            # overrides arrive as raw text: drop YAML quoting ('no' -> no) but never let YAML turn
+            # words like no / off / 2024-01-01 into bools or dates
+            try:
+                parsed = yaml.safe_load(value) if value.strip() else value
+            except yaml.YAMLError:
+                parsed = value
+            return parsed if isinstance(parsed, str) else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a string, got {value!r} (quote it in YAML, e.g. 'no')")
         return str(value)
     return value
 
@@ -190,7 +210,8 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
         if "=" not in o:
             raise ConfigError(f"override {o!r} must look like key.sub=value")
         k, v = o.split("=", 1)
-        _set_dotted(data, k.strip(), yaml.safe_load(v) if v.strip() else v)
+        # keep the raw text: _coerce parses it by the field's type (YAML would read `no` as False)
+        _set_dotted(data, k.strip(), v)
     cfg = _build(cls, data)
     validate(cfg)
     return cfg

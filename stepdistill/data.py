@@ -65,7 +65,8 @@ def load_animal_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
         with np.load(cached, allow_pickle=False) as z:
             return z["images"], z["labels"]
     src = _animal_mnist_dir()
-    arrays = []
+    # verify every file before unpickling any of them
+    paths = []
     for name, want in ANIMAL_SHA256.items():
         path = src / name
         if not path.exists():
@@ -73,6 +74,9 @@ def load_animal_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
         got = sha256_file(path)
         if got != want:
             raise DataError(f"Animal-MNIST file {path} has sha256 {got}, expected {want}; refusing to unpickle it")
+        paths.append(path)
+    arrays = []
+    for path in paths:
         with gzip.open(path, "rb") as f:
             arrays.append(pickle.load(f))
     images = np.asarray(arrays[0], dtype=np.uint8)

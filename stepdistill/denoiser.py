@@ -16,7 +16,8 @@ Supported backbones (``backbone_kind``):
       ``forward(x_t: (B, C, H, W), t: (B,) float, cond: None | (B,) long | (B, L, D) float) -> (B, C, H, W)``
 
   returning the prediction named by ``prediction_type``. Give it an attribute ``bottleneck``
-  (an ``nn.Module`` whose output is a (B, C', h, w) feature map) to use a GAN head on it.
+  (an ``nn.Module`` whose output is a (B, C', h, w) feature map) and an int attribute
+  ``bottleneck_channels`` (= C') to use a GAN head on it.
 
 Conditioning ``cond``: ``None`` (unconditional), a LongTensor of class labels (B,), or text
 embeddings (B, L, D) (a dict ``{"emb": (B, L, D), "pooled": (B, P)}`` for SD3-style models).
@@ -85,7 +86,11 @@ class Denoiser(nn.Module):
         return None
 
     def _store_features(self, module, inputs, output):
-        out = output[0] if isinstance(output, tuple) else output
+        if isinstance(output, tuple):
+            # SD3 / Flux joint blocks return (encoder_hidden_states, hidden_states): take the image tokens
+            out = output[-1] if self.kind in ("sd3", "flux") else output[0]
+        else:
+            out = output
         if self.kind in ("dit", "pixart", "sd3", "flux") and out.ndim == 3:  # tokens (B, N, D) -> (B, D, h, w)
             B, N, D = out.shape
             h = int(round(N ** 0.5))
@@ -102,7 +107,9 @@ class Denoiser(nn.Module):
             return b.config.block_out_channels[-1]
         if self.kind in ("dit", "pixart", "sd3", "flux"):
             return b.config.num_attention_heads * b.config.attention_head_dim
-        return getattr(b, "bottleneck_channels")
+        if not hasattr(b, "bottleneck_channels"):
+            raise ValueError("a custom backbone with a bottleneck must also set bottleneck_channels (its channel count)")
+        return int(b.bottleneck_channels)
 
     # -- raw network call ---------------------------------------------------------------
     def _call(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
@@ -168,13 +175,14 @@ class Denoiser(nn.Module):
             return eps
         return self.schedule.x0_eps_to_pred(x0, eps, t, {"v": "v_prediction", "flow": "flow_prediction"}[output])
 
-    def x0_and_features(self, x_t, t, cond=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x0 (no CFG) and the bottleneck features of the same forward pass (for GAN heads)."""
+    def x0_and_features(self, x_t, t, cond=None, output: str = "x0") -> tuple[torch.Tensor, torch.Tensor]:
+        """Prediction (``output`` type, no CFG; x0 by default) and the bottleneck features
+        (B, C', h, w) of the same forward pass (for GAN heads)."""
         if self._hook_module is None:
             raise ValueError("this backbone exposes no bottleneck module for a GAN head")
         handle = self._hook_module.register_forward_hook(self._store_features)
         try:
-            x0 = self.forward(x_t, t, cond)
+            x0 = self.forward(x_t, t, cond, output=output)
         finally:
             handle.remove()
         feats, self._feats = self._feats, None

@@ -164,16 +164,21 @@ def runs(tmp_path_factory):
         seen.append(len(x))
         return orig(self, x)
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(FeatureExtractorInceptionV3FidHelper, "forward", counting_forward)
-        out = {}
-        kw = dict(cache_key="digits16-test", cache_dir=cache, feature_extractor="offline")
-        out["same"] = compute_metrics(ref, ref, **kw)
-        out["n_same"] = sum(seen)
-        out["inverted"] = compute_metrics(-ref, ref, **kw)
-        out["n_inverted"] = sum(seen) - out["n_same"]
-        out["bright"] = compute_metrics((ref + 0.3).clamp(-1, 1), ref, kid=False, **kw)
-        out["n_bright"] = sum(seen) - out["n_same"] - out["n_inverted"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU CI boxes are small and shared; one thread avoids oversubscription
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(FeatureExtractorInceptionV3FidHelper, "forward", counting_forward)
+            out = {}
+            kw = dict(cache_key="digits16-test", cache_dir=cache, feature_extractor="offline")
+            out["same"] = compute_metrics(ref, ref, **kw)
+            out["n_same"] = sum(seen)
+            out["inverted"] = compute_metrics(-ref, ref, **kw)
+            out["n_inverted"] = sum(seen) - out["n_same"]
+            out["bright"] = compute_metrics((ref + 0.3).clamp(-1, 1), ref, kid=False, prc=True, **kw)
+            out["n_bright"] = sum(seen) - out["n_same"] - out["n_inverted"]
+    finally:
+        torch.set_num_threads(threads)
     out["cache_files"] = sorted(p.name for p in cache.iterdir())
     return out
 
@@ -192,6 +197,7 @@ def test_fid_grows_with_distribution_shift(runs):
     assert same < 1e-2 < 1.0 < bright < inverted
     assert runs["inverted"]["kid_mean"] > runs["same"]["kid_mean"] + 0.05
     assert "kid_mean" not in runs["bright"]
+    assert 0.0 <= runs["bright"]["precision"] <= 1.0 and 0.0 <= runs["bright"]["recall"] <= 1.0
 
 
 def test_reference_cache_miss_then_hit(runs):
@@ -202,6 +208,18 @@ def test_reference_cache_miss_then_hit(runs):
     assert any(f.endswith(f"{FIDHELPER_NAME}-features-2048.pt") for f in runs["cache_files"])
     assert any(f.endswith(f"{FIDHELPER_NAME}-stat-fid-2048.pt") for f in runs["cache_files"])
     assert all(f.startswith("sd-digits16-test-n32-") for f in runs["cache_files"])
+
+
+def test_ref_cache_detection(tmp_path):
+    from stepdistill.eval.fid import _ref_cached
+
+    name, fe = "sd-x-n4-abc", FIDHELPER_NAME
+    assert not _ref_cached(tmp_path, name, fe, {"fid": "2048"})
+    (tmp_path / f"{name}-{fe}-stat-fid-2048.pt").write_bytes(b"")
+    assert _ref_cached(tmp_path, name, fe, {"fid": "2048"})  # FID-only needs just the statistics
+    assert not _ref_cached(tmp_path, name, fe, {"fid": "2048", "kid": "2048"})  # KID needs the features
+    (tmp_path / f"{name}-{fe}-features-2048.pt").write_bytes(b"")
+    assert _ref_cached(tmp_path, name, fe, {"fid": "2048", "kid": "2048"})
 
 
 def test_features_helper_and_grayscale_expansion():

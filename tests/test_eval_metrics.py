@@ -6,7 +6,6 @@ import torch
 
 from stepdistill.data import animal_mnist
 from stepdistill.eval.classifier import (
-    SmallCNN,
     class_accuracy,
     classifier_features,
     load_classifier,

@@ -126,11 +126,11 @@ def test_v_target_equals_diffusers_get_velocity(beta_schedule):
 
 # -- conversions ----------------------------------------------------------------------------
 @pytest.mark.parametrize("name,sched", _all_schedules(), ids=[n for n, _ in _all_schedules()])
-@pytest.mark.parametrize("dtype,t_lo,t_hi", [(torch.float64, 0.5, 999.0), (torch.float32, 5.0, 800.0)],
+@pytest.mark.parametrize("dtype,t_lo,t_hi", [(torch.float64, 0.5, 999.0), (torch.float32, 50.0, 800.0)],
                          ids=["f64-full-range", "f32"])
 def test_prediction_round_trips(name, sched: NoiseSchedule, dtype, t_lo, t_hi):
     """float64 data: exact over the whole range (alpha -> 0 at t -> T makes x0-from-eps ill-conditioned
-    in float32, so float32 is checked where alpha is not tiny)."""
+    in float32, as is eps-from-x0 at sigma -> 0: float32 is checked where neither is tiny)."""
     g = torch.Generator().manual_seed(2)
     x0 = torch.randn(16, 2, 4, 4, generator=g, dtype=dtype)
     eps = torch.randn(16, 2, 4, 4, generator=g, dtype=dtype)

@@ -251,3 +251,15 @@ def main_train_classifier(out_dir: str | Path = DEFAULT_CLASSIFIER_DIR, steps: i
     save_classifier(model, out_dir, meta)
     print(f"test accuracy {acc:.4f} ({dataset}, {len(test.labels)} images), trained {steps} steps in {train_s:.0f}s -> {out_dir}")
     return meta
+
+
+if __name__ == "__main__":  # python -m stepdistill.eval.classifier --out DIR --steps 1500 --seed 0
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Train the small domain classifier and report its test accuracy.")
+    ap.add_argument("--out", default=str(DEFAULT_CLASSIFIER_DIR))
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dataset", default="animal_mnist")
+    a = ap.parse_args()
+    main_train_classifier(a.out, steps=a.steps, seed=a.seed, dataset=a.dataset)

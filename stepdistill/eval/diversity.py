@@ -39,18 +39,16 @@ def _pairwise_mean_cosine_distance(f: torch.Tensor) -> float:
 
 
 def _resolve_extractor(extractor, images: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    from stepdistill.eval.classifier import classifier_features, load_default_classifier
+
     if callable(extractor) and not isinstance(extractor, str):
         if isinstance(extractor, torch.nn.Module) and hasattr(extractor, "features"):
-            from stepdistill.eval.classifier import classifier_features
-
             return lambda x: classifier_features(extractor, x)
         return extractor
     name = (extractor or "auto").lower()
     if name == "auto":
         name = "classifier" if tuple(images.shape[1:]) == (1, 32, 32) else "inception"
     if name == "classifier":
-        from stepdistill.eval.classifier import classifier_features, load_default_classifier
-
         model = load_default_classifier()
         want = (model.config["in_channels"], model.config["resolution"], model.config["resolution"])
         if tuple(images.shape[1:]) != want:

@@ -165,7 +165,8 @@ class FeatureExtractorInceptionV3FidHelper(FeatureExtractorBase):
         vassert(x.dim() == 4 and x.shape[1] in (1, 3), f"Input is not Bx3xHxW (or Bx1xHxW): {tuple(x.shape)}")
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        x = x.to(torch.float32)
+        # the TorchScript module is cached and shared per process: follow its device
+        x = x.to(device=next(self.net.parameters()).device, dtype=torch.float32)
         if x.shape[-2:] != (self.INPUT_IMAGE_SIZE, self.INPUT_IMAGE_SIZE):
             x = interpolate_bilinear_2d_like_tensorflow1x(
                 x, size=(self.INPUT_IMAGE_SIZE, self.INPUT_IMAGE_SIZE), align_corners=False)

