@@ -198,7 +198,7 @@ def _set_dotted(d: dict, dotted: str, value) -> None:
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
     """Defaults <- YAML file <- ``key.sub=value`` overrides; validated into ``cls``."""
     data = to_dict(cls())
-    if path is not None:
+    if path:  # None or "" means defaults only
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file {p} does not exist")

@@ -127,8 +127,7 @@ class Denoiser(nn.Module):
             out = b(x_t, timestep=tm, class_labels=cond).sample
             return out[:, : x_t.shape[1]]  # drop the learned-variance half if present
         if k == "pixart":
-            out = b(x_t, encoder_hidden_states=cond, timestep=tm,
-                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+            out = b(x_t, encoder_hidden_states=cond, timestep=tm, added_cond_kwargs=_pixart_added_cond(b, x_t)).sample
             return out[:, : x_t.shape[1]]
         if k == "sd3":
             return b(hidden_states=x_t, encoder_hidden_states=cond["emb"], pooled_projections=cond["pooled"],
@@ -187,6 +186,17 @@ class Denoiser(nn.Module):
             handle.remove()
         feats, self._feats = self._feats, None
         return x0, feats
+
+
+def _pixart_added_cond(b, x_t):
+    """PixArt-alpha 1024px (``use_additional_conditions``) is conditioned on the image size in pixels
+    (latent size x 8, the VAE factor) and the aspect ratio, as in diffusers' PixArtAlphaPipeline."""
+    if not getattr(b, "use_additional_conditions", False):
+        return {"resolution": None, "aspect_ratio": None}
+    B, _, H, W = x_t.shape
+    res = torch.tensor([H * 8, W * 8], dtype=x_t.dtype, device=x_t.device).repeat(B, 1)
+    ar = torch.tensor([H / W], dtype=x_t.dtype, device=x_t.device).repeat(B, 1)
+    return {"resolution": res, "aspect_ratio": ar}
 
 
 def _cat_cond(a, b):

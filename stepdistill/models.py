@@ -173,11 +173,20 @@ def load_denoiser(path_or_id: str | Path, allow_pickle: bool = False) -> tuple[D
         pt = sched_cfg.get("prediction_type", "epsilon")
         if "FlowMatch" in sched_cfg.get("_class_name", ""):
             pt = "flow_prediction"
-        n_cls = getattr(backbone.config, "num_class_embeds", None) or getattr(backbone.config, "num_embeds_ada_norm", None)
-        cond = "class" if n_cls else ("text" if getattr(backbone.config, "cross_attention_dim", None) else "none")
+        c, kind = backbone.config, BACKBONE_KINDS.get(type(backbone).__name__)
+        if kind == "dit":
+            # DiT: num_embeds_ada_norm real classes; the CFG null label is the extra entry == num_classes
+            n_real = getattr(c, "num_embeds_ada_norm", None)
+        else:
+            # UNet: stepdistill's convention, num_class_embeds = classes + 1 (the last is the null class).
+            # (PixArt's num_embeds_ada_norm counts timesteps, not classes.)
+            n_cls = getattr(c, "num_class_embeds", None)
+            n_real = n_cls - 1 if n_cls else None
+        text = any(getattr(c, k, None) for k in ("cross_attention_dim", "joint_attention_dim", "caption_channels"))
+        cond = "class" if n_real else ("text" if text else "none")
         meta = ModelMeta(prediction_type=pt, conditioning=cond,
-                         class_names=[str(i) for i in range(n_cls - 1)] if n_cls and cond == "class" else [],
-                         null_class=(n_cls - 1) if n_cls and cond == "class" else None)
+                         class_names=[str(i) for i in range(n_real)] if cond == "class" else [],
+                         null_class=n_real if cond == "class" else None)
     den = Denoiser(backbone, schedule, meta.prediction_type, null_class=meta.null_class)
     return den, meta
 
@@ -186,7 +195,16 @@ def save_model_folder(folder: str | Path, backbone, scheduler, meta: ModelMeta, 
     """Write a diffusers pipeline folder (safetensors weights, scheduler, model_index.json)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    backbone.save_pretrained(folder / "unet", safe_serialization=True)
+    if hasattr(backbone, "save_pretrained"):
+        backbone.save_pretrained(folder / "unet", safe_serialization=True)
+    else:  # a custom nn.Module: weights + the class name, never pickled code
+        from safetensors.torch import save_file
+
+        (folder / "unet").mkdir(exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()},
+                  str(folder / "unet" / "model.safetensors"))
+        (folder / "unet" / "config.json").write_text(json.dumps(
+            {"_class_name": "custom", "module": f"{type(backbone).__module__}.{type(backbone).__qualname__}"}))
     scheduler.save_pretrained(folder / "scheduler")
     meta.save(folder)
     index = {

@@ -410,3 +410,25 @@ def test_custom_bottleneck_without_channel_count_raises():
     den = Denoiser(net, _vp(), "sample")
     with pytest.raises(ValueError, match="bottleneck_channels"):
         den.feature_channels
+
+
+def test_pixart_with_additional_conditions():
+    """PixArt-alpha 1024-style models need resolution / aspect ratio (pixels = latents x 8)."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    # inner dim divisible by 3 (the size embedding splits it into timestep / resolution / aspect thirds)
+    m = PixArtTransformer2DModel(num_attention_heads=3, attention_head_dim=8, in_channels=2, out_channels=4,
+                                 num_layers=1, cross_attention_dim=24, caption_channels=D_TXT, sample_size=8,
+                                 patch_size=2, use_additional_conditions=True)
+    m = _jitter(m, 7)
+    den = Denoiser(m, _vp(), "epsilon", null_cond=_NULL_TEXT)
+    x = torch.randn(2, 2, 8, 8)
+    c = torch.randn(2, L, D_TXT)
+    t = torch.tensor([100.0, 800.0])
+    with torch.no_grad():
+        got = den(x, t, c, output="raw")
+        ref = m(x, encoder_hidden_states=c, timestep=t, added_cond_kwargs={
+            "resolution": torch.tensor([[64.0, 64.0]] * 2), "aspect_ratio": torch.tensor([[1.0]] * 2)}).sample[:, :2]
+        assert den(x, t, c, guidance_scale=3.0).shape == x.shape
+    torch.testing.assert_close(got, ref)

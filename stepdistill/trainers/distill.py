@@ -44,23 +44,42 @@ def build_dmd(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMe
     return obj, data, meta
 
 
-def distill(cfg: DistillConfig, resume: bool = False, accelerator=None) -> Path:
-    obj, data, meta = build_dmd(cfg)
+def distill(cfg: DistillConfig, resume: bool = False, accelerator=None, teacher: Denoiser | None = None,
+            meta: ModelMeta | None = None) -> Path:
+    """Train and export. ``teacher``/``meta`` let Python users bring any ``nn.Module`` denoiser
+    (see :mod:`stepdistill.denoiser` for the call signature) instead of ``cfg.dmd.teacher``."""
+    obj, data, meta = build_dmd(cfg, teacher=teacher, meta=meta)
     trainer = Trainer(obj, cfg, accelerator=accelerator, data=data)
     result = trainer.train(resume=resume)
     out = Path(cfg.output_dir) / "student"
     if trainer.acc.is_main_process and not result["interrupted"]:
-        export_student(trainer.ema["generator"], cfg, meta, out)
+        export_student(trainer.ema["generator"], cfg, meta, out, schedule=obj.student.schedule)
         (Path(cfg.output_dir) / "training_result.json").write_text(json.dumps(result, indent=2, default=str))
         print(f"student exported to {out}")
     return out
 
 
-def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path) -> Path:
-    """EMA student -> diffusers folder (safetensors unet + stock DDPMScheduler config + pipeline index)."""
+def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, schedule=None) -> Path:
+    """EMA student -> diffusers folder (safetensors unet + stock DDPMScheduler config + pipeline index).
+
+    A custom ``nn.Module`` student (no ``save_pretrained``) is written as
+    ``unet/model.safetensors`` + ``unet/config.json`` naming its class; rebuild the module
+    yourself and ``load_state_dict`` (we never unpickle or import code from a model folder).
+    """
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    sched_cfg = load_scheduler_config(cfg.dmd.teacher, None)
+    if schedule is not None and hasattr(schedule, "config") and schedule.config:
+        sched_cfg = dict(schedule.config)
+    elif schedule is not None and schedule.kind == "flow":
+        sched_cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler", **schedule.to_config()}
+        sched_cfg.pop("kind", None)
+    elif schedule is not None:  # a VP schedule given as alphas_cumprod only: recover the betas
+        ac = schedule.alphas_cumprod
+        betas = (1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])).tolist()
+        sched_cfg = {"num_train_timesteps": len(betas), "trained_betas": betas,
+                     "prediction_type": meta.prediction_type, "clip_sample": False}
+    else:
+        sched_cfg = load_scheduler_config(cfg.dmd.teacher, None)
     sched_cls = FlowMatchEulerDiscreteScheduler if "FlowMatch" in sched_cfg.get("_class_name", "") else DDPMScheduler
     scheduler = sched_cls.from_config(sched_cfg)
     smeta = ModelMeta(prediction_type=meta.prediction_type, conditioning=meta.conditioning,

@@ -1,0 +1,566 @@
+"""Gradio demo: a teacher (many steps, CFG) and its distilled student (1..K steps) side by side.
+
+    stepdistill demo [--teacher PATH] [--student PATH] [--host 127.0.0.1] [--port N]
+    python app.py     [--teacher PATH] [--student PATH] [--port N]
+
+Works offline: analytics off, system fonts only (no Google Fonts), no server-side rendering, and
+the server listens on 127.0.0.1 unless told otherwise. Gradio is imported lazily, so importing this
+module (the CLI does) does not need the optional ``demo`` extra.
+
+:func:`generate` is the whole computation as a plain Python function (the tests call it); the UI's
+Generate button wraps it and is exposed to ``gradio_client`` as ``api_name="/generate"``. Invalid
+input never crashes the app: :func:`generate` raises :class:`DemoInputError` and the UI shows its
+message (``gr.Error``; ``gradio_client`` raises ``AppError`` carrying the same text).
+
+NFE (network function evaluations) reported per image batch:
+
+* teacher: ``steps * 2`` with classifier-free guidance (``w != 1``: one conditional and one
+  unconditional evaluation per step), else ``steps``;
+* student: ``steps`` (guidance is distilled in);
+* hybrid student: the first student step is replaced by the teacher's guided x0 prediction at the
+  first student timestep, so ``2 (teacher, CFG) + (steps - 1) (student)``.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .models import BUILTIN_TEACHERS
+
+BUILTIN_STUDENTS = {
+    "builtin:animal_mnist_dmd2": Path(__file__).parent / "assets" / "animal_mnist_dmd2_student",
+}
+DEFAULT_TEACHER = "builtin:animal_mnist"
+DEFAULT_STUDENT = "builtin:animal_mnist_dmd2"
+ALL_CLASSES = "(all classes)"
+SAMPLERS = ("ddim", "euler", "dpm++")
+MAX_SEED = 2**31 - 1
+MAX_BATCH = 16
+MAX_TEACHER_STEPS = 200
+MAX_GUIDANCE = 20.0
+DISPLAY_SIZE = 128  # images are nearest-upscaled by an integer factor to at least this size
+
+
+class DemoInputError(ValueError):
+    """Invalid demo input; the message is shown to the user as is."""
+
+
+# -- model folders --------------------------------------------------------------------------------
+def resolve_model_path(path_or_name: str | os.PathLike, role: str = "model") -> Path:
+    """``builtin:`` names -> shipped folders; check the folder exists and holds a pipeline."""
+    name = str(path_or_name or "").strip()
+    if not name:
+        raise DemoInputError(f"{role} folder is empty")
+    builtins = {**BUILTIN_TEACHERS, **BUILTIN_STUDENTS}
+    if name in builtins:
+        p = Path(builtins[name])
+        if not p.exists():
+            hint = "`stepdistill teacher`" if name in BUILTIN_TEACHERS else "`stepdistill distill` (and export it there)"
+            raise DemoInputError(f"{role} {name}: the shipped folder is missing at {p}; create it with {hint} "
+                                 f"or give a model folder")
+    elif name.startswith("builtin:"):
+        raise DemoInputError(f"unknown builtin {role} {name!r}; known: {', '.join(sorted(builtins))}")
+    else:
+        p = Path(name).expanduser()
+        if not p.exists():
+            raise DemoInputError(f"{role} folder {name!r} does not exist")
+    if not p.is_dir():
+        raise DemoInputError(f"{role} path {str(p)!r} is a file; expected a diffusers pipeline folder")
+    if not (p / "model_index.json").exists():
+        raise DemoInputError(f"{role} folder {str(p)!r} has no model_index.json (not a diffusers pipeline folder)")
+    return p
+
+
+@dataclass
+class ModelInfo:
+    """What the UI needs to know about a folder, read from its json files (no weights loaded)."""
+    path: Path
+    pipeline_class: str | None = None
+    conditioning: str = "class"  # none | class | text
+    class_names: list[str] = field(default_factory=list)
+    student_timesteps: list[float] | None = None
+    method: str | None = None
+    experts: list[Any] | None = None  # stepdistill.json extra.experts / extra.students, when present
+    channels: int | None = None
+    resolution: int | None = None
+
+    @property
+    def max_student_steps(self) -> int:
+        return len(self.student_timesteps or [])
+
+
+def read_model_info(path_or_name: str | os.PathLike, role: str = "model") -> ModelInfo:
+    p = resolve_model_path(path_or_name, role)
+    index = _read_json(p / "model_index.json")
+    meta = _read_json(p / "stepdistill.json")
+    unet = {}
+    for sub in ("unet", "transformer"):
+        if (p / sub / "config.json").exists():
+            unet = _read_json(p / sub / "config.json")
+            break
+    extra = meta.get("extra") or {}
+    experts = extra.get("experts") or extra.get("students") or None
+    cond = meta.get("conditioning")
+    if cond is None:
+        cond = "class" if unet.get("num_class_embeds") else ("text" if unet.get("cross_attention_dim") else "none")
+    ts = meta.get("student_timesteps") or index.get("student_timesteps")
+    res = unet.get("sample_size")
+    return ModelInfo(path=p, pipeline_class=index.get("_class_name"), conditioning=cond,
+                     class_names=list(meta.get("class_names") or index.get("class_names") or []),
+                     student_timesteps=[float(t) for t in ts] if ts else None, method=meta.get("method"),
+                     experts=list(experts) if experts else None, channels=unet.get("in_channels"),
+                     resolution=res[0] if isinstance(res, (list, tuple)) else res)
+
+
+def _read_json(p: Path) -> dict:
+    if not p.exists():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise DemoInputError(f"{p} is not valid JSON: {e}") from e
+
+
+def student_supports_hybrid(info: ModelInfo) -> bool:
+    """True when the student's pipeline class accepts ``first_step`` (a teacher-taken first step)."""
+    cls = _student_pipeline_class(info)
+    return cls is not None and "first_step" in inspect.signature(cls.__call__).parameters
+
+
+def _student_pipeline_class(info: ModelInfo):
+    """The pipeline class named by model_index.json among stepdistill's student pipelines."""
+    import importlib
+
+    from .pipelines.student import StepDistillPipeline
+
+    name = info.pipeline_class or ""
+    for mod in ("stepdistill.pipelines.student", "stepdistill.pipelines"):
+        cls = getattr(importlib.import_module(mod), name, None)
+        if isinstance(cls, type):
+            return cls
+    return StepDistillPipeline if info.student_timesteps else None
+
+
+def hybrid_compatible(teacher: ModelInfo, student: ModelInfo) -> str | None:
+    """None when the teacher can take the student's first step, else why not."""
+    if (teacher.channels, teacher.resolution) != (student.channels, student.resolution):
+        return (f"teacher images are {teacher.channels}x{teacher.resolution}x{teacher.resolution} but student "
+                f"images are {student.channels}x{student.resolution}x{student.resolution}")
+    if teacher.conditioning != student.conditioning:
+        return f"teacher is {teacher.conditioning}-conditioned, student is {student.conditioning}-conditioned"
+    if teacher.class_names and student.class_names and teacher.class_names != student.class_names:
+        return "teacher and student class names differ"
+    return None
+
+
+def expert_caption(experts: list[Any] | None, class_name: str | None, class_index: int | None,
+                   timesteps: list[float]) -> str | None:
+    """Which student/expert produced an image, from ``extra.experts`` / ``extra.students``.
+
+    Entries may be plain names (all listed), or dicts with ``name`` and optionally ``classes``
+    (names or indices: a class-partitioned multi-student model picks the one owning the class) or
+    ``timesteps`` (a phased model: every expert owning one of the sampled timesteps, in order).
+    """
+    if not experts:
+        return None
+    names = []
+    for i, e in enumerate(experts):
+        if not isinstance(e, dict):
+            names.append(str(e))
+            continue
+        name = str(e.get("name", e.get("id", f"expert {i}")))
+        if "classes" in e:
+            owned = {str(c) for c in e["classes"]}
+            if (class_name is not None and class_name in owned) or (class_index is not None and str(class_index) in owned):
+                return name
+            continue
+        if "timesteps" in e:
+            owned_t = [float(t) for t in e["timesteps"]]
+            used = [t for t in timesteps if any(abs(t - o) < 1e-6 for o in owned_t)]
+            if used:
+                names.append(f"{name} (t={', '.join(f'{t:g}' for t in used)})")
+            continue
+        names.append(name)
+    return " → ".join(names) if names else None
+
+
+# -- loading (cached) -----------------------------------------------------------------------------
+_CACHE: dict[tuple, Any] = {}
+_LOCK = threading.Lock()
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _stamp(p: Path) -> tuple:
+    files = [p / "model_index.json", p / "stepdistill.json", *sorted(p.glob("*/*.safetensors")), *sorted(p.glob("*/*.bin"))]
+    return tuple((str(f), f.stat().st_mtime_ns) for f in files if f.exists())
+
+
+def load_teacher(info: ModelInfo):
+    from .pipelines.teacher import StepDistillTeacherPipeline
+
+    return _cached(("teacher", _stamp(info.path)), info.path, lambda: StepDistillTeacherPipeline.from_folder(info.path))
+
+
+def load_student(info: ModelInfo):
+    def build():
+        cls = _student_pipeline_class(info)
+        if cls is None:
+            raise DemoInputError(f"{info.path}: pipeline class {info.pipeline_class!r} is not a stepdistill student")
+        pipe = cls.from_pretrained(info.path)
+        if info.class_names and not pipe.config.class_names:
+            pipe.register_to_config(class_names=info.class_names)
+        return pipe
+
+    return _cached(("student", _stamp(info.path)), info.path, build)
+
+
+def _cached(key, path: Path, build):
+    with _LOCK:
+        if key not in _CACHE:
+            try:
+                pipe = build()
+            except DemoInputError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a broken folder is a user error here, shown in the UI
+                raise DemoInputError(f"could not load the {key[0]} from {str(path)!r}: {e}") from e
+            pipe.to(_device())
+            pipe.unet.eval()
+            if len(_CACHE) >= 4:
+                _CACHE.pop(next(iter(_CACHE)))
+            _CACHE[key] = pipe
+        return _CACHE[key]
+
+
+# -- validation -----------------------------------------------------------------------------------
+def _int_in(value, name: str, lo: int, hi: int) -> int:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DemoInputError(f"{name} is empty; enter an integer in {lo}..{hi}")
+    if isinstance(value, bool):
+        raise DemoInputError(f"{name} must be an integer in {lo}..{hi}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise DemoInputError(f"{name} must be an integer in {lo}..{hi}, got {value!r}") from None
+    if f != f or f != int(f):
+        raise DemoInputError(f"{name} must be a whole number in {lo}..{hi}, got {value!r}")
+    v = int(f)
+    if not lo <= v <= hi:
+        raise DemoInputError(f"{name} must be in {lo}..{hi}, got {v}")
+    return v
+
+
+def _float_in(value, name: str, lo: float, hi: float) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise DemoInputError(f"{name} must be a number in {lo:g}..{hi:g}, got {value!r}") from None
+    if f != f or not lo <= f <= hi:
+        raise DemoInputError(f"{name} must be in {lo:g}..{hi:g}, got {value!r}")
+    return f
+
+
+def resolve_labels(info: ModelInfo, class_name, batch_size: int) -> tuple[list[str] | None, list[int] | None]:
+    """(names, indices) of the batch's classes; ``ALL_CLASSES`` cycles through every class."""
+    if info.conditioning != "class":
+        return None, None
+    names = info.class_names
+    c = "" if class_name is None else str(class_name).strip()
+    if not names:
+        raise DemoInputError("the model is class-conditional but lists no class names")
+    if c in ("", ALL_CLASSES):
+        idx = [i % len(names) for i in range(batch_size)]
+    elif c in names:
+        idx = [names.index(c)] * batch_size
+    else:
+        raise DemoInputError(f"unknown class {c!r}; known classes: {', '.join(names)}")
+    return [names[i] for i in idx], idx
+
+
+# -- generation -----------------------------------------------------------------------------------
+@dataclass
+class ModelRun:
+    images: list  # PIL images, upscaled
+    captions: list[str]
+    nfe: int
+    seconds: float
+    steps: int
+    detail: str
+
+    @property
+    def summary(self) -> str:
+        return f"NFE {self.nfe} · {self.seconds:.3f} s wall-clock · {self.detail}"
+
+    def gallery(self) -> list[tuple]:
+        return list(zip(self.images, self.captions))
+
+
+@dataclass
+class GenerateResult:
+    teacher: ModelRun
+    student: ModelRun
+
+    @property
+    def status(self) -> str:
+        t, s = self.teacher, self.student
+        sp = t.seconds / s.seconds if s.seconds > 0 else float("inf")
+        return (f"{len(s.images)} image(s) per model · student uses {s.nfe} NFE vs teacher {t.nfe} "
+                f"({t.nfe / max(s.nfe, 1):.1f}x fewer) · {sp:.1f}x faster wall-clock")
+
+
+def teacher_nfe(steps: int, guidance_scale: float) -> int:
+    return steps * (2 if guidance_scale != 1.0 else 1)
+
+
+def student_nfe(steps: int, hybrid: bool = False, guidance_scale: float = 1.0) -> int:
+    return (teacher_nfe(1, guidance_scale) + steps - 1) if hybrid else steps
+
+
+def generate(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_STUDENT,
+             class_name: str | None = ALL_CLASSES, prompt: str = "", seed=0, batch_size=4,
+             student_steps=None, teacher_steps=50, guidance_scale=2.0, sampler: str = "ddim",
+             hybrid: bool = False) -> GenerateResult:
+    """Sample the same seed/classes with the teacher and the student; raises :class:`DemoInputError`.
+
+    ``student_steps=None`` uses all K trained student steps; ``guidance_scale`` is the teacher's CFG
+    scale (also used by the teacher's first step in hybrid mode).
+    """
+    import torch
+
+    seed = _int_in(seed, "seed", 0, MAX_SEED)
+    batch_size = _int_in(batch_size, "batch size", 1, MAX_BATCH)
+    teacher_steps = _int_in(teacher_steps, "teacher steps", 1, MAX_TEACHER_STEPS)
+    guidance_scale = _float_in(guidance_scale, "guidance scale", 0.0, MAX_GUIDANCE)
+    if sampler not in SAMPLERS:
+        raise DemoInputError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    tinfo = read_model_info(teacher_path, "teacher")
+    sinfo = read_model_info(student_path, "student")
+    K = sinfo.max_student_steps
+    if K == 0:
+        raise DemoInputError(f"student folder {str(sinfo.path)!r} is not a distilled student "
+                             "(its stepdistill.json has no student_timesteps)")
+    student_steps = K if student_steps in (None, "") else _int_in(student_steps, "student steps", 1, K)
+    if sinfo.conditioning == "text" or tinfo.conditioning == "text":
+        if not str(prompt or "").strip():
+            raise DemoInputError("the prompt is empty; describe the image to generate")
+        raise DemoInputError("text-conditioned models are not supported by this demo yet")
+    names, idx = resolve_labels(sinfo, class_name, batch_size)
+    if names is not None and tinfo.conditioning == "class" and tinfo.class_names and not set(names) <= set(tinfo.class_names):
+        raise DemoInputError(f"the teacher does not know class(es) {sorted(set(names) - set(tinfo.class_names))}; "
+                             f"teacher classes: {', '.join(tinfo.class_names)}")
+    if hybrid:
+        if not student_supports_hybrid(sinfo):
+            raise DemoInputError("this student pipeline does not support hybrid sampling (no first_step)")
+        why = hybrid_compatible(tinfo, sinfo)
+        if why:
+            raise DemoInputError(f"hybrid sampling needs a compatible teacher: {why}")
+
+    teacher, student = load_teacher(tinfo), load_student(sinfo)
+    t_labels = (names if tinfo.class_names else idx) if tinfo.conditioning == "class" else None
+    with torch.inference_mode():
+        xt = teacher(class_labels=t_labels, batch_size=batch_size, num_inference_steps=teacher_steps,
+                     guidance_scale=guidance_scale, sampler=sampler, seed=seed, output_type="pt").images
+    t_run = ModelRun(_to_pil(xt), [n or f"#{i}" for i, n in enumerate(names or [""] * batch_size)],
+                     teacher_nfe(teacher_steps, guidance_scale), float(teacher.last_latency_s), teacher_steps,
+                     f"{teacher_steps} {sampler} step(s)" + (f" × 2 (CFG w={guidance_scale:g})"
+                                                             if guidance_scale != 1.0 else " (no CFG)"))
+
+    first_step = None
+    if hybrid:
+        tden = teacher.denoiser()
+        dev = teacher.unet.device
+        cond = torch.tensor(idx, dtype=torch.long, device=dev) if idx is not None else None
+
+        def first_step(x, t):  # teacher's guided x0 at the first student timestep
+            return tden(x.to(dev), t.to(dev), cond, guidance_scale=guidance_scale).to(x.device)
+
+    used_ts = student.timesteps_for(student_steps) if hasattr(student, "timesteps_for") else []
+    s_labels = names if sinfo.conditioning == "class" else None
+    with torch.inference_mode():
+        xs = student(class_labels=s_labels, batch_size=batch_size, num_inference_steps=student_steps, seed=seed,
+                     output_type="pt", first_step=first_step).images
+    captions = []
+    for i in range(batch_size):
+        cap = names[i] if names else f"#{i}"
+        who = "teacher first step + student" if hybrid else None
+        ex = expert_caption(sinfo.experts, names[i] if names else None, idx[i] if idx else None, used_ts)
+        captions.append(" · ".join(x for x in (cap, ex, who) if x))
+    snfe = student_nfe(student_steps, hybrid, guidance_scale)
+    if hybrid:
+        tn = teacher_nfe(1, guidance_scale)
+        detail = (f"hybrid: {tn} teacher NFE for the first step" + (f" (CFG w={guidance_scale:g})" if tn == 2 else "")
+                  + f" + {student_steps - 1} student NFE")
+    else:
+        detail = f"{student_steps} of {K} student step(s)"
+    s_run = ModelRun(_to_pil(xs), captions, snfe, float(student.last_latency_s), student_steps, detail)
+    return GenerateResult(t_run, s_run)
+
+
+def _to_pil(x) -> list:
+    """(B, C, H, W) in [-1, 1] -> PIL images, nearest-upscaled to at least ``DISPLAY_SIZE``."""
+    from PIL import Image
+
+    from .utils import to_uint8
+
+    arr = to_uint8(x)
+    scale = max(1, DISPLAY_SIZE // arr.shape[1])
+    out = []
+    for im in arr:
+        im = im[..., 0] if im.shape[-1] == 1 else im
+        img = Image.fromarray(im)
+        if scale > 1:
+            img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        out.append(img)
+    return out
+
+
+# -- UI -------------------------------------------------------------------------------------------
+def _ui_state(teacher_path: str, student_path: str) -> dict:
+    """Widget settings for the given folders (never raises: problems go into ``message``)."""
+    st = {"classes": [ALL_CLASSES], "class_visible": True, "prompt_visible": False, "K": 1, "hybrid": False,
+          "message": ""}
+    msgs, tinfo, sinfo = [], None, None
+    try:
+        tinfo = read_model_info(teacher_path, "teacher")
+    except DemoInputError as e:
+        msgs.append(f"⚠️ {e}")
+    try:
+        sinfo = read_model_info(student_path, "student")
+        if not sinfo.max_student_steps:
+            msgs.append(f"⚠️ student folder {str(sinfo.path)!r} has no student_timesteps (not a distilled student)")
+    except DemoInputError as e:
+        msgs.append(f"⚠️ {e}")
+    info = sinfo or tinfo
+    if info is not None:
+        st["class_visible"] = info.conditioning == "class"
+        st["prompt_visible"] = info.conditioning == "text"
+        st["classes"] = [ALL_CLASSES, *info.class_names]
+    if sinfo is not None:
+        st["K"] = max(1, sinfo.max_student_steps)
+        st["hybrid"] = tinfo is not None and student_supports_hybrid(sinfo) and hybrid_compatible(tinfo, sinfo) is None
+        ts = ", ".join(f"{t:g}" for t in sinfo.student_timesteps or [])
+        desc = f"student: {sinfo.method or 'distilled'}, {sinfo.max_student_steps} step(s) (t = {ts})"
+        if sinfo.experts:
+            desc += f", {len(sinfo.experts)} experts"
+        msgs.insert(0, desc)
+        if tinfo is not None and (why := hybrid_compatible(tinfo, sinfo)):
+            msgs.append(f"⚠️ teacher/student mismatch: {why}")
+    st["message"] = "  \n".join(msgs)
+    return st
+
+
+def build_demo(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_STUDENT):
+    """The Gradio app (a ``gr.Blocks``); ``.launch()`` it or use :func:`launch`."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    st = _ui_state(teacher_path, student_path)
+    with gr.Blocks(title="stepdistill: teacher vs. student", analytics_enabled=False) as demo:
+        gr.Markdown("## stepdistill — teacher vs. distilled student\n"
+                    "Same seed and classes: the teacher samples with many steps and classifier-free guidance, "
+                    "the student in 1..K steps. NFE = network evaluations per batch.")
+        with gr.Row():
+            teacher_box = gr.Textbox(value=str(teacher_path), label="Teacher folder",
+                                     info="diffusers folder or builtin:animal_mnist")
+            student_box = gr.Textbox(value=str(student_path), label="Student folder",
+                                     info="diffusers folder or builtin:animal_mnist_dmd2")
+        model_md = gr.Markdown(st["message"])
+        with gr.Row():
+            class_dd = gr.Dropdown(choices=st["classes"], value=ALL_CLASSES, label="Class",
+                                   allow_custom_value=True, visible=st["class_visible"])
+            prompt_box = gr.Textbox(value="", label="Prompt", visible=st["prompt_visible"])
+            seed_in = gr.Number(value=0, precision=0, label=f"Seed (0..{MAX_SEED})")
+            batch_in = gr.Number(value=4, precision=0, label=f"Batch size (1..{MAX_BATCH})")
+        with gr.Row():
+            sstep_in = gr.Number(value=st["K"], precision=0, label=f"Student steps (1..{st['K']})")
+            tstep_in = gr.Number(value=50, precision=0, label=f"Teacher steps (1..{MAX_TEACHER_STEPS})")
+            cfg_in = gr.Number(value=2.0, label=f"Teacher guidance scale (0..{MAX_GUIDANCE:g}; 1 = no CFG)")
+            sampler_dd = gr.Dropdown(choices=list(SAMPLERS), value="ddim", label="Teacher sampler",
+                                     allow_custom_value=True)
+            hybrid_cb = gr.Checkbox(value=False, label="Hybrid: teacher takes the first student step",
+                                    visible=st["hybrid"])
+        go = gr.Button("Generate", variant="primary")
+        status = gr.Markdown("")
+        with gr.Row():
+            with gr.Column():
+                t_gal = gr.Gallery(label="Teacher", columns=4, format="png", height="auto")
+                t_txt = gr.Textbox(label="Teacher: NFE and time", interactive=False)
+            with gr.Column():
+                s_gal = gr.Gallery(label="Student", columns=4, format="png", height="auto")
+                s_txt = gr.Textbox(label="Student: NFE and time", interactive=False)
+
+        def on_generate(tp, sp, cls, prompt, seed, bs, ss, ts, w, sampler, hyb):
+            try:
+                r = generate(tp, sp, cls, prompt, seed, bs, ss, ts, w, sampler, bool(hyb))
+            except DemoInputError as e:
+                raise gr.Error(str(e)) from None
+            return r.teacher.gallery(), r.teacher.summary, r.student.gallery(), r.student.summary, r.status
+
+        go.click(on_generate, inputs=[teacher_box, student_box, class_dd, prompt_box, seed_in, batch_in, sstep_in,
+                                      tstep_in, cfg_in, sampler_dd, hybrid_cb],
+                 outputs=[t_gal, t_txt, s_gal, s_txt, status], api_name="generate", concurrency_limit=1)
+
+        def on_models(tp, sp, cls):
+            s = _ui_state(tp, sp)
+            return (gr.update(value=s["message"]),
+                    gr.update(choices=s["classes"], visible=s["class_visible"],
+                              value=cls if cls in s["classes"] else ALL_CLASSES),
+                    gr.update(visible=s["prompt_visible"]),
+                    gr.update(label=f"Student steps (1..{s['K']})", value=s["K"]),
+                    gr.update(visible=s["hybrid"], value=False))
+
+        for box in (teacher_box, student_box):
+            for ev in (box.submit, box.blur):
+                ev(on_models, inputs=[teacher_box, student_box, class_dd],
+                   outputs=[model_md, class_dd, prompt_box, sstep_in, hybrid_cb], api_visibility="private")
+    return demo
+
+
+def offline_theme():
+    """Default theme with system fonts only (the stock theme may link Google Fonts)."""
+    import gradio as gr
+
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "Consolas", "monospace"])
+
+
+def launch(host: str = "127.0.0.1", port: int | None = None, teacher: str = DEFAULT_TEACHER,
+           student: str = DEFAULT_STUDENT, **launch_kwargs):
+    """Build and serve the demo (blocks unless ``prevent_thread_lock=True``); returns the Blocks."""
+    demo = build_demo(teacher, student)
+    kw = dict(server_name=host, server_port=port, share=False, ssr_mode=False, theme=offline_theme())
+    kw.update(launch_kwargs)
+    demo.launch(**kw)
+    return demo
+
+
+# -- command line ---------------------------------------------------------------------------------
+def add_demo_args(p) -> None:
+    p.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher folder or builtin name (default %(default)s)")
+    p.add_argument("--student", default=DEFAULT_STUDENT, help="student folder or builtin name (default %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
+
+
+def cmd_demo(a) -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise SystemExit("the demo needs gradio: pip install 'stepdistill[demo]'") from None
+    launch(host=a.host, port=a.port, teacher=a.teacher, student=a.student)
+
+
+def add_demo_command(sub) -> None:
+    """Register ``stepdistill demo`` on the CLI's sub-parsers (``argparse`` ``add_subparsers()`` result)."""
+    p = sub.add_parser("demo", help="Gradio demo: teacher vs. student side by side (offline, 127.0.0.1)")
+    add_demo_args(p)
+    p.set_defaults(fn=cmd_demo)

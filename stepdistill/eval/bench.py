@@ -1,0 +1,329 @@
+"""``stepdistill bench``: latency, throughput, speed-up and peak memory of teacher vs student.
+
+For every batch size ``b`` :func:`benchmark` times, through the diffusers pipelines' ``__call__``
+(``output_type="pt"``: noise draw + sampling loop, no PIL conversion):
+
+* the teacher at ``teacher_steps`` with classifier-free guidance (NFE per sample =
+  ``2 * steps`` with CFG, ``steps`` without; CFG runs as one batched forward of 2b images);
+* the student at each of ``student_steps`` (NFE per sample = steps);
+* one bare forward of the student network (``unet(x, t, class_labels)``) at batch ``b``.
+
+Reported per configuration: median latency over ``repeats`` timed runs after ``warmup`` untimed
+runs (``latencies_s`` lists every timed run), latency per image, throughput (images/s),
+``speedup`` = teacher latency / student latency (same batch size), and
+``pipeline_overhead`` = one-step student pipeline latency / bare network forward (1.0 is the
+floor: everything above it is noise drawing, timestep/label handling and the prediction -> x0
+conversion; it can read slightly below 1.0 from timing noise).
+
+Peak memory (``memory_method`` in the output says which):
+
+* CUDA: ``torch.cuda.max_memory_allocated`` during the warm-up run minus the allocation before
+  it (``cuda_max_memory_allocated_delta``): activations + workspaces, weights excluded;
+* CPU: the peak resident-set size during the warm-up run minus the RSS before it
+  (``rss_peak_delta_sampled``): ``/proc/self/statm`` sampled every ~1 ms by a thread, after
+  ``malloc_trim(0)`` so memory freed by earlier runs is returned to the OS first. Without
+  ``/proc`` (macOS, Windows) it falls back to ``resource.getrusage`` ``ru_maxrss`` deltas
+  (``ru_maxrss_delta``), which only see growth of the process-lifetime peak and so often read 0.
+  CPU numbers are approximate (sampling can miss very short peaks).
+"""
+from __future__ import annotations
+
+import ctypes
+import datetime as _dt
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+
+
+# -- machine info ---------------------------------------------------------------------------------
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    else:
+        info["device_name"] = info["cpu"]
+    return info
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_STATM = Path("/proc/self/statm")
+
+
+def _rss_bytes() -> int:
+    return int(_STATM.read_text().split()[1]) * _PAGE
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _PeakMemory:
+    """Context manager measuring the peak memory delta of the enclosed code (see module docstring)."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.001):
+        self.device = device
+        self.interval = interval_s
+        self.peak_delta: int | None = None
+        if device.type == "cuda":
+            self.method = "cuda_max_memory_allocated_delta"
+        elif _STATM.exists():
+            self.method = "rss_peak_delta_sampled"
+        else:
+            self.method = "ru_maxrss_delta"
+
+    def __enter__(self):
+        if self.method.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif self.method == "rss_peak_delta_sampled":
+            _malloc_trim()
+            self._base = self._peak = _rss_bytes()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        else:
+            self._base = self._maxrss()
+        return self
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            self._stop.wait(self.interval)
+
+    @staticmethod
+    def _maxrss() -> int:
+        import resource
+        import sys
+
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(r) if sys.platform == "darwin" else int(r) * 1024  # bytes on macOS, KiB on Linux
+
+    def __exit__(self, *exc):
+        if self.method.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+            self.peak_delta = int(torch.cuda.max_memory_allocated(self.device) - self._base)
+        elif self.method == "rss_peak_delta_sampled":
+            self._peak = max(self._peak, _rss_bytes())
+            self._stop.set()
+            self._thread.join()
+            self.peak_delta = max(0, int(self._peak - self._base))
+        else:
+            self.peak_delta = max(0, self._maxrss() - self._base)
+        return False
+
+
+def memory_method(device: torch.device) -> str:
+    return _PeakMemory(device).method
+
+
+# -- timing ---------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device: torch.device, repeats: int, warmup: int = 1) -> dict:
+    """Run ``fn`` ``warmup`` times (the first one under the memory probe), then time ``repeats`` runs."""
+    peak = None
+    for w in range(max(warmup, 1)):
+        if w == 0:
+            with _PeakMemory(device) as pm:
+                fn()
+            peak = pm.peak_delta
+        else:
+            fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"latency_s": statistics.median(times), "latencies_s": times, "peak_memory_bytes": peak}
+
+
+def parse_int_list(text: str | list | None, what: str) -> list[int] | None:
+    """``"1,8,32"`` -> [1, 8, 32]; also ``"1..4"`` -> [1, 2, 3, 4]."""
+    if text is None:
+        return None
+    if isinstance(text, (list, tuple)):
+        return [int(v) for v in text]
+    out: list[int] = []
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if ".." in part:
+                a, b = part.split("..", 1)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError as e:
+        raise ConfigError(f"{what}: expected a comma-separated list of integers (or A..B), got {text!r}") from e
+    if not out:
+        raise ConfigError(f"{what}: empty list")
+    return out
+
+
+# -- benchmark ------------------------------------------------------------------------------------
+
+def _labels(model, b: int, device):
+    return model.default_labels(b).to(device) if model.num_classes else None
+
+
+def benchmark(teacher: str, student: str, batch_sizes=(1, 8, 32), teacher_steps: int = 50,
+              student_steps=None, repeats: int = 3, warmup: int = 1, guidance_scale: float = 2.0,
+              sampler: str = "ddim", device: str | torch.device | None = None, seed: int = 0,
+              allow_pickle: bool = False, progress: bool = True) -> dict:
+    """Benchmark a teacher folder against a student folder; returns a JSON-serialisable dict.
+
+    ``student_steps`` defaults to 1..K (K = number of trained student timesteps). See the module
+    docstring for what each number means.
+    """
+    from tqdm.auto import tqdm
+
+    from .generate import load_any
+
+    batch_sizes = parse_int_list(batch_sizes, "--batch-sizes")
+    if any(b < 1 for b in batch_sizes):
+        raise ConfigError(f"--batch-sizes must be >= 1, got {batch_sizes}")
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {repeats}")
+    if teacher_steps < 1:
+        raise ConfigError(f"--teacher-steps must be >= 1, got {teacher_steps}")
+    t = load_any(teacher, device=device, allow_pickle=allow_pickle, sampler=sampler)
+    s = load_any(student, device=device, allow_pickle=allow_pickle)
+    if t.kind != "teacher":
+        raise ConfigError(f"--teacher {teacher} is a distilled student folder, not a teacher")
+    if s.kind != "student":
+        raise ConfigError(f"--student {student} is not a distilled student folder (no student_timesteps)")
+    if t.image_shape != s.image_shape:
+        raise ConfigError(f"teacher images {t.image_shape} and student images {s.image_shape} differ")
+    k = s.max_steps
+    student_steps = parse_int_list(student_steps, "--student-steps") or list(range(1, k + 1))
+    bad = [n for n in student_steps if not 1 <= n <= k]
+    if bad:
+        raise ConfigError(f"--student-steps must lie in 1..{k} for this student, got {bad}")
+    dev = s.device
+    cfg_on = t.uses_cfg(guidance_scale)
+    gs = guidance_scale if cfg_on else 1.0
+    t_nfe = t.nfe_per_sample(teacher_steps, guidance_scale)
+
+    results = []
+    jobs = len(batch_sizes) * (2 + len(student_steps))
+    bar = tqdm(total=jobs, desc="bench", disable=not progress, leave=False)
+    for b in batch_sizes:
+        tl, sl = _labels(t, b, dev), _labels(s, b, dev)
+
+        def teacher_call():
+            t.pipe(class_labels=tl, batch_size=b, num_inference_steps=teacher_steps, guidance_scale=gs,
+                   sampler=sampler, seed=seed, output_type="pt")
+
+        tr = time_fn(teacher_call, dev, repeats, warmup)
+        bar.update()
+        teacher_row = {"steps": teacher_steps, "guidance_scale": gs, "cfg": cfg_on, "nfe_per_sample": t_nfe, **tr,
+                       "latency_per_image_s": tr["latency_s"] / b, "throughput_img_s": b / tr["latency_s"]}
+        rows = []
+        for n in student_steps:
+            def student_call(n=n):
+                s.pipe(class_labels=sl, batch_size=b, num_inference_steps=n, seed=seed, output_type="pt")
+
+            sr = time_fn(student_call, dev, repeats, warmup)
+            bar.update()
+            rows.append({"steps": n, "nfe_per_sample": s.nfe_per_sample(n), **sr,
+                         "latency_per_image_s": sr["latency_s"] / b, "throughput_img_s": b / sr["latency_s"],
+                         "speedup": tr["latency_s"] / sr["latency_s"]})
+        x = torch.randn(b, *s.image_shape, generator=torch.Generator().manual_seed(seed)).to(dev)
+        tt = torch.full((b,), float(s.meta.student_timesteps[0]), device=dev)
+        unet = s.unet
+
+        @torch.no_grad()
+        def bare_forward():
+            unet(x, tt, class_labels=sl).sample if sl is not None else unet(x, tt).sample
+
+        fr = time_fn(bare_forward, dev, repeats, warmup)
+        bar.update()
+        one = next((r for r in rows if r["steps"] == 1), None)
+        if one is None:  # 1 step not benchmarked: time it now for the overhead ratio
+            one = time_fn(lambda: s.pipe(class_labels=sl, batch_size=b, num_inference_steps=1, seed=seed,
+                                         output_type="pt"), dev, repeats, warmup)
+        results.append({
+            "batch_size": b, "teacher": teacher_row, "student": rows,
+            "bare_forward": {**fr, "nfe_per_sample": 1},
+            "pipeline_overhead": one["latency_s"] / fr["latency_s"],
+        })
+    bar.close()
+
+    return {
+        "machine": machine_info(dev),
+        "config": {"teacher": str(teacher), "student": str(student), "batch_sizes": batch_sizes,
+                   "teacher_steps": teacher_steps, "teacher_sampler": sampler, "guidance_scale": guidance_scale,
+                   "student_steps": student_steps, "student_max_steps": k, "repeats": repeats, "warmup": warmup,
+                   "seed": seed, "image_shape": list(s.image_shape), "dtype": str(s.unet.dtype).replace("torch.", ""),
+                   "teacher_params": t.num_params(), "student_params": s.num_params()},
+        "memory_method": memory_method(dev),
+        "timing": ("median wall time of the pipeline __call__ (noise + sampling, output_type='pt') over "
+                   f"{repeats} runs after {warmup} warm-up run(s); peak memory measured during the first warm-up run"),
+        "nfe": "network evaluations per sample: teacher steps x 2 with CFG (steps without), student steps",
+        "results": results,
+    }
+
+
+def summary_lines(report: dict) -> list[str]:
+    """A short human-readable table of a :func:`benchmark` result."""
+    lines = [f"{'batch':>5} {'model':>12} {'NFE':>5} {'latency ms':>11} {'img/s':>9} {'speed-up':>9} {'peak MiB':>9}"]
+    for r in report["results"]:
+        t = r["teacher"]
+        mem = (t["peak_memory_bytes"] or 0) / 2**20
+        lines.append(f"{r['batch_size']:>5} {'teacher':>12} {t['nfe_per_sample']:>5} {t['latency_s'] * 1e3:>11.2f} "
+                     f"{t['throughput_img_s']:>9.1f} {'1.0':>9} {mem:>9.1f}")
+        for s in r["student"]:
+            mem = (s["peak_memory_bytes"] or 0) / 2**20
+            lines.append(f"{r['batch_size']:>5} {'student ' + str(s['steps']) + 'st':>12} {s['nfe_per_sample']:>5} "
+                         f"{s['latency_s'] * 1e3:>11.2f} {s['throughput_img_s']:>9.1f} {s['speedup']:>9.1f} {mem:>9.1f}")
+        lines.append(f"{'':>5} pipeline_overhead (1-step pipeline / bare forward) = {r['pipeline_overhead']:.2f}")
+    return lines

@@ -1,0 +1,426 @@
+"""Load any stepdistill model folder (teacher or distilled student) and generate image batches.
+
+:func:`load_any` returns a :class:`TeacherModel` or a :class:`StudentModel` with one common
+``generate(labels, n, steps, guidance_scale, seed, batch_size)`` method returning float
+(N, C, H, W) images in [-1, 1] on the CPU. It also holds the shared evaluation helpers used by
+``stepdistill eval`` and ``stepdistill report``: :func:`load_reference` (the FID reference set)
+and :func:`evaluate_images` (FID / KID, domain-classifier accuracy and diversity).
+
+Which kind a folder is: ``stepdistill.json`` with ``student_timesteps`` -> student; otherwise
+``model_index.json``'s ``_class_name`` (``StepDistillPipeline`` -> student); anything else that
+:func:`stepdistill.models.load_denoiser` can load (our teacher folders, ``builtin:animal_mnist``,
+a bare diffusers model folder, a hub id) -> teacher.
+
+Determinism: the starting noise x_T of sample ``i`` depends only on ``seed`` and ``i`` (all N
+noise tensors are drawn up front from ``torch.Generator().manual_seed(seed)``), not on the batch
+size, and teacher and student draw the *same* starting noise for the same seed and shape, so
+side-by-side grids compare the two on identical noise. Multi-step students re-noise with fresh
+noise from a second generator (``seed + 1``) that runs on across batches, so their images are
+reproducible for a fixed ``(seed, batch_size)``. Teacher samplers (DDIM by default) are
+deterministic given the starting noise.
+
+Text-to-image models are not built yet: a model with ``conditioning == "text"`` (or prompts given
+to :meth:`generate`) raises :class:`TextModelsNotSupported`. The text path plugs in by
+registering a loader in :data:`TEXT_LOADERS` (``kind -> callable(folder, meta, device)``) that
+returns an object with the same ``generate`` signature and accepting ``prompts``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import ConfigError
+from ..models import ModelLoadError, ModelMeta, _resolve, load_denoiser, load_scheduler_config
+from ..utils import class_balanced_labels
+
+STUDENT_CLASS = "StepDistillPipeline"
+TEACHER_CLASS = "StepDistillTeacherPipeline"
+DEFAULT_TEACHER_STEPS = 50
+DEFAULT_GUIDANCE = 2.0
+
+# kind ("teacher" | "student") -> loader for text-conditioned models; empty until text models exist.
+TEXT_LOADERS: dict[str, Callable] = {}
+
+
+class TextModelsNotSupported(ConfigError, NotImplementedError):
+    """Text-conditioned models / prompt files are accepted by the interface but not implemented yet.
+
+    Subclasses :class:`~stepdistill.config.ConfigError` (the CLI prints ``error: ...`` and exits 2)
+    and :class:`NotImplementedError`.
+    """
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"prompt file {p} does not exist")
+    prompts = [s.strip() for s in p.read_text(encoding="utf-8").splitlines()]
+    prompts = [s for s in prompts if s and not s.startswith("#")]
+    if not prompts:
+        raise ConfigError(f"prompt file {p} has no prompts (one prompt per line)")
+    return prompts
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _scheduler_from_config(cfg: dict):
+    import diffusers
+
+    name = cfg.get("_class_name", "DDPMScheduler")
+    cls = getattr(diffusers, name, None) or diffusers.DDPMScheduler
+    return cls.from_config(cfg)
+
+
+@dataclass
+class _Loaded:
+    folder: Path | None
+    meta: ModelMeta
+    den: object
+    sched_cfg: dict
+
+
+class _ClassModel:
+    """Shared parts of the teacher / student wrappers (class-conditional or unconditional UNets)."""
+
+    kind = "model"
+
+    def __init__(self, path: str, loaded: _Loaded, device: torch.device):
+        self.path = str(path)
+        self.folder = loaded.folder
+        self.meta = loaded.meta
+        self.device = device
+        self.pipe = self._build_pipeline(loaded)
+        self.pipe.to(device)
+        self.pipe.unet.eval()
+        self.last_generate_s: float | None = None
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta.class_names) if self.meta.conditioning == "class" else []
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def resolution(self) -> int:
+        s = self.unet.config.sample_size
+        return int(s[0] if isinstance(s, (list, tuple)) else s)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.resolution, self.resolution)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.unet.parameters())
+
+    # -- labels / noise ---------------------------------------------------------------------------
+    def default_labels(self, n: int) -> torch.Tensor | None:
+        """Class-balanced labels 0, 1, ..., C-1, 0, 1, ... (None for unconditional models)."""
+        return class_balanced_labels(n, self.num_classes) if self.num_classes else None
+
+    def _check_labels(self, labels, n: int | None) -> tuple[torch.Tensor | None, int]:
+        if labels is None:
+            if n is None or n < 1:
+                raise ConfigError(f"number of samples must be >= 1, got {n}")
+            return self.default_labels(n), n
+        labels = torch.as_tensor(labels).long().flatten().cpu()
+        if n is not None and n != len(labels):
+            raise ConfigError(f"got {len(labels)} labels but n={n}")
+        if not self.num_classes:
+            raise ConfigError(f"{self.path} is unconditional; it takes no class labels")
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ConfigError(f"class labels must lie in 0..{self.num_classes - 1}, got {labels.min()}..{labels.max()}")
+        return labels, len(labels)
+
+    def noise(self, n: int, seed: int) -> torch.Tensor:
+        """The starting noise x_T of samples 0..n-1 (CPU), identical for teacher and student."""
+        g = torch.Generator().manual_seed(int(seed))
+        return torch.randn(n, *self.image_shape, generator=g)
+
+    # -- generation -------------------------------------------------------------------------------
+    def nfe_per_sample(self, steps: int | None = None, guidance_scale: float | None = None) -> int:
+        raise NotImplementedError
+
+    def _sample(self, noise, labels, steps, guidance_scale, generator):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def resolve_steps(self, steps: int | None) -> int:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(self, labels=None, n: int | None = None, steps: int | None = None,
+                 guidance_scale: float | None = None, seed: int = 0, batch_size: int = 64,
+                 prompts: list[str] | None = None, progress: bool = True) -> torch.Tensor:
+        """``n`` samples (class-balanced by default) or one per entry of ``labels``.
+
+        Returns float (N, C, H, W) images in [-1, 1] on the CPU; ``self.last_generate_s`` holds
+        the wall time of the sampling loop (excluding label/noise preparation).
+        """
+        from tqdm.auto import tqdm
+
+        if prompts is not None:
+            raise TextModelsNotSupported(
+                f"{self.path} is a {'class-conditional' if self.num_classes else 'unconditional'} model; "
+                "prompt files need a text-conditioned model, and text-to-image models are not supported yet")
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        steps = self.resolve_steps(steps)
+        labels, n = self._check_labels(labels, n)
+        noise = self.noise(n, seed)
+        renoise = torch.Generator().manual_seed(int(seed) + 1)
+        out = []
+        t0 = time.perf_counter()
+        starts = range(0, n, batch_size)
+        desc = f"{self.kind} {steps} step{'s' if steps != 1 else ''}"
+        for i in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
+            x = noise[i:i + batch_size].to(self.device)
+            y = labels[i:i + batch_size].to(self.device) if labels is not None else None
+            out.append(self._sample(x, y, steps, guidance_scale, renoise).float().cpu())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.last_generate_s = time.perf_counter() - t0
+        return torch.cat(out).clamp(-1, 1)
+
+    def describe(self) -> dict:
+        return {"path": self.path, "kind": self.kind, "class_names": self.class_names,
+                "image_shape": list(self.image_shape), "params": self.num_params(),
+                "prediction_type": self.meta.prediction_type}
+
+
+class TeacherModel(_ClassModel):
+    """A many-step teacher sampled with a stock diffusers scheduler and classifier-free guidance."""
+
+    kind = "teacher"
+
+    def __init__(self, path, loaded, device, sampler: str = "ddim"):
+        self.sampler = sampler
+        super().__init__(path, loaded, device)
+
+    def _build_pipeline(self, loaded: _Loaded):
+        from ..pipelines.teacher import StepDistillTeacherPipeline
+
+        m = loaded.meta
+        return StepDistillTeacherPipeline(unet=loaded.den.backbone, scheduler=_scheduler_from_config(loaded.sched_cfg),
+                                          class_names=m.class_names, null_class=m.null_class,
+                                          prediction_type=m.prediction_type)
+
+    def resolve_steps(self, steps):
+        steps = DEFAULT_TEACHER_STEPS if steps is None else int(steps)
+        if steps < 1:
+            raise ConfigError(f"teacher steps must be >= 1, got {steps}")
+        return steps
+
+    def uses_cfg(self, guidance_scale: float | None) -> bool:
+        gs = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+        return bool(self.num_classes) and self.meta.null_class is not None and gs != 1.0
+
+    def nfe_per_sample(self, steps=None, guidance_scale=None) -> int:
+        return self.resolve_steps(steps) * (2 if self.uses_cfg(guidance_scale) else 1)
+
+    def _sample(self, noise, labels, steps, guidance_scale, generator):
+        from ..pipelines.sampling import make_scheduler, scheduler_sample
+
+        gs = DEFAULT_GUIDANCE if guidance_scale is None else float(guidance_scale)
+        if not self.uses_cfg(gs):
+            gs = 1.0
+        sched = make_scheduler(self.sampler, dict(self.pipe.scheduler.config))
+        return scheduler_sample(self.pipe.denoiser(), sched, labels, steps, gs, noise)
+
+
+class StudentModel(_ClassModel):
+    """A distilled one-/few-step student (guidance is distilled in; ``guidance_scale`` is ignored)."""
+
+    kind = "student"
+
+    def _build_pipeline(self, loaded: _Loaded):
+        from ..pipelines.student import StepDistillPipeline
+
+        m = loaded.meta
+        return StepDistillPipeline(unet=loaded.den.backbone, scheduler=_scheduler_from_config(loaded.sched_cfg),
+                                   student_timesteps=m.student_timesteps, class_names=m.class_names,
+                                   prediction_type=m.prediction_type)
+
+    @property
+    def max_steps(self) -> int:
+        return len(self.meta.student_timesteps or [999.0])
+
+    def resolve_steps(self, steps):
+        k = self.max_steps
+        steps = k if steps is None else int(steps)
+        if not 1 <= steps <= k:
+            raise ConfigError(f"steps must be in 1..{k} for this student ({self.path}), got {steps}")
+        return steps
+
+    def nfe_per_sample(self, steps=None, guidance_scale=None) -> int:
+        return self.resolve_steps(steps)
+
+    def _sample(self, noise, labels, steps, guidance_scale, generator):
+        from ..pipelines.sampling import student_sample
+
+        return student_sample(self.pipe.denoiser(), self.pipe.timesteps_for(steps), labels, noise, generator=generator)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "student_timesteps": list(self.meta.student_timesteps or []),
+                "method": self.meta.method, "teacher": (self.meta.extra or {}).get("teacher")}
+
+
+def _backbone_folder(p: Path) -> Path | None:
+    if not p.is_dir():
+        return None
+    if (p / "config.json").is_file():
+        return p
+    for sub in ("unet", "transformer"):
+        if (p / sub / "config.json").is_file():
+            return p / sub
+    return None
+
+
+def model_kind(path: str | Path) -> str:
+    """``"student"`` or ``"teacher"`` from the folder's metadata (no weights are loaded)."""
+    p = Path(_resolve(str(path)))
+    meta = ModelMeta.load(p) if p.is_dir() else None
+    if meta is not None and meta.student_timesteps:
+        return "student"
+    idx = p / "model_index.json"
+    if p.is_dir() and idx.is_file():
+        try:
+            cls = json.loads(idx.read_text()).get("_class_name")
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{idx}: invalid JSON ({e})") from e
+        if cls == STUDENT_CLASS:
+            return "student"
+    return "teacher"
+
+
+def load_any(path: str | Path, device: str | torch.device | None = None, allow_pickle: bool = False,
+             sampler: str = "ddim") -> TeacherModel | StudentModel:
+    """Load a teacher or student folder (see the module docstring) as a generation wrapper.
+
+    Raises :class:`~stepdistill.models.ModelLoadError` for a missing/unsupported folder and
+    :class:`TextModelsNotSupported` for text-conditioned models.
+    """
+    path = str(path)
+    p = Path(_resolve(path))
+    if not p.exists() and (path.startswith((".", "/", "~")) or len(path.split("/")) != 2):
+        raise ModelLoadError(f"{path}: no such model folder")
+    kind = model_kind(path)
+    den, meta = load_denoiser(path, allow_pickle=allow_pickle)
+    device = torch.device(device) if device is not None else _default_device()
+    if meta.conditioning == "text":
+        if kind in TEXT_LOADERS:
+            return TEXT_LOADERS[kind](path, meta, device)
+        raise TextModelsNotSupported(
+            f"{path} is a text-conditioned {kind}; text-to-image evaluation is not implemented yet "
+            "(only class-conditional and unconditional models are supported)")
+    if kind == "student" and not meta.student_timesteps:
+        meta.student_timesteps = json.loads((p / "model_index.json").read_text()).get("student_timesteps") or [999.0]
+    loaded = _Loaded(p if p.exists() else None, meta, den, load_scheduler_config(path, _backbone_folder(p)))
+    if kind == "student":
+        return StudentModel(path, loaded, device)
+    return TeacherModel(path, loaded, device, sampler=sampler)
+
+
+# -- evaluation helpers shared by `stepdistill eval` and `stepdistill report` -----------------------
+
+def training_dataset(model) -> tuple[str | None, int | None]:
+    """(dataset name, resolution) the model was trained on, from its metadata (None if unknown)."""
+    extra = model.meta.extra or {}
+    data = (extra.get("config") or {}).get("data") or {}
+    name = data.get("name") or extra.get("dataset")
+    return name, data.get("resolution")
+
+
+def load_reference(ref: str, resolution: int, channels: int = 1, split: str = "test", num: int | None = None):
+    """The FID reference set: ``(images, labels, cache_key)``.
+
+    ``ref`` is ``animal_mnist``, ``digits`` or an image folder; ``split`` is all | train | test
+    (ignored for folders). ``num`` keeps a class-balanced, deterministic subset (first ``num``
+    in class round-robin order). ``cache_key`` names dataset, resolution, split and subset so
+    torch-fidelity's cached reference statistics are reused across runs.
+    """
+    import re
+
+    from ..data import DataError, load_dataset
+
+    known = ref in ("animal_mnist", "digits")
+    if not known and not Path(ref).is_dir():
+        raise DataError(f"unknown reference {ref!r}: use animal_mnist, digits or a path to an image folder")
+    ds = load_dataset(ref, resolution, split if known else "all", channels)
+    images, labels = ds.images, ds.labels
+    if num is not None:
+        if num < 2:
+            raise ConfigError(f"the reference set needs at least 2 images, got --ref-num {num}")
+        # class round-robin order: rank of each image within its class, then class
+        rank = torch.zeros_like(labels)
+        for c in labels.unique():
+            idx = (labels == c).nonzero().flatten()
+            rank[idx] = torch.arange(len(idx))
+        order = torch.argsort(rank * (int(labels.max()) + 1) + labels, stable=True)[:num]
+        images, labels = images[order], labels[order]
+    if known:
+        key = f"{ref}-{resolution}-{split}"
+    else:
+        key = "folder-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(ref).resolve().name) + f"-{resolution}"
+    if num is not None:
+        key += f"-sub{len(images)}"
+    return images, labels, key
+
+
+def is_animal_mnist_domain(class_names: list[str], image_shape) -> bool:
+    from ..data import ANIMAL_CLASSES
+
+    return list(class_names) == list(ANIMAL_CLASSES) and tuple(image_shape) == (1, 32, 32)
+
+
+def classifier_accuracy(images: torch.Tensor, labels, class_names: list[str]) -> dict:
+    """Accuracy of the shipped Animal-MNIST classifier on class-conditional samples, or a reason why not."""
+    if labels is None or not is_animal_mnist_domain(class_names, tuple(images.shape[1:])):
+        return {"class_accuracy": None,
+                "class_accuracy_note": "only for Animal-MNIST class-conditional models at 32x32, 1 channel"}
+    from .classifier import class_accuracy, load_default_classifier
+
+    acc, per = class_accuracy(load_default_classifier(), images, labels)
+    return {"class_accuracy": acc, "per_class_accuracy": {n: (None if math.isnan(a) else a) for n, a in zip(class_names, per)}}
+
+
+def diversity_metric(images: torch.Tensor, labels, extractor: str = "auto") -> dict:
+    from .diversity import diversity
+
+    name = extractor
+    if extractor == "auto":
+        name = "classifier" if tuple(images.shape[1:]) == (1, 32, 32) else "inception"
+    try:
+        value = diversity(images, labels, extractor=name)
+    except ValueError as e:  # e.g. every condition has a single sample
+        return {"diversity": None, "diversity_extractor": name, "diversity_note": str(e)}
+    return {"diversity": value, "diversity_extractor": name}
+
+
+def fid_metrics(images: torch.Tensor, ref_images: torch.Tensor, cache_key: str, kid: bool = True) -> dict:
+    from .fid import compute_metrics
+
+    m = compute_metrics(images, ref_images, fid=True, kid=kid, cache_key=cache_key)
+    out = {"fid": m["fid"]}
+    if kid:
+        out.update(kid=m["kid_mean"], kid_mean=m["kid_mean"], kid_std=m["kid_std"], kid_subset_size=m["kid_subset_size"])
+    out.update(feature_extractor=m["feature_extractor"], ref_cache_hit=m["ref_cache_hit"], n_gen=m["n_gen"], n_ref=m["n_ref"])
+    return out
