@@ -184,6 +184,7 @@ class Trainer:
             if acc.is_main_process:
                 print(f"interrupted: saved checkpoint at step {self.step} update {self.update}; rerun with --resume")
         return {"steps": self.step, "seconds": time.time() - t0, "interrupted": self._stop,
+                "sec_per_step": (time.time() - t0) / max(len(history), 1), **peak_memory(self.acc.device),
                 "last": history[-1] if history else {}}
 
     def _run_step(self) -> dict | None:
@@ -317,6 +318,15 @@ class Trainer:
 
 
 # -- helpers --------------------------------------------------------------------------------
+def peak_memory(device) -> dict:
+    """Peak memory so far: CUDA allocator peak on GPU, process peak RSS (ru_maxrss) on CPU."""
+    if getattr(device, "type", str(device)) == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_kind": "cuda_allocated"}
+    import resource
+
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_memory_kind": "cpu_rss"}
+
+
 def _ema_copy(m: nn.Module) -> nn.Module:
     import copy
 
