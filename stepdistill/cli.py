@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import cli_more
 
     cli_more.add_commands(sub)
+    from .demo import add_demo_command
+
+    add_demo_command(sub)
     a = ap.parse_args(argv)
     from .config import ConfigError
     from .data import DataError

@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,15 +375,7 @@ def generate(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_ST
                      f"{teacher_steps} {sampler} step(s)" + (f" × 2 (CFG w={guidance_scale:g})"
                                                              if guidance_scale != 1.0 else " (no CFG)"))
 
-    first_step = None
-    if hybrid:
-        tden = teacher.denoiser()
-        dev = teacher.unet.device
-        cond = torch.tensor(idx, dtype=torch.long, device=dev) if idx is not None else None
-
-        def first_step(x, t):  # teacher's guided x0 at the first student timestep
-            return tden(x.to(dev), t.to(dev), cond, guidance_scale=guidance_scale).to(x.device)
-
+    first_step = hybrid_first_step(teacher, idx, guidance_scale) if hybrid else None
     used_ts = student.timesteps_for(student_steps) if hasattr(student, "timesteps_for") else []
     s_labels = names if sinfo.conditioning == "class" else None
     with torch.inference_mode():
@@ -403,6 +396,21 @@ def generate(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_ST
         detail = f"{student_steps} of {K} student step(s)"
     s_run = ModelRun(_to_pil(xs), captions, snfe, float(student.last_latency_s), student_steps, detail)
     return GenerateResult(t_run, s_run)
+
+
+def hybrid_first_step(teacher, class_indices: list[int] | None, guidance_scale: float):
+    """``first_step(x, t) -> x0`` for :class:`StepDistillPipeline`: the teacher's x0 prediction with
+    CFG (scale ``guidance_scale``) at the first student timestep; costs 2 NFE (1 when ``w == 1``)."""
+    import torch
+
+    tden = teacher.denoiser()
+    dev = teacher.unet.device
+    cond = torch.tensor(class_indices, dtype=torch.long, device=dev) if class_indices is not None else None
+
+    def first_step(x, t):
+        return tden(x.to(dev), t.to(dev), cond, guidance_scale=guidance_scale).to(x.device)
+
+    return first_step
 
 
 def _to_pil(x) -> list:
@@ -518,10 +526,9 @@ def build_demo(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_
                     gr.update(label=f"Student steps (1..{s['K']})", value=s["K"]),
                     gr.update(visible=s["hybrid"], value=False))
 
-        for box in (teacher_box, student_box):
-            for ev in (box.submit, box.blur):
-                ev(on_models, inputs=[teacher_box, student_box, class_dd],
-                   outputs=[model_md, class_dd, prompt_box, sstep_in, hybrid_cb], api_visibility="private")
+        gr.on([teacher_box.submit, teacher_box.blur, student_box.submit, student_box.blur], on_models,
+              inputs=[teacher_box, student_box, class_dd],
+              outputs=[model_md, class_dd, prompt_box, sstep_in, hybrid_cb], api_visibility="private")
     return demo
 
 
@@ -556,6 +563,9 @@ def cmd_demo(a) -> None:
         import gradio  # noqa: F401
     except ImportError:
         raise SystemExit("the demo needs gradio: pip install 'stepdistill[demo]'") from None
+    for line in _ui_state(a.teacher, a.student)["message"].splitlines():
+        if "⚠️" in line:  # still start: other folders can be entered in the UI
+            print(f"warning: {line.replace('⚠️', '').strip()}", file=sys.stderr)
     launch(host=a.host, port=a.port, teacher=a.teacher, student=a.student)
 
 

@@ -91,6 +91,10 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
     index.update({"student_timesteps": smeta.student_timesteps, "class_names": smeta.class_names,
                   "prediction_type": smeta.prediction_type})
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    from ..modelcard import write_model_card
+
+    write_model_card(out, method=cfg.method, teacher=cfg.dmd.teacher, steps=smeta.student_timesteps,
+                     config=_cfg_dict(cfg), metrics=None, class_names=smeta.class_names)
     return out
 
 

@@ -1,0 +1,220 @@
+"""Model cards (``README.md`` with Hugging Face YAML front matter) for exported students.
+
+:func:`write_model_card` writes the whole card; :func:`update_model_card_metrics` rewrites only the
+metrics section (between the ``<!-- stepdistill:metrics -->`` markers), keeping any hand edits
+elsewhere. The usage section shows both the stepdistill pipeline and a reproduction with stock
+diffusers (``UNet2DModel`` + ``DDPMScheduler``, no stepdistill import).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+METRICS_START = "<!-- stepdistill:metrics:start -->"
+METRICS_END = "<!-- stepdistill:metrics:end -->"
+NOT_MEASURED = "Not measured yet (run `stepdistill eval` / `stepdistill report` on this folder)."
+
+METHODS = {
+    "dmd": ("DMD (Distribution Matching Distillation; Yin et al., CVPR 2024)",
+            "The student is trained so that its output distribution matches the teacher's: the gradient is the "
+            "difference between a *fake* score (a critic diffusion model fitted online to student samples) and the "
+            "*real* score (the frozen teacher with classifier-free guidance), plus a regression loss on "
+            "teacher-generated noise/image pairs."),
+    "dmd2": ("DMD2 (Improved Distribution Matching Distillation; Yin et al., NeurIPS 2024)",
+             "Distribution matching without the regression loss: a two-time-scale update rule (several critic "
+             "updates per student update) keeps the fake score accurate, a GAN head on the critic's bottleneck "
+             "features adds a real-data loss, and multi-step students are trained on their own backward-simulated "
+             "inputs so that training matches few-step inference."),
+    "phased_dmd": ("Phased DMD (distribution matching per SNR phase)",
+                   "The noise range is split into phases; each student step is distilled with distribution "
+                   "matching restricted to its phase, giving a few-step student whose steps specialise."),
+    "msd": ("MSD (Multi-Student Distillation; Song et al., 2024)",
+            "Several students each distill the teacher on a subset of the conditioning space (here: classes); "
+            "at inference the student owning the requested condition generates the image."),
+    "pso": ("PSO (preference/score optimisation of a distilled student)",
+            "A distilled student is further fine-tuned with a pairwise preference objective on its own samples, "
+            "anchored to the initial student."),
+}
+
+
+def _method_text(method: str) -> tuple[str, str]:
+    key = method.lower().replace("-", "_").replace(" ", "_")
+    return METHODS.get(key, (method, f"A one-/few-step student distilled with `{method}`."))
+
+
+def _yaml_scalar_safe(v):
+    """Config values -> YAML-safe builtins (paths and tuples become strings / lists)."""
+    if isinstance(v, dict):
+        return {str(k): _yaml_scalar_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_yaml_scalar_safe(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.4e}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt_value(x) for x in v)
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append((key, v))
+    return out
+
+
+def metrics_section(metrics: dict | None) -> str:
+    """The ``## Metrics`` section, markers included."""
+    lines = [METRICS_START, "## Metrics", ""]
+    rows = _flatten(metrics) if metrics else []
+    if not rows:
+        lines.append(NOT_MEASURED)
+    else:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {_fmt_value(k)} | {_fmt_value(v)} |" for k, v in rows]
+    lines.append(METRICS_END)
+    return "\n".join(lines)
+
+
+def _usage(folder_name: str, steps: list[float], class_names: list[str], prediction_type: str | None) -> str:
+    cls0 = class_names[0] if class_names else None
+    ts = "[" + ", ".join(repr(int(t)) if float(t).is_integer() else repr(float(t)) for t in steps) + "]"
+    label_arg = f"class_labels=[{cls0!r}] * 4, " if cls0 is not None else "batch_size=4, "
+    label_line = "labels = torch.tensor([0] * 4)  # class indices (see the class list above)" if class_names \
+        else "labels = None"
+    pt_code = repr(prediction_type) if prediction_type else "scheduler.config.prediction_type"
+    return f'''## Usage
+
+With stepdistill (`pip install stepdistill`):
+
+```python
+from stepdistill.pipelines.student import StepDistillPipeline
+
+pipe = StepDistillPipeline.from_pretrained("{folder_name}")
+images = pipe({label_arg}num_inference_steps={len(steps)}, seed=0).images  # PIL images
+```
+
+With stock diffusers only (the same computation; weights are safetensors):
+
+```python
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+folder = "{folder_name}"  # path to this folder (or its hub id)
+unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
+scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+ac = scheduler.alphas_cumprod.double()
+prediction_type = {pt_code}
+timesteps = {ts}  # the student's timesteps (fewer steps: an evenly spaced subset starting at the first)
+{label_line}
+g = torch.Generator().manual_seed(0)
+c = unet.config
+x = torch.randn(len(labels) if labels is not None else 4, c.in_channels, c.sample_size, c.sample_size, generator=g)
+with torch.no_grad():
+    for k, t in enumerate(timesteps):
+        a, s = ac[int(t)].sqrt().float(), (1 - ac[int(t)]).sqrt().float()
+        pred = unet(x, torch.full((x.shape[0],), float(t)), class_labels=labels).sample
+        if prediction_type == "epsilon":
+            x0 = (x - s * pred) / a
+        elif prediction_type == "v_prediction":
+            x0 = a * x - s * pred
+        else:  # "sample"
+            x0 = pred
+        if k + 1 < len(timesteps):  # re-noise to the next timestep with fresh noise
+            t1 = int(timesteps[k + 1])
+            eps = torch.randn(x.shape, generator=g)
+            x = ac[t1].sqrt().float() * x0 + (1 - ac[t1]).sqrt().float() * eps
+images = x0.clamp(-1, 1)  # (B, C, H, W) in [-1, 1]
+```
+'''
+
+
+def write_model_card(folder: str | os.PathLike, *, method: str, teacher: str, steps: list[float], config: dict,
+                     metrics: dict | None = None, class_names: list[str] | None = None) -> Path:
+    """Write ``folder/README.md`` (front matter, method, teacher, steps, usage, config, metrics)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    class_names = list(class_names or [])
+    steps = [float(t) for t in steps]
+    title, description = _method_text(method)
+    prediction_type = None
+    meta_p = folder / "stepdistill.json"
+    if meta_p.exists():
+        try:
+            prediction_type = json.loads(meta_p.read_text()).get("prediction_type")
+        except json.JSONDecodeError:
+            prediction_type = None
+    front = {
+        "library_name": "diffusers",
+        "tags": ["stepdistill", "distillation", method.lower()],
+        "base_model": str(teacher),
+    }
+    step_list = ", ".join(f"{t:g}" for t in steps)
+    n = len(steps)
+    parts = [
+        "---\n" + yaml.safe_dump(front, sort_keys=False).rstrip() + "\n---",
+        f"# {folder.name}: {n}-step student distilled with {method}",
+        f"## Method\n\n**{title}.** {description}",
+        f"## Teacher\n\n`{teacher}` (sampled with many steps and classifier-free guidance; the student needs "
+        f"neither: guidance is distilled in).",
+        f"## Sampling steps\n\n{n} step(s) at timesteps `[{step_list}]` (of the teacher's discrete "
+        f"DDPM schedule; each step predicts a clean image, which is re-noised with fresh noise to the next "
+        f"timestep).",
+    ]
+    if class_names:
+        parts.append("## Classes\n\n" + ", ".join(f"{i}: `{c}`" for i, c in enumerate(class_names)))
+    parts.append(_usage(folder.name, steps, class_names, prediction_type).rstrip())
+    cfg_yaml = yaml.safe_dump(_yaml_scalar_safe(config or {}), sort_keys=False).rstrip()
+    parts.append(f"## Training configuration\n\n```yaml\n{cfg_yaml}\n```")
+    parts.append(metrics_section(metrics))
+    path = folder / "README.md"
+    _atomic_write(path, "\n\n".join(parts) + "\n")
+    return path
+
+
+def update_model_card_metrics(folder: str | os.PathLike, metrics: dict | None) -> Path:
+    """Replace the metrics section of ``folder/README.md``; everything else stays byte-identical."""
+    path = Path(folder) / "README.md"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; write the card first (write_model_card)")
+    text = path.read_text()
+    new = metrics_section(metrics)
+    i, j = text.find(METRICS_START), text.find(METRICS_END)
+    if i >= 0 and j > i:
+        text = text[:i] + new + text[j + len(METRICS_END):]
+    else:  # markers removed by hand: replace a "## Metrics" section, or append one
+        m = re.search(r"^## Metrics[ \t]*$", text, flags=re.M)
+        if m:
+            nxt = re.search(r"^## ", text[m.end():], flags=re.M)
+            end = m.end() + nxt.start() if nxt else len(text)
+            text = text[:m.start()] + new + ("\n\n" + text[end:] if nxt else "\n")
+        else:
+            text = text.rstrip("\n") + "\n\n" + new + "\n"
+    _atomic_write(path, text)
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,259 @@
+"""The Gradio demo: plain generate(), validation, hybrid sampling, and the served app via gradio_client."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import pytest
+import torch
+
+from conftest import tiny_distill_overrides
+from stepdistill import demo as D
+
+REPO = Path(__file__).resolve().parent.parent
+K = 2  # the tiny student's steps
+SIZE = 128  # 16x16 digits are shown nearest-upscaled 8x
+
+
+@pytest.fixture(scope="module")
+def models(tiny_teacher, tmp_path_factory):
+    """(teacher folder, 2-step student folder) on 16x16 digits."""
+    from stepdistill.config import DistillConfig, load_config
+    from stepdistill.trainers.distill import distill
+
+    out = tmp_path_factory.mktemp("demo_distill")
+    student = distill(load_config(DistillConfig, None, tiny_distill_overrides(
+        tiny_teacher, out, **{"dmd.student_timesteps": "[999,500]", "train.max_steps": 2})))
+    return str(tiny_teacher), str(student)
+
+
+def _nfe(text: str) -> int:
+    m = re.search(r"NFE (\d+)", text)
+    assert m, text
+    return int(m.group(1))
+
+
+def _seconds(text: str) -> float:
+    m = re.search(r"([0-9.]+) s wall-clock", text)
+    assert m, text
+    return float(m.group(1))
+
+
+# -- plain Python -------------------------------------------------------------------------------
+def test_generate_plain(models):
+    t, s = models
+    r = D.generate(t, s, "3", "", seed=1, batch_size=3, student_steps=K, teacher_steps=4, guidance_scale=2.0)
+    for run in (r.teacher, r.student):
+        assert len(run.images) == 3 and all(im.size == (SIZE, SIZE) for im in run.images)
+        assert run.captions == ["3", "3", "3"]
+        assert run.seconds > 0 and _seconds(run.summary) >= 0
+    assert r.teacher.nfe == 8 and _nfe(r.teacher.summary) == 8  # 4 steps x 2 (CFG)
+    assert r.student.nfe == K and _nfe(r.student.summary) == K
+    r1 = D.generate(t, s, D.ALL_CLASSES, "", seed=1, batch_size=3, student_steps=1, teacher_steps=3,
+                    guidance_scale=1.0)
+    assert r1.teacher.nfe == 3 and r1.student.nfe == 1  # no CFG -> one NFE per teacher step
+    assert r1.student.captions == ["0", "1", "2"]  # "(all classes)" cycles through the classes
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(seed=-1), "seed must be in 0..2147483647"),
+    (dict(seed=2**31), "seed must be in 0..2147483647"),
+    (dict(seed=1.5), "whole number"),
+    (dict(batch_size=0), "batch size must be in 1..16"),
+    (dict(batch_size=17), "batch size must be in 1..16"),
+    (dict(student_steps=K + 1), f"student steps must be in 1..{K}"),
+    (dict(student_steps=0), f"student steps must be in 1..{K}"),
+    (dict(teacher_steps=0), "teacher steps must be in 1..200"),
+    (dict(teacher_steps=201), "teacher steps must be in 1..200"),
+    (dict(class_name="cat"), "unknown class 'cat'"),
+    (dict(guidance_scale=-1), "guidance scale must be in"),
+    (dict(sampler="nope"), "unknown sampler"),
+    (dict(teacher_path="/no/such/folder"), "does not exist"),
+    (dict(student_path=""), "student folder is empty"),
+    (dict(student_path="builtin:nope"), "unknown builtin"),
+])
+def test_generate_rejects_bad_input(models, kw, msg):
+    args = dict(teacher_path=models[0], student_path=models[1], class_name="1", seed=0, batch_size=1,
+                student_steps=1, teacher_steps=2)
+    args.update(kw)
+    with pytest.raises(D.DemoInputError, match=re.escape(msg)):
+        D.generate(**args)
+
+
+def test_teacher_folder_as_student_is_rejected(models):
+    with pytest.raises(D.DemoInputError, match="not a distilled student"):
+        D.generate(models[0], models[0], "1", seed=0, batch_size=1, teacher_steps=2)
+
+
+def test_builtin_names_resolve():
+    assert D.BUILTIN_STUDENTS["builtin:animal_mnist_dmd2"].name == "animal_mnist_dmd2_student"
+    st = D._ui_state("builtin:animal_mnist", "builtin:animal_mnist_dmd2")  # never raises
+    if not D.BUILTIN_STUDENTS["builtin:animal_mnist_dmd2"].exists():
+        assert "animal_mnist_dmd2_student" in st["message"]
+
+
+def test_hybrid_first_step_is_teacher_x0_with_cfg(models):
+    """1-step hybrid == the teacher's guided x0 at the student's first timestep on the same noise."""
+    t, s = models
+    tinfo, sinfo = D.read_model_info(t), D.read_model_info(s)
+    assert D.student_supports_hybrid(sinfo) and D.hybrid_compatible(tinfo, sinfo) is None
+    teacher, student = D.load_teacher(tinfo), D.load_student(sinfo)
+    fs = D.hybrid_first_step(teacher, [4, 7], 2.5)
+    out = student(class_labels=[4, 7], num_inference_steps=1, seed=3, output_type="pt", first_step=fs).images
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    ref = teacher.denoiser()(noise, torch.full((2,), 999.0), torch.tensor([4, 7]), guidance_scale=2.5).clamp(-1, 1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+    r = D.generate(t, s, "4", seed=3, batch_size=2, student_steps=1, teacher_steps=2, guidance_scale=2.5, hybrid=True)
+    assert r.student.nfe == 2 and "teacher" in r.student.summary  # 2 teacher NFE (CFG) + 0 student
+    r = D.generate(t, s, "4", seed=3, batch_size=2, student_steps=K, teacher_steps=2, guidance_scale=2.5, hybrid=True)
+    assert r.student.nfe == 2 + K - 1 and _nfe(r.student.summary) == 2 + K - 1
+
+
+def test_ui_state_and_expert_captions(models, tmp_path):
+    t, s = models
+    st = D._ui_state(t, s)
+    assert st["K"] == K and st["hybrid"] and not st["prompt_visible"] and st["class_visible"]
+    assert st["classes"] == [D.ALL_CLASSES] + [str(i) for i in range(10)]
+
+    # a multi-student folder: stepdistill.json extra.experts names who made each image
+    multi = tmp_path / "multi"
+    shutil.copytree(s, multi)
+    meta = json.loads((multi / "stepdistill.json").read_text())
+    meta["extra"]["experts"] = [{"name": "student-A", "classes": [str(i) for i in range(5)]},
+                                {"name": "student-B", "classes": [str(i) for i in range(5, 10)]}]
+    (multi / "stepdistill.json").write_text(json.dumps(meta))
+    r = D.generate(t, str(multi), D.ALL_CLASSES, seed=0, batch_size=7, student_steps=1, teacher_steps=1)
+    assert r.student.captions[0] == "0 · student-A" and r.student.captions[6] == "6 · student-B"
+    assert D.expert_caption([{"name": "hi", "timesteps": [999]}, {"name": "lo", "timesteps": [500]}],
+                            None, None, [999.0, 500.0]) == "hi (t=999) → lo (t=500)"
+    assert D.expert_caption(["a", "b"], "1", 1, [999.0]) == "a → b"
+    assert D.expert_caption(None, "1", 1, [999.0]) is None
+
+    # a text-conditioned student: prompt box shown, class dropdown hidden, empty prompt rejected
+    text = tmp_path / "text"
+    shutil.copytree(s, text)
+    meta = json.loads((text / "stepdistill.json").read_text())
+    meta.update(conditioning="text", class_names=[])
+    (text / "stepdistill.json").write_text(json.dumps(meta))
+    st = D._ui_state(t, str(text))
+    assert st["prompt_visible"] and not st["class_visible"] and not st["hybrid"]
+    with pytest.raises(D.DemoInputError, match="prompt is empty"):
+        D.generate(t, str(text), None, "  ", seed=0, batch_size=1, teacher_steps=1)
+
+
+# -- CLI / app.py ----------------------------------------------------------------------------------
+def test_cli_registration_and_app_args():
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    D.add_demo_command(ap.add_subparsers(dest="cmd"))
+    a = ap.parse_args(["demo", "--teacher", "T", "--student", "S", "--port", "7999"])
+    assert (a.cmd, a.teacher, a.student, a.port, a.host, a.fn) == ("demo", "T", "S", 7999, "127.0.0.1", D.cmd_demo)
+    a = ap.parse_args(["demo"])
+    assert (a.teacher, a.student) == ("builtin:animal_mnist", "builtin:animal_mnist_dmd2")
+
+    spec = importlib.util.spec_from_file_location("stepdistill_app", REPO / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    a = app.parse_args(["--teacher", "T", "--port", "1234"])
+    assert (a.teacher, a.student, a.port, a.host) == ("T", "builtin:animal_mnist_dmd2", 1234, "127.0.0.1")
+    r = subprocess.run([sys.executable, str(REPO / "app.py"), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--student" in r.stdout
+
+
+# -- the served app ----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    port = _free_port()
+    demo = D.build_demo(*models)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, ssr_mode=False,
+                theme=D.offline_theme())
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
+
+
+def _call(client, models, **kw):
+    a = dict(cls="2", prompt="", seed=0, batch=2, sstep=K, tstep=3, w=2.0, sampler="ddim", hybrid=False)
+    a.update(kw)
+    return client.predict(models[0], models[1], a["cls"], a["prompt"], a["seed"], a["batch"], a["sstep"], a["tstep"],
+                          a["w"], a["sampler"], a["hybrid"], api_name="/generate")
+
+
+def test_served_generate(client, models):
+    from PIL import Image
+
+    t_gal, t_txt, s_gal, s_txt, status = _call(client, models, batch=3)
+    for gal in (t_gal, s_gal):
+        assert len(gal) == 3
+        for item in gal:
+            assert item["caption"] == "2"
+            with Image.open(item["image"]) as im:
+                assert im.size == (SIZE, SIZE)
+    assert _nfe(t_txt) == 6 and _seconds(t_txt) >= 0  # 3 teacher steps x 2 (CFG)
+    assert _nfe(s_txt) == K and _seconds(s_txt) >= 0
+    assert "student uses 2 NFE vs teacher 6" in status
+
+    _, _, s_gal, s_txt, _ = _call(client, models, batch=1, sstep=2, hybrid=True)
+    assert len(s_gal) == 1 and _nfe(s_txt) == 3 and "2 teacher NFE" in s_txt  # hybrid: 2 (teacher, CFG) + 1
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(seed=-1), "seed must be in 0..2147483647, got -1"),
+    (dict(batch=0), "batch size must be in 1..16, got 0"),
+    (dict(sstep=K + 1), f"student steps must be in 1..{K}, got {K + 1}"),
+    (dict(cls="cat"), "unknown class 'cat'"),
+])
+def test_served_bad_input_shows_error(client, models, kw, msg):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=re.escape(msg)):
+        _call(client, models, **kw)
+
+
+def test_served_page_is_offline(server):
+    """No stylesheet, script or font is fetched from another host (system fonts; no Google Fonts)."""
+    html = urllib.request.urlopen(server, timeout=30).read().decode()
+    for tag in re.findall(r"<(?:link|script)\b[^>]*>", html):
+        m = re.search(r"(?:href|src)=[\"'](https?:)?//([^/\"']+)", tag)
+        assert m is None or m.group(2).startswith("127.0.0.1"), tag
+    css = urllib.request.urlopen(server + "theme.css", timeout=30).read().decode()
+    assert "fonts.googleapis" not in css and "@import" not in css
+
+
+def test_screenshot(server, tmp_path):
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "headless_shell")
+                    if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("headless Chromium is not installed")
+    out = tmp_path / "demo.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={out}",
+                    "--window-size=1280,1400", "--virtual-time-budget=10000", server],
+                   capture_output=True, timeout=60)
+    assert out.exists() and out.stat().st_size > 1000
