@@ -1,6 +1,139 @@
-"""Sub-commands added by later modules (distill, export, eval, bench, report, demo)."""
+"""Sub-commands added by later modules: eval, bench, report."""
 from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def _clean(o):
+    """NaN / inf -> None so the printed JSON is strict."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def _emit(result: dict, out: str | None) -> None:
+    text = json.dumps(_clean(result), indent=2, default=str)
+    if out:
+        from .utils import atomic_write_text
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, text + "\n")
+    print(text)
+
+
+def cmd_eval(a):
+    from .eval.generate import evaluate_model
+
+    _set_threads(a)
+    res = evaluate_model(a.model, steps=a.steps, num=a.num, ref=a.ref, ref_split=a.ref_split, ref_num=a.ref_num,
+                         guidance_scale=a.guidance_scale, seed=a.seed, batch_size=a.batch_size, prompts=a.prompts,
+                         sampler=a.sampler, diversity_extractor=a.diversity_extractor, device=a.device,
+                         allow_pickle=a.allow_pickle, progress=not a.no_progress)
+    _emit(res, a.out)
+
+
+def cmd_bench(a):
+    from .eval.bench import benchmark, summary_lines
+
+    _set_threads(a)
+    res = benchmark(a.teacher, a.student, batch_sizes=a.batch_sizes, teacher_steps=a.teacher_steps,
+                    student_steps=a.student_steps, repeats=a.repeats, warmup=a.warmup,
+                    guidance_scale=a.guidance_scale, sampler=a.sampler, device=a.device, seed=a.seed,
+                    allow_pickle=a.allow_pickle, progress=not a.no_progress)
+    if a.table:
+        print("\n".join(summary_lines(res)), file=sys.stderr)
+    _emit(res, a.out)
+
+
+def cmd_report(a):
+    from .eval.report import make_report
+
+    _set_threads(a)
+    res = make_report(a.student, a.out, teacher=a.teacher, num=a.num, teacher_steps=a.teacher_steps,
+                      guidance_scale=a.guidance_scale, fid=a.fid, fid_num=a.fid_num, ref=a.ref, ref_split=a.ref_split,
+                      ref_num=a.ref_num, seed=a.seed, batch_size=a.batch_size, grid_rows=a.grid_rows,
+                      diversity_extractor=a.diversity_extractor, device=a.device, allow_pickle=a.allow_pickle,
+                      progress=not a.no_progress)
+    out = Path(a.out)
+    print(json.dumps({"report": str(out / "report.md"), "json": str(out / "report.json"),
+                      "files": {k: str(out / v) for k, v in res["files"].items()}}))
+
+
+def _set_threads(a):
+    if getattr(a, "threads", None):
+        import torch
+
+        torch.set_num_threads(a.threads)
+
+
+def _common(p, device=True):
+    p.add_argument("--seed", type=int, default=0)
+    if device:
+        p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def _ref_args(p):
+    p.add_argument("--ref", default=None,
+                   help="FID reference: animal_mnist | digits | an image folder (default: the model's training dataset)")
+    p.add_argument("--ref-split", default="test", choices=["all", "train", "test"],
+                   help="split of animal_mnist / digits used as the reference (default: test)")
+    p.add_argument("--ref-num", type=int, default=None,
+                   help="use a class-balanced subset of this many reference images (default: the whole split)")
+    p.add_argument("--diversity-extractor", default="auto", choices=["auto", "classifier", "inception", "pixel"],
+                   help="features for the diversity metric (auto: domain classifier at 32x32x1, else Inception)")
 
 
 def add_commands(sub) -> None:
-    return None
+    p = sub.add_parser("eval", help="FID / KID, class accuracy and diversity of a teacher or student")
+    p.add_argument("--model", required=True, help="teacher or student folder (or builtin:animal_mnist)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (student: 1..K, default K; teacher: default 50)")
+    p.add_argument("--num", type=int, default=1000, help="number of class-balanced samples (>= 2)")
+    _ref_args(p)
+    p.add_argument("--guidance-scale", type=float, default=2.0, help="teacher CFG scale (students ignore it)")
+    p.add_argument("--sampler", default="ddim", help="teacher sampler: ddim | euler | dpm++ | ddpm")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--prompts", default=None, help="prompt file, one prompt per line (text models; not supported yet)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    _common(p)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("bench", help="latency / throughput / memory of teacher vs student")
+    p.add_argument("--teacher", default=None,
+                   help="teacher folder or builtin:animal_mnist (default: the one recorded in the student)")
+    p.add_argument("--student", required=True, help="distilled student folder")
+    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
+    p.add_argument("--teacher-steps", type=int, default=50)
+    p.add_argument("--student-steps", default=None, help="e.g. 1,2,4 or 1..4 (default: 1..K)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per configuration")
+    p.add_argument("--guidance-scale", type=float, default=2.0)
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--table", action="store_true", help="also print a human-readable table to stderr")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    _common(p)
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("report", help="Markdown/JSON/PNG comparison report of a student and its teacher")
+    p.add_argument("--student", required=True, help="distilled student folder")
+    p.add_argument("--teacher", default=None, help="teacher folder (default: the one recorded in the student)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num", type=int, default=100, help="class-balanced samples per model (>= 2)")
+    p.add_argument("--teacher-steps", type=int, default=25)
+    p.add_argument("--guidance-scale", type=float, default=2.0)
+    p.add_argument("--fid", action="store_true", help="also compute FID (student 1..K steps and teacher)")
+    p.add_argument("--fid-num", type=int, default=None, help="samples per FID (default: --num)")
+    _ref_args(p)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--grid-rows", type=int, default=4, help="rows (samples per class) per model in the grid")
+    _common(p)
+    p.set_defaults(fn=cmd_report)

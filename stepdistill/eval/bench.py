@@ -6,7 +6,8 @@ For every batch size ``b`` :func:`benchmark` times, through the diffusers pipeli
 * the teacher at ``teacher_steps`` with classifier-free guidance (NFE per sample =
   ``2 * steps`` with CFG, ``steps`` without; CFG runs as one batched forward of 2b images);
 * the student at each of ``student_steps`` (NFE per sample = steps);
-* one bare forward of the student network (``unet(x, t, class_labels)``) at batch ``b``.
+* one bare forward of the student network (``unet(x, t, class_labels)``, through
+  ``Denoiser._call`` so every backbone kind is called correctly) at batch ``b``.
 
 Reported per configuration: median latency over ``repeats`` timed runs after ``warmup`` untimed
 runs (``latencies_s`` lists every timed run), latency per image, throughput (images/s),
@@ -211,22 +212,24 @@ def parse_int_list(text: str | list | None, what: str) -> list[int] | None:
 
 # -- benchmark ------------------------------------------------------------------------------------
 
-def _labels(model, b: int, device):
-    return model.default_labels(b).to(device) if model.num_classes else None
+def _labels(model, b: int) -> list[int] | None:
+    return model.default_labels(b).tolist() if model.num_classes else None
 
 
-def benchmark(teacher: str, student: str, batch_sizes=(1, 8, 32), teacher_steps: int = 50,
+def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher_steps: int = 50,
               student_steps=None, repeats: int = 3, warmup: int = 1, guidance_scale: float = 2.0,
               sampler: str = "ddim", device: str | torch.device | None = None, seed: int = 0,
               allow_pickle: bool = False, progress: bool = True) -> dict:
     """Benchmark a teacher folder against a student folder; returns a JSON-serialisable dict.
 
     ``student_steps`` defaults to 1..K (K = number of trained student timesteps). See the module
-    docstring for what each number means.
+    docstring for what each number means. ``teacher=None``: the teacher recorded in the student's
+    ``stepdistill.json`` (``extra.teacher``).
     """
     from tqdm.auto import tqdm
 
     from .generate import load_any
+    from .report import resolve_teacher
 
     batch_sizes = parse_int_list(batch_sizes, "--batch-sizes")
     if any(b < 1 for b in batch_sizes):
@@ -235,12 +238,13 @@ def benchmark(teacher: str, student: str, batch_sizes=(1, 8, 32), teacher_steps:
         raise ConfigError(f"--repeats must be >= 1, got {repeats}")
     if teacher_steps < 1:
         raise ConfigError(f"--teacher-steps must be >= 1, got {teacher_steps}")
-    t = load_any(teacher, device=device, allow_pickle=allow_pickle, sampler=sampler)
     s = load_any(student, device=device, allow_pickle=allow_pickle)
-    if t.kind != "teacher":
-        raise ConfigError(f"--teacher {teacher} is a distilled student folder, not a teacher")
     if s.kind != "student":
         raise ConfigError(f"--student {student} is not a distilled student folder (no student_timesteps)")
+    teacher = resolve_teacher(Path(student), (s.meta.extra or {}).get("teacher"), teacher)
+    t = load_any(teacher, device=device, allow_pickle=allow_pickle, sampler=sampler)
+    if t.kind != "teacher":
+        raise ConfigError(f"--teacher {teacher} is a distilled student folder, not a teacher")
     if t.image_shape != s.image_shape:
         raise ConfigError(f"teacher images {t.image_shape} and student images {s.image_shape} differ")
     k = s.max_steps
@@ -257,7 +261,7 @@ def benchmark(teacher: str, student: str, batch_sizes=(1, 8, 32), teacher_steps:
     jobs = len(batch_sizes) * (2 + len(student_steps))
     bar = tqdm(total=jobs, desc="bench", disable=not progress, leave=False)
     for b in batch_sizes:
-        tl, sl = _labels(t, b, dev), _labels(s, b, dev)
+        tl, sl = _labels(t, b), _labels(s, b)
 
         def teacher_call():
             t.pipe(class_labels=tl, batch_size=b, num_inference_steps=teacher_steps, guidance_scale=gs,
@@ -279,11 +283,12 @@ def benchmark(teacher: str, student: str, batch_sizes=(1, 8, 32), teacher_steps:
                          "speedup": tr["latency_s"] / sr["latency_s"]})
         x = torch.randn(b, *s.image_shape, generator=torch.Generator().manual_seed(seed)).to(dev)
         tt = torch.full((b,), float(s.meta.student_timesteps[0]), device=dev)
-        unet = s.unet
+        y = torch.tensor(sl, dtype=torch.long, device=dev) if sl is not None else None
+        den = s.pipe.denoiser()
 
         @torch.no_grad()
-        def bare_forward():
-            unet(x, tt, class_labels=sl).sample if sl is not None else unet(x, tt).sample
+        def bare_forward():  # one network evaluation (Denoiser._call: the backbone's own call convention)
+            return den._call(x, tt, y)
 
         fr = time_fn(bare_forward, dev, repeats, warmup)
         bar.update()
