@@ -106,11 +106,22 @@ class DMDConfig:
 
 
 @dataclass
+class PhasedConfig:
+    """Phased DMD (SenseNova 2025; method: phased_dmd): K phases on the training-time axis, one
+    expert per phase, trained progressively. The other hyper-parameters come from ``dmd``."""
+    boundaries: list[float] = field(default_factory=lambda: [999.0, 500.0, 0.0])  # s_0 > ... > s_K = 0
+    steps_per_phase: list[int] = field(default_factory=list)  # [N_0, ..]; [] splits train.max_steps evenly
+    margin: float = 1.0            # score times of phase k < K-1 lie in [s_{k+1} + margin, s_k]
+    subinterval_weighting: bool = True  # weight the fake-score loss by beta_{t|s}^2 / sigma_t^2
+
+
+@dataclass
 class DistillConfig:
     output_dir: str = "runs/dmd2"
-    method: str = "dmd2"           # dmd | dmd2
+    method: str = "dmd2"           # dmd | dmd2 | phased_dmd
     data: DataConfig = field(default_factory=DataConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
+    phased: PhasedConfig = field(default_factory=PhasedConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32, max_steps=300, ema_decay=0.95,
                                                                    sample_every=50, checkpoint_every=50))
 
@@ -248,7 +259,15 @@ def validate(cfg) -> None:
         check(0.0 <= cfg.cfg_dropout < 1.0, "cfg_dropout", "must be in [0, 1)")
     if isinstance(cfg, DistillConfig):
         d = cfg.dmd
-        check(cfg.method in ("dmd", "dmd2"), "method", "must be dmd | dmd2")
+        check(cfg.method in ("dmd", "dmd2", "phased_dmd"), "method", "must be dmd | dmd2 | phased_dmd")
+        if cfg.method == "phased_dmd":
+            b, n, K = cfg.phased.boundaries, cfg.phased.steps_per_phase, len(cfg.phased.boundaries) - 1
+            check(K >= 1 and all(x > y for x, y in zip(b, b[1:])) and b[-1] == 0, "phased.boundaries",
+                  "needs >= 2 strictly decreasing entries ending at 0, e.g. [999, 500, 0]")
+            check((len(n) == K and min(n) >= 1 and sum(n) == tr.max_steps) if n else tr.max_steps >= K,
+                  "phased.steps_per_phase", f"needs {K} entries >= 1 summing to train.max_steps ({tr.max_steps}), "
+                  f"or [] for an even split of train.max_steps (>= {K})")
+            check(cfg.phased.margin > 0, "phased.margin", "must be > 0")
         check(len(d.student_timesteps) >= 1, "dmd.student_timesteps", "needs at least one timestep")
         check(all(a > b for a, b in zip(d.student_timesteps, d.student_timesteps[1:])),
               "dmd.student_timesteps", "must be strictly decreasing")

@@ -31,11 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .models import BUILTIN_TEACHERS
-
-BUILTIN_STUDENTS = {
-    "builtin:animal_mnist_dmd2": Path(__file__).parent / "assets" / "animal_mnist_dmd2_student",
-}
+from .models import BUILTIN_STUDENTS, BUILTIN_TEACHERS
 DEFAULT_TEACHER = "builtin:animal_mnist"
 DEFAULT_STUDENT = "builtin:animal_mnist_dmd2"
 ALL_CLASSES = "(all classes)"

@@ -24,6 +24,7 @@ from .denoiser import BACKBONE_KINDS, Denoiser
 from .schedules import NoiseSchedule, schedule_from_config
 
 BUILTIN_TEACHERS = {"builtin:animal_mnist": Path(__file__).parent / "assets" / "animal_mnist_teacher"}
+BUILTIN_STUDENTS = {"builtin:animal_mnist_dmd2": Path(__file__).parent / "assets" / "animal_mnist_dmd2_student"}
 WEIGHT_SAFE = "diffusion_pytorch_model.safetensors"
 WEIGHT_PICKLE = "diffusion_pytorch_model.bin"
 BACKBONE_SUBFOLDERS = ("unet", "transformer")
@@ -78,10 +79,11 @@ def build_scheduler(cfg: TeacherModelConfig):
 
 
 def _resolve(path_or_id: str) -> str | Path:
-    if path_or_id in BUILTIN_TEACHERS:
-        p = BUILTIN_TEACHERS[path_or_id]
+    builtins = {**BUILTIN_TEACHERS, **BUILTIN_STUDENTS}
+    if path_or_id in builtins:
+        p = builtins[path_or_id]
         if not p.exists():
-            raise ModelLoadError(f"{path_or_id}: shipped teacher missing at {p}; run `stepdistill teacher` first")
+            raise ModelLoadError(f"{path_or_id}: shipped model missing at {p}; see configs/ for the command that makes it")
         return p
     return path_or_id
 

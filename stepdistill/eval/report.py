@@ -232,6 +232,12 @@ def make_report(student: str, out_dir: str | Path, teacher: str | None = None, n
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n")
     atomic_write_text(out / "report.md", render_markdown(report))
+    if (Path(student) / "README.md").exists():  # keep the model card's metrics in step with the report
+        from ..modelcard import update_model_card_metrics
+
+        update_model_card_metrics(student, {f"{name} {key}": r[key] for name, r in runs.items()
+                                            for key in ("class_accuracy", "fid", "latency_per_image_s", "nfe_per_sample")
+                                            if isinstance(r.get(key), (int, float))})
     return report
 
 

@@ -29,6 +29,10 @@ def build_dmd(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMe
     if num_classes and data.num_classes != num_classes:
         raise ValueError(f"teacher has {num_classes} classes but dataset {cfg.data.name} has {data.num_classes}")
     T = teacher.schedule.num_train_timesteps
+    if cfg.method == "phased_dmd":  # one expert per phase (trainers/phased_dmd.py); DMD's path below is unchanged
+        from .phased_dmd import build_phased_dmd
+
+        return build_phased_dmd(cfg, teacher, num_classes, tuple(data.images.shape[1:])), data, meta
     if any(not 0 <= t < T for t in cfg.dmd.student_timesteps):
         raise ValueError(f"dmd.student_timesteps {cfg.dmd.student_timesteps} must lie in [0, {T})")
     student = Denoiser(copy.deepcopy(teacher.backbone), teacher.schedule, teacher.prediction_type, teacher.null_class)
@@ -53,7 +57,13 @@ def distill(cfg: DistillConfig, resume: bool = False, accelerator=None, teacher:
     result = trainer.train(resume=resume)
     out = Path(cfg.output_dir) / "student"
     if trainer.acc.is_main_process and not result["interrupted"]:
-        export_student(trainer.ema["generator"], cfg, meta, out, schedule=obj.student.schedule)
+        if cfg.method == "phased_dmd":
+            from .phased_dmd import export_phased
+
+            export_phased([trainer.ema[f"expert_{k}"] for k in range(obj.K)], cfg, meta, out,
+                          schedule=obj.experts[0].schedule)
+        else:
+            export_student(trainer.ema["generator"], cfg, meta, out, schedule=obj.student.schedule)
         (Path(cfg.output_dir) / "training_result.json").write_text(json.dumps(result, indent=2, default=str))
         print(f"student exported to {out}")
     return out

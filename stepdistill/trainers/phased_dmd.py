@@ -1,0 +1,491 @@
+r"""Phased DMD ("Phased DMD: Few-step Distribution Matching Distillation via Score Matching within
+Subintervals", SenseNova 2025) as an Objective for :class:`~stepdistill.trainers.core.Trainer`.
+
+Phases. Boundaries ``s_0 > s_1 > ... > s_K = 0`` on the training-time axis (e.g. ``[999, 500, 0]``,
+K = 2) split sampling into K phases; phase k owns ``(s_{k+1}, s_k]`` and has its own *expert*
+(a copy of the teacher backbone, one :class:`Player` ``expert_k`` each). The student timesteps are
+the phase starts ``s_0..s_{K-1}``. Expert k maps ``x_{s_k}`` to ``x_{s_{k+1}}``: it predicts x0_hat
+(through the :class:`~stepdistill.denoiser.Denoiser`) and, for k < K-1, transports it with a
+**DDIM step on its own predicted eps**::
+
+    x0_hat, eps_hat = pred_to_x0_eps(expert_k(x_{s_k}, s_k))
+    x_{s_{k+1}} = alpha_{s_{k+1}} x0_hat + sigma_{s_{k+1}} eps_hat      (k < K-1; x0_hat for k = K-1)
+
+Why DDIM rather than DMD2's re-noising with fresh noise: (1) it is the VP form of the reference
+trainer's "Euler step to sigma_s" (for flow matching schedules it *is* that Euler step); (2) the
+intermediate output is then a genuinely noisy sample, not a re-noised x0_hat, and the fake score
+can only use what x_s itself implies: exactly the subinterval score matching below (with fresh
+re-noising x0_hat would be a valid clean anchor and the subinterval targets would be redundant);
+(3) the chain is deterministic given the starting noise, so the noise structure of x_{s_0} is
+carried through the phases and the exported pipeline needs no extra randomness
+(:func:`stepdistill.pipelines.phased.phased_sample`, shared by training and inference).
+
+Progressive training. ``updates(step)`` picks the phase k from the step count
+(``phased.steps_per_phase``, default an even split of ``train.max_steps``): ``critic_k`` x
+``dmd.critic_updates`` then ``expert_k``. Inputs of phase k are produced by running the frozen
+experts 0..k-1 (no grad) from pure noise. The core sets ``requires_grad`` per updating player, so
+earlier experts get no gradient and AdamW leaves them unchanged. Each phase has its own fake
+score ``critic_k`` (initialised from the teacher): subintervals are disjoint and each phase has
+its own fake distribution, and separate players keep resume exact (no optimizer resets); the cost
+is K critic copies in memory (K experts + K critics + teacher). Warm-up (``dmd.warmup_steps``)
+counts global steps, so it acts on phase 0 only. EMA (``train.ema_decay``) runs on every expert
+every step; a finished expert's weights are constant, so its EMA converges to the frozen weights
+that produced the later phases' inputs (decay^steps: 0.95^120 ~ 2e-3 in the shipped config), and
+the export (EMA experts) matches training.
+
+Score matching within a subinterval. Write the forward process as ``x_t = a_t x0 + s_t e``
+(a = alpha, s = sigma; VP or flow). For t > s (lower SNR)::
+
+    x_t | x_s ~ N(alpha_{t|s} x_s, beta_{t|s}^2 I),   alpha_{t|s} = a_t / a_s,
+                                                       beta_{t|s}^2 = s_t^2 - alpha_{t|s}^2 s_s^2
+    (VP: beta^2 = 1 - abar_t / abar_s;  flow: alpha_{t|s} = (1 - sigma_t) / (1 - sigma_s))
+
+because x_t = alpha x_s + beta e' = a_t x0 + (alpha s_s e1 + beta e') and the bracket is
+N(0, (alpha^2 s_s^2 + beta^2) I) = N(0, s_t^2 I): from x_s ~ p_s the subinterval process gives the
+direct forward marginal p_t. With p_t(x_t) = int p(x_t | x_s) p_s(x_s) dx_s (denoising score
+matching, Vincent 2011)::
+
+    grad log p_t(x_t) = E[ grad_{x_t} log p(x_t | x_s) | x_t ] = E[ -(x_t - alpha x_s) / beta^2 | x_t ]
+
+A standard eps-predictor at t represents the score as ``-eps / s_t`` (Tweedie), so the fake score
+network (a plain x0/eps/v/flow predictor, the teacher's parameterisation) is regressed on::
+
+    eps_target = s_t (x_t - alpha x_s) / beta^2 = (s_t / beta) e'
+    x0_target  = (x_t - s_t eps_target) / a_t  = x_s / a_s - a_t s_s^2 / (a_s^2 beta) e'
+
+(the closed form avoids dividing by a small a_t). ``x_t = a_t x0_target + s_t eps_target``
+holds by construction and every prediction type is affine in (x0, eps) at fixed (x_t, t), so the
+minimiser of ``E || f(x_t, t) - x0_eps_to_pred(x0_target, eps_target) ||^2`` is the native
+prediction of the marginal p_t: E[eps_target | x_t] = -s_t grad log p_t(x_t). For the last phase
+the anchor is clean data (s = "0": a_s = 1, s_s = 0): alpha = a_t, beta = s_t, eps_target = e',
+x0_target = x_s, i.e. DMD's ordinary denoising loss. The target's variance s_t^2 / beta^2 grows
+without bound as t -> s, so the per-sample loss is weighted by ``w = beta^2 / s_t^2`` in (0, 1]
+(a weight depending on t only keeps the per-t minimiser; w = 1 in the last phase, exactly DMD2's
+critic loss) and t >= s + ``phased.margin``. See :func:`subinterval_targets`.
+
+Score times. Phase k < K-1 trains its fake score and evaluates the DM gradient only for
+t in [s_{k+1} + margin, min(s_k, dmd.t_max)]: its input already follows the (matched)
+distribution at s_k, so only the subinterval is left to match. The last phase uses
+[dmd.t_min, min(s_{K-1}, dmd.t_max)].
+
+Distribution-matching gradient. For KL(p_fake,t || p_real,t) over the subinterval the gradient
+w.r.t. the expert output x_s is E[w alpha_{t|s} (grad log p_fake,t - grad log p_real,t)(x_t)] and
+grad log p_fake - grad log p_real = (a_t / s_t^2)(x0_fake - x0_real): the DMD2 direction in x0
+space. So, as in :func:`~stepdistill.trainers.dmd.dm_loss`, ``grad = (x0_fake - x0_real) /
+mean|x0_hat - x0_real|`` (teacher x0 with CFG ``dmd.real_guidance_scale``; the per-sample
+normaliser uses the expert's clean estimate x0_hat) and ``L_DM = 0.5 || x_s - sg(x_s - grad) ||^2``
+flows into the expert through its output x_s (x_s = x0_hat in the last phase: exactly DMD2).
+
+GAN. With ``dmd.gan`` the last phase's critic carries DMD2's :class:`GANHead` (its bottleneck
+features, non-saturating losses, real data noised in the same subinterval); earlier phases have
+no clean output to discriminate and use the DM loss only.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import DistillConfig, DMDConfig, PhasedConfig
+from ..denoiser import Denoiser
+from ..pipelines.phased import MAX_EXPERTS, expert_step, expert_subfolder, phased_sample, route
+from ..schedules import NoiseSchedule, _bcast
+from .core import Ctx, Player
+from .dmd import CondSampler, GANHead, dm_loss
+
+PHASED_PIPELINE = "PhasedDMDPipeline"
+
+
+# -- subinterval math (pure functions) ----------------------------------------------------------
+def subinterval_coefficients(schedule: NoiseSchedule, s, t, batch: int, device=None):
+    """(alpha_{t|s}, beta_{t|s}, a_s, s_s, a_t, s_t), each (B,) float64; ``s=None``: clean anchor."""
+    t = schedule._t(t, batch, device)
+    a_t, s_t = (v.double() for v in schedule.alpha_sigma(t))
+    if s is None:
+        a_s, s_s = torch.ones_like(a_t), torch.zeros_like(s_t)
+    else:
+        a_s, s_s = (v.double() for v in schedule.alpha_sigma(schedule._t(s, batch, device)))
+    alpha = a_t / a_s
+    beta2 = s_t**2 - alpha**2 * s_s**2
+    if bool((beta2 <= 0).any()):
+        raise ValueError("subinterval times must satisfy t > s (lower SNR at t than at the anchor s)")
+    return alpha, beta2.sqrt(), a_s, s_s, a_t, s_t
+
+
+def subinterval_targets(schedule: NoiseSchedule, x_s: torch.Tensor, eps: torch.Tensor, s, t):
+    """Forward process from the anchor x_s (time s) to t > s and the fake score's regression targets.
+
+    Returns ``(x_t, eps_target, x0_target)`` (module docstring)::
+
+        x_t        = alpha_{t|s} x_s + beta_{t|s} eps
+        eps_target = s_t (x_t - alpha_{t|s} x_s) / beta_{t|s}^2 = (s_t / beta) eps
+        x0_target  = (x_t - s_t eps_target) / a_t = x_s / a_s - a_t s_s^2 / (a_s^2 beta) eps
+
+    ``s``: scalar or (B,) time of the anchor, or ``None`` for a clean anchor (x_s = x0: the usual
+    ``x_t = add_noise(x0, eps, t)``, ``eps_target = eps``, ``x0_target = x0``). ``t``: scalar or (B,).
+    Differentiable in ``x_s``.
+    """
+    if s is None:
+        return schedule.add_noise(x_s, eps, t), eps, x_s
+    alpha, beta, a_s, s_s, a_t, s_t = subinterval_coefficients(schedule, s, t, x_s.shape[0], x_s.device)
+    b = lambda v: _bcast(v.to(x_s.device), x_s)  # noqa: E731
+    x_t = b(alpha) * x_s + b(beta) * eps
+    eps_target = b(s_t / beta) * eps
+    x0_target = x_s / b(a_s) - b(a_t * s_s**2 / (a_s**2 * beta)) * eps
+    return x_t, eps_target, x0_target
+
+
+def subinterval_weight(schedule: NoiseSchedule, s, t, batch: int, device=None) -> torch.Tensor:
+    """Per-sample loss weight ``beta_{t|s}^2 / s_t^2`` in (0, 1] (1 for a clean anchor), (B,) float32."""
+    if s is None:
+        return torch.ones(batch, device=device)
+    alpha, beta, *_, s_t = subinterval_coefficients(schedule, s, t, batch, device)
+    return (beta**2 / s_t**2).float().to(device)
+
+
+def even_split(total: int, k: int) -> list[int]:
+    """``total`` steps over k phases; the remainder goes to the last phases."""
+    base, rem = divmod(total, k)
+    return [base + (1 if i >= k - rem else 0) for i in range(k)]
+
+
+# -- the objective ------------------------------------------------------------------------------
+class PhasedDMDObjective:
+    """Phased DMD (module docstring). Players ``expert_0..expert_{K-1}`` (EMA) and
+    ``critic_0..critic_{K-1}`` (fake scores; the last one also holds the GAN head when ``dmd.gan``).
+
+    Args:
+        teacher: frozen real score.
+        experts, critics: K Denoisers each (trainable backbones, usually teacher copies).
+        cfg: :class:`DMDConfig` (learning rates, guidance, critic_updates, t_min/t_max, GAN).
+        phased: :class:`PhasedConfig` (boundaries, margin, weighting).
+        steps_per_phase: generator steps of each phase (sums to ``train.max_steps``).
+    """
+
+    def __init__(self, teacher: Denoiser, experts: list[Denoiser], critics: list[Denoiser], cfg: DMDConfig,
+                 phased: PhasedConfig, num_classes: int, sample_shape: tuple[int, int, int],
+                 steps_per_phase: list[int], seed: int = 0):
+        self.teacher, self.experts, self.critics, self.cfg, self.phased = teacher, experts, critics, cfg, phased
+        self.teacher.requires_grad_(False).eval()
+        self.boundaries = [float(b) for b in phased.boundaries]
+        self.K = K = len(self.boundaries) - 1
+        self.timesteps = self.boundaries[:-1]
+        T = teacher.schedule.num_train_timesteps
+        if not (len(experts) == len(critics) == K and len(steps_per_phase) == K):
+            raise ValueError(f"{K} phases need {K} experts, critics and steps_per_phase entries")
+        if not 0 < self.boundaries[0] < T or self.boundaries[-1] != 0:
+            raise ValueError(f"phased.boundaries {self.boundaries} must start in (0, {T}) and end at 0")
+        if K > MAX_EXPERTS:
+            raise ValueError(f"at most {MAX_EXPERTS} phases are supported, got {K}")
+        if cfg.regression_weight > 0:
+            raise ValueError("dmd.regression_weight > 0 (DMD's regression loss) is not supported by phased_dmd")
+        for k in range(K):
+            lo, hi = self.t_range(k)
+            if lo > hi:
+                raise ValueError(f"phase {k}: empty score-time range [{lo}, {hi}] (check boundaries, margin, t_min/t_max)")
+        self.steps_per_phase = [int(n) for n in steps_per_phase]
+        self.shape = tuple(sample_shape)
+        self.conds = CondSampler(num_classes)
+        betas = (cfg.beta1, cfg.beta2)
+        self.players: dict[str, Player] = {}
+        for k, e in enumerate(experts):
+            self.players[f"expert_{k}"] = Player(e.backbone, cfg.student_lr, betas, cfg.weight_decay, cfg.grad_clip,
+                                                 cfg.warmup_steps, ema=True)
+        self.head = None
+        for k, c in enumerate(critics):
+            mod = nn.ModuleDict({"fake": c.backbone})
+            if cfg.gan and k == K - 1:
+                with torch.random.fork_rng(devices=[]):  # head init depends on the seed only (as DMD)
+                    torch.manual_seed(seed)
+                    self.head = GANHead(c.feature_channels, self._feature_spatial(c))
+                mod["head"] = self.head
+            self.players[f"critic_{k}"] = Player(mod, cfg.critic_lr, betas, cfg.weight_decay, cfg.grad_clip,
+                                                 cfg.warmup_steps)
+
+    def to(self, device):
+        self.teacher.to(device)
+        return self
+
+    def _feature_spatial(self, critic: Denoiser) -> int:
+        with torch.no_grad():
+            x = torch.zeros(1, *self.shape)
+            cond = torch.zeros(1, dtype=torch.long) if self.conds.num_classes else None
+            _, f = critic.x0_and_features(x, torch.tensor([self.timesteps[-1]]), cond)
+        return f.shape[-1]
+
+    # -- phases -------------------------------------------------------------------------------
+    def phase_of(self, step: int) -> int:
+        end = 0
+        for k, n in enumerate(self.steps_per_phase):
+            end += n
+            if step < end:
+                return k
+        return self.K - 1
+
+    def anchor(self, k: int) -> float | None:
+        """Time of phase k's output x_s (its phase end), None for the clean last phase."""
+        return self.boundaries[k + 1] if k < self.K - 1 else None
+
+    def t_range(self, k: int) -> tuple[float, float]:
+        """Score times of phase k: [s_{k+1} + margin, min(s_k, t_max)] ([t_min, ...] for the last)."""
+        hi = min(self.boundaries[k], self.cfg.t_max)
+        lo = self.boundaries[k + 1] + self.phased.margin if k < self.K - 1 else self.cfg.t_min
+        return lo, hi
+
+    def uses_gan(self, k: int) -> bool:
+        return self.head is not None and k == self.K - 1
+
+    def updates(self, step: int) -> list[str]:
+        k = self.phase_of(step)
+        return [f"critic_{k}"] * self.cfg.critic_updates + [f"expert_{k}"]
+
+    # -- generator chain ------------------------------------------------------------------------
+    def generate(self, ctx: Ctx, cond, k: int, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phase k's (x0_hat, output): pure noise at s_0 through the frozen experts 0..k-1 (no grad),
+        then expert k (with grad if ``grad``). The output is x_{s_{k+1}} (k < K-1) or x0_hat."""
+        x = ctx.randn(*self.shape)                                   # x_{s_0}
+        with torch.no_grad():
+            for j in range(k):
+                _, x = expert_step(self.experts[j], x, self.timesteps[j], self.boundaries[j + 1], cond)
+        assert route(self.timesteps[k], self.boundaries) == k
+        with torch.set_grad_enabled(grad):
+            return expert_step(self.experts[k], x, self.timesteps[k], self.anchor(k), cond)
+
+    # -- losses -------------------------------------------------------------------------------
+    def loss(self, player: str, ctx: Ctx):
+        kind, k = player.rsplit("_", 1)
+        return self.generator_loss(ctx, int(k)) if kind == "expert" else self.critic_loss(ctx, int(k))
+
+    def generator_loss(self, ctx: Ctx, k: int):
+        c = self.cfg
+        cond = self.conds(ctx)
+        x0_hat, out = self.generate(ctx, cond, k, grad=True)
+        logs = {"phase": float(k)}
+        total = torch.zeros((), device=out.device)
+        sched, critic = self.teacher.schedule, self.critics[k]
+        lo, hi = self.t_range(k)
+        t = ctx.sample_t(sched, lo, hi)
+        x_t, _, _ = subinterval_targets(sched, out, ctx.randn(*self.shape), self.anchor(k), t)  # keeps grad (GAN)
+        fake_x0 = None
+        if self.uses_gan(k):
+            fake_x0, feats = critic.x0_and_features(x_t, t, cond)
+            l_g = F.softplus(-self.head(feats.float())).mean()
+            total = total + c.gan_g_weight * l_g
+            logs["gan_g_loss"] = l_g.item()
+        if c.dm_weight > 0:
+            with torch.no_grad():
+                real_x0 = self.teacher(x_t.detach(), t, cond, guidance_scale=c.real_guidance_scale)
+                if fake_x0 is None or c.fake_guidance_scale != 1.0:
+                    fake_x0 = critic(x_t.detach(), t, cond, guidance_scale=c.fake_guidance_scale)
+            _, grad = dm_loss(x0_hat.detach(), real_x0, fake_x0.detach())   # DMD2 direction + normaliser
+            o = out.float()
+            l_dm = 0.5 * F.mse_loss(o, (o - grad).detach(), reduction="mean")
+            total = total + c.dm_weight * l_dm
+            logs["dm_loss"] = l_dm.item()
+            logs["dm_grad_abs"] = grad.abs().mean().item()
+        logs["generator_loss"] = total.item()
+        logs["sample_std"] = x0_hat.detach().float().std().item()
+        return total, logs
+
+    def critic_loss(self, ctx: Ctx, k: int):
+        """Fake-score update of phase k: weighted subinterval denoising loss (+ L_D in the last phase)."""
+        c = self.cfg
+        cond = self.conds(ctx)
+        with torch.no_grad():
+            _, x_s = self.generate(ctx, cond, k, grad=False)
+        critic = self.critics[k]
+        sched = critic.schedule
+        lo, hi = self.t_range(k)
+        t = ctx.sample_t(sched, lo, hi)
+        s = self.anchor(k)
+        x_t, eps_tgt, x0_tgt = subinterval_targets(sched, x_s, ctx.randn(*self.shape), s, t)
+        target = sched.x0_eps_to_pred(x0_tgt, eps_tgt, t, critic.prediction_type)
+        gan = self.uses_gan(k)
+        if gan:
+            pred, f_fake = critic.x0_and_features(x_t, t, cond, output="raw")
+        else:
+            pred = critic.raw(x_t, t, cond)
+        per = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        w = subinterval_weight(sched, s, t, per.shape[0], per.device) if self.phased.subinterval_weighting \
+            else torch.ones_like(per)
+        l_fake = (w * per).mean()
+        total, logs = l_fake, {"fake_loss": l_fake.item(), "phase": float(k)}
+        if gan:
+            real, real_labels = ctx.real_batch()
+            t_r = ctx.sample_t(sched, lo, hi)
+            xr = sched.add_noise(real, ctx.randn(*self.shape), t_r)
+            _, f_real = critic.x0_and_features(xr, t_r, real_labels if self.conds.num_classes else None)
+            logit_fake, logit_real = self.head(f_fake.float()), self.head(f_real.float())
+            l_d = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
+            total = total + c.gan_d_weight * l_d
+            logs.update({"gan_d_loss": l_d.item(), "d_real_acc": (logit_real > 0).float().mean().item(),
+                         "d_fake_acc": (logit_fake < 0).float().mean().item()})
+        logs["critic_loss"] = total.item()
+        return total, logs
+
+    # -- samples ------------------------------------------------------------------------------
+    def expert_denoisers(self, modules: dict[str, nn.Module]) -> list[Denoiser]:
+        e0 = self.experts[0]
+        return [Denoiser(modules[f"expert_{k}"], e0.schedule, e0.prediction_type, e0.null_class) for k in range(self.K)]
+
+    @torch.no_grad()
+    def sample(self, ema: dict[str, nn.Module], n: int, device, noise: torch.Tensor | None = None, cond=None,
+               trace: list | None = None) -> torch.Tensor:
+        """The training-time sampler (grids): the exported pipeline's chain on the given modules."""
+        if noise is None:
+            noise = torch.randn(n, *self.shape, generator=torch.Generator().manual_seed(1234))
+            cond = self.conds.grid(n, device)
+        return phased_sample(self.expert_denoisers(ema), self.timesteps, self.boundaries, cond, noise.to(device),
+                             trace=trace)
+
+
+# -- building / export ----------------------------------------------------------------------------
+def build_phased_dmd(cfg: DistillConfig, teacher: Denoiser, num_classes: int,
+                     shape: tuple[int, int, int]) -> PhasedDMDObjective:
+    """K experts and K critics, all initialised from the teacher (called by ``build_dmd``)."""
+    K = len(cfg.phased.boundaries) - 1
+
+    def copy_of_teacher() -> Denoiser:
+        d = Denoiser(copy.deepcopy(teacher.backbone), teacher.schedule, teacher.prediction_type, teacher.null_class)
+        d.backbone.train()
+        return d
+
+    experts = [copy_of_teacher() for _ in range(K)]
+    critics = [copy_of_teacher() for _ in range(K)]
+    steps = list(cfg.phased.steps_per_phase) or even_split(cfg.train.max_steps, K)
+    return PhasedDMDObjective(teacher, experts, critics, cfg.dmd, cfg.phased, num_classes, shape, steps,
+                              seed=cfg.train.seed)
+
+
+def export_phased(experts: list[nn.Module], cfg: DistillConfig, meta, out: Path, schedule=None) -> Path:
+    """EMA experts -> one diffusers folder loadable with ``PhasedDMDPipeline.from_pretrained``.
+
+    Expert 0 goes to ``unet/`` (written by :func:`~stepdistill.trainers.distill.export_student`, which
+    also writes the scheduler, model card and metadata), experts 1..K-1 to ``expert_k/``; then
+    ``model_index.json`` names the pipeline and the experts and ``stepdistill.json`` gets
+    ``extra.experts`` / ``extra.phase_boundaries``.
+    """
+    from .distill import export_student
+
+    out = Path(out)
+    bounds = [float(b) for b in cfg.phased.boundaries]
+    ts = bounds[:-1]
+    if len(experts) != len(ts):
+        raise ValueError(f"{len(ts)} phases but {len(experts)} experts")
+    cfg_ts = dataclasses.replace(cfg, dmd=dataclasses.replace(cfg.dmd, student_timesteps=ts))
+    export_student(experts[0], cfg_ts, meta, out, schedule=schedule)
+    index = json.loads((out / "model_index.json").read_text())
+    for k, m in enumerate(experts[1:], start=1):
+        sub = out / expert_subfolder(k)
+        if hasattr(m, "save_pretrained"):
+            m.save_pretrained(sub, safe_serialization=True)
+        else:  # a custom nn.Module: weights + class name, as save_model_folder does for unet/
+            from safetensors.torch import save_file
+
+            sub.mkdir(parents=True, exist_ok=True)
+            save_file({n: v.detach().cpu().contiguous() for n, v in m.state_dict().items()}, str(sub / "model.safetensors"))
+            (sub / "config.json").write_text(json.dumps(
+                {"_class_name": "custom", "module": f"{type(m).__module__}.{type(m).__qualname__}"}))
+        index[expert_subfolder(k)] = ["diffusers", type(m).__name__]
+    index.update({"_class_name": PHASED_PIPELINE, "phase_boundaries": bounds})
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    experts_meta = [{"name": f"expert_{k}", "subfolder": expert_subfolder(k), "timesteps": [ts[k]],
+                     "phase": [bounds[k], bounds[k + 1]]} for k in range(len(ts))]
+    smeta = json.loads((out / "stepdistill.json").read_text())
+    smeta.setdefault("extra", {}).update({"experts": experts_meta, "phase_boundaries": bounds,
+                                          "pipeline": PHASED_PIPELINE, "transport": "ddim"})
+    (out / "stepdistill.json").write_text(json.dumps(smeta, indent=2))
+    _phased_model_card(out, ts, meta)
+    return out
+
+
+def _phased_model_card(out: Path, ts: list[float], meta) -> None:
+    """Replace the card's StepDistill-specific sampling/usage sections (fresh-noise chain) with the
+    phased chain (experts by timestep, DDIM transport)."""
+    p = out / "README.md"
+    if not p.exists():
+        return
+    text = p.read_text()
+    names = [expert_subfolder(k) for k in range(len(ts))]
+    tlist = ", ".join(f"{t:g}" for t in ts)
+    label = (f"class_labels=[{meta.class_names[0]!r}] * 4, " if meta.class_names else "batch_size=4, ")
+    section = f"""## Sampling steps
+
+{len(ts)} steps at timesteps `[{tlist}]`, one expert network per phase ({', '.join(f'`{n}/`' for n in names)},
+in order). Step k runs the expert that owns timestep t_k, predicts a clean image x0_k and moves to the next
+timestep with a deterministic DDIM step on the expert's own predicted noise
+(`x = alpha(t_k+1) x0_k + sigma(t_k+1) eps_k`); the chain uses no randomness after the starting noise.
+
+## Usage
+
+```python
+from stepdistill.pipelines.phased import PhasedDMDPipeline
+
+pipe = PhasedDMDPipeline.from_pretrained("{out.name}")
+images = pipe({label}num_inference_steps={len(ts)}, seed=0).images  # PIL images
+print(pipe.last_experts)  # the expert that ran each step
+```
+
+With stock diffusers only (DDPM-family schedule; `x0, eps` from the prediction type as usual):
+
+```python
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+folder = "{out.name}"
+experts = [UNet2DModel.from_pretrained(folder, subfolder=s).eval() for s in {names!r}]
+ac = DDPMScheduler.from_pretrained(folder, subfolder="scheduler").alphas_cumprod.double()
+prediction_type = {meta.prediction_type!r}
+timesteps = {[int(t) if float(t).is_integer() else t for t in ts]!r}
+x = torch.randn(4, experts[0].config.in_channels, experts[0].config.sample_size, experts[0].config.sample_size,
+                generator=torch.Generator().manual_seed(0))
+labels = {"torch.tensor([0] * 4)" if meta.class_names else "None"}
+with torch.no_grad():
+    for k, t in enumerate(timesteps):
+        a, s = ac[int(t)].sqrt().float(), (1 - ac[int(t)]).sqrt().float()
+        pred = experts[k](x, torch.full((x.shape[0],), float(t)), class_labels=labels).sample
+        if prediction_type == "epsilon":
+            x0, eps = (x - s * pred) / a, pred
+        elif prediction_type == "v_prediction":
+            x0, eps = a * x - s * pred, s * x + a * pred
+        else:  # "sample"
+            x0, eps = pred, (x - a * pred) / s
+        if k + 1 < len(timesteps):
+            t1 = int(timesteps[k + 1])
+            x = ac[t1].sqrt().float() * x0 + (1 - ac[t1]).sqrt().float() * eps
+images = x0.clamp(-1, 1)
+```
+"""
+    i, j = text.find("## Sampling steps"), text.find("## Training configuration")
+    if i >= 0 and j > i:
+        classes = text.find("## Classes", i, j)
+        keep = text[classes:text.find("## Usage", classes, j)] if classes >= 0 else ""
+        text = text[:i] + section.rstrip() + "\n\n" + (keep.rstrip() + "\n\n" if keep else "") + text[j:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    p.write_text(text)
+
+
+def load_trained_experts(cfg: DistillConfig, checkpoint: str | Path | None = None):
+    """EMA experts of a phased run's checkpoint (latest by default): ``(experts, objective, meta)``,
+    for ``stepdistill export`` (``export_phased(experts, cfg, meta, out, schedule=obj.experts[0].schedule)``)."""
+    from safetensors.torch import load_file
+
+    from .distill import build_dmd
+
+    obj, _, meta = build_dmd(cfg)
+    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
+    path = Path(checkpoint) if checkpoint else ckpt_dir / (ckpt_dir / "latest").read_text().strip()
+    tensors = load_file(path / "models.safetensors")
+    experts = []
+    for k in range(obj.K):
+        pre = f"ema.expert_{k}."
+        m = obj.experts[k].backbone
+        m.load_state_dict({n[len(pre):]: v for n, v in tensors.items() if n.startswith(pre)})
+        experts.append(m)
+    return experts, obj, meta
