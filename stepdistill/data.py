@@ -6,7 +6,6 @@ and ``label`` an int64 class index (0 for unlabelled folders).
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -15,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
+
+from .utils import sha256_file
 
 ANIMAL_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
 # sha256 of the two gzip files of animal-mnist==0.4, checked before anything is unpickled.
@@ -34,14 +35,6 @@ def cache_dir() -> Path:
     d = Path(os.environ.get("STEPDISTILL_CACHE", Path.home() / ".cache" / "stepdistill"))
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _animal_mnist_dir() -> Path:
