@@ -42,9 +42,16 @@ def cmd_export(a):
     from .trainers.distill import build_dmd, export_student, load_trained_generator
 
     cfg = load_config(DistillConfig, a.config, a.overrides)
-    g = load_trained_generator(cfg, a.checkpoint)
-    _, _, meta = build_dmd(cfg)
-    out = export_student(g, cfg, meta, Path(a.out or Path(cfg.output_dir) / "student"))
+    out = Path(a.out or Path(cfg.output_dir) / "student")
+    if cfg.method == "phased_dmd":
+        from .trainers.phased_dmd import export_phased, load_trained_experts
+
+        experts, obj, meta = load_trained_experts(cfg, a.checkpoint)
+        out = export_phased(experts, cfg, meta, out, schedule=obj.experts[0].schedule)
+    else:
+        g = load_trained_generator(cfg, a.checkpoint)
+        _, _, meta = build_dmd(cfg)
+        out = export_student(g, cfg, meta, out)
     print(json.dumps({"exported": str(out)}))
 
 

@@ -62,6 +62,11 @@ class TrainConfig:
     cpu: bool = False              # force CPU (also makes 2-process CPU runs use gloo)
     num_workers: int = 0
     threads: int = 0               # torch.set_num_threads when > 0
+    gradient_checkpointing: bool = False  # diffusers activation checkpointing in trainable players' backbones
+    guard_every: int = 0           # collapse / over-saturation guard every N steps (0 = off; trainers/guards.py)
+    guard_min_diversity: float = 0.05   # trip when same-condition sample diversity (x data std) falls below
+    guard_max_saturation: float = 0.5   # trip when the fraction of pixels with |x| > 0.98 exceeds
+    guard_action: str = "warn"     # warn | stop (stop: checkpoint, then raise CollapseError)
 
 
 @dataclass
@@ -103,6 +108,11 @@ class DMDConfig:
     weight_decay: float = 0.01
     grad_clip: float = 10.0
     warmup_steps: int = 0
+    lora_rank: int = 0             # > 0: student and critic are LoRA adapters on the one frozen teacher (stepdistill/lora.py)
+    lora_alpha: float = 0.0        # LoRA scale alpha / rank; 0 means alpha = rank (scale 1)
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
+    teacher_dtype: str = "float32"  # float32 | bfloat16 (teacher weights; outputs are cast back to float32)
+    offload_teacher: bool = False  # keep the teacher on the CPU, move it to the accelerator for its forward only
 
 
 @dataclass
@@ -250,6 +260,10 @@ def validate(cfg) -> None:
         check(tr.mixed_precision in ("no", "bf16"), "train.mixed_precision", "must be no | bf16")
         check(tr.sample_every > 0 and tr.checkpoint_every > 0 and tr.log_every > 0,
               "train.sample_every", "sample/checkpoint/log intervals must be > 0")
+        check(tr.guard_every >= 0, "train.guard_every", "must be >= 0 (0 = off)")
+        check(tr.guard_min_diversity >= 0, "train.guard_min_diversity", "must be >= 0")
+        check(0.0 <= tr.guard_max_saturation <= 1.0, "train.guard_max_saturation", "must be in [0, 1]")
+        check(tr.guard_action in ("warn", "stop"), "train.guard_action", "must be warn | stop")
     if isinstance(cfg, TeacherConfig):
         m = cfg.model
         check(m.prediction_type in ("epsilon", "v_prediction", "sample"), "model.prediction_type",
@@ -275,3 +289,9 @@ def validate(cfg) -> None:
         check(d.critic_updates >= 1, "dmd.critic_updates", "must be >= 1")
         check(d.regression_distance in ("mse", "lpips"), "dmd.regression_distance", "must be mse | lpips")
         check(d.student_lr > 0 and d.critic_lr > 0, "dmd.student_lr", "learning rates must be > 0")
+        check(d.lora_rank >= 0, "dmd.lora_rank", "must be >= 0 (0 = full fine-tuning)")
+        check(d.lora_alpha >= 0, "dmd.lora_alpha", "must be >= 0 (0 = lora_rank)")
+        check(d.lora_rank == 0 or len(d.lora_targets) > 0, "dmd.lora_targets", "needs at least one module name")
+        check(d.teacher_dtype in ("float32", "bfloat16"), "dmd.teacher_dtype", "must be float32 | bfloat16")
+        check(not (d.offload_teacher and d.lora_rank > 0), "dmd.offload_teacher",
+              "cannot be combined with dmd.lora_rank > 0 (the LoRA teacher is the shared base of student and critic)")

@@ -136,7 +136,7 @@ def _student_pipeline_class(info: ModelInfo):
     from .pipelines.student import StepDistillPipeline
 
     name = info.pipeline_class or ""
-    for mod in ("stepdistill.pipelines.student", "stepdistill.pipelines"):
+    for mod in ("stepdistill.pipelines.student", "stepdistill.pipelines.phased", "stepdistill.pipelines"):
         cls = getattr(importlib.import_module(mod), name, None)
         if isinstance(cls, type):
             return cls

@@ -248,8 +248,9 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
     if t.image_shape != s.image_shape:
         raise ConfigError(f"teacher images {t.image_shape} and student images {s.image_shape} differ")
     k = s.max_steps
-    student_steps = parse_int_list(student_steps, "--student-steps") or list(range(1, k + 1))
-    bad = [n for n in student_steps if not 1 <= n <= k]
+    k0 = s.min_steps  # 1, or K for phased students (one step per expert)
+    student_steps = parse_int_list(student_steps, "--student-steps") or list(range(k0, k + 1))
+    bad = [n for n in student_steps if not k0 <= n <= k]
     if bad:
         raise ConfigError(f"--student-steps must lie in 1..{k} for this student, got {bad}")
     dev = s.device
@@ -284,7 +285,7 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
         x = torch.randn(b, *s.image_shape, generator=torch.Generator().manual_seed(seed)).to(dev)
         tt = torch.full((b,), float(s.meta.student_timesteps[0]), device=dev)
         y = torch.tensor(sl, dtype=torch.long, device=dev) if sl is not None else None
-        den = s.pipe.denoiser()
+        den = s.pipe.denoisers()[0] if s.phased else s.pipe.denoiser()
 
         @torch.no_grad()
         def bare_forward():  # one network evaluation (Denoiser._call: the backbone's own call convention)
@@ -292,14 +293,15 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
 
         fr = time_fn(bare_forward, dev, repeats, warmup)
         bar.update()
-        one = next((r for r in rows if r["steps"] == 1), None)
-        if one is None:  # 1 step not benchmarked: time it now for the overhead ratio
-            one = time_fn(lambda: s.pipe(class_labels=sl, batch_size=b, num_inference_steps=1, seed=seed,
+        one = next((r for r in rows if r["steps"] == k0), None)
+        if one is None:  # fewest steps not benchmarked: time it now for the overhead ratio
+            one = time_fn(lambda: s.pipe(class_labels=sl, batch_size=b, num_inference_steps=k0, seed=seed,
                                          output_type="pt"), dev, repeats, warmup)
         results.append({
             "batch_size": b, "teacher": teacher_row, "student": rows,
             "bare_forward": {**fr, "nfe_per_sample": 1},
-            "pipeline_overhead": one["latency_s"] / fr["latency_s"],
+            # fewest-step pipeline time / the network evaluations it must make (k0 bare forwards)
+            "pipeline_overhead": one["latency_s"] / (k0 * fr["latency_s"]),
         })
     bar.close()
 

@@ -255,6 +255,11 @@ class StudentModel(_ClassModel):
         from ..pipelines.student import StepDistillPipeline
 
         m = loaded.meta
+        if loaded.folder is not None and _pipeline_class(loaded.folder) == "PhasedDMDPipeline":
+            from ..pipelines.phased import PhasedDMDPipeline
+
+            self.phased = True
+            return PhasedDMDPipeline.from_pretrained(loaded.folder)
         return StepDistillPipeline(unet=loaded.den.backbone, scheduler=_scheduler_from_config(loaded.sched_cfg),
                                    student_timesteps=m.student_timesteps, class_names=m.class_names,
                                    prediction_type=m.prediction_type)
@@ -263,9 +268,18 @@ class StudentModel(_ClassModel):
     def max_steps(self) -> int:
         return len(self.meta.student_timesteps or [999.0])
 
+    phased = False
+
+    @property
+    def min_steps(self) -> int:
+        """Phased students run every expert once: exactly K steps."""
+        return self.max_steps if self.phased else 1
+
     def resolve_steps(self, steps):
         k = self.max_steps
         steps = k if steps is None else int(steps)
+        if self.phased and steps != k:
+            raise ConfigError(f"steps must be {k} for this phased student ({self.path}): one step per expert")
         if not 1 <= steps <= k:
             raise ConfigError(f"steps must be in 1..{k} for this student ({self.path}), got {steps}")
         return steps
@@ -276,11 +290,18 @@ class StudentModel(_ClassModel):
     def _sample(self, noise, labels, steps, guidance_scale, generator):
         from ..pipelines.sampling import student_sample
 
+        if self.phased:
+            return self.pipe.sample(noise, labels, steps)
         return student_sample(self.pipe.denoiser(), self.pipe.timesteps_for(steps), labels, noise, generator=generator)
 
     def describe(self) -> dict:
         return {**super().describe(), "student_timesteps": list(self.meta.student_timesteps or []),
                 "method": self.meta.method, "teacher": (self.meta.extra or {}).get("teacher")}
+
+
+def _pipeline_class(folder: Path) -> str | None:
+    p = Path(folder) / "model_index.json"
+    return json.loads(p.read_text()).get("_class_name") if p.is_file() else None
 
 
 def _backbone_folder(p: Path) -> Path | None:

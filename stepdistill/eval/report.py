@@ -172,8 +172,8 @@ def make_report(student: str, out_dir: str | Path, teacher: str | None = None, n
         return r
 
     run("teacher", t, teacher_steps)
-    run("student_1", s, 1)
-    if k > 1:
+    run(f"student_{s.min_steps}", s, s.min_steps)
+    if k > s.min_steps:
         run(f"student_{k}", s, k)
     t_lat = runs["teacher"]["latency_per_image_s"]
     for name, r in runs.items():
@@ -204,7 +204,7 @@ def make_report(student: str, out_dir: str | Path, teacher: str | None = None, n
         fid_labels = s.default_labels(fid_n)
         fkw = dict(n=None if fid_labels is not None else fid_n, seed=seed, batch_size=batch_size, progress=progress)
         points = []
-        for steps in range(1, k + 1):
+        for steps in range(s.min_steps, k + 1):
             name = f"student_{steps}"
             x = images[name] if name in images and len(images[name]) == fid_n else s.generate(fid_labels, steps=steps, **fkw)
             m = fid_metrics(x, ref_images, cache_key)

@@ -69,7 +69,7 @@ distribution at s_k, so only the subinterval is left to match. The last phase us
 [dmd.t_min, min(s_{K-1}, dmd.t_max)].
 
 Distribution-matching gradient. For KL(p_fake,t || p_real,t) over the subinterval the gradient
-w.r.t. the expert output x_s is E[w alpha_{t|s} (grad log p_fake,t - grad log p_real,t)(x_t)] and
+w.r.t. the expert output x_s is E_t[lambda(t) alpha_{t|s} (grad log p_fake,t - grad log p_real,t)(x_t)] and
 grad log p_fake - grad log p_real = (a_t / s_t^2)(x0_fake - x0_real): the DMD2 direction in x0
 space. So, as in :func:`~stepdistill.trainers.dmd.dm_loss`, ``grad = (x0_fake - x0_real) /
 mean|x0_hat - x0_real|`` (teacher x0 with CFG ``dmd.real_guidance_scale``; the per-sample
@@ -187,7 +187,8 @@ class PhasedDMDObjective:
         for k in range(K):
             lo, hi = self.t_range(k)
             if lo > hi:
-                raise ValueError(f"phase {k}: empty score-time range [{lo}, {hi}] (check boundaries, margin, t_min/t_max)")
+                raise ValueError(f"phase {k}: empty score-time range [{lo}, {hi}] "
+                                 "(check phased.boundaries / phased.margin / dmd.t_min / dmd.t_max)")
         self.steps_per_phase = [int(n) for n in steps_per_phase]
         self.shape = tuple(sample_shape)
         self.conds = CondSampler(num_classes)
@@ -388,7 +389,8 @@ def export_phased(experts: list[nn.Module], cfg: DistillConfig, meta, out: Path,
             from safetensors.torch import save_file
 
             sub.mkdir(parents=True, exist_ok=True)
-            save_file({n: v.detach().cpu().contiguous() for n, v in m.state_dict().items()}, str(sub / "model.safetensors"))
+            save_file({n: v.detach().cpu().contiguous() for n, v in m.state_dict().items()},
+                      str(sub / "model.safetensors"))
             (sub / "config.json").write_text(json.dumps(
                 {"_class_name": "custom", "module": f"{type(m).__module__}.{type(m).__qualname__}"}))
         index[expert_subfolder(k)] = ["diffusers", type(m).__name__]
