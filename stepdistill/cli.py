@@ -82,7 +82,9 @@ def cmd_sample(a):
 
 def _student_timesteps(trained: list[float], steps: int) -> list[float]:
     if steps < 1 or steps > len(trained):
-        raise SystemExit(f"--steps must be in 1..{len(trained)} for this student")
+        from .config import ConfigError
+
+        raise ConfigError(f"--steps must be in 1..{len(trained)} for this student")
     if steps == len(trained):
         return list(trained)
     # fewer steps than trained: an evenly spaced subset that keeps the first (pure-noise) step
@@ -110,7 +112,9 @@ def _parse_labels(classes: str | None, meta, n: int):
         elif c in names:
             out.append(names.index(c))
         else:
-            raise SystemExit(f"unknown class {c!r}; known: {', '.join(names)}")
+            from .config import ConfigError
+
+            raise ConfigError(f"unknown class {c!r}; known: {', '.join(names)}")
     reps = max(1, n // len(out))
     return torch.tensor(out, dtype=torch.long).repeat_interleave(reps)
 

@@ -77,3 +77,18 @@ def test_export_cli_from_checkpoint_matches_final_export(tiny_teacher, tmp_path)
     assert meta["method"] == "dmd2" and meta["student_timesteps"] == [999.0]
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "StepDistillPipeline" and index["unet"] == ["diffusers", "UNet2DModel"]
+
+
+def test_sample_cli_grids_and_errors(tiny_teacher, tmp_path, capsys):
+    from PIL import Image
+
+    from stepdistill.cli import main
+
+    out = tmp_path / "t.png"
+    assert main(["sample", "--model", str(tiny_teacher), "--scheduler", "euler", "--steps", "3", "--num", "6",
+                 "--nrow", "3", "--scale", "1", "--out", str(out)]) == 0
+    # 2 rows x 3 columns of 16x16 images with 1-pixel borders
+    assert Image.open(out).size == (3 * 17 + 1, 2 * 17 + 1)
+    assert main(["sample", "--model", str(tiny_teacher), "--classes", "unicorn", "--out", str(out)]) == 2
+    assert "unknown class 'unicorn'" in capsys.readouterr().err
+    assert main(["sample", "--model", str(tmp_path / "missing"), "--out", str(out)]) == 2
