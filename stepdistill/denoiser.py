@@ -47,7 +47,8 @@ BACKBONE_KINDS = {
 
 
 def backbone_kind(module: nn.Module) -> str:
-    return BACKBONE_KINDS.get(type(module).__name__, "custom")
+    kind = getattr(module, "denoiser_kind", None)  # LoRA views (stepdistill.lora) report their base model's kind
+    return kind if isinstance(kind, str) else BACKBONE_KINDS.get(type(module).__name__, "custom")
 
 
 class Denoiser(nn.Module):
@@ -71,7 +72,18 @@ class Denoiser(nn.Module):
         self.null_class = null_class
         self.null_cond = null_cond
         self._feats: torch.Tensor | None = None
-        self._hook_module = self._find_bottleneck()
+        # a reference, not a submodule (it lives in the backbone): Denoiser.parameters() are the backbone's only
+        object.__setattr__(self, "_hook_module", self._find_bottleneck())
+        # memory options (dmd.teacher_dtype / dmd.offload_teacher): inputs cast to compute_dtype, outputs back to
+        # float32; offload keeps the weights on the CPU and moves them to the input's device for each forward
+        self.compute_dtype: torch.dtype | None = None
+        self.offload = False
+
+    def to(self, *args, **kwargs):
+        if self.offload:  # an offloaded denoiser ignores device moves (dtype conversions still apply)
+            dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+            return super().to(dtype) if dtype is not None else self
+        return super().to(*args, **kwargs)
 
     # -- features for GAN heads (forward hook, no monkey-patching) ------------------------
     def _find_bottleneck(self) -> nn.Module | None:
@@ -114,6 +126,18 @@ class Denoiser(nn.Module):
     # -- raw network call ---------------------------------------------------------------
     def _call(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """One network evaluation returning the native prediction (B, C, H, W)."""
+        dt = self.compute_dtype if self.compute_dtype is not None else getattr(self.backbone, "compute_dtype", None)
+        if self.offload:
+            self.backbone.to(x_t.device)
+        try:
+            if dt is None or dt == x_t.dtype:
+                return self._call_backbone(x_t, t, cond)
+            return self._call_backbone(x_t.to(dt), t, _cast_cond(cond, dt)).float()
+        finally:
+            if self.offload:
+                self.backbone.to("cpu")
+
+    def _call_backbone(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         tm = self.schedule.model_timestep(t).to(x_t.device)
         b, k = self.backbone, self.kind
         if k == "unet2d":
@@ -142,7 +166,8 @@ class Denoiser(nn.Module):
         if isinstance(cond, dict):
             if self.null_cond is None:
                 raise ValueError("CFG with text conditioning needs null_cond (the empty-prompt embedding)")
-            return {k: v.expand(batch, *v.shape[1:]) for k, v in self.null_cond.items()}
+            return {k: v.to(cond[k]).expand(batch, *v.shape[1:]) if k in cond else v.expand(batch, *v.shape[1:])
+                    for k, v in self.null_cond.items()}
         if cond.dtype == torch.long:
             if self.null_class is None:
                 raise ValueError("CFG with class labels needs null_class (the unconditional label)")
@@ -197,6 +222,13 @@ def _pixart_added_cond(b, x_t):
     res = torch.tensor([H * 8, W * 8], dtype=x_t.dtype, device=x_t.device).repeat(B, 1)
     ar = torch.tensor([H / W], dtype=x_t.dtype, device=x_t.device).repeat(B, 1)
     return {"resolution": res, "aspect_ratio": ar}
+
+
+def _cast_cond(cond, dtype):
+    """Floating conditioning tensors (text embeddings) in the backbone's dtype; labels unchanged."""
+    if isinstance(cond, dict):
+        return {k: _cast_cond(v, dtype) for k, v in cond.items()}
+    return cond.to(dtype) if torch.is_tensor(cond) and cond.is_floating_point() else cond
 
 
 def _cat_cond(a, b):

@@ -193,26 +193,32 @@ def load_denoiser(path_or_id: str | Path, allow_pickle: bool = False) -> tuple[D
     return den, meta
 
 
+def backbone_subfolder(backbone) -> str:
+    """diffusers' component name: ``transformer`` for transformer backbones (SD3, Flux, DiT, PixArt), else ``unet``."""
+    return "transformer" if "Transformer" in type(backbone).__name__ else "unet"
+
+
 def save_model_folder(folder: str | Path, backbone, scheduler, meta: ModelMeta, pipeline_class: str) -> Path:
     """Write a diffusers pipeline folder (safetensors weights, scheduler, model_index.json)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    sub = backbone_subfolder(backbone)
     if hasattr(backbone, "save_pretrained"):
-        backbone.save_pretrained(folder / "unet", safe_serialization=True)
+        backbone.save_pretrained(folder / sub, safe_serialization=True)
     else:  # a custom nn.Module: weights + the class name, never pickled code
         from safetensors.torch import save_file
 
-        (folder / "unet").mkdir(exist_ok=True)
+        (folder / sub).mkdir(exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()},
-                  str(folder / "unet" / "model.safetensors"))
-        (folder / "unet" / "config.json").write_text(json.dumps(
+                  str(folder / sub / "model.safetensors"))
+        (folder / sub / "config.json").write_text(json.dumps(
             {"_class_name": "custom", "module": f"{type(backbone).__module__}.{type(backbone).__qualname__}"}))
     scheduler.save_pretrained(folder / "scheduler")
     meta.save(folder)
     index = {
         "_class_name": pipeline_class,
         "_diffusers_version": __import__("diffusers").__version__,
-        "unet": ["diffusers", type(backbone).__name__],
+        sub: ["diffusers", type(backbone).__name__],
         "scheduler": ["diffusers", type(scheduler).__name__],
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))

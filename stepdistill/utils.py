@@ -19,6 +19,8 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def make_grid(x: torch.Tensor, nrow: int, scale: int = 1, pad: int = 1) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (rows*H, nrow*W, 3) uint8 image, ``scale``x nearest upsampled."""
     imgs = to_uint8(x)
+    if imgs.shape[-1] not in (1, 3):  # latents (SD3: 16 channels): preview the first 3 channels (1 if only 2)
+        imgs = imgs[..., :3] if imgs.shape[-1] > 3 else imgs[..., :1]
     if imgs.shape[-1] == 1:
         imgs = np.repeat(imgs, 3, axis=-1)
     n, h, w, _ = imgs.shape

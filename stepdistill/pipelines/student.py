@@ -25,19 +25,30 @@ from .sampling import student_sample
 
 
 class StepDistillPipeline(DiffusionPipeline):
-    """One-/few-step sampling of a distilled student (CFG-free: guidance is distilled in)."""
+    """One-/few-step sampling of a distilled student (CFG-free: guidance is distilled in).
+
+    The network is the ``unet`` component (UNets) or ``transformer`` (SD3 / Flux / DiT / PixArt
+    students, with a ``FlowMatchEulerDiscreteScheduler`` for flow-matching teachers)."""
+
+    _optional_components = ["unet", "transformer"]
 
     def __init__(self, unet, scheduler, student_timesteps: list[float] | None = None,
-                 class_names: list[str] | None = None, prediction_type: str | None = None):
+                 class_names: list[str] | None = None, prediction_type: str | None = None, transformer=None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        if (unet is None) == (transformer is None):
+            raise ValueError("StepDistillPipeline needs exactly one network: unet or transformer")
+        self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler)
         self.register_to_config(student_timesteps=list(student_timesteps or [999.0]),
                                 class_names=list(class_names or []),
                                 prediction_type=prediction_type or scheduler.config.prediction_type)
 
+    @property
+    def network(self):
+        return self.unet if self.unet is not None else self.transformer
+
     def denoiser(self) -> Denoiser:
         sched = schedule_from_config(dict(self.scheduler.config))
-        return Denoiser(self.unet, sched, self.config.prediction_type)
+        return Denoiser(self.network, sched, self.config.prediction_type)
 
     def timesteps_for(self, num_inference_steps: int | None) -> list[float]:
         ts = list(self.config.student_timesteps)
@@ -63,9 +74,11 @@ class StepDistillPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, class_labels=None, batch_size: int = 1, num_inference_steps: int | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
-                 output_type: str = "pil", return_dict: bool = True, first_step=None):
-        """Sample ``batch_size`` images (or one per entry of ``class_labels``: names or indices)."""
-        dev = self.unet.device
+                 output_type: str = "pil", return_dict: bool = True, first_step=None,
+                 prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None):
+        """Sample ``batch_size`` images (or one per entry of ``class_labels``: names or indices; or one per
+        row of ``prompt_embeds`` (B, L, D) (+ ``pooled_prompt_embeds`` (B, P) for SD3 / Flux), text students)."""
+        dev = self.network.device
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
         labels = None
@@ -74,7 +87,12 @@ class StepDistillPipeline(DiffusionPipeline):
                 class_labels = [class_labels] * batch_size
             labels = torch.tensor([self.class_index(c) for c in class_labels], dtype=torch.long, device=dev)
             batch_size = len(labels)
-        c = self.unet.config
+        elif prompt_embeds is not None:
+            labels = prompt_embeds.to(dev, self.network.dtype)
+            if pooled_prompt_embeds is not None:
+                labels = {"emb": labels, "pooled": pooled_prompt_embeds.to(dev, self.network.dtype)}
+            batch_size = prompt_embeds.shape[0]
+        c = self.network.config
         noise = torch.randn(batch_size, c.in_channels, c.sample_size, c.sample_size, generator=generator).to(dev)
         t0 = time.perf_counter()
         x = student_sample(self.denoiser(), self.timesteps_for(num_inference_steps), labels, noise,

@@ -128,6 +128,10 @@ class Trainer:
         dev = self.acc.device
         for p in self.obj.players.values():
             p.module.to(dev)
+            if getattr(self.tcfg, "gradient_checkpointing", False):  # LoRA-aware (stepdistill/lora.py)
+                from ..lora import enable_gradient_checkpointing
+
+                enable_gradient_checkpointing(p.module)
         if hasattr(self.obj, "to"):
             self.obj.to(dev)
         self.opts = {n: torch.optim.AdamW([q for q in p.module.parameters() if q.requires_grad], lr=p.lr,
@@ -161,6 +165,10 @@ class Trainer:
                 self.step += 1
                 self.update = 0
                 s = self.step
+                if getattr(tc, "guard_every", 0) and s % tc.guard_every == 0:  # trainers/guards.py
+                    from .guards import run_guards
+
+                    logs.update(run_guards(self))
                 if acc.is_main_process and (s % tc.log_every == 0 or s == tc.max_steps):
                     row = {"step": s, **{k: round(v, 6) for k, v in logs.items()},
                            "sec_per_step": round((time.time() - t0) / max(len(history), 1), 4)}

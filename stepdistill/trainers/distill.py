@@ -19,8 +19,15 @@ STUDENT_PIPELINE = "StepDistillPipeline"
 
 
 def build_dmd(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMeta | None = None,
-              data=None) -> tuple[DMDObjective, object, ModelMeta]:
-    """Teacher (frozen real score), student and critic (both initialised from the teacher)."""
+              data=None, text_bank=None) -> tuple[DMDObjective, object, ModelMeta]:
+    """Teacher (frozen real score), student and critic (both initialised from the teacher).
+
+    ``text_bank``: a :class:`~stepdistill.conditioning.TextEmbeddingBank` of prompt embeddings, required
+    when ``meta.conditioning == "text"`` (its empty-prompt embedding is the teacher's CFG null input);
+    ``data`` is then an ``ArrayDataset`` of latents (for the shape, and for the GAN real branch: labels
+    = bank indices). ``dmd.lora_rank > 0``: student and critic are LoRA adapters on the teacher itself
+    (:mod:`stepdistill.lora`; one copy of the base weights in memory).
+    """
     if teacher is None:
         teacher, meta = load_denoiser(cfg.dmd.teacher, allow_pickle=cfg.dmd.allow_pickle)
     if data is None:
@@ -28,31 +35,66 @@ def build_dmd(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMe
     num_classes = len(meta.class_names) if meta.conditioning == "class" else 0
     if num_classes and data.num_classes != num_classes:
         raise ValueError(f"teacher has {num_classes} classes but dataset {cfg.data.name} has {data.num_classes}")
+    conds = None
+    if meta.conditioning == "text":
+        if text_bank is None:
+            raise ValueError("a text-conditional teacher needs text_bank=TextEmbeddingBank(...) "
+                             "(stepdistill.conditioning): the prompt embeddings to distill on")
+        if cfg.dmd.regression_weight > 0:
+            raise ValueError("dmd.regression_weight > 0 (DMD's ODE pairs) is not supported for text teachers")
+        conds = text_bank
+        if teacher.null_cond is None:
+            teacher.null_cond = text_bank.null_cond
     T = teacher.schedule.num_train_timesteps
+    shared = None
+    if cfg.dmd.lora_rank > 0:  # the teacher becomes the adapters-disabled view of its own backbone
+        from ..lora import lora_teacher
+
+        teacher, shared = lora_teacher(teacher, cfg.dmd, seed=cfg.train.seed)
     if cfg.method == "phased_dmd":  # one expert per phase (trainers/phased_dmd.py); DMD's path below is unchanged
+        from ..lora import apply_teacher_options
         from .phased_dmd import build_phased_dmd
 
-        return build_phased_dmd(cfg, teacher, num_classes, tuple(data.images.shape[1:])), data, meta
+        if conds is not None and cfg.dmd.gan:
+            raise ValueError("phased_dmd with a text teacher needs dmd.gan=false")
+        obj = build_phased_dmd(cfg, teacher, num_classes, tuple(data.images.shape[1:]))
+        if conds is not None:
+            obj.conds = conds
+        apply_teacher_options(obj.teacher, cfg.dmd, shared)
+        obj.data_std = float(data.images[:2048].float().std())
+        return obj, data, meta
     if any(not 0 <= t < T for t in cfg.dmd.student_timesteps):
         raise ValueError(f"dmd.student_timesteps {cfg.dmd.student_timesteps} must lie in [0, {T})")
-    student = Denoiser(copy.deepcopy(teacher.backbone), teacher.schedule, teacher.prediction_type, teacher.null_class)
-    critic = Denoiser(copy.deepcopy(teacher.backbone), teacher.schedule, teacher.prediction_type, teacher.null_class)
+    if shared is not None:
+        from ..lora import lora_roles
+
+        student, critic = lora_roles(teacher, shared, ("student", "critic"))
+    else:
+        student = Denoiser(copy.deepcopy(teacher.backbone), teacher.schedule, teacher.prediction_type,
+                           teacher.null_class, teacher.null_cond)
+        critic = Denoiser(copy.deepcopy(teacher.backbone), teacher.schedule, teacher.prediction_type,
+                          teacher.null_class, teacher.null_cond)
     student.backbone.train()
     critic.backbone.train()
+    from ..lora import apply_teacher_options
+
+    apply_teacher_options(teacher, cfg.dmd, shared)  # after the copies: student and critic stay float32
     shape = tuple(data.images.shape[1:])
     pairs = None
     if cfg.dmd.regression_weight > 0:
         pairs = teacher_ode_pairs(teacher, cfg.dmd, num_classes, shape, seed=cfg.train.seed)
     obj = DMDObjective(teacher, student, critic, cfg.dmd, num_classes, shape, regression_pairs=pairs,
-                       seed=cfg.train.seed)
+                       seed=cfg.train.seed, conds=conds)
+    obj.data_std = float(data.images[:2048].float().std())  # normalises the collapse guard's diversity
     return obj, data, meta
 
 
 def distill(cfg: DistillConfig, resume: bool = False, accelerator=None, teacher: Denoiser | None = None,
-            meta: ModelMeta | None = None) -> Path:
+            meta: ModelMeta | None = None, data=None, text_bank=None) -> Path:
     """Train and export. ``teacher``/``meta`` let Python users bring any ``nn.Module`` denoiser
-    (see :mod:`stepdistill.denoiser` for the call signature) instead of ``cfg.dmd.teacher``."""
-    obj, data, meta = build_dmd(cfg, teacher=teacher, meta=meta)
+    (see :mod:`stepdistill.denoiser` for the call signature) instead of ``cfg.dmd.teacher``;
+    ``data`` / ``text_bank`` as in :func:`build_dmd` (text-conditional teachers)."""
+    obj, data, meta = build_dmd(cfg, teacher=teacher, meta=meta, data=data, text_bank=text_bank)
     trainer = Trainer(obj, cfg, accelerator=accelerator, data=data)
     result = trainer.train(resume=resume)
     out = Path(cfg.output_dir) / "student"
@@ -81,7 +123,9 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
     if schedule is not None and hasattr(schedule, "config") and schedule.config:
         sched_cfg = dict(schedule.config)
     elif schedule is not None and schedule.kind == "flow":
-        sched_cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler", **schedule.to_config()}
+        # stochastic_sampling: the stock scheduler's step is then x0 = x - sigma u, x' = (1 - sigma') x0 + sigma' eps
+        # with fresh eps: exactly the student chain (set_timesteps(sigmas=[t / T for t in student_timesteps]))
+        sched_cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler", **schedule.to_config(), "stochastic_sampling": True}
         sched_cfg.pop("kind", None)
     elif schedule is not None:  # a VP schedule given as alphas_cumprod only: recover the betas
         ac = schedule.alphas_cumprod
@@ -96,7 +140,14 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
                       class_names=list(meta.class_names), null_class=meta.null_class,
                       student_timesteps=[float(t) for t in cfg.dmd.student_timesteps], method=cfg.method,
                       extra={"teacher": cfg.dmd.teacher, "config": json.loads(json.dumps(_cfg_dict(cfg)))})
+    lora_view = backbone if getattr(backbone, "is_lora_view", False) is True else None
+    if lora_view is not None:  # LoRA student: a plain merged model, plus the adapter alone in lora/ (peft format)
+        backbone = lora_view.merged()
+        smeta.extra["lora"] = {"rank": cfg.dmd.lora_rank, "alpha": cfg.dmd.lora_alpha or cfg.dmd.lora_rank,
+                               "targets": list(cfg.dmd.lora_targets), "adapter": "lora/"}
     save_model_folder(out, backbone, scheduler, smeta, STUDENT_PIPELINE)
+    if lora_view is not None:
+        lora_view.save_adapter(out / "lora")
     index = json.loads((out / "model_index.json").read_text())
     index.update({"student_timesteps": smeta.student_timesteps, "class_names": smeta.class_names,
                   "prediction_type": smeta.prediction_type})

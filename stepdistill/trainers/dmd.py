@@ -89,6 +89,10 @@ class CondSampler:
     def grid(self, n: int, device):
         return class_balanced_labels(n, self.num_classes).to(device) if self.num_classes > 0 else None
 
+    def real_cond(self, labels: torch.Tensor):
+        """Condition of real data (GAN real branch): its labels, or None when unconditional."""
+        return labels if self.num_classes > 0 else None
+
 
 class DMDObjective:
     """DMD / DMD2 as an Objective for :class:`~stepdistill.trainers.core.Trainer`.
@@ -100,14 +104,16 @@ class DMDObjective:
         cfg:     :class:`~stepdistill.config.DMDConfig`.
         num_classes: class count (0 for unconditional).
         regression_pairs: (noise, labels, teacher_x0) for the DMD regression loss, or None.
+        conds: condition sampler (default :class:`CondSampler` over ``num_classes``; text teachers:
+            :class:`~stepdistill.conditioning.TextEmbeddingBank`).
     """
 
     def __init__(self, teacher: Denoiser, student: Denoiser, critic: Denoiser, cfg: DMDConfig, num_classes: int,
-                 sample_shape: tuple[int, int, int], regression_pairs=None, seed: int = 0):
+                 sample_shape: tuple[int, int, int], regression_pairs=None, seed: int = 0, conds=None):
         self.teacher, self.student, self.critic, self.cfg = teacher, student, critic, cfg
         self.teacher.requires_grad_(False).eval()
         self.shape = tuple(sample_shape)
-        self.conds = CondSampler(num_classes)
+        self.conds = conds if conds is not None else CondSampler(num_classes)
         self.timesteps = [float(t) for t in cfg.student_timesteps]
         critic_mod = nn.ModuleDict({"fake": critic.backbone})
         if cfg.gan:
@@ -131,7 +137,7 @@ class DMDObjective:
     def _feature_spatial(self) -> int:
         with torch.no_grad():
             x = torch.zeros(1, *self.shape)
-            cond = torch.zeros(1, dtype=torch.long) if self.conds.num_classes else None
+            cond = self.conds.grid(1, x.device)  # label 0 / first prompt / None
             _, f = self.critic.x0_and_features(x, torch.tensor([500.0]), cond)
         return f.shape[-1]
 
@@ -246,7 +252,7 @@ class DMDObjective:
             real, real_labels = ctx.real_batch()
             t_r = ctx.sample_t(sched, 0, T - 1)
             xr = sched.add_noise(real, ctx.randn(*self.shape), t_r)
-            _, f_real = self.critic.x0_and_features(xr, t_r, real_labels if self.conds.num_classes else None)
+            _, f_real = self.critic.x0_and_features(xr, t_r, self.conds.real_cond(real_labels))
             logit_fake, logit_real = self.head(f_fake.float()), self.head(f_real.float())
             l_d = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
             total = total + c.gan_d_weight * l_d
@@ -262,6 +268,13 @@ class DMDObjective:
         g = torch.Generator().manual_seed(1234)
         noise = torch.randn(n, *self.shape, generator=g).to(device)
         return student_sample(den, self.timesteps, self.conds.grid(n, device), noise, generator=g)
+
+    @torch.no_grad()
+    def guard_stats(self, ema: dict[str, nn.Module]) -> dict:
+        """Diversity / saturation of the sample grid (collapse guards, :mod:`stepdistill.trainers.guards`)."""
+        from .guards import sample_guard_stats
+
+        return sample_guard_stats(self, ema)
 
 
 def _lpips(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
