@@ -48,6 +48,11 @@ def cmd_export(a):
 
         experts, obj, meta = load_trained_experts(cfg, a.checkpoint)
         out = export_phased(experts, cfg, meta, out, schedule=obj.experts[0].schedule)
+    elif cfg.method == "msd":
+        from .trainers.multi_student import export_multi_student, load_trained_students
+
+        students, obj, meta = load_trained_students(cfg, a.checkpoint)
+        out = export_multi_student(students, cfg, meta, out, obj.groups, schedule=obj.students[0].schedule)
     else:
         g = load_trained_generator(cfg, a.checkpoint)
         _, _, meta = build_dmd(cfg)

@@ -108,7 +108,7 @@ class DMDConfig:
     weight_decay: float = 0.01
     grad_clip: float = 10.0
     warmup_steps: int = 0
-    lora_rank: int = 0             # > 0: student and critic are LoRA adapters on the one frozen teacher (stepdistill/lora.py)
+    lora_rank: int = 0             # > 0: student, critic = LoRA adapters on the frozen teacher (stepdistill/lora.py)
     lora_alpha: float = 0.0        # LoRA scale alpha / rank; 0 means alpha = rank (scale 1)
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
     teacher_dtype: str = "float32"  # float32 | bfloat16 (teacher weights; outputs are cast back to float32)
@@ -126,12 +126,57 @@ class PhasedConfig:
 
 
 @dataclass
+class MSDConfig:
+    """Multi-student distillation (Song et al. 2024; method: msd): K one-step students, each distilled
+    with DMD2 (the ``dmd`` section) on its own part of the classes. See trainers/multi_student.py."""
+    num_students: int = 4
+    groups: list[list[int]] = field(default_factory=list)  # class indices per student; [] = balanced contiguous split
+    shared_critic: bool = False    # one fake score for all students (else one per student)
+    schedule: str = "round_robin"  # round_robin: one student per step | all: every student every step
+    steps_per_student: int = 0     # DM generator updates per student; 0 = what train.max_steps leaves after TSM
+    student_channels: list[int] = field(default_factory=list)  # [] = the teacher's architecture (teacher init)
+    student_layers_per_block: int = 0  # 0 = the teacher's
+    tsm_steps: int = 0             # teacher score-matching updates per student before DM (smaller students)
+
+    @property
+    def round_steps(self) -> int:
+        """Global steps per update of one student: K (round_robin) or 1 (all)."""
+        return self.num_students if self.schedule == "round_robin" else 1
+
+
+@dataclass
+class PSOConfig:
+    """Pairwise Sample Optimization (Miao et al. 2024; method: pso | pso_naive): tune an already distilled
+    few-step model toward target data, anchored to its own samples. See trainers/pso.py."""
+    model: str = "builtin:animal_mnist_dmd2"  # distilled model: our student folder, a diffusers folder or hub id
+    model_timesteps: list[float] = field(default_factory=list)  # its sampling chain if it has no stepdistill.json
+    allow_pickle: bool = False
+    target: str = ""               # target dataset: "" = the data section; animal_mnist | digits | image folder
+    target_transform: str = "none"  # none | invert (x -> -x: inverted silhouettes)
+    target_classes: list[str] = field(default_factory=list)  # class subset (names or indices); [] = all
+    pairs: str = ""                # preference pairs (.safetensors or folder with chosen/ rejected/): replaces target
+    mode: str = "offline"          # offline: references drawn once from the initial model (cached) | online
+    num_reference: int = 256       # reference samples (class-balanced over the target's classes)
+    refresh_every: int = 20        # online: redraw the references from the current model every N steps
+    beta: float = 10.0             # DPO temperature; the loss saturates once the margin reaches ~5 / beta
+    timesteps: list[float] = field(default_factory=list)  # likelihood timesteps; [] = the model's own
+    weights: list[float] = field(default_factory=list)    # w_k per timestep; [] = uniform 1/K
+    lr: float = 2.0e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    naive: bool = False            # the naive baseline (denoising loss on the targets) = method: pso_naive
+
+
+@dataclass
 class DistillConfig:
     output_dir: str = "runs/dmd2"
-    method: str = "dmd2"           # dmd | dmd2 | phased_dmd
+    method: str = "dmd2"           # dmd | dmd2 | phased_dmd | msd | pso | pso_naive
     data: DataConfig = field(default_factory=DataConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
     phased: PhasedConfig = field(default_factory=PhasedConfig)
+    msd: MSDConfig = field(default_factory=MSDConfig)
+    pso: PSOConfig = field(default_factory=PSOConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32, max_steps=300, ema_decay=0.95,
                                                                    sample_every=50, checkpoint_every=50))
 
@@ -273,7 +318,12 @@ def validate(cfg) -> None:
         check(0.0 <= cfg.cfg_dropout < 1.0, "cfg_dropout", "must be in [0, 1)")
     if isinstance(cfg, DistillConfig):
         d = cfg.dmd
-        check(cfg.method in ("dmd", "dmd2", "phased_dmd"), "method", "must be dmd | dmd2 | phased_dmd")
+        check(cfg.method in ("dmd", "dmd2", "phased_dmd", "msd", "pso", "pso_naive"), "method",
+              "must be dmd | dmd2 | phased_dmd | msd | pso | pso_naive")
+        if cfg.method in ("pso", "pso_naive"):
+            _validate_pso(cfg, check)
+        if cfg.method == "msd":
+            _validate_msd(cfg, check)
         if cfg.method == "phased_dmd":
             b, n, K = cfg.phased.boundaries, cfg.phased.steps_per_phase, len(cfg.phased.boundaries) - 1
             check(K >= 1 and all(x > y for x, y in zip(b, b[1:])) and b[-1] == 0, "phased.boundaries",
@@ -295,3 +345,56 @@ def validate(cfg) -> None:
         check(d.teacher_dtype in ("float32", "bfloat16"), "dmd.teacher_dtype", "must be float32 | bfloat16")
         check(not (d.offload_teacher and d.lora_rank > 0), "dmd.offload_teacher",
               "cannot be combined with dmd.lora_rank > 0 (the LoRA teacher is the shared base of student and critic)")
+
+
+def _validate_msd(cfg: DistillConfig, check) -> None:
+    """``method: msd``: student count, schedule, per-student budget, architecture, groups (structure)."""
+    m, K, tr, d = cfg.msd, cfg.msd.num_students, cfg.train, cfg.dmd
+    check(1 <= K <= 8, "msd.num_students", "must be in 1..8 (MultiStudentPipeline holds at most 8 students)")
+    check(m.schedule in ("round_robin", "all"), "msd.schedule", "must be round_robin | all")
+    check(m.tsm_steps >= 0, "msd.tsm_steps", "must be >= 0")
+    check(m.steps_per_student >= 0, "msd.steps_per_student", "must be >= 0 (0 = split train.max_steps)")
+    per = m.round_steps
+    if m.steps_per_student:  # the schedule is msd's; a smaller train.max_steps stops early (a prefix of it)
+        need = per * (m.tsm_steps + m.steps_per_student)
+        check(tr.max_steps <= need, "msd.steps_per_student",
+              f"{K} students x (msd.tsm_steps {m.tsm_steps} + {m.steps_per_student}) with schedule {m.schedule} "
+              f"take train.max_steps={need} (fewer stops early), got {tr.max_steps}; or set msd.steps_per_student=0")
+    else:
+        check(tr.max_steps % per == 0 and tr.max_steps // per > m.tsm_steps, "msd.steps_per_student",
+              f"0 splits train.max_steps evenly: with schedule {m.schedule} it must be a multiple of {per} that "
+              f"leaves more than msd.tsm_steps={m.tsm_steps} updates per student, got {tr.max_steps}")
+    check(all(c > 0 for c in m.student_channels), "msd.student_channels", "entries must be > 0 ([] = the teacher's)")
+    check(m.student_layers_per_block >= 0, "msd.student_layers_per_block", "must be >= 0 (0 = the teacher's)")
+    check(d.lora_rank == 0, "dmd.lora_rank", "LoRA students are not supported by method msd")
+    check(d.regression_weight == 0, "dmd.regression_weight", "DMD's regression loss is not supported by method msd")
+    if m.groups:  # structure only here (overlaps, gaps); the class count is checked against the teacher at build
+        from .trainers.multi_student import partition_classes
+
+        partition_classes(1 + max((c for g in m.groups for c in g), default=-1), K, m.groups)
+
+
+def _validate_pso(cfg: DistillConfig, check) -> None:
+    """``method: pso | pso_naive`` (trainers/pso.py); ``pso.naive: true`` is normalised to ``method: pso_naive``."""
+    p = cfg.pso
+    if p.naive or cfg.method == "pso_naive":  # one switch, two spellings: exports record pso_naive
+        cfg.method, p.naive = "pso_naive", True
+    check(bool(p.model), "pso.model", "needs the distilled model to tune (folder, hub id or builtin:animal_mnist_dmd2)")
+    check(p.mode in ("offline", "online"), "pso.mode", "must be offline | online")
+    check(p.refresh_every >= 1, "pso.refresh_every", "must be >= 1")
+    check(p.num_reference >= 1, "pso.num_reference", "must be >= 1")
+    check(p.beta > 0, "pso.beta", "must be > 0")
+    check(p.lr > 0, "pso.lr", "must be > 0")
+    check(p.target_transform in ("none", "invert"), "pso.target_transform", "must be none | invert")
+    check(all(a > b for a, b in zip(p.timesteps, p.timesteps[1:])) and all(t >= 0 for t in p.timesteps),
+          "pso.timesteps", "must be strictly decreasing and >= 0 ([] = the model's own)")
+    check(all(a > b for a, b in zip(p.model_timesteps, p.model_timesteps[1:])), "pso.model_timesteps",
+          "must be strictly decreasing ([] = the model's stepdistill.json student_timesteps)")
+    check(not p.weights or ((not p.timesteps or len(p.weights) == len(p.timesteps)) and min(p.weights) >= 0
+                            and sum(p.weights) > 0),
+          "pso.weights", "needs one weight >= 0 per timestep (pso.timesteps, or the model's own), not all 0")
+    if p.pairs:
+        check(not p.target and p.target_transform == "none" and not p.target_classes, "pso.pairs",
+              "replaces pso.target / target_transform / target_classes (the chosen images are the targets)")
+        check(p.mode == "offline" or p.naive, "pso.mode",
+              "with pso.pairs the rejected images are the references: use mode offline")

@@ -136,7 +136,8 @@ def _student_pipeline_class(info: ModelInfo):
     from .pipelines.student import StepDistillPipeline
 
     name = info.pipeline_class or ""
-    for mod in ("stepdistill.pipelines.student", "stepdistill.pipelines.phased", "stepdistill.pipelines"):
+    for mod in ("stepdistill.pipelines.student", "stepdistill.pipelines.phased", "stepdistill.pipelines.multi_student",
+                "stepdistill.pipelines"):
         cls = getattr(importlib.import_module(mod), name, None)
         if isinstance(cls, type):
             return cls

@@ -36,9 +36,14 @@ METHODS = {
     "msd": ("MSD (Multi-Student Distillation; Song et al., 2024)",
             "Several students each distill the teacher on a subset of the conditioning space (here: classes); "
             "at inference the student owning the requested condition generates the image."),
-    "pso": ("PSO (preference/score optimisation of a distilled student)",
-            "A distilled student is further fine-tuned with a pairwise preference objective on its own samples, "
-            "anchored to the initial student."),
+    "pso": ("PSO (Pairwise Sample Optimization; Miao et al., ICLR 2025)",
+            "An already distilled few-step model is tuned toward target images with a Diffusion-DPO-style pairwise "
+            "loss: its likelihood (denoising error at its own timesteps) of target images rises relative to reference "
+            "images sampled from the model itself, measured against a frozen copy of the initial model, so the "
+            "few-step ability is kept."),
+    "pso_naive": ("Naive fine-tuning of a distilled model (PSO's baseline)",
+                  "An already distilled few-step model is fine-tuned with the plain denoising loss on target images "
+                  "at its own timesteps (Miao et al., 2025 report that this blurs few-step samples)."),
 }
 
 

@@ -260,6 +260,11 @@ class StudentModel(_ClassModel):
 
             self.phased = True
             return PhasedDMDPipeline.from_pretrained(loaded.folder)
+        if loaded.folder is not None and _pipeline_class(loaded.folder) == "MultiStudentPipeline":
+            from ..pipelines.multi_student import MultiStudentPipeline
+
+            self.multi_student = True
+            return MultiStudentPipeline.from_pretrained(loaded.folder)
         return StepDistillPipeline(unet=loaded.den.backbone, scheduler=_scheduler_from_config(loaded.sched_cfg),
                                    student_timesteps=m.student_timesteps, class_names=m.class_names,
                                    prediction_type=m.prediction_type)
@@ -269,6 +274,7 @@ class StudentModel(_ClassModel):
         return len(self.meta.student_timesteps or [999.0])
 
     phased = False
+    multi_student = False  # MultiStudentPipeline: each label runs on the student owning its class
 
     @property
     def min_steps(self) -> int:
@@ -290,8 +296,8 @@ class StudentModel(_ClassModel):
     def _sample(self, noise, labels, steps, guidance_scale, generator):
         from ..pipelines.sampling import student_sample
 
-        if self.phased:
-            return self.pipe.sample(noise, labels, steps)
+        if self.phased or self.multi_student:  # the pipeline's own chain (experts / routed students)
+            return self.pipe.sample(noise, labels, steps, generator=generator)
         return student_sample(self.pipe.denoiser(), self.pipe.timesteps_for(steps), labels, noise, generator=generator)
 
     def describe(self) -> dict:

@@ -28,6 +28,10 @@ def build_dmd(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMe
     = bank indices). ``dmd.lora_rank > 0``: student and critic are LoRA adapters on the teacher itself
     (:mod:`stepdistill.lora`; one copy of the base weights in memory).
     """
+    if cfg.method in ("pso", "pso_naive"):  # tune a distilled model (trainers/pso.py): ``teacher`` = that model
+        from .pso import build_pso
+
+        return build_pso(cfg, model=teacher, meta=meta, data=data)
     if teacher is None:
         teacher, meta = load_denoiser(cfg.dmd.teacher, allow_pickle=cfg.dmd.allow_pickle)
     if data is None:
@@ -65,6 +69,10 @@ def build_dmd(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMe
         return obj, data, meta
     if any(not 0 <= t < T for t in cfg.dmd.student_timesteps):
         raise ValueError(f"dmd.student_timesteps {cfg.dmd.student_timesteps} must lie in [0, {T})")
+    if cfg.method == "msd":  # K students, one per class group (trainers/multi_student.py)
+        from .multi_student import build_multi_student
+
+        return build_multi_student(cfg, teacher, num_classes, data), data, meta
     if shared is not None:
         from ..lora import lora_roles
 
@@ -95,15 +103,22 @@ def distill(cfg: DistillConfig, resume: bool = False, accelerator=None, teacher:
     (see :mod:`stepdistill.denoiser` for the call signature) instead of ``cfg.dmd.teacher``;
     ``data`` / ``text_bank`` as in :func:`build_dmd` (text-conditional teachers)."""
     obj, data, meta = build_dmd(cfg, teacher=teacher, meta=meta, data=data, text_bank=text_bank)
-    trainer = Trainer(obj, cfg, accelerator=accelerator, data=data)
+    trainer = Trainer(obj, cfg, accelerator=accelerator, data=data,
+                      on_checkpoint=getattr(obj, "on_checkpoint", None))  # PSO keeps its online references
     result = trainer.train(resume=resume)
     out = Path(cfg.output_dir) / "student"
     if trainer.acc.is_main_process and not result["interrupted"]:
         if cfg.method == "phased_dmd":
             from .phased_dmd import export_phased
 
-            export_phased([trainer.ema[f"expert_{k}"] for k in range(obj.K)], cfg, meta, out,
-                          schedule=obj.experts[0].schedule)
+            experts = [trainer.ema[f"expert_{k}"] for k in range(obj.K)]
+            experts = [m.merged() if getattr(m, "is_lora_view", False) is True else m for m in experts]  # LoRA
+            export_phased(experts, cfg, meta, out, schedule=obj.experts[0].schedule)
+        elif cfg.method == "msd":
+            from .multi_student import export_multi_student
+
+            export_multi_student([trainer.ema[f"student_{k}"] for k in range(obj.K)], cfg, meta, out, obj.groups,
+                                 schedule=obj.students[0].schedule)
         else:
             export_student(trainer.ema["generator"], cfg, meta, out, schedule=obj.student.schedule)
         (Path(cfg.output_dir) / "training_result.json").write_text(json.dumps(result, indent=2, default=str))
@@ -120,12 +135,15 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
     """
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+    pso = cfg.method in ("pso", "pso_naive")  # a tuned distilled model (trainers/pso.py) keeps meta's timesteps
+    base = cfg.pso.model if pso else cfg.dmd.teacher
     if schedule is not None and hasattr(schedule, "config") and schedule.config:
         sched_cfg = dict(schedule.config)
     elif schedule is not None and schedule.kind == "flow":
         # stochastic_sampling: the stock scheduler's step is then x0 = x - sigma u, x' = (1 - sigma') x0 + sigma' eps
         # with fresh eps: exactly the student chain (set_timesteps(sigmas=[t / T for t in student_timesteps]))
-        sched_cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler", **schedule.to_config(), "stochastic_sampling": True}
+        sched_cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler", **schedule.to_config(),
+                     "stochastic_sampling": True}
         sched_cfg.pop("kind", None)
     elif schedule is not None:  # a VP schedule given as alphas_cumprod only: recover the betas
         ac = schedule.alphas_cumprod
@@ -133,13 +151,15 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
         sched_cfg = {"num_train_timesteps": len(betas), "trained_betas": betas,
                      "prediction_type": meta.prediction_type, "clip_sample": False}
     else:
-        sched_cfg = load_scheduler_config(cfg.dmd.teacher, None)
+        sched_cfg = load_scheduler_config(base, None)
     sched_cls = FlowMatchEulerDiscreteScheduler if "FlowMatch" in sched_cfg.get("_class_name", "") else DDPMScheduler
     scheduler = sched_cls.from_config(sched_cfg)
+    ts = meta.student_timesteps if pso else cfg.dmd.student_timesteps
+    extra = {"teacher": (meta.extra or {}).get("teacher", base), "base_model": base} if pso else {"teacher": base}
     smeta = ModelMeta(prediction_type=meta.prediction_type, conditioning=meta.conditioning,
                       class_names=list(meta.class_names), null_class=meta.null_class,
-                      student_timesteps=[float(t) for t in cfg.dmd.student_timesteps], method=cfg.method,
-                      extra={"teacher": cfg.dmd.teacher, "config": json.loads(json.dumps(_cfg_dict(cfg)))})
+                      student_timesteps=[float(t) for t in ts], method=cfg.method,
+                      extra={**extra, "config": json.loads(json.dumps(_cfg_dict(cfg)))})
     lora_view = backbone if getattr(backbone, "is_lora_view", False) is True else None
     if lora_view is not None:  # LoRA student: a plain merged model, plus the adapter alone in lora/ (peft format)
         backbone = lora_view.merged()
@@ -154,7 +174,7 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     from ..modelcard import write_model_card
 
-    write_model_card(out, method=cfg.method, teacher=cfg.dmd.teacher, steps=smeta.student_timesteps,
+    write_model_card(out, method=cfg.method, teacher=base, steps=smeta.student_timesteps,
                      config=_cfg_dict(cfg), metrics=None, class_names=smeta.class_names)
     return out
 

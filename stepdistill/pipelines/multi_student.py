@@ -1,0 +1,208 @@
+"""``MultiStudentPipeline``: a multi-student distilled model (one one-step student per class group).
+
+Multi-student distillation (MSD; Song et al. 2024, "Multi-student Diffusion Distillation for Better
+One-step Generators") partitions the conditioning space (here: the classes) into K disjoint groups
+and distills one student per group. At inference every request is *routed* to the student that
+owns its class; the routing table is stored with the model, so routing is total (every class maps
+to exactly one student) and deterministic (it depends on the class only)::
+
+    which = [route(c) for c in labels]                 # (B,) student per request
+    noise = randn(B, C, H, W, generator)               # drawn for the whole batch, in request order
+    for k in 0..K-1:                                   # one batched call per student that has requests
+        rows = which == k
+        out[rows] = student_chain(student_k, noise[rows], labels[rows])   # as StepDistillPipeline
+    return out                                         # request order restored; last_students = names
+
+so an image equals what its own student gives for the same starting noise, whatever else is in the batch.
+
+Folder layout (all stock diffusers parts)::
+
+    model_index.json      _class_name MultiStudentPipeline, unet, student_1..student_{K-1}, scheduler,
+                          student_classes (the partition: class indices per student)
+    unet/                 student 0 (UNet2DModel; kept as ``unet`` so tools that read unet/ still work)
+    student_1/ ...        students 1..K-1 (each a UNet2DModel folder; may be smaller than the teacher)
+    scheduler/            stock DDPMScheduler config
+    stepdistill.json      student_timesteps, extra.students = [{name, subfolder, classes}, ...], extra.partition
+
+Imports only diffusers, torch and the lightweight denoiser / schedules modules (no training code).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from diffusers import DiffusionPipeline
+
+from ..denoiser import Denoiser
+from ..schedules import schedule_from_config
+from .sampling import student_sample
+from .student import StepDistillPipeline, _output
+
+MAX_STUDENTS = 8  # student_0 (= unet) plus the optional components student_1..student_7
+PIPELINE_CLASS = "MultiStudentPipeline"
+
+
+def student_subfolder(k: int) -> str:
+    """Component / subfolder name of student k (student 0 lives in ``unet/``)."""
+    return "unet" if k == 0 else f"student_{k}"
+
+
+def routing_table(groups: list[list[int]], num_classes: int) -> list[int]:
+    """``table[c]`` = the student owning class c. ValueError (naming the class) unless ``groups`` is a
+    total, disjoint cover of ``0..num_classes-1`` by non-empty groups."""
+    table: list[int | None] = [None] * num_classes
+    for k, g in enumerate(groups):
+        if len(g) == 0:
+            raise ValueError(f"group {k} is empty (every student needs at least one class)")
+        for c in g:
+            c = int(c)
+            if not 0 <= c < num_classes:
+                raise ValueError(f"class {c} in group {k} is out of range 0..{num_classes - 1}")
+            if table[c] is not None:
+                raise ValueError(f"class {c} is in more than one group ({table[c]} and {k})")
+            table[c] = k
+    missing = [c for c, k in enumerate(table) if k is None]
+    if missing:
+        raise ValueError(f"class {missing[0]} is in no group (groups must cover all {num_classes} classes)")
+    return table  # type: ignore[return-value]
+
+
+def student_rows(labels: torch.Tensor, table: list[int], num_students: int) -> list[tuple[int, torch.Tensor]]:
+    """``[(k, rows), ...]`` in student order, for every student that owns some of ``labels`` (B,) long."""
+    which = torch.as_tensor(table, device=labels.device)[labels]
+    out = []
+    for k in range(num_students):
+        rows = (which == k).nonzero().flatten()
+        if len(rows):
+            out.append((k, rows))
+    return out
+
+
+@torch.no_grad()
+def multi_student_sample(students: list[Denoiser], table: list[int], timesteps: list[float], labels: torch.Tensor,
+                         noise: torch.Tensor, generator: torch.Generator | None = None,
+                         first_step=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed sampling (module docstring): ``(x0 (B, C, H, W) in [-1, 1], which (B,) long)``.
+
+    ``first_step(x, t) -> x0`` (hybrid sampling: a teacher takes the first step) is called once on
+    the whole batch, then each student continues from its rows of that prediction. Multi-step
+    students re-noise with fresh noise from ``generator`` (as :func:`student_sample`), drawn per
+    student in student order.
+    """
+    given = None
+    if first_step is not None:
+        given = first_step(noise, torch.full((noise.shape[0],), float(timesteps[0]), device=noise.device))
+    out = torch.empty(noise.shape, dtype=torch.float32, device=noise.device)
+    which = torch.empty_like(labels)
+    for k, rows in student_rows(labels, table, len(students)):
+        which[rows] = k
+        fs = None if given is None else (lambda x, t, g=given[rows]: g)
+        out[rows] = student_sample(students[k], timesteps, labels[rows], noise[rows], generator=generator,
+                                   first_step=fs).float()
+    return out, which
+
+
+class MultiStudentPipeline(DiffusionPipeline):
+    """One-step (or few-step) sampling of a multi-student model: each request runs on the student that
+    owns its class (:meth:`route`). Loads with ``MultiStudentPipeline.from_pretrained(folder)``;
+    ``__call__`` has the signature of :class:`~stepdistill.pipelines.student.StepDistillPipeline`
+    (class-conditional only: ``class_labels`` are required). After a call ``last_students`` holds the
+    student name of each image (request order) and ``last_latency_s`` the sampling time.
+    """
+
+    _optional_components = [student_subfolder(k) for k in range(1, MAX_STUDENTS)]
+
+    def __init__(self, unet, scheduler, student_1=None, student_2=None, student_3=None, student_4=None,
+                 student_5=None, student_6=None, student_7=None, student_timesteps: list[float] | None = None,
+                 class_names: list[str] | None = None, prediction_type: str | None = None,
+                 student_classes: list[list[int]] | None = None):
+        super().__init__()
+        rest = [student_1, student_2, student_3, student_4, student_5, student_6, student_7]
+        self.register_modules(unet=unet, scheduler=scheduler,
+                              **{student_subfolder(k + 1): m for k, m in enumerate(rest)})
+        n = 1 + sum(1 for m in rest if m is not None)
+        if any(m is None for m in rest[:n - 1]):
+            raise ValueError("students must be unet, student_1, student_2, ... without gaps")
+        groups = [[int(c) for c in g] for g in (student_classes or [])]
+        if len(groups) != n:
+            raise ValueError(f"{n} student(s) but student_classes has {len(groups)} group(s)")
+        num_classes = len(class_names) if class_names else 1 + max(c for g in groups for c in g)
+        self._table = routing_table(groups, num_classes)
+        self.register_to_config(student_timesteps=[float(t) for t in (student_timesteps or [999.0])],
+                                class_names=list(class_names or []),
+                                prediction_type=prediction_type or scheduler.config.prediction_type,
+                                student_classes=groups)
+        self.last_latency_s: float | None = None
+        self.last_students: list[str] = []
+
+    # -- students and routing ---------------------------------------------------------------------
+    @property
+    def num_students(self) -> int:
+        return len(self.config.student_classes)
+
+    @property
+    def student_names(self) -> list[str]:
+        return [f"student_{k}" for k in range(self.num_students)]
+
+    def students(self) -> list:
+        """The student networks in order (student 0 is ``self.unet``)."""
+        return [getattr(self, student_subfolder(k)) for k in range(self.num_students)]
+
+    def denoisers(self) -> list[Denoiser]:
+        sched = schedule_from_config(dict(self.scheduler.config))
+        return [Denoiser(m, sched, self.config.prediction_type) for m in self.students()]
+
+    def denoiser(self) -> Denoiser:
+        """Student 0 alone (one network evaluation, e.g. for the bench's bare-forward timing)."""
+        return self.denoisers()[0]
+
+    def class_index(self, c) -> int:
+        return StepDistillPipeline.class_index(self, c)
+
+    def route(self, label) -> int:
+        """The student owning ``label`` (class name or index); total over the classes, deterministic."""
+        c = self.class_index(label)
+        if not 0 <= c < len(self._table):
+            raise ValueError(f"class index {c} out of range 0..{len(self._table) - 1}")
+        return self._table[c]
+
+    def timesteps_for(self, num_inference_steps: int | None) -> list[float]:
+        return StepDistillPipeline.timesteps_for(self, num_inference_steps)
+
+    # -- sampling -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, labels: torch.Tensor, num_inference_steps: int | None = None,
+               generator: torch.Generator | None = None, first_step=None) -> torch.Tensor:
+        """x0 in [-1, 1] from the starting noise (B, C, H, W) and class indices ``labels`` (B,) long.
+        Sets ``last_students``."""
+        if labels is None:
+            raise ValueError("MultiStudentPipeline is class-conditional: give class labels (they pick the student)")
+        labels = torch.as_tensor(labels, dtype=torch.long, device=noise.device)
+        for c in labels.unique().tolist():
+            self.route(c)  # range check with a clear message
+        x, which = multi_student_sample(self.denoisers(), self._table, self.timesteps_for(num_inference_steps),
+                                        labels, noise, generator=generator, first_step=first_step)
+        self.last_students = [f"student_{k}" for k in which.tolist()]
+        return x
+
+    @torch.no_grad()
+    def __call__(self, class_labels=None, batch_size: int = 1, num_inference_steps: int | None = None,
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 output_type: str = "pil", return_dict: bool = True, first_step=None):
+        """Sample one image per entry of ``class_labels`` (names or indices; a single one is repeated
+        ``batch_size`` times), each on the student owning its class, in request order."""
+        dev = self.unet.device
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        if class_labels is None:
+            raise ValueError("MultiStudentPipeline is class-conditional: give class_labels (they pick the student)")
+        if isinstance(class_labels, (int, str)):
+            class_labels = [class_labels] * batch_size
+        labels = torch.tensor([self.class_index(c) for c in class_labels], dtype=torch.long, device=dev)
+        steps = self.timesteps_for(num_inference_steps)  # validate before drawing noise
+        c = self.unet.config
+        noise = torch.randn(len(labels), c.in_channels, c.sample_size, c.sample_size, generator=generator).to(dev)
+        t0 = time.perf_counter()
+        x = self.sample(noise, labels, len(steps), generator=generator, first_step=first_step)
+        self.last_latency_s = time.perf_counter() - t0
+        return _output(x, output_type, return_dict)

@@ -1,0 +1,485 @@
+r"""Multi-student distillation (MSD; Song et al. 2024, "Multi-student Diffusion Distillation for Better
+One-step Generators") as an Objective for :class:`~stepdistill.trainers.core.Trainer`.
+
+The algorithm, with the losses of each stage and the player each loss updates::
+
+    Input: frozen teacher mu_real over classes 0..C-1; K students (msd.num_students)
+    1. Partition the classes into K disjoint groups P_0..P_{K-1}: msd.groups, or a balanced contiguous
+       split (partition_classes). route(c) = k for c in P_k (text prompts, later: kmeans_partition of
+       their embeddings).
+    2. Students G_k (players student_k, EMA). Same size: copies of the teacher. Smaller
+       (msd.student_channels / msd.student_layers_per_block): a fresh UNet2DModel with the teacher's
+       sample size, channels and class embeddings (build_student_backbone), random init (seed + k).
+    3. TSM stage (msd.tsm_steps updates per student; updates student_k only):
+         (x, c) ~ real images of part k and their labels     # c in P_k
+         t ~ U[0, T), eps ~ N(0, I), x_t = alpha_t x + sigma_t eps
+         L_TSM = || G_k.raw(x_t, t, c) - mu_real.raw(x_t, t, c) ||^2        # teacher without CFG
+    4. DM stage (msd.steps_per_student updates per student): DMD2 restricted to part k
+       (dmd.py's DMDObjective, unchanged, with c ~ U(P_k) and a GAN real batch from part k):
+         student_k:  c_dm L_DM + c_G softplus(-D(x_t))          x = G_k(z, c), c ~ U(P_k)
+         critic_k:   L_fake + c_D [softplus(D(fake)) + softplus(-D(real))]   real ~ part k
+
+Teacher score matching (TSM). A smaller student cannot start from the teacher's weights, and DM from
+a random network is slow and unstable, so (as in the paper) it first learns the teacher's denoiser:
+the target is the teacher's CFG-free prediction at a random training time, on **noised real images of
+the student's own part** (``ctx.real_batch`` restricted to the part, their own labels; t drawn with
+the schedule's training law over [0, T-1], fresh eps). Both networks predict x0 through their native
+parameterisation (the teacher's ``prediction_type``), and the loss is measured in that native space:
+for v-prediction ``||v_S - v_T||^2 = ||x0_S - x0_T||^2 / sigma_t^2``, i.e. x0 regression with the
+teacher's own training weight. Only real inputs are used: before TSM the student's outputs are noise,
+and noised real data is exactly where the teacher's score was trained. DM then starts from the
+TSM-trained (raw, not EMA) weights: the same player and optimizer continue (AdamW state included),
+only the loss changes. TSM also works for same-size students (they start at the teacher, so its loss
+starts near 0); the shipped same-size config skips it.
+
+Conditions per part. Each student's generator conditions come from :class:`PartCondSampler` (uniform
+over its classes) and every real batch it touches from :class:`PartCtx` (a :class:`Ctx` whose
+``real_batch`` draws from the part's row list with the same global-batch / rank-slice convention and
+the same ``ctx.gen`` stream), so a student never sees another part's classes.
+
+Critics. ``msd.shared_critic: false``: one fake score (plus GAN head) per student, ``critic_k``, trained
+on its student's samples and its part's real data. ``true``: one player ``critic`` for all, fitted to
+the *routed* generator G(z, c) = G_{route(c)}(z, c) (:class:`RoutedGenerator`; conditions over all
+classes, real batch from the whole data set). Because the parts are disjoint, its class-conditional
+fake distribution p_fake(x | c) is exactly the owning student's, so each student's DM gradient has the
+same target as with a private critic; the price is that each part gets 1/K of the critic's updates.
+Critics are teacher copies (teacher-sized even for smaller students, as DMD2's fake score).
+
+Schedule (``updates(step)``; stage and student follow from the step count, so resume is exact).
+``msd.schedule: round_robin``: step s trains student k = s mod K only (``critic_k`` x
+``dmd.critic_updates`` then ``student_k``; shared: ``critic`` x n then ``student_k``), so a step costs
+what a DMD2 step costs. ``all``: every student every step. TSM steps come first (``student_k`` only, no
+critic). Equal budget per student is explicit: each gets exactly ``msd.tsm_steps`` TSM and
+``msd.steps_per_student`` DM generator updates, i.e. the schedule takes P x (tsm_steps +
+steps_per_student) global steps, P = K (round_robin) or 1 (all). A smaller ``train.max_steps`` stops
+early (a prefix of the same schedule, warned: unequal budgets; resuming with the full count continues
+it exactly), a larger one is refused; ``steps_per_student: 0`` derives it from ``train.max_steps``
+(which must then be a multiple of P).
+EMA (``train.ema_decay``) runs on every student every global step, so under round_robin a student's
+EMA decays by ``ema_decay^K`` per own update. ``dmd.warmup_steps`` counts global steps.
+
+Logs carry the student / critic index as a suffix (``dm_loss_2``, ``tsm_loss_0``, ``critic_loss_1``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ConfigError, DistillConfig, DMDConfig, MSDConfig, TeacherModelConfig
+from ..denoiser import Denoiser
+from ..models import build_teacher_unet, count_params
+from ..pipelines.multi_student import (PIPELINE_CLASS, multi_student_sample, routing_table, student_rows,
+                                       student_subfolder)
+from .core import Ctx
+from .dmd import CondSampler, DMDObjective
+from .phased_dmd import even_split
+
+
+# -- partitions -----------------------------------------------------------------------------------
+def partition_classes(num_classes: int, k: int, groups: list[list[int]] | None = None) -> list[list[int]]:
+    """K groups of class indices: ``groups`` validated to be a total, disjoint cover of
+    ``0..num_classes-1`` (a :class:`ConfigError` naming ``msd.groups`` otherwise), or a balanced
+    contiguous split (sizes differ by at most one; the larger groups last)."""
+    if groups:
+        if len(groups) != k:
+            raise ConfigError(f"msd.groups: {len(groups)} group(s) for msd.num_students={k}; "
+                              "give one group per student, or [] for a balanced split")
+        try:
+            routing_table(groups, num_classes)
+        except ValueError as e:
+            raise ConfigError(f"msd.groups: {e}") from None
+        return [sorted(int(c) for c in g) for g in groups]
+    if not 1 <= k <= num_classes:
+        raise ConfigError(f"msd.num_students: {k} students need at least {k} classes, the teacher has {num_classes}")
+    out, start = [], 0
+    for n in even_split(num_classes, k):
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+def kmeans_partition(embeddings: torch.Tensor, k: int, seed: int = 0, iters: int = 100) -> list[list[int]]:
+    """K groups of row indices of ``embeddings`` (N, ...) by k-means (k-means++ seeding from ``seed``,
+    Lloyd iterations in float64): deterministic, a total and disjoint cover of ``0..N-1``, no empty
+    group (an emptied cluster takes the point farthest from its centre), groups sorted and ordered by
+    their smallest index (so the result does not depend on cluster numbering). For partitioning text
+    prompts by their embeddings (MSD's partition of the conditioning space)."""
+    x = embeddings.detach().reshape(embeddings.shape[0], -1).double().cpu()   # (N, D)
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k-means needs 1 <= k <= N, got k={k} for N={n}")
+    g = torch.Generator().manual_seed(int(seed))
+    centers = x[torch.randint(0, n, (1,), generator=g)]                       # (1, D)
+    for _ in range(1, k):  # k-means++: next centre with probability ~ squared distance to the nearest
+        d2 = torch.cdist(x, centers).min(1).values ** 2                       # (N,)
+        i = torch.multinomial(d2 / d2.sum(), 1, generator=g) if d2.sum() > 0 else torch.randint(0, n, (1,), generator=g)
+        centers = torch.cat([centers, x[i]])
+    assign = torch.cdist(x, centers).argmin(1)
+    for _ in range(iters):
+        new = torch.stack([x[assign == j].mean(0) if (assign == j).any() else centers[j] for j in range(k)])
+        centers, prev = new, assign
+        assign = torch.cdist(x, centers).argmin(1)
+        if torch.equal(assign, prev):
+            break
+    for j in range(k):  # refill empty clusters (duplicate points, unlucky seeds)
+        if not (assign == j).any():
+            sizes = torch.bincount(assign, minlength=k)
+            far = (x - centers[assign]).norm(dim=1).masked_fill(sizes[assign] < 2, -1.0)
+            assign[int(far.argmax())] = j
+    groups = [sorted((assign == j).nonzero().flatten().tolist()) for j in range(k)]
+    return sorted(groups, key=lambda gr: gr[0])
+
+
+# -- smaller students -----------------------------------------------------------------------------
+def build_student_backbone(teacher_backbone, msd: MSDConfig, seed: int):
+    """A fresh class-conditional UNet2DModel with the teacher's sample size, in/out channels, class
+    embeddings (``num_class_embeds``, null class included) and attention levels, but
+    ``msd.student_channels`` widths (one per teacher level; [] = the teacher's) and
+    ``msd.student_layers_per_block`` (0 = the teacher's); built with
+    :func:`~stepdistill.models.build_teacher_unet`, weights from ``torch.manual_seed(seed)``."""
+    c = getattr(teacher_backbone, "config", None)
+    if type(teacher_backbone).__name__ != "UNet2DModel" or not getattr(c, "num_class_embeds", None):
+        raise ConfigError(f"msd.student_channels: smaller students are class-conditional UNet2DModels and need "
+                          f"one as teacher, got {type(teacher_backbone).__name__}")
+    levels = [t.startswith("Attn") for t in c.down_block_types]
+    ch = [int(v) for v in (msd.student_channels or c.block_out_channels)]
+    if len(ch) != len(levels):
+        raise ConfigError(f"msd.student_channels: needs {len(levels)} entries (one per teacher level), got {ch}")
+    attn_ch = [v for v, a in zip(ch, levels) if a] + [ch[-1]]   # + the mid block's attention
+    head = c.attention_head_dim if isinstance(c.attention_head_dim, int) else min(attn_ch)
+    mc = TeacherModelConfig(block_out_channels=ch, layers_per_block=msd.student_layers_per_block or c.layers_per_block,
+                            attention_levels=levels, norm_num_groups=math.gcd(c.norm_num_groups, *ch),
+                            attention_head_dim=math.gcd(head, *attn_ch))
+    size = c.sample_size[0] if isinstance(c.sample_size, (list, tuple)) else c.sample_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_teacher_unet(mc, c.num_class_embeds - 1, c.in_channels, size)
+
+
+# -- one part's view of conditions and data ------------------------------------------------------
+class PartCondSampler(CondSampler):
+    """Generator conditions of one student: labels uniform over its classes (DMD2's law on the part)."""
+
+    def __init__(self, num_classes: int, classes: list[int]):
+        super().__init__(num_classes)
+        self.classes = torch.tensor(classes, dtype=torch.long)
+
+    def __call__(self, ctx: Ctx):
+        return self.classes.to(ctx.device)[ctx.randint(0, len(self.classes))]
+
+    def grid(self, n: int, device):
+        return self.classes[torch.arange(n) % len(self.classes)].to(device)
+
+
+@dataclass
+class PartCtx(Ctx):
+    """A :class:`Ctx` (same generator, step, rank) whose real batches come from one part only."""
+    index: torch.Tensor | None = None   # (N_k,) rows of ``data`` whose labels lie in the part
+
+    @classmethod
+    def of(cls, ctx: Ctx, index: torch.Tensor) -> "PartCtx":
+        return cls(**{f.name: getattr(ctx, f.name) for f in dataclasses.fields(Ctx)}, index=index)
+
+    def real_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # Ctx.real_batch's draw (global batch from ctx.gen, this rank's slice) over the part's rows
+        j = torch.randint(0, len(self.index), (self.global_batch,), generator=self.gen)
+        idx = self.index[j[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]]
+        return self.data.images[idx].to(self.device), self.data.labels[idx].to(self.device)
+
+
+class RoutedGenerator:
+    """The K students as one class-conditional generator, G(z, c) = G_{route(c)}(z, c): what a shared
+    critic models. Offers what :class:`DMDObjective` uses of its student (call, ``schedule``, ``backbone``)."""
+
+    def __init__(self, students: list[Denoiser], table: list[int]):
+        self.students, self.table = students, table
+        self.schedule = students[0].schedule
+        self.backbone = nn.ModuleList([s.backbone for s in students])
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)             # (B, C, H, W) x0
+        for k, rows in student_rows(cond, self.table, len(self.students)):
+            out[rows] = self.students[k](x[rows], t[rows], cond[rows]).float()
+        return out
+
+
+# -- the objective --------------------------------------------------------------------------------
+class MultiStudentObjective:
+    """MSD (module docstring). Players ``student_0..student_{K-1}`` (EMA) and ``critic_0..critic_{K-1}``
+    (or one ``critic`` with ``msd.shared_critic``); each critic holds its fake score and, with
+    ``dmd.gan``, DMD2's GAN head.
+
+    Args:
+        teacher: frozen real score. students: K Denoisers. critics: K Denoisers (1 when shared).
+        cfg: :class:`DMDConfig` (DMD2 hyper-parameters, shared by all students).
+        msd: :class:`MSDConfig`. groups: the partition (class indices per student).
+        data_labels: (N,) labels of the training set (for the per-part real batches).
+    """
+
+    def __init__(self, teacher: Denoiser, students: list[Denoiser], critics: list[Denoiser], cfg: DMDConfig,
+                 msd: MSDConfig, groups: list[list[int]], num_classes: int, sample_shape: tuple[int, int, int],
+                 data_labels: torch.Tensor | None = None, seed: int = 0):
+        K = len(students)
+        if len(groups) != K or len(critics) != (1 if msd.shared_critic else K):
+            raise ValueError(f"{K} students need {K} groups and {1 if msd.shared_critic else K} critic(s)")
+        self.teacher, self.students, self.critics, self.cfg, self.msd = teacher, students, critics, cfg, msd
+        self.teacher.requires_grad_(False).eval()
+        self.K, self.groups = K, [list(g) for g in groups]
+        self.table = routing_table(self.groups, num_classes)
+        self.shape = tuple(sample_shape)
+        self.timesteps = [float(t) for t in cfg.student_timesteps]
+        self.conds = CondSampler(num_classes)  # all classes: grids, guards, the shared critic
+        self.part_index = None
+        if data_labels is not None:
+            self.part_index = [torch.isin(data_labels, torch.tensor(g)).nonzero().flatten() for g in self.groups]
+            empty = [k for k, idx in enumerate(self.part_index) if len(idx) == 0]
+            if empty and (cfg.gan or msd.tsm_steps > 0):
+                raise ConfigError(f"msd.groups: group {empty[0]} {self.groups[empty[0]]} has no training images "
+                                  "(the GAN and TSM need real data of every part)")
+        # one DMD2 objective per part: DMD2's losses, unchanged, on the part's conditions and data
+        self.subs = [DMDObjective(teacher, s, critics[0 if msd.shared_critic else k], cfg, num_classes, self.shape,
+                                  seed=seed, conds=PartCondSampler(num_classes, self.groups[k]))
+                     for k, s in enumerate(students)]
+        self.players = {f"student_{k}": sub.players["generator"] for k, sub in enumerate(self.subs)}
+        self.mixed = None
+        if msd.shared_critic:  # DMD2's critic loss with the routed generator as its G
+            self.mixed = DMDObjective(teacher, RoutedGenerator(students, self.table), critics[0], cfg, num_classes,
+                                      self.shape, seed=seed, conds=self.conds)
+            for sub in self.subs if cfg.gan else []:  # one GAN head too
+                sub.head = self.mixed.head
+            self.players["critic"] = self.mixed.players["critic"]
+        else:
+            for k, sub in enumerate(self.subs):
+                self.players[f"critic_{k}"] = sub.players["critic"]
+
+    def to(self, device):
+        self.teacher.to(device)
+        return self
+
+    # -- schedule -----------------------------------------------------------------------------------
+    def stage(self, step: int) -> str:
+        """``"tsm"`` for the first tsm_steps updates of every student, then ``"dm"``."""
+        return "tsm" if step < self.msd.round_steps * self.msd.tsm_steps else "dm"
+
+    def active(self, step: int) -> list[int]:
+        """Students updated at ``step``: ``[step mod K]`` (round_robin) or all."""
+        return [step % self.K] if self.msd.schedule == "round_robin" else list(range(self.K))
+
+    def updates(self, step: int) -> list[str]:
+        ks, n = self.active(step), self.cfg.critic_updates
+        if self.stage(step) == "tsm":
+            return [f"student_{k}" for k in ks]
+        if self.mixed is not None:
+            return ["critic"] * n + [f"student_{k}" for k in ks]
+        return [name for k in ks for name in [f"critic_{k}"] * n + [f"student_{k}"]]
+
+    def part_ctx(self, ctx: Ctx, k: int) -> PartCtx:
+        return PartCtx.of(ctx, self.part_index[k] if self.part_index is not None else None)
+
+    # -- losses -------------------------------------------------------------------------------------
+    def loss(self, player: str, ctx: Ctx):
+        if player == "critic":
+            return self.mixed.critic_loss(ctx)
+        kind, k = player.rsplit("_", 1)
+        k = int(k)
+        pctx = self.part_ctx(ctx, k)
+        if kind == "critic":
+            total, logs = self.subs[k].critic_loss(pctx)
+        elif self.stage(ctx.step) == "tsm":
+            total, logs = self.tsm_loss(pctx, k)
+        else:
+            total, logs = self.subs[k].generator_loss(pctx)
+        return total, {f"{name}_{k}": v for name, v in logs.items()}
+
+    def tsm_loss(self, ctx: Ctx, k: int):
+        """Teacher score matching of student k on noised real images of its part (module docstring)."""
+        x, labels = ctx.real_batch()                                           # (B, C, H, W), (B,) in P_k
+        sched = self.teacher.schedule
+        t = ctx.sample_t(sched, 0, sched.num_train_timesteps - 1)
+        x_t = sched.add_noise(x, ctx.randn(*self.shape), t)
+        with torch.no_grad():
+            target = self.teacher.raw(x_t, t, labels)                          # CFG-free, native prediction
+        pred = self.students[k].raw(x_t, t, labels)
+        loss = F.mse_loss(pred.float(), target.float())
+        return loss, {"tsm_loss": loss.item()}
+
+    # -- samples ------------------------------------------------------------------------------------
+    def student_denoisers(self, modules: dict[str, nn.Module]) -> list[Denoiser]:
+        s0 = self.students[0]
+        return [Denoiser(modules[f"student_{k}"], s0.schedule, s0.prediction_type, s0.null_class)
+                for k in range(self.K)]
+
+    @torch.no_grad()
+    def sample(self, ema: dict[str, nn.Module], n: int, device, noise: torch.Tensor | None = None,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The exported pipeline's routed sampler on the given modules (grids: fixed noise, all classes)."""
+        g = torch.Generator().manual_seed(1234)
+        if noise is None:
+            noise, labels = torch.randn(n, *self.shape, generator=g), self.conds.grid(n, "cpu")
+        x, _ = multi_student_sample(self.student_denoisers(ema), self.table, self.timesteps, labels.to(device),
+                                    noise.to(device), generator=g)
+        return x
+
+
+# -- building / export ----------------------------------------------------------------------------
+def build_multi_student(cfg: DistillConfig, teacher: Denoiser, num_classes: int, data) -> MultiStudentObjective:
+    """Students (teacher copies, or smaller fresh UNets), critics (teacher copies), the partition
+    (called by ``build_dmd`` for ``method: msd``)."""
+    from ..lora import apply_teacher_options
+
+    m = cfg.msd
+    if num_classes == 0:
+        raise ConfigError("method: msd partitions the classes and needs a class-conditional teacher "
+                          "(text prompts: kmeans_partition, not wired yet)")
+    groups = partition_classes(num_classes, m.num_students, m.groups or None)
+    full = m.round_steps * (m.tsm_steps + m.steps_per_student)
+    if m.steps_per_student and cfg.train.max_steps < full:
+        warnings.warn(f"train.max_steps={cfg.train.max_steps} stops before the end of the msd schedule "
+                      f"({full} steps): students get unequal budgets", stacklevel=2)
+    smaller = bool(m.student_channels) or m.student_layers_per_block > 0
+
+    def wrap(backbone) -> Denoiser:
+        return Denoiser(backbone.train(), teacher.schedule, teacher.prediction_type, teacher.null_class,
+                        teacher.null_cond)
+
+    students = [wrap(build_student_backbone(teacher.backbone, m, cfg.train.seed + k) if smaller
+                     else copy.deepcopy(teacher.backbone)) for k in range(m.num_students)]
+    critics = [wrap(copy.deepcopy(teacher.backbone)) for _ in range(1 if m.shared_critic else m.num_students)]
+    obj = MultiStudentObjective(teacher, students, critics, cfg.dmd, m, groups, num_classes,
+                                tuple(data.images.shape[1:]), data_labels=data.labels, seed=cfg.train.seed)
+    apply_teacher_options(obj.teacher, cfg.dmd, None)  # after the copies: students and critics stay float32
+    obj.data_std = float(data.images[:2048].float().std())  # normalises the collapse guard's diversity
+    return obj
+
+
+def export_multi_student(students: list[nn.Module], cfg: DistillConfig, meta, out: Path, groups: list[list[int]],
+                         schedule=None) -> Path:
+    """EMA students -> one diffusers folder loadable with ``MultiStudentPipeline.from_pretrained``.
+
+    Student 0 goes to ``unet/`` (written by :func:`~stepdistill.trainers.distill.export_student`, with
+    the scheduler, model card and metadata), students 1..K-1 to ``student_k/`` (UNet2DModel folders);
+    ``model_index.json`` names the pipeline and holds ``student_classes``; ``stepdistill.json`` gets
+    ``extra.students`` (name, subfolder, classes, params) and ``extra.partition``.
+    """
+    from .distill import export_student
+
+    out = Path(out)
+    if len(students) != len(groups):
+        raise ValueError(f"{len(groups)} groups but {len(students)} students")
+    if not all(type(m).__name__ == "UNet2DModel" for m in students):
+        raise ValueError("MultiStudentPipeline folders hold UNet2DModel students; got "
+                         + ", ".join(type(m).__name__ for m in students))
+    export_student(students[0], cfg, meta, out, schedule=schedule)
+    index = json.loads((out / "model_index.json").read_text())
+    for k, m in enumerate(students[1:], start=1):
+        m.save_pretrained(out / student_subfolder(k), safe_serialization=True)
+        index[student_subfolder(k)] = ["diffusers", type(m).__name__]
+    index.update({"_class_name": PIPELINE_CLASS, "student_classes": [list(g) for g in groups]})
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    students_meta = [{"name": f"student_{k}", "subfolder": student_subfolder(k), "classes": list(g),
+                      "params": count_params(m)} for k, (g, m) in enumerate(zip(groups, students))]
+    smeta = json.loads((out / "stepdistill.json").read_text())
+    smeta.setdefault("extra", {}).update({
+        "students": students_meta, "pipeline": PIPELINE_CLASS,
+        "partition": {"by": "class", "groups": [list(g) for g in groups],
+                      "source": "msd.groups" if cfg.msd.groups else "balanced contiguous split"}})
+    (out / "stepdistill.json").write_text(json.dumps(smeta, indent=2))
+    _msd_model_card(out, students_meta, meta, smeta["student_timesteps"])
+    return out
+
+
+def _msd_model_card(out: Path, students_meta: list[dict], meta, timesteps: list[float]) -> None:
+    """Add a students table and replace the card's single-student usage with routed usage."""
+    p = out / "README.md"
+    if not p.exists():
+        return
+    text = p.read_text()
+    names = list(meta.class_names)
+    rows = "\n".join(f"| `{s['name']}` | `{s['subfolder']}/` | "
+                     f"{', '.join(f'`{names[c]}`' if names else str(c) for c in s['classes'])} | {s['params']:,} |"
+                     for s in students_meta)
+    first = names[students_meta[-1]["classes"][0]] if names else students_meta[-1]["classes"][0]
+    ts = [int(t) if float(t).is_integer() else t for t in timesteps]
+    section = f"""## Students
+
+{len(students_meta)} students, each distilled on its own classes only (multi-student distillation); a request
+is served by the student that owns its class.
+
+| student | folder | classes | parameters |
+|---|---|---|---|
+{rows}
+
+## Usage
+
+```python
+from stepdistill.pipelines.multi_student import MultiStudentPipeline
+
+pipe = MultiStudentPipeline.from_pretrained("{out.name}")
+images = pipe(class_labels=[{first!r}, 0], seed=0).images  # PIL images, in request order
+print(pipe.last_students)  # the student that made each image
+```
+
+With stock diffusers only: look the class up in `model_index.json`'s `student_classes`, then run that
+student as a plain {len(ts)}-step student:
+
+```python
+import json
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+folder = "{out.name}"
+groups = json.load(open(f"{{folder}}/model_index.json"))["student_classes"]
+label = 0
+k = next(i for i, g in enumerate(groups) if label in g)
+unet = UNet2DModel.from_pretrained(folder, subfolder="unet" if k == 0 else f"student_{{k}}").eval()
+ac = DDPMScheduler.from_pretrained(folder, subfolder="scheduler").alphas_cumprod.double()
+prediction_type = {meta.prediction_type!r}
+timesteps = {ts!r}
+g = torch.Generator().manual_seed(0)
+x = torch.randn(1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, generator=g)
+with torch.no_grad():
+    for i, t in enumerate(timesteps):
+        a, s = ac[int(t)].sqrt().float(), (1 - ac[int(t)]).sqrt().float()
+        pred = unet(x, torch.full((1,), float(t)), class_labels=torch.tensor([label])).sample
+        x0 = {{"epsilon": (x - s * pred) / a, "v_prediction": a * x - s * pred}}.get(prediction_type, pred)
+        if i + 1 < len(timesteps):  # re-noise to the next timestep with fresh noise
+            t1 = int(timesteps[i + 1])
+            x = ac[t1].sqrt().float() * x0 + (1 - ac[t1]).sqrt().float() * torch.randn(x.shape, generator=g)
+image = x0.clamp(-1, 1)
+```"""
+    i = text.find("## Usage")
+    if i >= 0:
+        j = text.find("\n## ", i + 1)
+        text = text[:i] + section + ("\n\n" + text[j + 1:] if j >= 0 else "\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    p.write_text(text)
+
+
+def load_trained_students(cfg: DistillConfig, checkpoint: str | Path | None = None):
+    """EMA students of an msd run's checkpoint (latest by default): ``(students, objective, meta)``,
+    for ``stepdistill export`` (``export_multi_student(students, cfg, meta, out, obj.groups, ...)``)."""
+    from safetensors.torch import load_file
+
+    from .distill import build_dmd
+
+    obj, _, meta = build_dmd(cfg)
+    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
+    path = Path(checkpoint) if checkpoint else ckpt_dir / (ckpt_dir / "latest").read_text().strip()
+    tensors = load_file(path / "models.safetensors")
+    students = []
+    for k in range(obj.K):
+        pre = f"ema.student_{k}."
+        m = obj.students[k].backbone
+        m.load_state_dict({n[len(pre):]: v for n, v in tensors.items() if n.startswith(pre)})
+        students.append(m)
+    return students, obj, meta

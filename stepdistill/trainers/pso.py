@@ -1,0 +1,567 @@
+"""Pairwise Sample Optimization (PSO): tuning an already distilled few-step model.
+
+* PSO (Miao et al. 2024, "Tuning Timestep-Distilled Diffusion Model Using Pairwise Sample
+  Optimization", ICLR 2025, Sec. 3): fine-tuning a distilled model with the plain diffusion loss
+  makes its few-step samples blurry; PSO instead raises the model's likelihood of target images
+  *relative to* reference images sampled from the distilled model itself (same conditions),
+  measured against a frozen copy of the initial model. References are drawn once (offline) or
+  re-drawn from the current model (online); with preference data (chosen, rejected) the rejected
+  image is the reference.
+* Diffusion-DPO (Wallace et al. 2023, "Diffusion Model Alignment Using Direct Preference
+  Optimization", Eq. 14): the DPO loss for diffusion models, with the intractable chain
+  likelihood bounded by per-step denoising errors on forward-noised images.
+
+The distilled model's own chain (``student_timesteps`` t_0 > ... > t_{K-1}; see
+:func:`~stepdistill.pipelines.sampling.student_sample`) is a Markov chain with Gaussian
+transitions::
+
+    x_{t_0} ~ N(0, I)
+    p_theta(x_{t_{k+1}} | x_{t_k}) = N(alpha_{k+1} G_theta(x_{t_k}, t_k, c), sigma_{k+1}^2 I)
+
+so, for x_{t_{k+1}} = alpha_{k+1} x + sigma_{k+1} eps' (the image x forward-noised; expectation over
+eps'), E log p_theta(x_{t_{k+1}} | x_{t_k}) = -alpha_{k+1}^2 / (2 sigma_{k+1}^2) |G_theta(x_{t_k}) - x|_2^2 + const
+(the last step outputs x0 itself: a Gaussian decoder of fixed variance). As in Diffusion-DPO, the
+chain's posterior is replaced by the forward process q(x_{t_k} | x) (their Eq. 14: T E_{t ~ U} over
+all T steps becomes the exact sum over the model's K steps; eps-space errors become x0-space errors,
+a per-step SNR factor absorbed in w_k). The likelihood surrogate of an image x with condition c::
+
+    l_theta(x) = - sum_k w_k || G_theta(x_{t_k}, t_k, c) - x ||^2,   x_{t_k} = alpha_{t_k} x + sigma_{t_k} eps_k
+
+with ``||v||^2 = mean_d v_d^2`` (mean over the D = C*H*W dimensions, as Diffusion-DPO's code) and
+``k`` over ``pso.timesteps`` (default: the model's own ``student_timesteps``). The weights ``w_k``
+(``pso.weights``, default uniform ``1/K``) stand for the precisions D alpha_{k+1}^2 / (2 sigma_{k+1}^2) of
+the transitions out of step k, up to one common factor (which only rescales beta). The PSO loss for a pair (x^tgt, x^ref) with condition c::
+
+    Delta(x) = l_theta(x) - l_ref(x) = sum_k w_k ( ||G_ref(x_{t_k}) - x||^2 - ||G_theta(x_{t_k}) - x||^2 )
+    L = - log sigmoid( beta * [ Delta(x^tgt) - Delta(x^ref) ] )                            (PSO)
+
+G_ref is a frozen copy of the *initial* model; the same eps_k (and t_k) serve theta and ref, and
+target and reference of a pair (variance reduction, as Diffusion-DPO's code). At initialisation
+(theta == ref) the argument is 0 and L = log 2 exactly. dL/dtheta = -beta sigmoid(-beta M)
+dM/dtheta: a step raises the relative likelihood of targets and lowers that of references until
+the margin M saturates the sigmoid (the regulariser that keeps the few-step ability).
+
+Naive baseline (:class:`NaiveFinetuneObjective`, the comparison PSO's Fig. 1 makes): the plain
+denoising loss on the targets at the same timesteps and weights, L = - l_theta(x^tgt).
+
+Target data: a dataset (``data`` section, or ``pso.target``) with an optional transform
+(``pso.target_transform: invert``) and class subset (``pso.target_classes``), or preference pairs
+(``pso.pairs``; :func:`load_preference_pairs`). Class-conditional and unconditional models are
+supported (text-conditional ones not yet).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..config import DistillConfig, PSOConfig
+from ..data import ArrayDataset, DataError, IMAGE_EXTS, _to_tensor_images, cache_dir, load_dataset
+from ..denoiser import Denoiser
+from ..models import ModelMeta, load_denoiser
+from ..pairs import weights_digest
+from ..pipelines.sampling import student_sample
+from .core import Ctx, Player, update_seed
+
+PSO_METHODS = ("pso", "pso_naive")
+REF_CHUNK = 64              # reference sampling batch (fixed: the draws do not depend on it changing)
+REF_SEED_OFFSET = 7_770_001  # reference draws use their own generators, apart from the training batches
+ONLINE_REF_FILE = "pso_reference.safetensors"
+
+
+# -- the loss ------------------------------------------------------------------------------
+def squared_errors(den: Denoiser, x: torch.Tensor, cond, timesteps: list[float], eps: torch.Tensor) -> torch.Tensor:
+    """(B, K): ``||den(add_noise(x, eps[:, k], t_k), t_k, c) - x||^2`` (mean over dims), one batched call.
+
+    ``x`` (B, C, H, W); ``eps`` (B, K, C, H, W); ``cond`` None or (B,) labels."""
+    B, K = x.shape[0], len(timesteps)
+    tt = torch.tensor([float(t) for t in timesteps], device=x.device).repeat_interleave(B)      # (K*B,)
+    xk = x.unsqueeze(0).expand(K, *x.shape).reshape(K * B, *x.shape[1:])
+    ek = eps.transpose(0, 1).reshape(K * B, *x.shape[1:])
+    x_t = den.schedule.add_noise(xk, ek, tt)
+    ck = None if cond is None else cond.repeat(K)
+    x0 = den(x_t, tt, ck)
+    return (x0.float() - xk.float()).pow(2).flatten(1).mean(1).reshape(K, B).t()
+
+
+def pso_loss(err_theta_tgt: torch.Tensor, err_ref_tgt: torch.Tensor, err_theta_ref: torch.Tensor,
+             err_ref_ref: torch.Tensor, weights: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PSO / Diffusion-DPO loss (module docstring) from (B, K) squared errors; returns (loss, margin (B,)).
+
+    ``margin = Delta(x^tgt) - Delta(x^ref)`` with ``Delta(x) = sum_k w_k (err_ref - err_theta)``."""
+    w = weights.to(err_theta_tgt)
+    margin = ((err_ref_tgt - err_theta_tgt) - (err_ref_ref - err_theta_ref)) @ w
+    return -F.logsigmoid(beta * margin).mean(), margin
+
+
+# -- target data ---------------------------------------------------------------------------
+def resolve_classes(spec: list[str], class_names: list[str], key: str = "pso.target_classes") -> list[int]:
+    """Class names (or integer indices) -> indices into the model's ``class_names``."""
+    out = []
+    for s in spec:
+        s = str(s)
+        if s in class_names:
+            out.append(class_names.index(s))
+        elif s.lstrip("-").isdigit() and 0 <= int(s) < len(class_names):
+            out.append(int(s))
+        else:
+            raise ValueError(f"{key}: unknown class {s!r}; the model's classes: {', '.join(class_names)}")
+    return sorted(set(out))
+
+
+def _labels_to_model(data: ArrayDataset, class_names: list[str], source: str) -> torch.Tensor:
+    """Dataset labels -> the model's class indices, matched by class name."""
+    missing = [n for n in data.class_names if n not in class_names]
+    if missing:
+        raise ValueError(f"target {source}: class {missing[0]!r} is not one of the model's classes "
+                         f"({', '.join(class_names)}); name the image folder's class sub-folders after them")
+    lut = torch.tensor([class_names.index(n) for n in data.class_names], dtype=torch.long)
+    return lut[data.labels]
+
+
+def build_target(cfg: DistillConfig, meta: ModelMeta, data: ArrayDataset | None = None) -> ArrayDataset:
+    """The target set: dataset (``pso.target`` or ``data.name``) -> model labels -> class subset -> transform.
+
+    Returns an ArrayDataset whose labels are the *model's* class indices (0 for unconditional models)."""
+    p = cfg.pso
+    source = p.target or cfg.data.name
+    if data is None:
+        data = load_dataset(source, cfg.data.resolution, cfg.data.split, cfg.data.channels)
+    cond = meta.conditioning == "class"
+    names = list(meta.class_names) if cond else ["all"]
+    labels = _labels_to_model(data, names, source) if cond else torch.zeros(len(data), dtype=torch.long)
+    images = data.images
+    if p.target_classes:
+        if not cond:
+            raise ValueError("pso.target_classes needs a class-conditional model")
+        keep = torch.isin(labels, torch.tensor(resolve_classes(p.target_classes, names)))
+        images, labels = images[keep], labels[keep]
+        if len(labels) == 0:
+            raise ValueError(f"pso.target_classes {p.target_classes}: no images of these classes in {source}")
+    images = apply_transform(images, p.target_transform)
+    return ArrayDataset(images, labels, names)
+
+
+def apply_transform(images: torch.Tensor, name: str) -> torch.Tensor:
+    """``none`` | ``invert`` (x -> -x in [-1, 1]: white silhouettes on black become black on white)."""
+    if name == "none":
+        return images
+    if name == "invert":
+        return -images
+    raise ValueError(f"pso.target_transform: unknown transform {name!r} (none | invert)")
+
+
+def load_preference_pairs(path: str | Path, resolution: int, channels: int, class_names: list[str]
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Preference pairs -> (chosen (N, C, H, W), rejected (N, C, H, W), labels (N,)), images in [-1, 1].
+
+    Two layouts:
+
+    * a ``.safetensors`` file with ``chosen`` and ``rejected`` (N, C, H, W) float tensors in [-1, 1]
+      and, for class-conditional models, ``labels`` (N,) int64 indices into the model's classes;
+    * a folder ``root/chosen/`` + ``root/rejected/`` holding the same relative file names (the pair
+      is matched by name); files in class sub-folders (``root/chosen/<class>/<id>.png``) get that
+      class (a model class name or index), files directly in ``chosen/`` label 0 (unconditional).
+    """
+    path = Path(path)
+    cond = bool(class_names)
+    if path.is_file():
+        d = load_file(str(path))
+        for k in ("chosen", "rejected"):
+            if k not in d:
+                raise DataError(f"{path}: preference pairs need a {k!r} tensor (N, C, H, W)")
+        ch, rj = d["chosen"].float(), d["rejected"].float()
+        if ch.shape != rj.shape or ch.ndim != 4:
+            raise DataError(f"{path}: chosen {tuple(ch.shape)} and rejected {tuple(rj.shape)} must both be "
+                            "(N, C, H, W) of one shape")
+        if "labels" in d:
+            labels = d["labels"].long()
+        elif cond:
+            raise DataError(f"{path}: a class-conditional model needs 'labels' (N,) with the pairs")
+        else:
+            labels = torch.zeros(ch.shape[0], dtype=torch.long)
+        if labels.shape != (ch.shape[0],) or (cond and (labels.min() < 0 or labels.max() >= len(class_names))):
+            raise DataError(f"{path}: labels must be (N,) indices into the model's {len(class_names)} classes")
+        return ch, rj, labels
+    if not (path / "chosen").is_dir() or not (path / "rejected").is_dir():
+        raise DataError(f"{path}: preference pairs need a .safetensors file or a folder with chosen/ and rejected/")
+
+    def files(sub):
+        root = path / sub
+        return {f.relative_to(root).as_posix(): f for f in sorted(root.rglob("*")) if f.suffix.lower() in IMAGE_EXTS}
+
+    ch_f, rj_f = files("chosen"), files("rejected")
+    if not ch_f:
+        raise DataError(f"{path / 'chosen'} contains no images")
+    if set(ch_f) != set(rj_f):
+        odd = sorted(set(ch_f) ^ set(rj_f))[0]
+        raise DataError(f"{path}: {odd} is in only one of chosen/ and rejected/ (pairs are matched by file name)")
+    keys = sorted(ch_f)
+    labels = []
+    for k in keys:
+        parts = k.split("/")
+        if len(parts) == 1:
+            if cond:
+                raise DataError(f"{path}: chosen/{k}: a class-conditional model needs class sub-folders "
+                                "(chosen/<class>/..., rejected/<class>/...)")
+            labels.append(0)
+        else:
+            labels.append(resolve_classes([parts[0]], class_names, f"{path} (class folder)")[0] if cond else 0)
+    return (_read_images([ch_f[k] for k in keys], resolution, channels),
+            _read_images([rj_f[k] for k in keys], resolution, channels), torch.tensor(labels, dtype=torch.long))
+
+
+def _read_images(paths: list[Path], resolution: int, channels: int) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    mode = "L" if channels == 1 else "RGB"
+    arrs = []
+    for f in paths:
+        try:
+            with Image.open(f) as im:
+                arrs.append(np.asarray(im.convert(mode).resize((resolution, resolution), Image.BICUBIC)))
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{f}: unreadable image ({e})") from e
+    return _to_tensor_images(np.stack(arrs), resolution, pad=False)
+
+
+# -- reference samples ---------------------------------------------------------------------
+@torch.no_grad()
+def draw_references(den: Denoiser, timesteps: list[float], labels: torch.Tensor | None, shape: tuple,
+                    seed: int) -> torch.Tensor:
+    """Samples of ``den``'s own few-step chain for ``labels`` (N,) (None: unconditional), deterministic in ``seed``."""
+    n = labels.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, *shape, generator=g)
+    dev = next(den.parameters()).device
+    was_training = den.training
+    den.eval()
+    try:
+        out = [student_sample(den, timesteps, None if labels is None else labels[i:i + REF_CHUNK].to(dev),
+                              noise[i:i + REF_CHUNK].to(dev), generator=g).cpu()
+               for i in range(0, n, REF_CHUNK)]
+    finally:
+        den.train(was_training)
+    return torch.cat(out).float()
+
+
+def reference_labels(classes: list[int], n: int) -> torch.Tensor:
+    """Class-balanced labels: ``n`` rounded up to a multiple of ``len(classes)`` (every class gets references),
+    sorted (each class's references are contiguous)."""
+    n = -(-n // len(classes)) * len(classes)
+    return torch.tensor(classes, dtype=torch.long)[torch.arange(n) % len(classes)].sort().values
+
+
+def offline_references(den: Denoiser, timesteps: list[float], classes: list[int] | None, n: int, shape: tuple,
+                       seed: int, cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, Path, bool]:
+    """Reference samples of the initial model, cached as safetensors under ``$STEPDISTILL_CACHE/pso_refs``.
+
+    The key covers the model weights, prediction type, noise schedule, sampling timesteps, classes, count,
+    shape and seed. Returns (images (N, C, H, W), labels (N,), cache path, cache hit)."""
+    labels = reference_labels(classes or [0], n)
+    n = labels.shape[0]
+    sched = den.schedule.to_config() if hasattr(den.schedule, "to_config") else {}
+    key = json.dumps({"w": weights_digest(den.backbone), "pt": den.prediction_type, "sched": sched,
+                      "ts": [float(t) for t in timesteps], "classes": classes, "n": n, "shape": list(shape),
+                      "seed": seed, "v": 1}, sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    path = (cache or cache_dir() / "pso_refs") / f"refs_{digest}.safetensors"
+    if path.exists():
+        d = load_file(str(path))
+        return d["images"], d["labels"], path, True
+    images = draw_references(den, timesteps, labels if classes is not None else None, shape, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return images, labels, path, False
+
+
+class ReferencePool:
+    """Reference images grouped by condition; :meth:`pick` draws one of the same class per target."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, step: int = 0):
+        order = torch.argsort(labels, stable=True)
+        self.images, self.labels, self.step = images[order], labels[order], step
+        m = int(self.labels.max()) + 1
+        self.count = torch.bincount(self.labels, minlength=m)
+        self.start = torch.cumsum(self.count, 0) - self.count
+
+    def pick(self, labels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``labels`` (B,) conditions, ``u`` (B,) uniforms in [0, 1) -> (B, C, H, W) references."""
+        labels = labels.cpu()
+        if int(labels.max()) >= len(self.count) or (self.count[labels] == 0).any():
+            raise ValueError("no reference samples for a target class (reference pool built for other classes)")
+        cnt = self.count[labels]
+        idx = self.start[labels] + (u.cpu() * cnt).long().clamp(max=cnt - 1)
+        return self.images[idx]
+
+
+class PSOConds:
+    """Grid conditions (sample grids, collapse guards): cycles over the target's classes."""
+
+    def __init__(self, classes: list[int] | None, num_model_classes: int):
+        self.classes, self.num_classes = classes, num_model_classes
+
+    def grid(self, n: int, device):
+        if not self.classes:
+            return None
+        return torch.tensor(self.classes, dtype=torch.long)[torch.arange(n) % len(self.classes)].to(device)
+
+    def real_cond(self, labels):
+        return labels if self.classes else None
+
+
+# -- objectives ----------------------------------------------------------------------------
+class _TuneObjective:
+    """Shared by PSO and the naive baseline: one player ``generator`` (the tuned model, EMA), targets."""
+
+    def __init__(self, model: Denoiser, cfg: PSOConfig, sample_timesteps: list[float], target: ArrayDataset,
+                 conditional: bool, seed: int = 0):
+        self.student, self.cfg, self.seed = model, cfg, seed
+        self.sample_timesteps = [float(t) for t in sample_timesteps]
+        self.timesteps = [float(t) for t in (cfg.timesteps or sample_timesteps)]
+        T = model.schedule.num_train_timesteps
+        if any(not 0 <= t < T for t in self.timesteps):
+            raise ValueError(f"pso.timesteps {self.timesteps} must lie in [0, {T})")
+        w = cfg.weights or [1.0 / len(self.timesteps)] * len(self.timesteps)
+        if len(w) != len(self.timesteps):
+            raise ValueError(f"pso.weights needs one weight per timestep ({len(self.timesteps)}), got {len(w)}")
+        self.weights = torch.tensor(w, dtype=torch.float32)
+        self.target, self.conditional = target, conditional
+        self.shape = tuple(target.images.shape[1:])
+        classes = sorted(set(target.labels.tolist())) if conditional else None
+        self.classes = classes
+        self.conds = PSOConds(classes, target.num_classes if conditional else 0)
+        self.data_std = float(target.images[:2048].float().std())
+        model.backbone.train()
+        self.players = {"generator": Player(model.backbone, cfg.lr, (0.9, 0.999), cfg.weight_decay, cfg.grad_clip,
+                                            cfg.warmup_steps, ema=True)}
+
+    def updates(self, step: int) -> list[str]:
+        return ["generator"]
+
+    def to(self, device):
+        return self
+
+    def _targets(self, ctx: Ctx):
+        idx = ctx.randint(0, len(self.target)).cpu()
+        x = self.target.images[idx].to(ctx.device)
+        y = self.target.labels[idx].to(ctx.device) if self.conditional else None
+        return idx, x, y
+
+    def _eps(self, ctx: Ctx) -> torch.Tensor:
+        return ctx.randn(len(self.timesteps), *self.shape)          # (B, K, C, H, W)
+
+    @torch.no_grad()
+    def sample(self, ema: dict[str, nn.Module], n: int, device) -> torch.Tensor:
+        s = self.student
+        den = Denoiser(ema["generator"], s.schedule, s.prediction_type, s.null_class)
+        g = torch.Generator().manual_seed(1234)
+        noise = torch.randn(n, *self.shape, generator=g).to(device)
+        return student_sample(den, self.sample_timesteps, self.conds.grid(n, device), noise, generator=g)
+
+    @torch.no_grad()
+    def guard_stats(self, ema: dict[str, nn.Module]) -> dict:
+        from .guards import sample_guard_stats
+
+        return sample_guard_stats(self, ema)
+
+
+class PSOObjective(_TuneObjective):
+    """PSO (module docstring) as an Objective for :class:`~stepdistill.trainers.core.Trainer`.
+
+    Args:
+        model: the distilled few-step model G_theta (trainable; a frozen copy becomes G_ref).
+        cfg: :class:`~stepdistill.config.PSOConfig` (beta, timesteps, weights, mode, refresh_every, ...).
+        sample_timesteps: the model's own sampling chain (its ``student_timesteps``).
+        target: target images with the model's class labels (:func:`build_target`); with ``pairs`` the chosen images.
+        conditional: class-conditional model (labels are its conditions) or unconditional.
+        rejected: (N, C, H, W) rejected images aligned with ``target`` (preference pairs), or None.
+        references: (images, labels) drawn offline (:func:`offline_references`), or None (online mode, pairs).
+        seed: ``train.seed`` (online reference draws: seed of step s is ``update_seed(seed + offset, s, 0)``).
+        output_dir: run folder; the online pool is saved with each checkpoint for an exact resume.
+    """
+
+    def __init__(self, model: Denoiser, cfg: PSOConfig, sample_timesteps: list[float], target: ArrayDataset,
+                 conditional: bool, rejected: torch.Tensor | None = None, references=None, seed: int = 0,
+                 output_dir: str | Path | None = None):
+        super().__init__(model, cfg, sample_timesteps, target, conditional, seed)
+        self.reference = Denoiser(copy.deepcopy(model.backbone), model.schedule, model.prediction_type,
+                                  model.null_class, model.null_cond)
+        self.reference.backbone.eval().requires_grad_(False)
+        self.rejected = rejected
+        self.mode = "pairs" if rejected is not None else cfg.mode
+        self.pool: ReferencePool | None = None
+        if references is not None:
+            self.pool = ReferencePool(*references)
+        elif self.mode == "offline":
+            raise ValueError("offline PSO needs reference samples (offline_references)")
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.refreshes: list[int] = []   # steps at which the online pool was (re)drawn
+
+    def to(self, device):
+        self.reference.to(device)
+        return self
+
+    # -- online references -------------------------------------------------------------------
+    def online_seed(self, step: int) -> int:
+        return update_seed(self.seed + REF_SEED_OFFSET, step, 0)
+
+    def draw_online(self, step: int) -> ReferencePool:
+        """Reference pool from the CURRENT model (the live generator weights), deterministic in (seed, step)."""
+        labels = reference_labels(self.classes or [0], self.cfg.num_reference)
+        images = draw_references(self.student, self.sample_timesteps, labels if self.conditional else None,
+                                 self.shape, self.online_seed(step))
+        self.refreshes.append(step)
+        return ReferencePool(images, labels, step)
+
+    def refresh(self, step: int) -> None:
+        """Online mode: redraw at steps 0, R, 2R, ... (R = ``pso.refresh_every``); after a resume in
+        between, reload the pool saved with the checkpoint (drawn at the last refresh step)."""
+        R = self.cfg.refresh_every
+        r = step - step % R
+        if self.pool is not None and self.pool.step == r:
+            return
+        if step != r:
+            loaded = self._load_saved_pool(r)
+            if loaded is not None:
+                self.pool = loaded
+                return
+            print(f"WARNING: pso: no saved online reference pool for step {r}; redrawing at step {step} "
+                  "from the current model (the resumed run differs from an uninterrupted one)", file=sys.stderr)
+        self.pool = self.draw_online(r if step == r else step)
+        self.pool.step = r
+
+    def on_checkpoint(self, trainer, folder: Path) -> None:
+        """Trainer hook: keep the online pool with the checkpoint (exact resume)."""
+        if self.mode == "online" and self.pool is not None:
+            save_file({"images": self.pool.images.contiguous(), "labels": self.pool.labels.contiguous(),
+                       "step": torch.tensor([self.pool.step])}, str(Path(folder) / ONLINE_REF_FILE))
+
+    def _load_saved_pool(self, r: int) -> ReferencePool | None:
+        if self.output_dir is None:
+            return None
+        ckpt = self.output_dir / "checkpoints"
+        latest = ckpt / "latest"
+        if not latest.exists():
+            return None
+        f = ckpt / latest.read_text().strip() / ONLINE_REF_FILE
+        if not f.exists():
+            return None
+        d = load_file(str(f))
+        if int(d["step"][0]) != r:
+            return None
+        return ReferencePool(d["images"], d["labels"], r)
+
+    # -- loss ----------------------------------------------------------------------------------
+    def loss(self, player: str, ctx: Ctx):
+        if self.mode == "online":
+            self.refresh(ctx.step)
+        idx, x_tgt, y = self._targets(ctx)
+        if self.rejected is not None:
+            x_ref = self.rejected[idx].to(ctx.device)
+        else:
+            u = ctx.rand()
+            x_ref = self.pool.pick(y if y is not None else torch.zeros(len(idx), dtype=torch.long), u).to(ctx.device)
+        eps = self._eps(ctx)
+        B = x_tgt.shape[0]
+        x = torch.cat([x_tgt, x_ref])
+        c = None if y is None else torch.cat([y, y])
+        e = torch.cat([eps, eps])                                      # same noise for target and reference
+        err_theta = squared_errors(self.student, x, c, self.timesteps, e)          # (2B, K)
+        with torch.no_grad():
+            err_ref = squared_errors(self.reference, x, c, self.timesteps, e)
+        loss, margin = pso_loss(err_theta[:B], err_ref[:B], err_theta[B:], err_ref[B:], self.weights, self.cfg.beta)
+        w = self.weights.to(err_theta)
+        logs = {"pso_loss": loss.item(), "pso_margin": margin.mean().item(),
+                "pso_acc": (margin > 0).float().mean().item(),
+                "pso_delta_tgt": ((err_ref[:B] - err_theta[:B].detach()) @ w).mean().item(),
+                "pso_delta_ref": ((err_ref[B:] - err_theta[B:].detach()) @ w).mean().item(),
+                "err_tgt": (err_theta[:B].detach() @ w).mean().item(),
+                "err_ref": (err_theta[B:].detach() @ w).mean().item()}
+        return loss, logs
+
+
+class NaiveFinetuneObjective(_TuneObjective):
+    """Naive baseline: the denoising loss on the targets at the model's timesteps,
+    ``L = sum_k w_k ||G_theta(x_{t_k}, t_k, c) - x||^2`` (= -l_theta(x^tgt); no reference, no anchor)."""
+
+    def loss(self, player: str, ctx: Ctx):
+        _, x, y = self._targets(ctx)
+        err = squared_errors(self.student, x, y, self.timesteps, self._eps(ctx))   # (B, K)
+        loss = (err @ self.weights.to(err)).mean()
+        return loss, {"naive_loss": loss.item(), "err_tgt": loss.item()}
+
+
+# -- building from a config ------------------------------------------------------------------
+def normalise_method(cfg: DistillConfig) -> bool:
+    """``pso.naive: true`` means ``method: pso_naive`` (and vice versa); returns naive."""
+    if cfg.method in PSO_METHODS and (cfg.pso.naive or cfg.method == "pso_naive"):
+        cfg.method, cfg.pso.naive = "pso_naive", True
+    return cfg.method == "pso_naive"
+
+
+def build_pso(cfg: DistillConfig, model: Denoiser | None = None, meta: ModelMeta | None = None, data=None):
+    """(objective, target data, meta) for ``method: pso | pso_naive`` (called by ``build_dmd``).
+
+    ``model``/``meta``: bring a loaded few-step :class:`Denoiser` instead of ``pso.model``; ``data``: a
+    target ArrayDataset instead of ``pso.target`` / ``data.name``. The returned ``meta`` carries the
+    model's ``student_timesteps`` (exported unchanged)."""
+    naive = normalise_method(cfg)
+    p = cfg.pso
+    if model is None:
+        model, meta = load_denoiser(p.model, allow_pickle=p.allow_pickle)
+    meta = copy.deepcopy(meta) if meta is not None else ModelMeta(prediction_type=model.prediction_type,
+                                                                   conditioning="none")
+    if meta.conditioning == "text":
+        raise ValueError(f"pso.model {p.model}: text-conditional models are not supported by PSO yet")
+    ts = [float(t) for t in (p.model_timesteps or meta.student_timesteps or [])]
+    if not ts:
+        raise ValueError(f"pso.model {p.model} has no student_timesteps (stepdistill.json); set pso.model_timesteps "
+                         "to its few-step sampling chain, e.g. [999] for a one-step model")
+    T = model.schedule.num_train_timesteps
+    if any(not 0 <= t < T for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"pso.model_timesteps {ts} must be strictly decreasing in [0, {T})")
+    meta.student_timesteps = ts
+    conditional = meta.conditioning == "class"
+    rejected = None
+    if p.pairs:
+        names = list(meta.class_names) if conditional else []
+        chosen, rejected, labels = load_preference_pairs(p.pairs, cfg.data.resolution, cfg.data.channels, names)
+        target = ArrayDataset(chosen, labels, names or ["all"])
+    else:
+        target = build_target(cfg, meta, data)
+    _check_shape(model, target, cfg)
+    if naive:
+        return NaiveFinetuneObjective(model, p, ts, target, conditional, cfg.train.seed), target, meta
+    refs = None
+    if rejected is None and p.mode == "offline":
+        classes = sorted(set(target.labels.tolist())) if conditional else None
+        imgs, labels, path, hit = offline_references(model, ts, classes, p.num_reference,
+                                                     tuple(target.images.shape[1:]), cfg.train.seed)
+        refs = (imgs, labels)
+    obj = PSOObjective(model, p, ts, target, conditional, rejected=rejected, references=refs, seed=cfg.train.seed,
+                       output_dir=cfg.output_dir)
+    if refs is not None:
+        obj.reference_cache, obj.reference_cache_hit = path, hit
+    return obj, target, meta
+
+
+def _check_shape(model: Denoiser, target: ArrayDataset, cfg: DistillConfig) -> None:
+    c = getattr(model.backbone, "config", None)
+    size, ch = getattr(c, "sample_size", None), getattr(c, "in_channels", None)
+    C, H, W = target.images.shape[1:]
+    if isinstance(size, int) and (H, W) != (size, size):
+        raise ValueError(f"data.resolution: target images are {H}x{W} but the model samples {size}x{size}")
+    if isinstance(ch, int) and C != ch:
+        raise ValueError(f"data.channels: target images have {C} channels but the model has {ch}")
