@@ -112,8 +112,7 @@ def distill(cfg: DistillConfig, resume: bool = False, accelerator=None, teacher:
             from .phased_dmd import export_phased
 
             experts = [trainer.ema[f"expert_{k}"] for k in range(obj.K)]
-            experts = [m.merged() if getattr(m, "is_lora_view", False) is True else m for m in experts]  # LoRA
-            export_phased(experts, cfg, meta, out, schedule=obj.experts[0].schedule)
+            export_phased(experts, cfg, meta, out, schedule=obj.experts[0].schedule)  # merges LoRA experts
         elif cfg.method == "msd":
             from .multi_student import export_multi_student
 

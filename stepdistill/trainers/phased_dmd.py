@@ -373,6 +373,8 @@ def export_phased(experts: list[nn.Module], cfg: DistillConfig, meta, out: Path,
     """
     from .distill import export_student
 
+    # LoRA experts are views on a shared base: write plain merged networks
+    experts = [m.merged() if getattr(m, "is_lora_view", False) is True else m for m in experts]
     out = Path(out)
     bounds = [float(b) for b in cfg.phased.boundaries]
     ts = bounds[:-1]
