@@ -326,6 +326,23 @@ class Trainer:
 
 
 # -- helpers --------------------------------------------------------------------------------
+def load_ema_weights(output_dir: str | Path, modules: dict[str, nn.Module], checkpoint: str | Path | None = None) -> Path:
+    """Load the EMA weights of the named players (``{"generator": module}``) from a run's checkpoint
+    (the latest by default) into ``modules``, for ``stepdistill export``. Returns the checkpoint path."""
+    ckpt_dir = Path(output_dir) / "checkpoints"
+    if checkpoint:
+        path = Path(checkpoint)
+    else:
+        if not (ckpt_dir / "latest").exists():
+            raise CheckpointError(f"no checkpoint in {ckpt_dir}; train first or pass --checkpoint")
+        path = ckpt_dir / (ckpt_dir / "latest").read_text().strip()
+    tensors = load_file(path / "models.safetensors")
+    for name, m in modules.items():
+        pre = f"ema.{name}."
+        m.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+    return path
+
+
 def peak_memory(device) -> dict:
     """Peak memory so far: CUDA allocator peak on GPU, process peak RSS (ru_maxrss) on CPU."""
     if getattr(device, "type", str(device)) == "cuda":

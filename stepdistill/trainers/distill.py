@@ -186,13 +186,8 @@ def _cfg_dict(cfg) -> dict:
 
 def load_trained_generator(cfg: DistillConfig, checkpoint: str | Path | None = None) -> torch.nn.Module:
     """EMA generator weights from a run's checkpoint (latest by default), for ``stepdistill export``."""
-    from safetensors.torch import load_file
+    from .core import load_ema_weights
 
     obj, _, _ = build_dmd(cfg)
-    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
-    path = Path(checkpoint) if checkpoint else ckpt_dir / (ckpt_dir / "latest").read_text().strip()
-    tensors = load_file(path / "models.safetensors")
-    sd = {k[len("ema.generator."):]: v for k, v in tensors.items() if k.startswith("ema.generator.")}
-    g = obj.student.backbone
-    g.load_state_dict(sd)
-    return g
+    load_ema_weights(cfg.output_dir, {"generator": obj.student.backbone}, checkpoint)
+    return obj.student.backbone

@@ -468,18 +468,10 @@ image = x0.clamp(-1, 1)
 def load_trained_students(cfg: DistillConfig, checkpoint: str | Path | None = None):
     """EMA students of an msd run's checkpoint (latest by default): ``(students, objective, meta)``,
     for ``stepdistill export`` (``export_multi_student(students, cfg, meta, out, obj.groups, ...)``)."""
-    from safetensors.torch import load_file
-
+    from .core import load_ema_weights
     from .distill import build_dmd
 
     obj, _, meta = build_dmd(cfg)
-    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
-    path = Path(checkpoint) if checkpoint else ckpt_dir / (ckpt_dir / "latest").read_text().strip()
-    tensors = load_file(path / "models.safetensors")
-    students = []
-    for k in range(obj.K):
-        pre = f"ema.student_{k}."
-        m = obj.students[k].backbone
-        m.load_state_dict({n[len(pre):]: v for n, v in tensors.items() if n.startswith(pre)})
-        students.append(m)
+    students = [obj.students[k].backbone for k in range(obj.K)]
+    load_ema_weights(cfg.output_dir, {f"student_{k}": m for k, m in enumerate(students)}, checkpoint)
     return students, obj, meta

@@ -478,18 +478,10 @@ images = x0.clamp(-1, 1)
 def load_trained_experts(cfg: DistillConfig, checkpoint: str | Path | None = None):
     """EMA experts of a phased run's checkpoint (latest by default): ``(experts, objective, meta)``,
     for ``stepdistill export`` (``export_phased(experts, cfg, meta, out, schedule=obj.experts[0].schedule)``)."""
-    from safetensors.torch import load_file
-
+    from .core import load_ema_weights
     from .distill import build_dmd
 
     obj, _, meta = build_dmd(cfg)
-    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
-    path = Path(checkpoint) if checkpoint else ckpt_dir / (ckpt_dir / "latest").read_text().strip()
-    tensors = load_file(path / "models.safetensors")
-    experts = []
-    for k in range(obj.K):
-        pre = f"ema.expert_{k}."
-        m = obj.experts[k].backbone
-        m.load_state_dict({n[len(pre):]: v for n, v in tensors.items() if n.startswith(pre)})
-        experts.append(m)
+    experts = [obj.experts[k].backbone for k in range(obj.K)]
+    load_ema_weights(cfg.output_dir, {f"expert_{k}": m for k, m in enumerate(experts)}, checkpoint)
     return experts, obj, meta
