@@ -77,6 +77,27 @@ def dm_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> tu
     return loss, grad
 
 
+def scores_and_gan_g(teacher: Denoiser, critic: Denoiser, head, x_t, t, cond, c: DMDConfig):
+    """The generator update's critic and teacher passes at one noised sample ``x_t`` (keeps grad).
+
+    Returns ``(L_G, mu_real, mu_fake)``: the non-saturating G loss softplus(-D(x_t)) (DMD2 Eq. 3;
+    None when ``head`` is None), and the teacher's (CFG scale ``c.real_guidance_scale``) and the
+    critic's x0 predictions, detached (None when ``c.dm_weight`` is 0). One critic pass serves
+    both the GAN features and mu_fake unless the critic itself is guided.
+    """
+    l_g = fake_x0 = real_x0 = None
+    if head is not None:
+        fake_x0, feats = critic.x0_and_features(x_t, t, cond)
+        l_g = F.softplus(-head(feats.float())).mean()
+    if c.dm_weight > 0:
+        with torch.no_grad():
+            real_x0 = teacher(x_t.detach(), t, cond, guidance_scale=c.real_guidance_scale)
+            if fake_x0 is None or c.fake_guidance_scale != 1.0:
+                fake_x0 = critic(x_t.detach(), t, cond, guidance_scale=c.fake_guidance_scale)
+        fake_x0 = fake_x0.detach()
+    return l_g, real_x0, fake_x0
+
+
 class CondSampler:
     """Draws generator conditions: class labels uniform over classes, or None (unconditional)."""
 
@@ -191,18 +212,13 @@ class DMDObjective:
         total = torch.zeros((), device=x.device)
         t = ctx.sample_t(self.teacher.schedule, c.t_min, c.t_max)
         x_t = self.teacher.schedule.add_noise(x, ctx.randn(*self.shape), t)  # keeps grad for the GAN term
-        fake_x0 = feats = None
-        if c.gan:
-            fake_x0, feats = self.critic.x0_and_features(x_t, t, cond)
-            l_g = F.softplus(-self.head(feats.float())).mean()
+        l_g, real_x0, fake_x0 = scores_and_gan_g(self.teacher, self.critic, self.head if c.gan else None,
+                                                 x_t, t, cond, c)
+        if l_g is not None:
             total = total + c.gan_g_weight * l_g
             logs["gan_g_loss"] = l_g.item()
         if c.dm_weight > 0:
-            with torch.no_grad():
-                real_x0 = self.teacher(x_t.detach(), t, cond, guidance_scale=c.real_guidance_scale)
-                if fake_x0 is None or c.fake_guidance_scale != 1.0:
-                    fake_x0 = self.critic(x_t.detach(), t, cond, guidance_scale=c.fake_guidance_scale)
-            l_dm, grad = dm_loss(x, real_x0, fake_x0.detach())
+            l_dm, grad = dm_loss(x, real_x0, fake_x0)
             total = total + c.dm_weight * l_dm
             logs["dm_loss"] = l_dm.item()
             logs["dm_grad_abs"] = grad.abs().mean().item()

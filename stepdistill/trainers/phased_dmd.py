@@ -96,7 +96,7 @@ from ..denoiser import Denoiser
 from ..pipelines.phased import MAX_EXPERTS, expert_step, expert_subfolder, phased_sample, route
 from ..schedules import NoiseSchedule, _bcast
 from .core import Ctx, Player
-from .dmd import CondSampler, GANHead, dm_loss
+from .dmd import CondSampler, GANHead, dm_loss, scores_and_gan_g
 
 PHASED_PIPELINE = "PhasedDMDPipeline"
 
@@ -272,18 +272,13 @@ class PhasedDMDObjective:
         lo, hi = self.t_range(k)
         t = ctx.sample_t(sched, lo, hi)
         x_t, _, _ = subinterval_targets(sched, out, ctx.randn(*self.shape), self.anchor(k), t)  # keeps grad (GAN)
-        fake_x0 = None
-        if self.uses_gan(k):
-            fake_x0, feats = critic.x0_and_features(x_t, t, cond)
-            l_g = F.softplus(-self.head(feats.float())).mean()
+        l_g, real_x0, fake_x0 = scores_and_gan_g(self.teacher, critic, self.head if self.uses_gan(k) else None,
+                                                 x_t, t, cond, c)
+        if l_g is not None:
             total = total + c.gan_g_weight * l_g
             logs["gan_g_loss"] = l_g.item()
         if c.dm_weight > 0:
-            with torch.no_grad():
-                real_x0 = self.teacher(x_t.detach(), t, cond, guidance_scale=c.real_guidance_scale)
-                if fake_x0 is None or c.fake_guidance_scale != 1.0:
-                    fake_x0 = critic(x_t.detach(), t, cond, guidance_scale=c.fake_guidance_scale)
-            _, grad = dm_loss(x0_hat.detach(), real_x0, fake_x0.detach())   # DMD2 direction + normaliser
+            _, grad = dm_loss(x0_hat.detach(), real_x0, fake_x0)   # DMD2 direction + normaliser
             o = out.float()
             l_dm = 0.5 * F.mse_loss(o, (o - grad).detach(), reduction="mean")
             total = total + c.dm_weight * l_dm
