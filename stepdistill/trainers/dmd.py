@@ -98,6 +98,15 @@ def scores_and_gan_g(teacher: Denoiser, critic: Denoiser, head, x_t, t, cond, c:
     return l_g, real_x0, fake_x0
 
 
+def gan_d_loss(head, f_fake: torch.Tensor, f_real: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Discriminator loss softplus(D(fake)) + softplus(-D(real)) (DMD2 Eq. 3) on bottleneck features,
+    plus the head's accuracy on each side for the logs."""
+    logit_fake, logit_real = head(f_fake.float()), head(f_real.float())
+    l_d = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
+    return l_d, {"gan_d_loss": l_d.item(), "d_real_acc": (logit_real > 0).float().mean().item(),
+                 "d_fake_acc": (logit_fake < 0).float().mean().item()}
+
+
 class CondSampler:
     """Draws generator conditions: class labels uniform over classes, or None (unconditional)."""
 
@@ -269,11 +278,9 @@ class DMDObjective:
             t_r = ctx.sample_t(sched, 0, T - 1)
             xr = sched.add_noise(real, ctx.randn(*self.shape), t_r)
             _, f_real = self.critic.x0_and_features(xr, t_r, self.conds.real_cond(real_labels))
-            logit_fake, logit_real = self.head(f_fake.float()), self.head(f_real.float())
-            l_d = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
+            l_d, d_logs = gan_d_loss(self.head, f_fake, f_real)
             total = total + c.gan_d_weight * l_d
-            logs.update({"gan_d_loss": l_d.item(), "d_real_acc": (logit_real > 0).float().mean().item(),
-                         "d_fake_acc": (logit_fake < 0).float().mean().item()})
+            logs.update(d_logs)
         logs["critic_loss"] = total.item()
         return total, logs
 

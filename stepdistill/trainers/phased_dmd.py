@@ -96,7 +96,7 @@ from ..denoiser import Denoiser
 from ..pipelines.phased import MAX_EXPERTS, expert_step, expert_subfolder, phased_sample, route
 from ..schedules import NoiseSchedule, _bcast
 from .core import Ctx, Player
-from .dmd import CondSampler, GANHead, dm_loss, scores_and_gan_g
+from .dmd import CondSampler, GANHead, dm_loss, gan_d_loss, scores_and_gan_g
 
 PHASED_PIPELINE = "PhasedDMDPipeline"
 
@@ -315,12 +315,10 @@ class PhasedDMDObjective:
             real, real_labels = ctx.real_batch()
             t_r = ctx.sample_t(sched, lo, hi)
             xr = sched.add_noise(real, ctx.randn(*self.shape), t_r)
-            _, f_real = critic.x0_and_features(xr, t_r, real_labels if self.conds.num_classes else None)
-            logit_fake, logit_real = self.head(f_fake.float()), self.head(f_real.float())
-            l_d = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
+            _, f_real = critic.x0_and_features(xr, t_r, self.conds.real_cond(real_labels))
+            l_d, d_logs = gan_d_loss(self.head, f_fake, f_real)
             total = total + c.gan_d_weight * l_d
-            logs.update({"gan_d_loss": l_d.item(), "d_real_acc": (logit_real > 0).float().mean().item(),
-                         "d_fake_acc": (logit_fake < 0).float().mean().item()})
+            logs.update(d_logs)
         logs["critic_loss"] = total.item()
         return total, logs
 
