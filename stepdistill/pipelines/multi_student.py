@@ -36,7 +36,7 @@ from diffusers import DiffusionPipeline
 from ..denoiser import Denoiser
 from ..schedules import schedule_from_config
 from .sampling import student_sample
-from .student import StepDistillPipeline, _output
+from .student import StepDistillPipeline, _output, label_tensor
 
 MAX_STUDENTS = 8  # student_0 (= unet) plus the optional components student_1..student_7
 PIPELINE_CLASS = "MultiStudentPipeline"
@@ -196,9 +196,7 @@ class MultiStudentPipeline(DiffusionPipeline):
             generator = torch.Generator().manual_seed(seed)
         if class_labels is None:
             raise ValueError("MultiStudentPipeline is class-conditional: give class_labels (they pick the student)")
-        if isinstance(class_labels, (int, str)):
-            class_labels = [class_labels] * batch_size
-        labels = torch.tensor([self.class_index(c) for c in class_labels], dtype=torch.long, device=dev)
+        labels = label_tensor(self, class_labels, batch_size, dev)
         steps = self.timesteps_for(num_inference_steps)  # validate before drawing noise
         c = self.unet.config
         noise = torch.randn(len(labels), c.in_channels, c.sample_size, c.sample_size, generator=generator).to(dev)

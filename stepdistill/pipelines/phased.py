@@ -35,7 +35,7 @@ from diffusers import DiffusionPipeline
 
 from ..denoiser import Denoiser
 from ..schedules import schedule_from_config
-from .student import _output
+from .student import _output, label_tensor
 
 MAX_EXPERTS = 8  # expert_0 (= unet) plus the optional components expert_1..expert_7
 
@@ -188,9 +188,7 @@ class PhasedDMDPipeline(DiffusionPipeline):
         steps = self.timesteps_for(num_inference_steps)  # validate before drawing noise
         labels = None
         if class_labels is not None:
-            if isinstance(class_labels, (int, str)):
-                class_labels = [class_labels] * batch_size
-            labels = torch.tensor([self.class_index(c) for c in class_labels], dtype=torch.long, device=dev)
+            labels = label_tensor(self, class_labels, batch_size, dev)
             batch_size = len(labels)
         c = self.unet.config
         noise = torch.randn(batch_size, c.in_channels, c.sample_size, c.sample_size, generator=generator).to(dev)

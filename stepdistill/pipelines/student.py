@@ -83,9 +83,7 @@ class StepDistillPipeline(DiffusionPipeline):
             generator = torch.Generator().manual_seed(seed)
         labels = None
         if class_labels is not None:
-            if isinstance(class_labels, (int, str)):
-                class_labels = [class_labels] * batch_size
-            labels = torch.tensor([self.class_index(c) for c in class_labels], dtype=torch.long, device=dev)
+            labels = label_tensor(self, class_labels, batch_size, dev)
             batch_size = len(labels)
         elif prompt_embeds is not None:
             labels = prompt_embeds.to(dev, self.network.dtype)
@@ -99,6 +97,14 @@ class StepDistillPipeline(DiffusionPipeline):
                            generator=generator, first_step=first_step)
         self.last_latency_s = time.perf_counter() - t0
         return _output(x, output_type, return_dict)
+
+
+def label_tensor(pipe, class_labels, batch_size: int, device) -> torch.Tensor:
+    """Class names / indices (or one of them, repeated ``batch_size`` times) -> (B,) long tensor,
+    validated by ``pipe.class_index``."""
+    if isinstance(class_labels, (int, str)):
+        class_labels = [class_labels] * batch_size
+    return torch.tensor([pipe.class_index(c) for c in class_labels], dtype=torch.long, device=device)
 
 
 def _output(x: torch.Tensor, output_type: str, return_dict: bool):
