@@ -228,8 +228,7 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
     """
     from tqdm.auto import tqdm
 
-    from .generate import load_any
-    from .report import resolve_teacher
+    from .report import load_student_and_teacher
 
     batch_sizes = parse_int_list(batch_sizes, "--batch-sizes")
     if any(b < 1 for b in batch_sizes):
@@ -238,15 +237,7 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
         raise ConfigError(f"--repeats must be >= 1, got {repeats}")
     if teacher_steps < 1:
         raise ConfigError(f"--teacher-steps must be >= 1, got {teacher_steps}")
-    s = load_any(student, device=device, allow_pickle=allow_pickle)
-    if s.kind != "student":
-        raise ConfigError(f"--student {student} is not a distilled student folder (no student_timesteps)")
-    teacher = resolve_teacher(Path(student), (s.meta.extra or {}).get("teacher"), teacher)
-    t = load_any(teacher, device=device, allow_pickle=allow_pickle, sampler=sampler)
-    if t.kind != "teacher":
-        raise ConfigError(f"--teacher {teacher} is a distilled student folder, not a teacher")
-    if t.image_shape != s.image_shape:
-        raise ConfigError(f"teacher images {t.image_shape} and student images {s.image_shape} differ")
+    s, t = load_student_and_teacher(student, teacher, device=device, allow_pickle=allow_pickle, sampler=sampler)
     k = s.max_steps
     k0 = s.min_steps  # 1, or K for phased students (one step per expert)
     student_steps = parse_int_list(student_steps, "--student-steps") or list(range(k0, k + 1))
@@ -307,7 +298,7 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
 
     return {
         "machine": machine_info(dev),
-        "config": {"teacher": str(teacher), "student": str(student), "batch_sizes": batch_sizes,
+        "config": {"teacher": t.path, "student": str(student), "batch_sizes": batch_sizes,
                    "teacher_steps": teacher_steps, "teacher_sampler": sampler, "guidance_scale": guidance_scale,
                    "student_steps": student_steps, "student_max_steps": k, "repeats": repeats, "warmup": warmup,
                    "seed": seed, "image_shape": list(s.image_shape), "dtype": str(s.unet.dtype).replace("torch.", ""),

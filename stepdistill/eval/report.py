@@ -113,6 +113,24 @@ def resolve_teacher(student_folder: Path, recorded: str | None, given: str | Non
                       "pass --teacher PATH")
 
 
+def load_student_and_teacher(student: str, teacher: str | None, device=None, allow_pickle: bool = False,
+                             sampler: str = "ddim"):
+    """The (student, teacher) wrappers for report and bench; the teacher defaults to the one recorded
+    in the student's metadata. Raises ConfigError when the roles or image shapes do not fit."""
+    from .generate import load_any
+
+    s = load_any(student, device=device, allow_pickle=allow_pickle)
+    if s.kind != "student":
+        raise ConfigError(f"--student {student} is not a distilled student folder (no student_timesteps)")
+    teacher = resolve_teacher(Path(student), (s.meta.extra or {}).get("teacher"), teacher)
+    t = load_any(teacher, device=device, allow_pickle=allow_pickle, sampler=sampler)
+    if t.kind != "teacher":
+        raise ConfigError(f"--teacher {teacher} is a distilled student folder, not a teacher")
+    if t.image_shape != s.image_shape:
+        raise ConfigError(f"teacher images {t.image_shape} and student images {s.image_shape} differ")
+    return s, t
+
+
 def _fmt(v, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -132,7 +150,6 @@ def make_report(student: str, out_dir: str | Path, teacher: str | None = None, n
         diversity_metric,
         fid_metrics,
         is_animal_mnist_domain,
-        load_any,
         load_reference,
         training_dataset,
     )
@@ -143,13 +160,7 @@ def make_report(student: str, out_dir: str | Path, teacher: str | None = None, n
         raise ConfigError(f"--teacher-steps must be >= 1, got {teacher_steps}")
     if grid_rows < 1:
         raise ConfigError(f"--grid-rows must be >= 1, got {grid_rows}")
-    s = load_any(student, device=device, allow_pickle=allow_pickle)
-    if s.kind != "student":
-        raise ConfigError(f"--student {student} is not a distilled student folder (no student_timesteps)")
-    teacher = resolve_teacher(Path(student), (s.meta.extra or {}).get("teacher"), teacher)
-    t = load_any(teacher, device=device, allow_pickle=allow_pickle)
-    if t.image_shape != s.image_shape:
-        raise ConfigError(f"teacher images {t.image_shape} and student images {s.image_shape} differ")
+    s, t = load_student_and_teacher(student, teacher, device=device, allow_pickle=allow_pickle)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     k = s.max_steps
