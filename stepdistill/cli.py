@@ -61,6 +61,14 @@ def cmd_export(a):
 
 
 def cmd_sample(a):
+    from .text_cli import is_text_model, sample_text
+
+    if is_text_model(a.model):  # text-to-image teachers and students: --prompt / --negative-prompt
+        return sample_text(a)
+    if a.prompt or a.negative_prompt:
+        from .config import ConfigError
+
+        raise ConfigError(f"--prompt / --negative-prompt need a text-conditioned model; {a.model} is not one")
     import torch
 
     from .models import load_denoiser
@@ -148,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance-scale", type=float, default=2.0)
     p.add_argument("--classes", default=None, help="comma-separated class names or indices")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text models: a prompt (repeat the flag or separate with |); default: the caption set")
+    p.add_argument("--negative-prompt", default=None, help="text teachers: replaces the empty prompt in CFG")
     p.add_argument("--num", type=int, default=40)
     p.add_argument("--nrow", type=int, default=10)
     p.add_argument("--scale", type=int, default=2)

@@ -35,7 +35,9 @@ def cmd_eval(a):
     res = evaluate_model(a.model, steps=a.steps, num=a.num, ref=a.ref, ref_split=a.ref_split, ref_num=a.ref_num,
                          guidance_scale=a.guidance_scale, seed=a.seed, batch_size=a.batch_size, prompts=a.prompts,
                          sampler=a.sampler, diversity_extractor=a.diversity_extractor, device=a.device,
-                         allow_pickle=a.allow_pickle, progress=not a.no_progress)
+                         allow_pickle=a.allow_pickle, progress=not a.no_progress, hybrid_teacher=a.hybrid_teacher,
+                         hybrid_steps=a.hybrid_steps, hybrid_substeps=a.hybrid_substeps,
+                         hybrid_handoff=a.hybrid_handoff, clip_model=a.clip_model)
     _emit(res, a.out)
 
 
@@ -46,7 +48,8 @@ def cmd_bench(a):
     res = benchmark(a.teacher, a.student, batch_sizes=a.batch_sizes, teacher_steps=a.teacher_steps,
                     student_steps=a.student_steps, repeats=a.repeats, warmup=a.warmup,
                     guidance_scale=a.guidance_scale, sampler=a.sampler, device=a.device, seed=a.seed,
-                    allow_pickle=a.allow_pickle, progress=not a.no_progress)
+                    allow_pickle=a.allow_pickle, progress=not a.no_progress, hybrid_steps=a.hybrid_steps,
+                    hybrid_substeps=a.hybrid_substeps, hybrid_handoff=a.hybrid_handoff)
     if a.table:
         print("\n".join(summary_lines(res)), file=sys.stderr)
     _emit(res, a.out)
@@ -93,6 +96,17 @@ def _ref_args(p):
                    help="features for the diversity metric (auto: domain classifier at 32x32x1, else Inception)")
 
 
+def _hybrid_args(p, bench: bool = False):
+    p.add_argument("--hybrid-steps", type=int, default=0 if bench else 1,
+                   help=("also time hybrid sampling: the teacher takes the first N steps of the student's K-step chain "
+                         "(0 = off)") if bench else "steps the hybrid teacher takes (1..K, default 1)")
+    p.add_argument("--hybrid-substeps", type=int, default=1,
+                   help="DDIM sub-steps of the hybrid teacher per student step (default 1: one x0 prediction)")
+    p.add_argument("--hybrid-handoff", default="renoise", choices=["renoise", "ode"],
+                   help="renoise: the student gets the teacher's x0 re-noised with fresh noise (default); "
+                        "ode: the teacher's DDIM state at the next student timestep")
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("eval", help="FID / KID, class accuracy and diversity of a teacher or student")
     p.add_argument("--model", required=True, help="teacher or student folder (or builtin:animal_mnist)")
@@ -102,7 +116,13 @@ def add_commands(sub) -> None:
     p.add_argument("--guidance-scale", type=float, default=2.0, help="teacher CFG scale (students ignore it)")
     p.add_argument("--sampler", default="ddim", help="teacher sampler: ddim | euler | dpm++ | ddpm")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--prompts", default=None, help="prompt file, one prompt per line (text models; not supported yet)")
+    p.add_argument("--prompts", default=None,
+                   help="text models: prompt file, one prompt per line (default: the model's caption set)")
+    p.add_argument("--clip-model", default=None, help="text models: local CLIP folder for the CLIP score")
+    p.add_argument("--hybrid-teacher", default=None,
+                   help="hybrid sampling: this teacher (folder or builtin:animal_mnist) takes the student's first "
+                        "--hybrid-steps steps with CFG --guidance-scale (Gandikota & Bau 2025)")
+    _hybrid_args(p)
     p.add_argument("--out", default=None, help="also write the JSON here")
     _common(p)
     p.set_defaults(fn=cmd_eval)
@@ -119,6 +139,7 @@ def add_commands(sub) -> None:
     p.add_argument("--guidance-scale", type=float, default=2.0)
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--table", action="store_true", help="also print a human-readable table to stderr")
+    _hybrid_args(p, bench=True)
     p.add_argument("--out", default=None, help="also write the JSON here")
     _common(p)
     p.set_defaults(fn=cmd_bench)

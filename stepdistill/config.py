@@ -27,6 +27,16 @@ class DataConfig:
 
 
 @dataclass
+class TextConfig:
+    """Text conditioning (stepdistill/text.py): captions ``template.format(name=class name)`` for every class and
+    template, encoded once with a frozen text encoder (token embeddings, padded to ``max_length``)."""
+    encoder: str = "minilm"        # teacher training: minilm (the shipped MiniLM) | folder | hub id; distill: the teacher's
+    max_length: int = 0            # tokens per prompt (padded / truncated); 0: 16 (teacher training) | the teacher's
+    templates: list[str] = field(default_factory=list)  # [] = stepdistill.text.CAPTION_TEMPLATES
+    prompts: str = ""              # distill: "" = the teacher's caption set (GAN real branch aligned); or a prompt file
+
+
+@dataclass
 class TeacherModelConfig:
     """A class-conditional diffusers UNet2DModel (null class = num_classes, for CFG)."""
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
@@ -37,6 +47,7 @@ class TeacherModelConfig:
     prediction_type: str = "v_prediction"
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
+    conditioning: str = "class"    # class: UNet2DModel + class labels | text: UNet2DConditionModel + captions (text:)
 
 
 @dataclass
@@ -67,6 +78,8 @@ class TrainConfig:
     guard_min_diversity: float = 0.05   # trip when same-condition sample diversity (x data std) falls below
     guard_max_saturation: float = 0.5   # trip when the fraction of pixels with |x| > 0.98 exceeds
     guard_action: str = "warn"     # warn | stop (stop: checkpoint, then raise CollapseError)
+    fsdp: bool = False             # shard players + EMA over the processes (FSDP2; trainers/fsdp.py)
+    fsdp_shard_teacher: bool = False  # with fsdp: shard the frozen teacher backbone too
 
 
 @dataclass
@@ -76,6 +89,7 @@ class TeacherConfig:
     model: TeacherModelConfig = field(default_factory=TeacherModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    text: TextConfig = field(default_factory=TextConfig)  # model.conditioning: text
     cfg_dropout: float = 0.1       # probability of replacing the label by the null class
     sample_steps: int = 25         # sampler steps for the periodic sample grids
     guidance_scale: float = 2.0
@@ -113,6 +127,14 @@ class DMDConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
     teacher_dtype: str = "float32"  # float32 | bfloat16 (teacher weights; outputs are cast back to float32)
     offload_teacher: bool = False  # keep the teacher on the CPU, move it to the accelerator for its forward only
+    # Decoupled DMD (Liu et al. 2025): the guided DM gradient split into a CFG-augmentation (CA) term and a
+    # distribution-matching term, each with its own weight and re-noising schedule (trainers/dmd.py)
+    decoupled: bool = False
+    ca_weight: float = 1.0         # weight of the CA term -(w-1)(mu_real_cond - mu_real_uncond)
+    dm_term_weight: float = 1.0    # weight of the DM term mu_fake - mu_real_cond (its t: t_min..t_max)
+    ca_schedule: str = "above_student"  # shared (the DM term's t and noise: DMD2) | uniform | above_student
+    ca_t_min: float = 20.0         # CA times: U[ca_t_min, ca_t_max] (above_student: U[max(t_k, ca_t_min), ca_t_max])
+    ca_t_max: float = 980.0
 
 
 @dataclass
@@ -152,7 +174,7 @@ class PSOConfig:
     model_timesteps: list[float] = field(default_factory=list)  # its sampling chain if it has no stepdistill.json
     allow_pickle: bool = False
     target: str = ""               # target dataset: "" = the data section; animal_mnist | digits | image folder
-    target_transform: str = "none"  # none | invert (x -> -x: inverted silhouettes)
+    target_transform: str = "none"  # none | invert (x -> -x: inverted silhouettes) | bold (3x3 dilation)
     target_classes: list[str] = field(default_factory=list)  # class subset (names or indices); [] = all
     pairs: str = ""                # preference pairs (.safetensors or folder with chosen/ rejected/): replaces target
     mode: str = "offline"          # offline: references drawn once from the initial model (cached) | online
@@ -166,6 +188,11 @@ class PSOConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 0
     naive: bool = False            # the naive baseline (denoising loss on the targets) = method: pso_naive
+    likelihood: str = "auto"       # pure-noise first step: kde (the model's own posterior over its input noise) |
+    #                                forward (Diffusion-DPO's forward-process surrogate) | auto (kde when t_0 is pure noise)
+    kde_samples: int = 32          # kde: noise draws per image (m)
+    kde_tau: float = 0.02          # kde: temperature of the soft-min over the m distances (-> 0: nearest sample)
+    target_anchor: float = 0.0     # DPO-Positive penalty (Pal et al. 2024): lambda * max(0, err_theta - err_ref) on targets
 
 
 @dataclass
@@ -177,6 +204,7 @@ class DistillConfig:
     phased: PhasedConfig = field(default_factory=PhasedConfig)
     msd: MSDConfig = field(default_factory=MSDConfig)
     pso: PSOConfig = field(default_factory=PSOConfig)
+    text: TextConfig = field(default_factory=TextConfig)  # text teachers: the prompt set to distill on
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32, max_steps=300, ema_decay=0.95,
                                                                    sample_every=50, checkpoint_every=50))
 
@@ -316,6 +344,12 @@ def validate(cfg) -> None:
         check(len(m.attention_levels) == len(m.block_out_channels), "model.attention_levels",
               "needs one entry per block_out_channels")
         check(0.0 <= cfg.cfg_dropout < 1.0, "cfg_dropout", "must be in [0, 1)")
+        check(m.conditioning in ("class", "text"), "model.conditioning", "must be class | text")
+    text = getattr(cfg, "text", None)
+    if text is not None:
+        check(0 <= text.max_length <= 512, "text.max_length", "must be in 0..512 (0 = default)")
+        check(all("{name}" in t for t in text.templates), "text.templates",
+              "every template needs the placeholder {name}, e.g. 'a photo of a {name}'")
     if isinstance(cfg, DistillConfig):
         d = cfg.dmd
         check(cfg.method in ("dmd", "dmd2", "phased_dmd", "msd", "pso", "pso_naive"), "method",
@@ -343,6 +377,14 @@ def validate(cfg) -> None:
         check(d.lora_alpha >= 0, "dmd.lora_alpha", "must be >= 0 (0 = lora_rank)")
         check(d.lora_rank == 0 or len(d.lora_targets) > 0, "dmd.lora_targets", "needs at least one module name")
         check(d.teacher_dtype in ("float32", "bfloat16"), "dmd.teacher_dtype", "must be float32 | bfloat16")
+        if d.decoupled:
+            check(cfg.method in ("dmd", "dmd2"), "dmd.decoupled",
+                  f"is supported by method dmd / dmd2 only, not {cfg.method}")
+            check(d.ca_schedule in ("shared", "uniform", "above_student"), "dmd.ca_schedule",
+                  "must be shared | uniform | above_student")
+            check(0 <= d.ca_t_min <= d.ca_t_max, "dmd.ca_t_min", "must satisfy 0 <= ca_t_min <= ca_t_max")
+            check(d.ca_weight >= 0 and d.dm_term_weight >= 0, "dmd.ca_weight", "term weights must be >= 0")
+            check(d.dm_weight > 0, "dmd.dm_weight", "must be > 0 with dmd.decoupled (it scales both terms)")
         check(not (d.offload_teacher and d.lora_rank > 0), "dmd.offload_teacher",
               "cannot be combined with dmd.lora_rank > 0 (the LoRA teacher is the shared base of student and critic)")
 
@@ -385,7 +427,11 @@ def _validate_pso(cfg: DistillConfig, check) -> None:
     check(p.num_reference >= 1, "pso.num_reference", "must be >= 1")
     check(p.beta > 0, "pso.beta", "must be > 0")
     check(p.lr > 0, "pso.lr", "must be > 0")
-    check(p.target_transform in ("none", "invert"), "pso.target_transform", "must be none | invert")
+    check(p.target_transform in ("none", "invert", "bold"), "pso.target_transform", "must be none | invert | bold")
+    check(p.likelihood in ("auto", "kde", "forward"), "pso.likelihood", "must be auto | kde | forward")
+    check(p.kde_samples >= 1, "pso.kde_samples", "must be >= 1")
+    check(p.kde_tau > 0, "pso.kde_tau", "must be > 0")
+    check(p.target_anchor >= 0, "pso.target_anchor", "must be >= 0")
     check(all(a > b for a, b in zip(p.timesteps, p.timesteps[1:])) and all(t >= 0 for t in p.timesteps),
           "pso.timesteps", "must be strictly decreasing and >= 0 ([] = the model's own)")
     check(all(a > b for a, b in zip(p.model_timesteps, p.model_timesteps[1:])), "pso.model_timesteps",

@@ -17,8 +17,14 @@ NFE (network function evaluations) reported per image batch:
 * teacher: ``steps * 2`` with classifier-free guidance (``w != 1``: one conditional and one
   unconditional evaluation per step), else ``steps``;
 * student: ``steps`` (guidance is distilled in);
-* hybrid student: the first student step is replaced by the teacher's guided x0 prediction at the
-  first student timestep, so ``2 (teacher, CFG) + (steps - 1) (student)``.
+* hybrid student (Gandikota & Bau 2025, :mod:`stepdistill.pipelines.hybrid`): the teacher takes the
+  first ``n`` of the student's ``K`` steps, walking ``m`` DDIM sub-steps across each, with its own CFG
+  scale ``w_h``, and hands over by ``ode`` (its DDIM state) or ``renoise`` (its x0, re-noised); so
+  ``n m (2 with CFG, else 1) + (K - n)`` (:func:`stepdistill.pipelines.hybrid.hybrid_nfe`, as in
+  ``stepdistill eval --hybrid-*``). The defaults (n = 1, m = 4, ``ode``, ``w_h = 1``: no CFG) are the
+  best row of BENCHMARKS.md "Hybrid sampling" (diversity 0.160 vs 0.122 for the plain 4-step student).
+  Phased DMD and multi-student students take ``n = 1`` with ``renoise`` only; other settings fall
+  back to that, with a note in the student's summary.
 """
 from __future__ import annotations
 
@@ -41,6 +47,15 @@ MAX_BATCH = 16
 MAX_TEACHER_STEPS = 200
 MAX_GUIDANCE = 20.0
 DISPLAY_SIZE = 128  # images are nearest-upscaled by an integer factor to at least this size
+HYBRID_HANDOFFS = ("ode", "renoise")
+MAX_HYBRID_SUBSTEPS = 50
+# hybrid defaults: the best row of BENCHMARKS.md "Hybrid sampling" (1 unguided teacher step of 4 DDIM sub-steps, ode)
+HYBRID_DEFAULTS = {"steps": 1, "substeps": 4, "handoff": "ode", "guidance_scale": 1.0}
+HYBRID_CAPTION = ("Hybrid (Gandikota & Bau 2025): the teacher takes the first n student steps, m DDIM sub-steps each, "
+                  "with its own guidance scale, then hands over (`ode`: its DDIM state; `renoise`: its x0 re-noised). "
+                  "Defaults = the best setting in BENCHMARKS.md \"Hybrid sampling\": 1 teacher step × 4 sub-steps, `ode`, "
+                  "no CFG (w = 1) raised diversity 0.122 → 0.160 at FID 71.7 vs 73.5 on the 4-step student (7 NFE); "
+                  "one guided teacher x0, re-noised, *lowered* it (0.104). NFE per image = n·m·(2 with CFG, else 1) + (K − n).")
 
 
 class DemoInputError(ValueError):
@@ -127,6 +142,13 @@ def student_supports_hybrid(info: ModelInfo) -> bool:
     """True when the student's pipeline class accepts ``first_step`` (a teacher-taken first step)."""
     cls = _student_pipeline_class(info)
     return cls is not None and "first_step" in inspect.signature(cls.__call__).parameters
+
+
+def student_supports_hybrid_chain(info: ModelInfo) -> bool:
+    """True when the student accepts any teacher steps n and the ``ode`` hand-off (``hybrid_steps``:
+    StepDistillPipeline); Phased DMD and multi-student pipelines take n = 1 with ``renoise`` only."""
+    cls = _student_pipeline_class(info)
+    return cls is not None and "hybrid_steps" in inspect.signature(cls.__call__).parameters
 
 
 def _student_pipeline_class(info: ModelInfo):
@@ -232,7 +254,7 @@ def _cached(key, path: Path, build):
             except Exception as e:  # noqa: BLE001 - a broken folder is a user error here, shown in the UI
                 raise DemoInputError(f"could not load the {key[0]} from {str(path)!r}: {e}") from e
             pipe.to(_device())
-            pipe.unet.eval()
+            pipe.network.eval()  # unet, or transformer for transformer students / teachers
             if len(_CACHE) >= 4:
                 _CACHE.pop(next(iter(_CACHE)))
             _CACHE[key] = pipe
@@ -293,6 +315,7 @@ class ModelRun:
     seconds: float
     steps: int
     detail: str
+    x: Any = None  # the sampled batch (B, C, H, W) in [-1, 1], before display upscaling
 
     @property
     def summary(self) -> str:
@@ -319,18 +342,49 @@ def teacher_nfe(steps: int, guidance_scale: float) -> int:
     return steps * (2 if guidance_scale != 1.0 else 1)
 
 
-def student_nfe(steps: int, hybrid: bool = False, guidance_scale: float = 1.0) -> int:
-    return (teacher_nfe(1, guidance_scale) + steps - 1) if hybrid else steps
+def student_nfe(steps: int, hybrid: bool = False, guidance_scale: float = 1.0, hybrid_steps: int = 1,
+                substeps: int = 1, conditioned: bool = True) -> int:
+    """Student NFE per image; hybrid: ``n m (2 with CFG, else 1) + (K - n)`` (eval/hybrid.py's count)."""
+    if not hybrid:
+        return steps
+    from .pipelines.hybrid import hybrid_nfe
+
+    return hybrid_nfe(steps, hybrid_steps, substeps, cfg=conditioned and guidance_scale != 1.0)
+
+
+def hybrid_settings(student_steps: int, hybrid_steps, hybrid_substeps, hybrid_handoff, hybrid_guidance,
+                    full_chain: bool = True) -> tuple[int, int, str, float, str | None]:
+    """Validated ``(n, m, handoff, w, note)``; ``full_chain=False`` (Phased DMD / multi-student) falls
+    back to n = 1 with ``renoise`` and says so in ``note``."""
+    handoff = str(hybrid_handoff or "").strip()
+    if handoff not in HYBRID_HANDOFFS:
+        raise DemoInputError(f"hybrid hand-off must be {' or '.join(HYBRID_HANDOFFS)}, got {hybrid_handoff!r}")
+    n = _int_in(hybrid_steps, "hybrid teacher steps", 1, MAX_TEACHER_STEPS)
+    if n > student_steps:
+        raise DemoInputError(f"hybrid teacher steps must be in 1..{student_steps} (at most the student steps), got {n}; "
+                             f"lower the hybrid teacher steps or raise the student steps")
+    m = _int_in(hybrid_substeps, "hybrid teacher sub-steps", 1, MAX_HYBRID_SUBSTEPS)
+    w = _float_in(hybrid_guidance, "hybrid teacher guidance scale", 0.0, MAX_GUIDANCE)
+    note = None
+    if not full_chain and (n != 1 or handoff != "renoise"):
+        note = (f"this student (Phased DMD / multi-student) lets the teacher take 1 step with the renoise hand-off "
+                f"only: ran n=1, renoise instead of n={n}, {handoff}")
+        n, handoff = 1, "renoise"
+    return n, m, handoff, w, note
 
 
 def generate(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_STUDENT,
              class_name: str | None = ALL_CLASSES, prompt: str = "", seed=0, batch_size=4,
              student_steps=None, teacher_steps=50, guidance_scale=2.0, sampler: str = "ddim",
-             hybrid: bool = False) -> GenerateResult:
+             hybrid: bool = False, hybrid_steps=HYBRID_DEFAULTS["steps"], hybrid_substeps=HYBRID_DEFAULTS["substeps"],
+             hybrid_handoff: str = HYBRID_DEFAULTS["handoff"],
+             hybrid_guidance=HYBRID_DEFAULTS["guidance_scale"]) -> GenerateResult:
     """Sample the same seed/classes with the teacher and the student; raises :class:`DemoInputError`.
 
     ``student_steps=None`` uses all K trained student steps; ``guidance_scale`` is the teacher's CFG
-    scale (also used by the teacher's first step in hybrid mode).
+    scale. ``hybrid``: the teacher takes the first ``hybrid_steps`` student steps with
+    ``hybrid_substeps`` DDIM sub-steps each, CFG scale ``hybrid_guidance`` and hand-off
+    ``hybrid_handoff`` (``ode`` | ``renoise``; :mod:`stepdistill.pipelines.hybrid`).
     """
     import torch
 
@@ -361,6 +415,8 @@ def generate(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_ST
         why = hybrid_compatible(tinfo, sinfo)
         if why:
             raise DemoInputError(f"hybrid sampling needs a compatible teacher: {why}")
+        h_n, h_m, h_handoff, h_w, h_note = hybrid_settings(student_steps, hybrid_steps, hybrid_substeps, hybrid_handoff,
+                                                           hybrid_guidance, student_supports_hybrid_chain(sinfo))
 
     teacher, student = load_teacher(tinfo), load_student(sinfo)
     t_labels = (names if tinfo.class_names else idx) if tinfo.conditioning == "class" else None
@@ -370,44 +426,56 @@ def generate(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_ST
     t_run = ModelRun(_to_pil(xt), [n or f"#{i}" for i, n in enumerate(names or [""] * batch_size)],
                      teacher_nfe(teacher_steps, guidance_scale), float(teacher.last_latency_s), teacher_steps,
                      f"{teacher_steps} {sampler} step(s)" + (f" × 2 (CFG w={guidance_scale:g})"
-                                                             if guidance_scale != 1.0 else " (no CFG)"))
+                                                             if guidance_scale != 1.0 else " (no CFG)"), x=xt)
 
-    first_step = hybrid_first_step(teacher, idx, guidance_scale) if hybrid else None
-    used_ts = student.timesteps_for(student_steps) if hasattr(student, "timesteps_for") else []
+    used_ts = [float(v) for v in student.timesteps_for(student_steps)] if hasattr(student, "timesteps_for") else []
+    kw = {}
+    if hybrid:
+        kw["first_step"] = hybrid_first_step(teacher, idx, h_w, used_ts, h_m, h_handoff)
+        if h_n != 1:  # only StepDistillPipeline takes hybrid_steps (hybrid_settings enforces n = 1 otherwise)
+            kw["hybrid_steps"] = h_n
     s_labels = names if sinfo.conditioning == "class" else None
     with torch.inference_mode():
         xs = student(class_labels=s_labels, batch_size=batch_size, num_inference_steps=student_steps, seed=seed,
-                     output_type="pt", first_step=first_step).images
+                     output_type="pt", **kw).images
     captions = []
     for i in range(batch_size):
         cap = names[i] if names else f"#{i}"
-        who = "teacher first step + student" if hybrid else None
+        who = f"teacher {h_n} step(s) + student" if hybrid else None
         ex = expert_caption(sinfo.experts, names[i] if names else None, idx[i] if idx else None, used_ts)
         captions.append(" · ".join(x for x in (cap, ex, who) if x))
-    snfe = student_nfe(student_steps, hybrid, guidance_scale)
     if hybrid:
-        tn = teacher_nfe(1, guidance_scale)
-        detail = (f"hybrid: {tn} teacher NFE for the first step" + (f" (CFG w={guidance_scale:g})" if tn == 2 else "")
-                  + f" + {student_steps - 1} student NFE")
+        snfe = student_nfe(student_steps, True, h_w, h_n, h_m, conditioned=tinfo.conditioning != "none")
+        detail = hybrid_detail(student_steps, h_n, h_m, h_handoff, h_w, tinfo.conditioning != "none")
+        if h_note:
+            detail += f" · ⚠️ {h_note}"
     else:
+        snfe = student_nfe(student_steps)
         detail = f"{student_steps} of {K} student step(s)"
-    s_run = ModelRun(_to_pil(xs), captions, snfe, float(student.last_latency_s), student_steps, detail)
+    s_run = ModelRun(_to_pil(xs), captions, snfe, float(student.last_latency_s), student_steps, detail, x=xs)
     return GenerateResult(t_run, s_run)
 
 
-def hybrid_first_step(teacher, class_indices: list[int] | None, guidance_scale: float):
-    """``first_step(x, t) -> x0`` for :class:`StepDistillPipeline`: the teacher's x0 prediction with
-    CFG (scale ``guidance_scale``) at the first student timestep; costs 2 NFE (1 when ``w == 1``)."""
+def hybrid_detail(student_steps: int, n: int, m: int, handoff: str, w: float, conditioned: bool = True) -> str:
+    """The student summary's hybrid breakdown: teacher NFE (n m, x2 with CFG) + student NFE (K - n)."""
+    cfg = conditioned and w != 1.0
+    tn = n * m * (2 if cfg else 1)
+    return (f"hybrid: {tn} teacher NFE ({n} step(s) × {m} DDIM sub-step(s)"
+            + (f" × 2, CFG w={w:g}" if cfg else ", no CFG") + f", {handoff} hand-off)"
+            + f" + {student_steps - n} student NFE")
+
+
+def hybrid_first_step(teacher, class_indices: list[int] | None, guidance_scale: float, timesteps=None,
+                      substeps: int = 1, handoff: str = "renoise"):
+    """``first_step(x, t)`` for the student pipelines: a :class:`~stepdistill.pipelines.hybrid.TeacherSteps`
+    (the teacher's x0 with CFG ``guidance_scale``, ``substeps`` DDIM sub-steps across each student
+    interval of ``timesteps``, hand-off ``renoise`` -> x0 | ``ode`` -> (x0, DDIM state))."""
     import torch
 
-    tden = teacher.denoiser()
-    dev = teacher.unet.device
-    cond = torch.tensor(class_indices, dtype=torch.long, device=dev) if class_indices is not None else None
+    from .pipelines.hybrid import teacher_steps_for
 
-    def first_step(x, t):
-        return tden(x.to(dev), t.to(dev), cond, guidance_scale=guidance_scale).to(x.device)
-
-    return first_step
+    cond = torch.tensor(class_indices, dtype=torch.long) if class_indices is not None else None
+    return teacher_steps_for(teacher.denoiser(), cond, guidance_scale, timesteps, substeps, handoff)
 
 
 def _to_pil(x) -> list:
@@ -432,7 +500,7 @@ def _to_pil(x) -> list:
 def _ui_state(teacher_path: str, student_path: str) -> dict:
     """Widget settings for the given folders (never raises: problems go into ``message``)."""
     st = {"classes": [ALL_CLASSES], "class_visible": True, "prompt_visible": False, "K": 1, "hybrid": False,
-          "message": ""}
+          "hybrid_full": False, "message": ""}
     msgs, tinfo, sinfo = [], None, None
     try:
         tinfo = read_model_info(teacher_path, "teacher")
@@ -452,6 +520,7 @@ def _ui_state(teacher_path: str, student_path: str) -> dict:
     if sinfo is not None:
         st["K"] = max(1, sinfo.max_student_steps)
         st["hybrid"] = tinfo is not None and student_supports_hybrid(sinfo) and hybrid_compatible(tinfo, sinfo) is None
+        st["hybrid_full"] = st["hybrid"] and student_supports_hybrid_chain(sinfo)
         ts = ", ".join(f"{t:g}" for t in sinfo.student_timesteps or [])
         desc = f"student: {sinfo.method or 'distilled'}, {sinfo.max_student_steps} step(s) (t = {ts})"
         if sinfo.experts:
@@ -459,6 +528,9 @@ def _ui_state(teacher_path: str, student_path: str) -> dict:
         msgs.insert(0, desc)
         if tinfo is not None and (why := hybrid_compatible(tinfo, sinfo)):
             msgs.append(f"⚠️ teacher/student mismatch: {why}")
+        elif st["hybrid"] and not st["hybrid_full"]:
+            msgs.append("note: hybrid with this student (Phased DMD / multi-student) lets the teacher take 1 step "
+                        "with the renoise hand-off only (teacher steps and hand-off are fixed)")
     st["message"] = "  \n".join(msgs)
     return st
 
@@ -491,8 +563,21 @@ def build_demo(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_
             cfg_in = gr.Number(value=2.0, label=f"Teacher guidance scale (0..{MAX_GUIDANCE:g}; 1 = no CFG)")
             sampler_dd = gr.Dropdown(choices=list(SAMPLERS), value="ddim", label="Teacher sampler",
                                      allow_custom_value=True)
-            hybrid_cb = gr.Checkbox(value=False, label="Hybrid: teacher takes the first student step",
+            hybrid_cb = gr.Checkbox(value=False, label="Hybrid: teacher takes the first student step(s)",
                                     visible=st["hybrid"])
+        hd = dict(HYBRID_DEFAULTS) if st["hybrid_full"] else {**HYBRID_DEFAULTS, "steps": 1, "handoff": "renoise"}
+        with gr.Row(visible=st["hybrid"]) as hybrid_row:
+            hsteps_in = gr.Number(value=hd["steps"], precision=0, label="Hybrid: teacher steps n (1..student steps)",
+                                  interactive=st["hybrid_full"])
+            hsub_in = gr.Number(value=hd["substeps"], precision=0,
+                                label=f"Hybrid: teacher DDIM sub-steps m per step (1..{MAX_HYBRID_SUBSTEPS})")
+            hhand_dd = gr.Dropdown(choices=list(HYBRID_HANDOFFS), value=hd["handoff"], label="Hybrid: hand-off",
+                                   allow_custom_value=True, interactive=st["hybrid_full"])
+            hcfg_in = gr.Number(value=hd["guidance_scale"],
+                                label=f"Hybrid: teacher guidance scale (0..{MAX_GUIDANCE:g}; 1 = no CFG, best)")
+        hybrid_md = gr.Markdown(HYBRID_CAPTION + "  \n" + hybrid_nfe_caption(st["K"], False, hd["steps"], hd["substeps"],
+                                                                             hd["guidance_scale"]),
+                                visible=st["hybrid"])
         go = gr.Button("Generate", variant="primary")
         status = gr.Markdown("")
         with gr.Row():
@@ -503,16 +588,22 @@ def build_demo(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_
                 s_gal = gr.Gallery(label="Student", columns=4, format="png", height="auto")
                 s_txt = gr.Textbox(label="Student: NFE and time", interactive=False)
 
-        def on_generate(tp, sp, cls, prompt, seed, bs, ss, ts, w, sampler, hyb):
+        def on_generate(tp, sp, cls, prompt, seed, bs, ss, ts, w, sampler, hyb, hn, hm, hh, hw):
             try:
-                r = generate(tp, sp, cls, prompt, seed, bs, ss, ts, w, sampler, bool(hyb))
+                r = generate(tp, sp, cls, prompt, seed, bs, ss, ts, w, sampler, bool(hyb), hn, hm, hh, hw)
             except DemoInputError as e:
                 raise gr.Error(str(e)) from None
             return r.teacher.gallery(), r.teacher.summary, r.student.gallery(), r.student.summary, r.status
 
         go.click(on_generate, inputs=[teacher_box, student_box, class_dd, prompt_box, seed_in, batch_in, sstep_in,
-                                      tstep_in, cfg_in, sampler_dd, hybrid_cb],
+                                      tstep_in, cfg_in, sampler_dd, hybrid_cb, hsteps_in, hsub_in, hhand_dd, hcfg_in],
                  outputs=[t_gal, t_txt, s_gal, s_txt, status], api_name="generate", concurrency_limit=1)
+
+        def on_hybrid_settings(ss, hyb, hn, hm, hw):
+            return gr.update(value=HYBRID_CAPTION + "  \n" + hybrid_nfe_caption(ss, bool(hyb), hn, hm, hw))
+
+        gr.on([sstep_in.change, hybrid_cb.change, hsteps_in.change, hsub_in.change, hcfg_in.change], on_hybrid_settings,
+              inputs=[sstep_in, hybrid_cb, hsteps_in, hsub_in, hcfg_in], outputs=[hybrid_md], api_visibility="private")
 
         def on_models(tp, sp, cls):
             s = _ui_state(tp, sp)
@@ -521,12 +612,32 @@ def build_demo(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_
                               value=cls if cls in s["classes"] else ALL_CLASSES),
                     gr.update(visible=s["prompt_visible"]),
                     gr.update(label=f"Student steps (1..{s['K']})", value=s["K"]),
-                    gr.update(visible=s["hybrid"], value=False))
+                    gr.update(visible=s["hybrid"], value=False),
+                    gr.update(visible=s["hybrid"]),
+                    gr.update(visible=s["hybrid"]),
+                    gr.update(interactive=s["hybrid_full"], value=HYBRID_DEFAULTS["steps"] if s["hybrid_full"] else 1),
+                    gr.update(interactive=s["hybrid_full"],
+                              value=HYBRID_DEFAULTS["handoff"] if s["hybrid_full"] else "renoise"))
 
         gr.on([teacher_box.submit, teacher_box.blur, student_box.submit, student_box.blur], on_models,
               inputs=[teacher_box, student_box, class_dd],
-              outputs=[model_md, class_dd, prompt_box, sstep_in, hybrid_cb], api_visibility="private")
+              outputs=[model_md, class_dd, prompt_box, sstep_in, hybrid_cb, hybrid_row, hybrid_md, hsteps_in, hhand_dd],
+              api_visibility="private")
     return demo
+
+
+def hybrid_nfe_caption(student_steps, hybrid: bool, hybrid_steps, hybrid_substeps, hybrid_guidance,
+                       conditioned: bool = True) -> str:
+    """One line for the UI: the student's NFE per image with the hybrid settings (never raises)."""
+    try:
+        k = _int_in(student_steps, "student steps", 1, 10**6)
+        n, m, _, w, _ = hybrid_settings(k, hybrid_steps, hybrid_substeps, "ode", hybrid_guidance)
+    except DemoInputError as e:
+        return f"⚠️ {e}"
+    nfe = student_nfe(k, True, w, n, m, conditioned)
+    cfg = conditioned and w != 1.0
+    line = f"Hybrid NFE per image = {n}·{m}·{2 if cfg else 1} + ({k} − {n}) = {nfe} (plain student: {k})"
+    return line if hybrid else line + " — tick Hybrid to use it"
 
 
 def offline_theme():

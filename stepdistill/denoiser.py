@@ -48,7 +48,10 @@ BACKBONE_KINDS = {
 
 def backbone_kind(module: nn.Module) -> str:
     kind = getattr(module, "denoiser_kind", None)  # LoRA views (stepdistill.lora) report their base model's kind
-    return kind if isinstance(kind, str) else BACKBONE_KINDS.get(type(module).__name__, "custom")
+    if isinstance(kind, str):
+        return kind
+    # through the MRO: FSDP2 (train.fsdp) turns UNet2DModel into a subclass named FSDPUNet2DModel
+    return next((BACKBONE_KINDS[c.__name__] for c in type(module).__mro__ if c.__name__ in BACKBONE_KINDS), "custom")
 
 
 class Denoiser(nn.Module):
@@ -198,6 +201,18 @@ class Denoiser(nn.Module):
         if output == "eps":
             return eps
         return self.schedule.x0_eps_to_pred(x0, eps, t, {"v": "v_prediction", "flow": "flow_prediction"}[output])
+
+    def x0_cond_uncond(self, x_t, t, cond, negative=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditional and unconditional x0 (B, C, H, W) each, from one batched (2B) call, as CFG's
+        ``raw`` makes it; ``x0_u + w (x0_c - x0_u)`` is the guided x0 (conversions are affine).
+        Decoupled DMD uses the two halves separately (trainers/dmd.py)."""
+        t = self.schedule._t(t, x_t.shape[0], x_t.device)
+        unc = negative if negative is not None else self._uncond_like(cond, x_t.shape[0])
+        both = self._call(torch.cat([x_t, x_t]), torch.cat([t, t]), _cat_cond(unc, cond))
+        x0, _ = self.schedule.pred_to_x0_eps(both.float(), torch.cat([x_t, x_t]).float(), torch.cat([t, t]),
+                                             self.prediction_type)
+        x0_u, x0_c = x0.chunk(2)
+        return x0_c, x0_u
 
     def x0_and_features(self, x_t, t, cond=None, output: str = "x0") -> tuple[torch.Tensor, torch.Tensor]:
         """Prediction (``output`` type, no CFG; x0 by default) and the bottleneck features

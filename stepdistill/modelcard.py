@@ -154,6 +154,36 @@ images = x0.clamp(-1, 1)  # (B, C, H, W) in [-1, 1]
 '''
 
 
+def _text_usage(folder: Path, steps: list[float]) -> str:
+    """Text students: our pipeline, plus the stock StableDiffusionPipeline for SD-family folders."""
+    ts = "[" + ", ".join(str(int(t)) for t in steps) + "]"
+    out = f'''## Usage
+
+With stepdistill (`pip install stepdistill`):
+
+```python
+from stepdistill.pipelines.text import load_text_pipeline
+
+pipe = load_text_pipeline("{folder.name}")
+images = pipe(["a cat", "a dog"], seed=0).images  # PIL images; guidance is distilled in
+```
+'''
+    index = folder / "model_index.json"
+    if index.exists() and json.loads(index.read_text()).get("_class_name") == "StableDiffusionPipeline":
+        out += f'''
+With stock diffusers only (the scheduler is an `LCMScheduler`; pass the student's timesteps):
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{folder.name}")
+images = pipe("a cat", timesteps={ts}, guidance_scale=1.0, generator=torch.Generator().manual_seed(0)).images
+```
+'''
+    return out
+
+
 def write_model_card(folder: str | os.PathLike, *, method: str, teacher: str, steps: list[float], config: dict,
                      metrics: dict | None = None, class_names: list[str] | None = None) -> Path:
     """Write ``folder/README.md`` (front matter, method, teacher, steps, usage, config, metrics)."""
@@ -188,7 +218,10 @@ def write_model_card(folder: str | os.PathLike, *, method: str, teacher: str, st
     ]
     if class_names:
         parts.append("## Classes\n\n" + ", ".join(f"{i}: `{c}`" for i, c in enumerate(class_names)))
-    parts.append(_usage(folder.name, steps, class_names, prediction_type).rstrip())
+    if (folder / "text_encoder").is_dir():  # a text-to-image student (stepdistill/text_models.py)
+        parts.append(_text_usage(folder, steps).rstrip())
+    else:
+        parts.append(_usage(folder.name, steps, class_names, prediction_type).rstrip())
     cfg_yaml = yaml.safe_dump(_yaml_scalar_safe(config or {}), sort_keys=False).rstrip()
     parts.append(f"## Training configuration\n\n```yaml\n{cfg_yaml}\n```")
     parts.append(metrics_section(metrics))

@@ -23,7 +23,9 @@ from .config import TeacherModelConfig
 from .denoiser import BACKBONE_KINDS, Denoiser
 from .schedules import NoiseSchedule, schedule_from_config
 
-BUILTIN_TEACHERS = {"builtin:animal_mnist": Path(__file__).parent / "assets" / "animal_mnist_teacher"}
+BUILTIN_TEACHERS = {"builtin:animal_mnist": Path(__file__).parent / "assets" / "animal_mnist_teacher",
+                    # text-to-image (UNet2DConditionModel on MiniLM captions; references the MiniLM package)
+                    "builtin:animal_mnist_text": Path(__file__).parent / "assets" / "animal_mnist_text_teacher"}
 BUILTIN_STUDENTS = {"builtin:animal_mnist_dmd2": Path(__file__).parent / "assets" / "animal_mnist_dmd2_student"}
 WEIGHT_SAFE = "diffusion_pytorch_model.safetensors"
 WEIGHT_PICKLE = "diffusion_pytorch_model.bin"

@@ -80,6 +80,14 @@ def test_generate_plain(models):
     (dict(guidance_scale=-1), "guidance scale must be in"),
     (dict(sampler="nope"), "unknown sampler"),
     (dict(teacher_path="/no/such/folder"), "does not exist"),
+    (dict(hybrid=True, student_steps=K, hybrid_steps=K + 1),
+     f"hybrid teacher steps must be in 1..{K} (at most the student steps), got {K + 1}"),
+    (dict(hybrid=True, student_steps=1, hybrid_steps=2), "hybrid teacher steps must be in 1..1 (at most the student steps), got 2"),
+    (dict(hybrid=True, hybrid_steps=0), "hybrid teacher steps must be in 1..200, got 0"),
+    (dict(hybrid=True, hybrid_substeps=0), "hybrid teacher sub-steps must be in 1..50, got 0"),
+    (dict(hybrid=True, hybrid_substeps=2.5), "hybrid teacher sub-steps must be a whole number"),
+    (dict(hybrid=True, hybrid_handoff="euler"), "hybrid hand-off must be ode or renoise, got 'euler'"),
+    (dict(hybrid=True, hybrid_guidance=-1), "hybrid teacher guidance scale must be in 0..20"),
     (dict(student_path=""), "student folder is empty"),
     (dict(student_path="builtin:nope"), "unknown builtin"),
 ])
@@ -115,10 +123,119 @@ def test_hybrid_first_step_is_teacher_x0_with_cfg(models):
     ref = teacher.denoiser()(noise, torch.full((2,), 999.0), torch.tensor([4, 7]), guidance_scale=2.5).clamp(-1, 1)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
-    r = D.generate(t, s, "4", seed=3, batch_size=2, student_steps=1, teacher_steps=2, guidance_scale=2.5, hybrid=True)
-    assert r.student.nfe == 2 and "teacher" in r.student.summary  # 2 teacher NFE (CFG) + 0 student
-    r = D.generate(t, s, "4", seed=3, batch_size=2, student_steps=K, teacher_steps=2, guidance_scale=2.5, hybrid=True)
+    old = dict(hybrid=True, hybrid_steps=1, hybrid_substeps=1, hybrid_handoff="renoise", hybrid_guidance=2.5)
+    r = D.generate(t, s, "4", seed=3, batch_size=2, student_steps=1, teacher_steps=2, **old)
+    assert r.student.nfe == 2 and "2 teacher NFE" in r.student.summary  # 2 teacher NFE (CFG) + 0 student
+    r = D.generate(t, s, "4", seed=3, batch_size=2, student_steps=K, teacher_steps=2, **old)
     assert r.student.nfe == 2 + K - 1 and _nfe(r.student.summary) == 2 + K - 1
+
+
+def _pipeline_hybrid(models, labels, steps, seed, w, substeps, handoff, n=1):
+    """The student pipeline's own hybrid chain (TeacherSteps), outside the demo."""
+    from stepdistill.pipelines.hybrid import TeacherSteps
+
+    teacher, student = D.load_teacher(D.read_model_info(models[0])), D.load_student(D.read_model_info(models[1]))
+    ts = student.timesteps_for(steps)
+    fs = TeacherSteps(teacher.denoiser(), torch.tensor(labels), w, ts, substeps, handoff)
+    kw = {"hybrid_steps": n} if n != 1 else {}
+    out = student(class_labels=labels, num_inference_steps=steps, seed=seed, output_type="pt", first_step=fs, **kw)
+    return out.images, fs
+
+
+def test_hybrid_defaults_are_the_benchmarks_best_and_match_the_pipeline(models):
+    """Default hybrid = 1 unguided teacher step of 4 DDIM sub-steps, ode hand-off (BENCHMARKS.md):
+    NFE 1*4*1 + (K-1); images differ from the plain student's and equal the pipeline's hybrid chain."""
+    t, s = models
+    assert D.HYBRID_DEFAULTS == {"steps": 1, "substeps": 4, "handoff": "ode", "guidance_scale": 1.0}
+    plain = D.generate(t, s, "4", seed=3, batch_size=2, student_steps=K, teacher_steps=2, guidance_scale=2.0)
+    hy = D.generate(t, s, "4", seed=3, batch_size=2, student_steps=K, teacher_steps=2, guidance_scale=2.0, hybrid=True)
+    assert hy.student.nfe == 4 + (K - 1) == _nfe(hy.student.summary)
+    assert ("hybrid: 4 teacher NFE (1 step(s) × 4 DDIM sub-step(s), no CFG, ode hand-off) + 1 student NFE"
+            in hy.student.summary)
+    assert hy.student.captions == ["4 · teacher 1 step(s) + student"] * 2
+    torch.testing.assert_close(hy.teacher.x, plain.teacher.x)  # the teacher column is untouched
+    assert (hy.student.x - plain.student.x).abs().max() > 1e-3  # the teacher's step changes the images
+    ref, fs = _pipeline_hybrid(models, [4, 4], K, 3, 1.0, 4, "ode")
+    torch.testing.assert_close(hy.student.x, ref, atol=1e-5, rtol=1e-5)
+    assert (fs.calls, fs.nfe) == (4, 4)  # 4 batched teacher calls, no CFG: 4 NFE per image
+    assert f"student uses {4 + K - 1} NFE" in hy.status
+
+
+@pytest.mark.parametrize("n, m, handoff, w, nfe", [
+    (1, 1, "ode", 2.0, 2 + (K - 1)),
+    (1, 3, "renoise", 1.5, 6 + (K - 1)),
+    (2, 2, "ode", 1.0, 4),
+    (2, 3, "renoise", 2.0, 12),
+])
+def test_hybrid_settings_nfe_and_pipeline_equality(models, n, m, handoff, w, nfe):
+    """NFE = n m (2 with CFG, else 1) + (K - n), as eval/hybrid.py counts; output = the pipeline's chain."""
+    from stepdistill.pipelines.hybrid import hybrid_nfe
+
+    t, s = models
+    r = D.generate(t, s, "7", seed=5, batch_size=2, student_steps=K, teacher_steps=1, guidance_scale=3.0,
+                   hybrid=True, hybrid_steps=n, hybrid_substeps=m, hybrid_handoff=handoff, hybrid_guidance=w)
+    assert r.student.nfe == nfe == hybrid_nfe(K, n, m, cfg=w != 1.0) == _nfe(r.student.summary)
+    assert f"+ {K - n} student NFE" in r.student.summary and f"{handoff} hand-off" in r.student.summary
+    ref, _ = _pipeline_hybrid(models, [7, 7], K, 5, w, m, handoff, n)
+    torch.testing.assert_close(r.student.x, ref, atol=1e-5, rtol=1e-5)
+    assert "⚠️" not in r.student.summary
+    cap = D.hybrid_nfe_caption(K, True, n, m, w)
+    assert cap.endswith(f"= {nfe} (plain student: {K})")
+
+
+def test_hybrid_nfe_caption_and_ui_defaults(models):
+    assert D.hybrid_nfe_caption(4, True, 1, 4, 1.0) == "Hybrid NFE per image = 1·4·1 + (4 − 1) = 7 (plain student: 4)"
+    assert D.hybrid_nfe_caption(4, True, 1, 1, 2.0).endswith("= 5 (plain student: 4)")  # the old demo setting
+    assert D.hybrid_nfe_caption(4, False, 1, 4, 1.0).endswith("tick Hybrid to use it")
+    assert D.hybrid_nfe_caption(2, True, 3, 4, 1.0).startswith("⚠️ hybrid teacher steps must be in 1..2")
+    for txt in ("0.160", "0.122", "ode", "4 sub-steps", "no CFG", "n·m·(2 with CFG, else 1) + (K − n)"):
+        assert txt in D.HYBRID_CAPTION
+    st = D._ui_state(*models)
+    assert st["hybrid"] and st["hybrid_full"]
+
+
+@pytest.fixture(scope="module")
+def phased_student(models, tmp_path_factory):
+    """A 2-expert Phased DMD folder built from the tiny student (both experts = its network)."""
+    import copy
+
+    from stepdistill.pipelines.phased import PhasedDMDPipeline
+
+    student = D.load_student(D.read_model_info(models[1]))
+    out = tmp_path_factory.mktemp("demo_phased") / "phased"
+    pipe = PhasedDMDPipeline(unet=copy.deepcopy(student.unet).cpu(), scheduler=student.scheduler,
+                             expert_1=copy.deepcopy(student.unet).cpu(),
+                             student_timesteps=list(student.config.student_timesteps),
+                             class_names=list(student.config.class_names))
+    pipe.save_pretrained(out)
+    shutil.copy(Path(models[1]) / "stepdistill.json", out / "stepdistill.json")
+    return str(out)
+
+
+def test_hybrid_phased_student_falls_back_to_one_renoise_step(models, phased_student):
+    """Phased DMD takes n = 1 with renoise only: the UI fixes those controls, generate() falls back with a note."""
+    t = models[0]
+    info = D.read_model_info(phased_student)
+    assert info.pipeline_class == "PhasedDMDPipeline"
+    assert D.student_supports_hybrid(info) and not D.student_supports_hybrid_chain(info)
+    st = D._ui_state(t, phased_student)
+    assert st["hybrid"] and not st["hybrid_full"] and "renoise hand-off only" in st["message"]
+
+    r = D.generate(t, phased_student, "4", seed=3, batch_size=2, student_steps=K, teacher_steps=1, hybrid=True)
+    assert "⚠️" in r.student.summary and "ran n=1, renoise instead of n=1, ode" in r.student.summary
+    assert r.student.nfe == 4 + (K - 1)  # 1 x 4 sub-steps, no CFG, + K - 1 student steps
+    r2 = D.generate(t, phased_student, "4", seed=3, batch_size=2, student_steps=K, teacher_steps=1, hybrid=True,
+                    hybrid_steps=1, hybrid_substeps=4, hybrid_handoff="renoise")
+    assert "⚠️" not in r2.student.summary
+    torch.testing.assert_close(r.student.x, r2.student.x)
+    plain = D.generate(t, phased_student, "4", seed=3, batch_size=2, student_steps=K, teacher_steps=1)
+    assert (r2.student.x - plain.student.x).abs().max() > 1e-3
+    r3 = D.generate(t, phased_student, "4", seed=3, batch_size=2, student_steps=K, teacher_steps=1, hybrid=True,
+                    hybrid_steps=2, hybrid_substeps=1, hybrid_handoff="ode", hybrid_guidance=2.0)
+    assert "instead of n=2, ode" in r3.student.summary and r3.student.nfe == 2 + (K - 1)
+    with pytest.raises(D.DemoInputError, match=re.escape(f"hybrid teacher steps must be in 1..{K}")):
+        D.generate(t, phased_student, "4", seed=3, batch_size=1, student_steps=K, teacher_steps=1, hybrid=True,
+                   hybrid_steps=K + 1)
 
 
 def test_ui_state_and_expert_captions(models, tmp_path):
@@ -200,10 +317,11 @@ def client(server):
 
 
 def _call(client, models, **kw):
-    a = dict(cls="2", prompt="", seed=0, batch=2, sstep=K, tstep=3, w=2.0, sampler="ddim", hybrid=False)
+    a = dict(cls="2", prompt="", seed=0, batch=2, sstep=K, tstep=3, w=2.0, sampler="ddim", hybrid=False,
+             hn=1, hm=4, hh="ode", hw=1.0)
     a.update(kw)
     return client.predict(models[0], models[1], a["cls"], a["prompt"], a["seed"], a["batch"], a["sstep"], a["tstep"],
-                          a["w"], a["sampler"], a["hybrid"], api_name="/generate")
+                          a["w"], a["sampler"], a["hybrid"], a["hn"], a["hm"], a["hh"], a["hw"], api_name="/generate")
 
 
 def test_served_generate(client, models):
@@ -220,8 +338,10 @@ def test_served_generate(client, models):
     assert _nfe(s_txt) == K and _seconds(s_txt) >= 0
     assert "student uses 2 NFE vs teacher 6" in status
 
-    _, _, s_gal, s_txt, _ = _call(client, models, batch=1, sstep=2, hybrid=True)
-    assert len(s_gal) == 1 and _nfe(s_txt) == 3 and "2 teacher NFE" in s_txt  # hybrid: 2 (teacher, CFG) + 1
+    _, _, s_gal, s_txt, _ = _call(client, models, batch=1, sstep=2, hybrid=True)  # UI defaults: 1 x 4, ode, no CFG
+    assert len(s_gal) == 1 and _nfe(s_txt) == 4 + 1 and "4 teacher NFE" in s_txt and "ode hand-off" in s_txt
+    _, _, _, s_txt, _ = _call(client, models, batch=1, sstep=2, hybrid=True, hn=1, hm=1, hh="renoise", hw=2.0)
+    assert _nfe(s_txt) == 3 and "2 teacher NFE" in s_txt  # the old demo setting: 2 (teacher, CFG) + 1
 
 
 @pytest.mark.parametrize("kw, msg", [
@@ -229,6 +349,9 @@ def test_served_generate(client, models):
     (dict(batch=0), "batch size must be in 1..16, got 0"),
     (dict(sstep=K + 1), f"student steps must be in 1..{K}, got {K + 1}"),
     (dict(cls="cat"), "unknown class 'cat'"),
+    (dict(hybrid=True, hn=K + 1), f"hybrid teacher steps must be in 1..{K} (at most the student steps), got {K + 1}"),
+    (dict(hybrid=True, hm=0), "hybrid teacher sub-steps must be in 1..50, got 0"),
+    (dict(hybrid=True, hh="euler"), "hybrid hand-off must be ode or renoise"),
 ])
 def test_served_bad_input_shows_error(client, models, kw, msg):
     from gradio_client.exceptions import AppError

@@ -307,3 +307,86 @@ def test_end_to_end_tune_export_reload(tiny_student, tmp_path, method):
     assert json.loads((again / "stepdistill.json").read_text())["student_timesteps"] == [999.0, 499.0]
     re, _ = load_denoiser(again)
     assert all(torch.equal(p, q) for p, q in zip(re.backbone.parameters(), tuned.backbone.parameters()))
+
+
+# -- the pure-noise step: soft-min (KDE) likelihood, DPO-Positive anchor, bold transform ------------
+class Identity(nn.Module):
+    def forward(self, x_t, t, cond):
+        return x_t
+
+
+def _identity_model():
+    sched = VPSchedule.from_scheduler_config({"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
+                                              "prediction_type": "sample"})
+    return Denoiser(Identity(), sched, "sample")
+
+
+def test_softmin_errors_limits_and_gradient_goes_to_the_nearest_sample():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 4, generator=g)
+    z = torch.randn(3, 5, 2, 4, 4, generator=g).requires_grad_(True)
+    d = (z - x.unsqueeze(1)).pow(2).flatten(2).mean(2)                           # (3, 5)
+    den = _identity_model()
+    sharp = pso.softmin_errors(den, x, None, 999.0, z, tau=1e-4)
+    torch.testing.assert_close(sharp, d.min(1).values, atol=1e-3, rtol=0)     # tau -> 0: the nearest sample
+    flat = pso.softmin_errors(den, x, None, 999.0, z, tau=1e3)
+    torch.testing.assert_close(flat, d.mean(1), atol=3e-3, rtol=0)            # tau -> inf: the forward surrogate
+    sharp.sum().backward()
+    norms = z.grad.flatten(2).norm(dim=2)                                      # (3, 5)
+    nearest = d.argmin(1)
+    assert (norms.argmax(1) == nearest).all()
+    assert (norms[torch.arange(3), nearest] > 0.99 * norms.sum(1)).all()
+
+
+def test_auto_likelihood_uses_kde_for_the_pure_noise_first_step_only():
+    x = torch.zeros(4, 2, 1, 1)
+    data = ArrayDataset(x, torch.zeros(4, dtype=torch.long), ["all"])
+
+    def cols(sample_ts, **kw):
+        return pso.PSOObjective(_toy_model([0.0, 0.0]), PSOConfig(**kw), sample_ts, data, False,
+                                rejected=x).kde_columns
+
+    assert cols([999.0]) == [0]
+    assert cols([999.0], timesteps=[999.0, 499.0]) == [0]
+    assert cols([999.0, 499.0], timesteps=[499.0]) == []     # t_0 not among the likelihood timesteps
+    assert cols([749.0, 249.0]) == []                          # x_749 still carries the image: forward surrogate
+    assert cols([999.0], likelihood="forward") == []
+    assert cols([749.0, 249.0], likelihood="kde") == [0]
+
+
+def test_kde_margin_rewards_a_model_that_moves_its_samples_to_the_targets():
+    """A one-step model G(z) = z + b sampling from pure noise: under the forward surrogate a target and a
+    reference at the same distance from E[G] look alike; the soft-min likelihood credits the nearest samples."""
+    obj, x_tgt, x_rej = _toy_pso(4.0, 8)
+    gen = obj.players["generator"].module
+    gen.forward = lambda x_t, t, cond: 0.5 * x_t + gen.mu.view(1, -1, 1, 1)      # samples spread around mu
+    obj.reference.backbone.forward = lambda x_t, t, cond: 0.5 * x_t             # the frozen copy (mu = 0)
+    obj.cfg.kde_samples, obj.cfg.kde_tau = 16, 0.05
+    loss, logs = obj.loss("generator", _ctx(0, 8))
+    assert abs(loss.item() - math.log(2)) < 1e-6 and obj.kde_columns == [0]
+    loss.backward()
+    assert float(gen.mu.grad @ (x_tgt - x_rej).mean(0).flatten()) < 0              # descent moves mu toward the targets
+
+
+def test_target_anchor_penalises_a_falling_target_likelihood():
+    e = torch.tensor([[1.0], [1.0]])
+    w = torch.tensor([1.0])
+    # theta got worse on the targets (err 1.5 > 1.0) but much worse on the references: a positive plain margin ...
+    _, plain = pso.pso_loss(e * 1.5, e, e * 3.0, e, w, beta=1.0)
+    _, anchored = pso.pso_loss(e * 1.5, e, e * 3.0, e, w, beta=1.0, anchor=10.0)
+    torch.testing.assert_close(plain, torch.tensor([1.5, 1.5]))
+    torch.testing.assert_close(anchored, plain - 10.0 * 0.5)                  # ... that the anchor turns negative
+    _, better = pso.pso_loss(e * 0.5, e, e * 3.0, e, w, beta=1.0, anchor=10.0)
+    torch.testing.assert_close(better, torch.tensor([2.5, 2.5]))              # no penalty while targets improve
+
+
+def test_bold_transform_and_likelihood_keys_are_checked():
+    x = -torch.ones(1, 1, 5, 5)
+    x[0, 0, 2, 2] = 1.0
+    b = pso.apply_transform(x, "bold")
+    assert int((b > 0).sum()) == 9 and b[0, 0, 1:4, 1:4].eq(1).all()
+    for over, key in ((["pso.likelihood=exact"], "pso.likelihood"), (["pso.kde_tau=0"], "pso.kde_tau"),
+                      (["pso.target_anchor=-1"], "pso.target_anchor"), (["pso.target_transform=blur"],
+                                                                         "pso.target_transform")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(DistillConfig, None, ["method=pso", *over])

@@ -219,8 +219,13 @@ def _labels(model, b: int) -> list[int] | None:
 def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher_steps: int = 50,
               student_steps=None, repeats: int = 3, warmup: int = 1, guidance_scale: float = 2.0,
               sampler: str = "ddim", device: str | torch.device | None = None, seed: int = 0,
-              allow_pickle: bool = False, progress: bool = True) -> dict:
+              allow_pickle: bool = False, progress: bool = True, hybrid_steps: int = 0,
+              hybrid_substeps: int = 1, hybrid_handoff: str = "renoise") -> dict:
     """Benchmark a teacher folder against a student folder; returns a JSON-serialisable dict.
+
+    ``hybrid_steps > 0`` also times hybrid sampling at the student's K steps: the teacher (CFG
+    ``guidance_scale``) takes the first ``hybrid_steps`` steps (:mod:`stepdistill.eval.hybrid`); its
+    NFE per sample counts the teacher's calls including both CFG halves.
 
     ``student_steps`` defaults to 1..K (K = number of trained student timesteps). See the module
     docstring for what each number means. ``teacher=None``: the teacher recorded in the student's
@@ -248,9 +253,15 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
     cfg_on = t.uses_cfg(guidance_scale)
     gs = guidance_scale if cfg_on else 1.0
     t_nfe = t.nfe_per_sample(teacher_steps, guidance_scale)
+    hyb = None
+    if hybrid_steps:
+        from .hybrid import Hybrid
+
+        hyb = Hybrid(t, hybrid_steps, hybrid_substeps, guidance_scale, hybrid_handoff)
+        hyb.check(s, k)
 
     results = []
-    jobs = len(batch_sizes) * (2 + len(student_steps))
+    jobs = len(batch_sizes) * (2 + len(student_steps) + (hyb is not None))
     bar = tqdm(total=jobs, desc="bench", disable=not progress, leave=False)
     for b in batch_sizes:
         tl, sl = _labels(t, b), _labels(s, b)
@@ -273,6 +284,19 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
             rows.append({"steps": n, "nfe_per_sample": s.nfe_per_sample(n), **sr,
                          "latency_per_image_s": sr["latency_s"] / b, "throughput_img_s": b / sr["latency_s"],
                          "speedup": tr["latency_s"] / sr["latency_s"]})
+        hybrid_row = None
+        if hyb is not None:
+            y_h = torch.tensor(sl, dtype=torch.long) if sl is not None else None
+
+            def hybrid_call():
+                s.pipe(class_labels=sl, batch_size=b, num_inference_steps=k, seed=seed, output_type="pt",
+                       **hyb.pipe_kwargs(s, y_h, k))
+
+            hr = time_fn(hybrid_call, dev, repeats, warmup)
+            bar.update()
+            hybrid_row = {**hyb.describe(k), "student_steps": k, "nfe_per_sample": hyb.nfe(k), **hr,
+                          "latency_per_image_s": hr["latency_s"] / b, "throughput_img_s": b / hr["latency_s"],
+                          "speedup": tr["latency_s"] / hr["latency_s"]}
         x = torch.randn(b, *s.image_shape, generator=torch.Generator().manual_seed(seed)).to(dev)
         tt = torch.full((b,), float(s.meta.student_timesteps[0]), device=dev)
         y = torch.tensor(sl, dtype=torch.long, device=dev) if sl is not None else None
@@ -290,6 +314,7 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
                                          output_type="pt"), dev, repeats, warmup)
         results.append({
             "batch_size": b, "teacher": teacher_row, "student": rows,
+            **({"hybrid": hybrid_row} if hybrid_row is not None else {}),
             "bare_forward": {**fr, "nfe_per_sample": 1},
             # fewest-step pipeline time / the network evaluations it must make (k0 bare forwards)
             "pipeline_overhead": one["latency_s"] / (k0 * fr["latency_s"]),
@@ -301,12 +326,14 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
         "config": {"teacher": t.path, "student": str(student), "batch_sizes": batch_sizes,
                    "teacher_steps": teacher_steps, "teacher_sampler": sampler, "guidance_scale": guidance_scale,
                    "student_steps": student_steps, "student_max_steps": k, "repeats": repeats, "warmup": warmup,
-                   "seed": seed, "image_shape": list(s.image_shape), "dtype": str(s.unet.dtype).replace("torch.", ""),
+                   "hybrid_steps": hybrid_steps, "hybrid_substeps": hybrid_substeps, "hybrid_handoff": hybrid_handoff,
+                   "seed": seed, "image_shape": list(s.image_shape), "dtype": str(s.network.dtype).replace("torch.", ""),
                    "teacher_params": t.num_params(), "student_params": s.num_params()},
         "memory_method": memory_method(dev),
         "timing": ("median wall time of the pipeline __call__ (noise + sampling, output_type='pt') over "
                    f"{repeats} runs after {warmup} warm-up run(s); peak memory measured during the first warm-up run"),
-        "nfe": "network evaluations per sample: teacher steps x 2 with CFG (steps without), student steps",
+        "nfe": ("network evaluations per sample: teacher steps x 2 with CFG (steps without), student steps; "
+                "hybrid: teacher steps x sub-steps x 2 with CFG + the student's remaining steps"),
         "results": results,
     }
 
@@ -323,5 +350,11 @@ def summary_lines(report: dict) -> list[str]:
             mem = (s["peak_memory_bytes"] or 0) / 2**20
             lines.append(f"{r['batch_size']:>5} {'student ' + str(s['steps']) + 'st':>12} {s['nfe_per_sample']:>5} "
                          f"{s['latency_s'] * 1e3:>11.2f} {s['throughput_img_s']:>9.1f} {s['speedup']:>9.1f} {mem:>9.1f}")
+        if r.get("hybrid"):
+            h = r["hybrid"]
+            mem = (h["peak_memory_bytes"] or 0) / 2**20
+            name = f"hybrid {h['steps']}T+{h['student_steps'] - h['steps']}S"
+            lines.append(f"{r['batch_size']:>5} {name:>12} {h['nfe_per_sample']:>5} {h['latency_s'] * 1e3:>11.2f} "
+                         f"{h['throughput_img_s']:>9.1f} {h['speedup']:>9.1f} {mem:>9.1f}")
         lines.append(f"{'':>5} pipeline_overhead (1-step pipeline / bare forward) = {r['pipeline_overhead']:.2f}")
     return lines

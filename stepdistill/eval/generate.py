@@ -44,8 +44,17 @@ TEACHER_CLASS = "StepDistillTeacherPipeline"
 DEFAULT_TEACHER_STEPS = 50
 DEFAULT_GUIDANCE = 2.0
 
-# kind ("teacher" | "student") -> loader for text-conditioned models; empty until text models exist.
-TEXT_LOADERS: dict[str, Callable] = {}
+
+
+def _text_loader(path, meta, device):
+    """Text-to-image teachers and students (eval/text_eval.py)."""
+    from .text_eval import load_text_model
+
+    return load_text_model(path, meta, device)
+
+
+# kind ("teacher" | "student") -> loader for text-conditioned models
+TEXT_LOADERS: dict[str, Callable] = {"teacher": _text_loader, "student": _text_loader}
 
 
 class TextModelsNotSupported(ConfigError, NotImplementedError):
@@ -100,13 +109,19 @@ class _ClassModel:
         self.device = device
         self.pipe = self._build_pipeline(loaded)
         self.pipe.to(device)
-        self.pipe.unet.eval()
+        self.network.eval()
         self.last_generate_s: float | None = None
 
     # -- properties -------------------------------------------------------------------------------
     @property
-    def unet(self):
-        return self.pipe.unet
+    def network(self):
+        """The pipeline's network: ``unet``, or ``transformer`` for transformer models (expert / student 0)."""
+        net = getattr(self.pipe, "network", None)
+        return net if net is not None else self.pipe.unet
+
+    @property
+    def unet(self):  # the older name, kept for callers; also a transformer
+        return self.network
 
     @property
     def class_names(self) -> list[str]:
@@ -118,11 +133,11 @@ class _ClassModel:
 
     @property
     def channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        return int(self.network.config.in_channels)
 
     @property
     def resolution(self) -> int:
-        s = self.unet.config.sample_size
+        s = self.network.config.sample_size
         return int(s[0] if isinstance(s, (list, tuple)) else s)
 
     @property
@@ -130,7 +145,7 @@ class _ClassModel:
         return (self.channels, self.resolution, self.resolution)
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.unet.parameters())
+        return sum(p.numel() for p in self.network.parameters())
 
     # -- labels / noise ---------------------------------------------------------------------------
     def default_labels(self, n: int) -> torch.Tensor | None:
@@ -219,7 +234,8 @@ class TeacherModel(_ClassModel):
         from ..pipelines.teacher import StepDistillTeacherPipeline
 
         m = loaded.meta
-        return StepDistillTeacherPipeline(unet=loaded.den.backbone, scheduler=_scheduler_from_config(loaded.sched_cfg),
+        return StepDistillTeacherPipeline(**_network_kwargs(loaded.den.backbone),
+                                          scheduler=_scheduler_from_config(loaded.sched_cfg),
                                           class_names=m.class_names, null_class=m.null_class,
                                           prediction_type=m.prediction_type)
 
@@ -265,7 +281,8 @@ class StudentModel(_ClassModel):
 
             self.multi_student = True
             return MultiStudentPipeline.from_pretrained(loaded.folder)
-        return StepDistillPipeline(unet=loaded.den.backbone, scheduler=_scheduler_from_config(loaded.sched_cfg),
+        return StepDistillPipeline(**_network_kwargs(loaded.den.backbone),
+                                   scheduler=_scheduler_from_config(loaded.sched_cfg),
                                    student_timesteps=m.student_timesteps, class_names=m.class_names,
                                    prediction_type=m.prediction_type)
 
@@ -275,6 +292,7 @@ class StudentModel(_ClassModel):
 
     phased = False
     multi_student = False  # MultiStudentPipeline: each label runs on the student owning its class
+    hybrid = None  # an eval.hybrid.Hybrid: a teacher takes the first step(s) of the chain
 
     @property
     def min_steps(self) -> int:
@@ -291,11 +309,15 @@ class StudentModel(_ClassModel):
         return steps
 
     def nfe_per_sample(self, steps=None, guidance_scale=None) -> int:
+        if self.hybrid is not None:
+            return self.hybrid.nfe(self.resolve_steps(steps))
         return self.resolve_steps(steps)
 
     def _sample(self, noise, labels, steps, guidance_scale, generator):
         from ..pipelines.sampling import student_sample
 
+        if self.hybrid is not None:
+            return self.hybrid.sample(self, noise, labels, steps, generator)
         if self.phased or self.multi_student:  # the pipeline's own chain (experts / routed students)
             return self.pipe.sample(noise, labels, steps, generator=generator)
         return student_sample(self.pipe.denoiser(), self.pipe.timesteps_for(steps), labels, noise, generator=generator)
@@ -303,6 +325,15 @@ class StudentModel(_ClassModel):
     def describe(self) -> dict:
         return {**super().describe(), "student_timesteps": list(self.meta.student_timesteps or []),
                 "method": self.meta.method, "teacher": (self.meta.extra or {}).get("teacher")}
+
+
+def _network_kwargs(backbone) -> dict:
+    """``unet=...`` or ``unet=None, transformer=...`` (diffusers' component name for the backbone)."""
+    from ..models import backbone_subfolder
+
+    if backbone_subfolder(backbone) == "transformer":
+        return {"unet": None, "transformer": backbone}
+    return {"unet": backbone}
 
 
 def _pipeline_class(folder: Path) -> str | None:
@@ -457,7 +488,8 @@ def evaluate_model(model: str, steps: int | None = None, num: int = 1000, ref: s
                    ref_split: str = "test", ref_num: int | None = None, guidance_scale: float = DEFAULT_GUIDANCE,
                    seed: int = 0, batch_size: int = 64, prompts: str | None = None, sampler: str = "ddim",
                    diversity_extractor: str = "auto", kid: bool = True, device: str | None = None,
-                   allow_pickle: bool = False, progress: bool = True) -> dict:
+                   allow_pickle: bool = False, progress: bool = True, hybrid_teacher: str | None = None,
+                   hybrid_steps: int = 1, hybrid_substeps: int = 1, hybrid_handoff: str = "renoise", clip_model: str | None = None) -> dict:
     """``stepdistill eval``: sample ``num`` class-balanced images and score them.
 
     FID / KID against ``ref`` (default: the dataset the model was trained on, else animal_mnist),
@@ -471,7 +503,24 @@ def evaluate_model(model: str, steps: int | None = None, num: int = 1000, ref: s
     prompt_list = read_prompts(prompts) if prompts else None
     m = load_any(model, device=device, allow_pickle=allow_pickle, sampler=sampler)
     steps = m.resolve_steps(steps)
-    if prompt_list is not None:  # text models are not built yet: generate() explains
+    if hybrid_teacher:  # the teacher takes the first hybrid_steps steps (eval/hybrid.py)
+        from .hybrid import Hybrid
+
+        if m.kind != "student":
+            raise ConfigError(f"--hybrid-teacher needs a distilled student as --model; {model} is a teacher")
+        m.hybrid = Hybrid(load_any(hybrid_teacher, device=m.device, allow_pickle=allow_pickle), hybrid_steps,
+                          hybrid_substeps, guidance_scale, hybrid_handoff)
+        m.hybrid.check(m, steps)
+    if getattr(m, "is_text", False):  # text-to-image: prompts (default: its caption set), CLIP score (text_eval.py)
+        from .text_eval import evaluate_text
+
+        if hybrid_teacher:
+            raise ConfigError("--hybrid-teacher is not supported for text-to-image models")
+        return evaluate_text(m, prompt_list, num, steps, guidance_scale, seed, batch_size, ref, ref_split, ref_num,
+                             clip_model, diversity_extractor, kid, progress)
+    if clip_model:
+        raise ConfigError(f"--clip-model needs a text-to-image model; {model} is class-conditional or unconditional")
+    if prompt_list is not None:  # class / unconditional models take no prompts: generate() explains
         m.generate(n=num, steps=steps, prompts=prompt_list, progress=False)
     ds_name, _ = training_dataset(m)
     ref_name = ref or ds_name or "animal_mnist"
@@ -483,6 +532,8 @@ def evaluate_model(model: str, steps: int | None = None, num: int = 1000, ref: s
     out = {"model": str(model), "kind": m.kind, "steps": steps,
            "nfe_per_sample": m.nfe_per_sample(steps, guidance_scale), "num": num, "seed": seed,
            "batch_size": batch_size, "image_shape": list(m.image_shape)}
+    if getattr(m, "hybrid", None) is not None:
+        out["hybrid"] = m.hybrid.describe(steps)
     if m.kind == "teacher":
         out.update(guidance_scale=guidance_scale if m.uses_cfg(guidance_scale) else 1.0, sampler=m.sampler)
     out["reference"] = {"name": ref_name,

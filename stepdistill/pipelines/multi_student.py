@@ -19,7 +19,8 @@ Folder layout (all stock diffusers parts)::
 
     model_index.json      _class_name MultiStudentPipeline, unet, student_1..student_{K-1}, scheduler,
                           student_classes (the partition: class indices per student)
-    unet/                 student 0 (UNet2DModel; kept as ``unet`` so tools that read unet/ still work)
+    unet/                 student 0 (UNet2DModel; kept as ``unet`` so tools that read unet/ still work);
+                          ``transformer/`` instead for transformer students (e.g. class-conditional DiT)
     student_1/ ...        students 1..K-1 (each a UNet2DModel folder; may be smaller than the teacher)
     scheduler/            stock DDPMScheduler config
     stepdistill.json      student_timesteps, extra.students = [{name, subfolder, classes}, ...], extra.partition
@@ -110,15 +111,17 @@ class MultiStudentPipeline(DiffusionPipeline):
     student name of each image (request order) and ``last_latency_s`` the sampling time.
     """
 
-    _optional_components = [student_subfolder(k) for k in range(1, MAX_STUDENTS)]
+    _optional_components = ["unet", "transformer"] + [student_subfolder(k) for k in range(1, MAX_STUDENTS)]
 
     def __init__(self, unet, scheduler, student_1=None, student_2=None, student_3=None, student_4=None,
                  student_5=None, student_6=None, student_7=None, student_timesteps: list[float] | None = None,
                  class_names: list[str] | None = None, prediction_type: str | None = None,
-                 student_classes: list[list[int]] | None = None):
+                 student_classes: list[list[int]] | None = None, transformer=None):
         super().__init__()
+        if (unet is None) == (transformer is None):
+            raise ValueError("MultiStudentPipeline needs exactly one student-0 network: unet or transformer")
         rest = [student_1, student_2, student_3, student_4, student_5, student_6, student_7]
-        self.register_modules(unet=unet, scheduler=scheduler,
+        self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler,
                               **{student_subfolder(k + 1): m for k, m in enumerate(rest)})
         n = 1 + sum(1 for m in rest if m is not None)
         if any(m is None for m in rest[:n - 1]):
@@ -137,6 +140,11 @@ class MultiStudentPipeline(DiffusionPipeline):
 
     # -- students and routing ---------------------------------------------------------------------
     @property
+    def network(self):
+        """Student 0: the ``unet`` component, or ``transformer`` for transformer students."""
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
     def num_students(self) -> int:
         return len(self.config.student_classes)
 
@@ -145,8 +153,8 @@ class MultiStudentPipeline(DiffusionPipeline):
         return [f"student_{k}" for k in range(self.num_students)]
 
     def students(self) -> list:
-        """The student networks in order (student 0 is ``self.unet``)."""
-        return [getattr(self, student_subfolder(k)) for k in range(self.num_students)]
+        """The student networks in order (student 0 is ``self.network``)."""
+        return [self.network] + [getattr(self, student_subfolder(k)) for k in range(1, self.num_students)]
 
     def denoisers(self) -> list[Denoiser]:
         sched = schedule_from_config(dict(self.scheduler.config))
@@ -191,14 +199,14 @@ class MultiStudentPipeline(DiffusionPipeline):
                  output_type: str = "pil", return_dict: bool = True, first_step=None):
         """Sample one image per entry of ``class_labels`` (names or indices; a single one is repeated
         ``batch_size`` times), each on the student owning its class, in request order."""
-        dev = self.unet.device
+        dev = self.network.device
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
         if class_labels is None:
             raise ValueError("MultiStudentPipeline is class-conditional: give class_labels (they pick the student)")
         labels = label_tensor(self, class_labels, batch_size, dev)
         steps = self.timesteps_for(num_inference_steps)  # validate before drawing noise
-        c = self.unet.config
+        c = self.network.config
         noise = torch.randn(len(labels), c.in_channels, c.sample_size, c.sample_size, generator=generator).to(dev)
         t0 = time.perf_counter()
         x = self.sample(noise, labels, len(steps), generator=generator, first_step=first_step)

@@ -17,8 +17,9 @@ not a re-noising with fresh noise: the chain is deterministic given the starting
 
 Folder layout (all stock diffusers parts)::
 
-    model_index.json      _class_name PhasedDMDPipeline, unet, expert_1..expert_{K-1}, scheduler
-    unet/                 expert 0 (UNet2DModel; kept as ``unet`` so tools that read unet/ still work)
+    model_index.json      _class_name PhasedDMDPipeline, unet (or transformer), expert_1..expert_{K-1}, scheduler
+    unet/                 expert 0 (UNet2DModel; kept as ``unet`` so tools that read unet/ still work);
+                          ``transformer/`` instead for transformer experts (SD3, Flux, DiT, PixArt)
     expert_1/ ...         experts 1..K-1 (same class)
     scheduler/            stock DDPMScheduler (or FlowMatchEulerDiscreteScheduler) config
     stepdistill.json      student_timesteps (phase starts), extra.experts = [{name, subfolder,
@@ -105,15 +106,17 @@ class PhasedDMDPipeline(DiffusionPipeline):
     sampling time and ``last_experts`` the expert name used at each step.
     """
 
-    _optional_components = [expert_subfolder(k) for k in range(1, MAX_EXPERTS)]
+    _optional_components = ["unet", "transformer"] + [expert_subfolder(k) for k in range(1, MAX_EXPERTS)]
 
     def __init__(self, unet, scheduler, expert_1=None, expert_2=None, expert_3=None, expert_4=None,
                  expert_5=None, expert_6=None, expert_7=None, student_timesteps: list[float] | None = None,
                  class_names: list[str] | None = None, prediction_type: str | None = None,
-                 phase_boundaries: list[float] | None = None):
+                 phase_boundaries: list[float] | None = None, transformer=None):
         super().__init__()
+        if (unet is None) == (transformer is None):
+            raise ValueError("PhasedDMDPipeline needs exactly one expert-0 network: unet or transformer")
         rest = [expert_1, expert_2, expert_3, expert_4, expert_5, expert_6, expert_7]
-        self.register_modules(unet=unet, scheduler=scheduler,
+        self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler,
                               **{expert_subfolder(k + 1): m for k, m in enumerate(rest)})
         ts = [float(t) for t in (student_timesteps or [999.0])]
         bounds = [float(b) for b in (phase_boundaries or [*ts, 0.0])]
@@ -130,6 +133,11 @@ class PhasedDMDPipeline(DiffusionPipeline):
 
     # -- experts --------------------------------------------------------------------------------
     @property
+    def network(self):
+        """Expert 0: the ``unet`` component, or ``transformer`` for transformer students."""
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
     def num_experts(self) -> int:
         return len(self.config.student_timesteps)
 
@@ -138,8 +146,8 @@ class PhasedDMDPipeline(DiffusionPipeline):
         return [f"expert_{k}" for k in range(self.num_experts)]
 
     def experts(self) -> list:
-        """The expert networks in phase order (expert 0 is ``self.unet``)."""
-        return [getattr(self, expert_subfolder(k)) for k in range(self.num_experts)]
+        """The expert networks in phase order (expert 0 is ``self.network``)."""
+        return [self.network] + [getattr(self, expert_subfolder(k)) for k in range(1, self.num_experts)]
 
     def denoisers(self) -> list[Denoiser]:
         sched = schedule_from_config(dict(self.scheduler.config))
@@ -180,9 +188,12 @@ class PhasedDMDPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, class_labels=None, batch_size: int = 1, num_inference_steps: int | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
-                 output_type: str = "pil", return_dict: bool = True, first_step=None):
-        """Sample ``batch_size`` images (or one per entry of ``class_labels``: names or indices)."""
-        dev = self.unet.device
+                 output_type: str = "pil", return_dict: bool = True, first_step=None,
+                 prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None):
+        """Sample ``batch_size`` images (or one per entry of ``class_labels``: names or indices; or one per
+        row of ``prompt_embeds`` (B, L, D) (+ ``pooled_prompt_embeds`` (B, P) for SD3 / Flux), text students)."""
+        net = self.network
+        dev = net.device
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
         steps = self.timesteps_for(num_inference_steps)  # validate before drawing noise
@@ -190,7 +201,12 @@ class PhasedDMDPipeline(DiffusionPipeline):
         if class_labels is not None:
             labels = label_tensor(self, class_labels, batch_size, dev)
             batch_size = len(labels)
-        c = self.unet.config
+        elif prompt_embeds is not None:
+            labels = prompt_embeds.to(dev, net.dtype)
+            if pooled_prompt_embeds is not None:
+                labels = {"emb": labels, "pooled": pooled_prompt_embeds.to(dev, net.dtype)}
+            batch_size = prompt_embeds.shape[0]
+        c = net.config
         noise = torch.randn(batch_size, c.in_channels, c.sample_size, c.sample_size, generator=generator).to(dev)
         t0 = time.perf_counter()
         x = self.sample(noise, labels, len(steps), first_step=first_step)

@@ -52,19 +52,27 @@ def scheduler_sample(den: Denoiser, scheduler, cond, num_steps: int, guidance_sc
 
 @torch.no_grad()
 def student_sample(den: Denoiser, timesteps: list[float], cond, noise: torch.Tensor,
-                   generator: torch.Generator | None = None, first_step=None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, first_step=None, hybrid_steps: int = 1) -> torch.Tensor:
     """Few-step student chain: x0_k = G(x_{t_k}, t_k); x_{t_{k+1}} = add_noise(x0_k, fresh eps, t_{k+1}).
 
     ``noise`` is x_{t_0} (pure Gaussian noise). Fresh, uncorrelated noise is drawn for every
-    re-noising (DMD2 reports artifacts with correlated noise). ``first_step`` optionally replaces
-    the first denoising call (hybrid sampling: a teacher takes the high-noise step).
+    re-noising (DMD2 reports artifacts with correlated noise). ``first_step(x, t) -> x0`` optionally
+    replaces the first ``hybrid_steps`` denoising calls (hybrid sampling: a teacher takes the
+    high-noise steps, :mod:`stepdistill.pipelines.hybrid`); the re-noising draws are unchanged. It may
+    return ``(x0, x_next)``: the chain then continues from ``x_next`` (the state at the next timestep,
+    e.g. the teacher's ODE state) instead of re-noising x0 (the eps draw is still made, so later draws
+    do not shift).
     """
+    if first_step is not None and not 1 <= hybrid_steps <= len(timesteps):
+        raise ValueError(f"hybrid steps must be in 1..{len(timesteps)} (the chain's steps), got {hybrid_steps}")
     x = noise
     x0 = None
     for k, t in enumerate(timesteps):
         tt = torch.full((x.shape[0],), float(t), device=x.device)
-        x0 = first_step(x, tt) if (k == 0 and first_step is not None) else den(x, tt, cond)
+        x0 = first_step(x, tt) if (k < hybrid_steps and first_step is not None) else den(x, tt, cond)
+        x0, x_next = x0 if isinstance(x0, tuple) else (x0, None)
         if k + 1 < len(timesteps):
             eps = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
-            x = den.schedule.add_noise(x0, eps, torch.full((x.shape[0],), float(timesteps[k + 1]), device=x.device))
+            x = x_next if x_next is not None else \
+                den.schedule.add_noise(x0, eps, torch.full((x.shape[0],), float(timesteps[k + 1]), device=x.device))
     return x0.clamp(-1, 1)

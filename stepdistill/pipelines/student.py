@@ -74,10 +74,13 @@ class StepDistillPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, class_labels=None, batch_size: int = 1, num_inference_steps: int | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
-                 output_type: str = "pil", return_dict: bool = True, first_step=None,
+                 output_type: str = "pil", return_dict: bool = True, first_step=None, hybrid_steps: int = 1,
                  prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None):
         """Sample ``batch_size`` images (or one per entry of ``class_labels``: names or indices; or one per
-        row of ``prompt_embeds`` (B, L, D) (+ ``pooled_prompt_embeds`` (B, P) for SD3 / Flux), text students)."""
+        row of ``prompt_embeds`` (B, L, D) (+ ``pooled_prompt_embeds`` (B, P) for SD3 / Flux), text students).
+
+        ``first_step(x, t) -> x0`` takes the first ``hybrid_steps`` steps instead of the student (hybrid
+        sampling; e.g. :class:`stepdistill.pipelines.hybrid.TeacherSteps`)."""
         dev = self.network.device
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
@@ -94,7 +97,7 @@ class StepDistillPipeline(DiffusionPipeline):
         noise = torch.randn(batch_size, c.in_channels, c.sample_size, c.sample_size, generator=generator).to(dev)
         t0 = time.perf_counter()
         x = student_sample(self.denoiser(), self.timesteps_for(num_inference_steps), labels, noise,
-                           generator=generator, first_step=first_step)
+                           generator=generator, first_step=first_step, hybrid_steps=hybrid_steps)
         self.last_latency_s = time.perf_counter() - t0
         return _output(x, output_type, return_dict)
 

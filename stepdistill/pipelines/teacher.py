@@ -16,10 +16,16 @@ from .student import _output
 
 
 class StepDistillTeacherPipeline(DiffusionPipeline):
+    """The network is the ``unet`` component, or ``transformer`` (DiT / SD3 / Flux / PixArt teachers)."""
+
+    _optional_components = ["unet", "transformer"]
+
     def __init__(self, unet, scheduler, class_names: list[str] | None = None, null_class: int | None = None,
-                 prediction_type: str | None = None):
+                 prediction_type: str | None = None, transformer=None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        if (unet is None) == (transformer is None):
+            raise ValueError("StepDistillTeacherPipeline needs exactly one network: unet or transformer")
+        self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler)
         self.register_to_config(class_names=list(class_names or []), null_class=null_class,
                                 prediction_type=prediction_type or scheduler.config.prediction_type)
 
@@ -34,15 +40,19 @@ class StepDistillTeacherPipeline(DiffusionPipeline):
                                     prediction_type=meta["prediction_type"])
         return pipe
 
+    @property
+    def network(self):
+        return self.unet if self.unet is not None else self.transformer
+
     def denoiser(self) -> Denoiser:
-        return Denoiser(self.unet, schedule_from_config(dict(self.scheduler.config)), self.config.prediction_type,
+        return Denoiser(self.network, schedule_from_config(dict(self.scheduler.config)), self.config.prediction_type,
                         null_class=self.config.null_class)
 
     @torch.no_grad()
     def __call__(self, class_labels=None, batch_size: int = 1, num_inference_steps: int = 50,
                  guidance_scale: float = 2.0, sampler: str = "ddim", generator: torch.Generator | None = None,
                  seed: int | None = None, output_type: str = "pil", return_dict: bool = True, progress: bool = False):
-        dev = self.unet.device
+        dev = self.network.device
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
         labels = None
@@ -59,7 +69,7 @@ class StepDistillTeacherPipeline(DiffusionPipeline):
                 idx.append(int(c))
             labels = torch.tensor(idx, dtype=torch.long, device=dev)
             batch_size = len(labels)
-        c = self.unet.config
+        c = self.network.config
         noise = torch.randn(batch_size, c.in_channels, c.sample_size, c.sample_size, generator=generator).to(dev)
         sched = make_scheduler(sampler, dict(self.scheduler.config))
         t0 = time.perf_counter()

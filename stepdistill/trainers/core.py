@@ -5,7 +5,8 @@ critic, ...), says which players update in each step (``updates(step)``, e.g. fi
 updates then one generator update for DMD2's two time-scale rule) and computes one loss per
 update. The loop below owns everything else: optimizers per player, gradient sync across
 processes, clipping, warm-up, EMA, logging, sample grids, loss plots, checkpoint/resume and
-failure handling.
+failure handling. ``train.fsdp=true`` shards the players and their EMA over the processes (FSDP2,
+:mod:`stepdistill.trainers.fsdp`); checkpoints keep the single-process format.
 
 Determinism: all randomness of an update comes from a ``torch.Generator`` seeded by
 ``(seed, step, update)``; every process draws the *global* batch and keeps its slice. Hence a
@@ -134,10 +135,19 @@ class Trainer:
                 enable_gradient_checkpointing(p.module)
         if hasattr(self.obj, "to"):
             self.obj.to(dev)
+        self.fsdp = _wants_fsdp(self.acc, self.tcfg)
+        self._ema_templates = {}
+        if self.fsdp:  # shard players, EMA copies (and the teacher) before the optimizers see the parameters
+            from .fsdp import device_mesh, shard_objective
+
+            self.ema = {n: _ema_copy(p.module) for n, p in self.obj.players.items() if p.ema}
+            self._ema_templates = shard_objective(self.obj, self.ema, device_mesh(dev, world),
+                                                  shard_teacher=getattr(self.tcfg, "fsdp_shard_teacher", False))
         self.opts = {n: torch.optim.AdamW([q for q in p.module.parameters() if q.requires_grad], lr=p.lr,
                                           betas=p.betas, weight_decay=p.weight_decay)
                      for n, p in self.obj.players.items()}
-        self.ema = {n: _ema_copy(p.module) for n, p in self.obj.players.items() if p.ema}
+        if not self.fsdp:
+            self.ema = {n: _ema_copy(p.module) for n, p in self.obj.players.items() if p.ema}
         self.step, self.update = 0, 0   # next step / update index to run
         self._stop = False
 
@@ -211,7 +221,12 @@ class Trainer:
                 loss, parts = self.obj.loss(name, ctx)
             parts = {k: _mean_across(acc, float(v)) for k, v in parts.items()}
             bad = [k for k, v in parts.items() if not math.isfinite(v)]
-            if bad or not torch.isfinite(loss.detach()).all():
+            nonfinite = bool(bad) or not bool(torch.isfinite(loss.detach()).all())
+            if self.fsdp:  # saving last_good gathers shards: every process must take the same branch
+                from .fsdp import any_across
+
+                nonfinite = any_across(nonfinite, acc.device)
+            if nonfinite:
                 which = bad[0] if bad else f"{name}_total"
                 self.save_checkpoint(tag="last_good")
                 raise NonFiniteLossError(
@@ -220,9 +235,11 @@ class Trainer:
             self.opts[name].zero_grad(set_to_none=True)
             loss.backward()
             params = [q for q in player.module.parameters() if q.requires_grad]
-            _sync_grads(acc, params)
+            if not self.fsdp:  # FSDP reduce-scatters (averages) the gradients in backward itself
+                _sync_grads(acc, params)
             if player.grad_clip > 0:
-                parts[f"{name}_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, player.grad_clip))
+                norm = torch.nn.utils.clip_grad_norm_(params, player.grad_clip)
+                parts[f"{name}_grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             for g in self.opts[name].param_groups:
                 g["lr"] = player.lr * min(1.0, (self.step + 1) / player.warmup_steps) if player.warmup_steps else player.lr
             self.opts[name].step()
@@ -241,10 +258,12 @@ class Trainer:
         return {n: self.ema.get(n, p.module) for n, p in self.obj.players.items()}
 
     def save_samples(self) -> Path | None:
-        if not self.acc.is_main_process:
+        if not self.acc.is_main_process and not self.fsdp:  # sharded models sample on every process
             return None
         with torch.no_grad():
             x = self.obj.sample(self.ema_modules(), 40, self.acc.device)
+        if not self.acc.is_main_process:
+            return None
         path = save_grid(x, self.out / "samples" / f"step_{self.step:06d}.png", nrow=10, scale=2)
         if (self.out / "log.jsonl").exists():
             plot_losses(self.out / "log.jsonl", self.out / "loss.png")
@@ -252,6 +271,8 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self.fsdp:  # gathered: collective, the main process gets the full tensors (others {})
+            return self._gathered_state()[0]
         out = {}
         for n, p in self.obj.players.items():
             for k, v in p.module.state_dict().items():
@@ -264,6 +285,7 @@ class Trainer:
     def save_checkpoint(self, tag: str | None = None) -> Path | None:
         """Atomic: write into a temp folder, hash every file, then rename into place."""
         self.acc.wait_for_everyone() if tag is None else None
+        gathered = self._gathered_state() if self.fsdp else None  # collective: every process takes part
         if not self.acc.is_main_process:
             return None
         name = tag or f"step_{self.step:06d}"
@@ -271,8 +293,10 @@ class Trainer:
         tmp = self.ckpt_dir / f".tmp_{name}_{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(self.state_tensors(), tmp / "models.safetensors")
-        torch.save({n: o.state_dict() for n, o in self.opts.items()}, tmp / "optim.pt")
+        tensors, optim = gathered if gathered is not None else (self.state_tensors(),
+                                                                 {n: o.state_dict() for n, o in self.opts.items()})
+        save_file(tensors, tmp / "models.safetensors")
+        torch.save(optim, tmp / "optim.pt")
         torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
         meta = {"step": self.step, "update": self.update, "seed": self.tcfg.seed,
                 "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}}
@@ -304,16 +328,44 @@ class Trainer:
             if not f.exists() or sha256_file(f) != digest:
                 raise CheckpointError(f"checkpoint {path}: {fname} is missing or corrupt (sha256 mismatch)")
         tensors = load_file(path / "models.safetensors")
+        load_sd, load_opt = (lambda m, sd: m.load_state_dict(sd)), (lambda o, sd: o.load_state_dict(sd))
+        if self.fsdp:  # full tensors -> this process's shards
+            from .fsdp import load_full_optim_state, load_full_state_dict
+
+            load_sd, load_opt = load_full_state_dict, load_full_optim_state
         for n, p in self.obj.players.items():
-            p.module.load_state_dict({k[len(f"player.{n}."):]: v for k, v in tensors.items()
-                                      if k.startswith(f"player.{n}.")})
+            load_sd(p.module, {k[len(f"player.{n}."):]: v for k, v in tensors.items() if k.startswith(f"player.{n}.")})
         for n, m in self.ema.items():
-            m.load_state_dict({k[len(f"ema.{n}."):]: v for k, v in tensors.items() if k.startswith(f"ema.{n}.")})
+            load_sd(m, {k[len(f"ema.{n}."):]: v for k, v in tensors.items() if k.startswith(f"ema.{n}.")})
         opt_states = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
         for n, o in self.opts.items():
-            o.load_state_dict(opt_states[n])
+            load_opt(o, opt_states[n])
         torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
         self.step, self.update = int(meta["step"]), int(meta["update"])
+
+    def _gathered_state(self) -> tuple[dict, dict]:
+        """(models, optimizer states) in the single-process checkpoint format, gathered from the FSDP
+        shards (trainers/fsdp.py). Collective; the main process gets them, the others ``({}, {})``."""
+        from .fsdp import full_optim_state, full_state_dict
+
+        keep, out = self.acc.is_main_process, {}
+        for prefix, mods in (("player", {n: p.module for n, p in self.obj.players.items()}), ("ema", self.ema)):
+            for n, m in mods.items():
+                for k, v in full_state_dict(m, keep).items():
+                    out[f"{prefix}.{n}.{k}"] = v
+        optim = {n: full_optim_state(o, keep) for n, o in self.opts.items()}  # collective on every process
+        return (out, optim) if keep else ({}, {})
+
+    def plain_ema(self) -> dict[str, nn.Module]:
+        """EMA modules as ordinary (unsharded) modules for export: ``self.ema`` itself without FSDP;
+        under FSDP gathered copies on the main process (collective; the others get ``{}``)."""
+        if not self.fsdp:
+            return dict(self.ema)
+        from .fsdp import full_state_dict, plain_copy
+
+        keep = self.acc.is_main_process
+        full = {n: full_state_dict(m, keep) for n, m in self.ema.items()}
+        return {n: plain_copy(self._ema_templates[n], sd) for n, sd in full.items()} if keep else {}
 
     def load_latest(self) -> bool:
         ptr = self.ckpt_dir / "latest"
@@ -366,6 +418,14 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.lerp_(p.detach(), 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
+
+
+def _wants_fsdp(acc, tcfg) -> bool:
+    """``train.fsdp=true`` or an ``accelerate launch --use_fsdp`` launch, with more than one process."""
+    want = bool(getattr(tcfg, "fsdp", False)) or str(getattr(acc, "distributed_type", "")).endswith("FSDP")
+    if want and acc.num_processes == 1 and acc.is_main_process:
+        print("train.fsdp: one process, nothing to shard; training unsharded")
+    return want and acc.num_processes > 1
 
 
 def _sync_grads(acc, params: list[torch.Tensor]) -> None:

@@ -1,5 +1,6 @@
 """Teacher training: the plain denoising objective (Ho et al. 2020, Eq. 14) with label dropout
-for classifier-free guidance (Ho & Salimans 2022, Sec. 3.2)."""
+for classifier-free guidance (Ho & Salimans 2022, Sec. 3.2). Text teachers get their conditions from a
+conditioner (``conds``, e.g. :class:`stepdistill.text.CaptionConditioner`: captions, "" when dropped)."""
 from __future__ import annotations
 
 import torch
@@ -17,12 +18,14 @@ class DiffusionObjective:
     target by prediction type (eps, v or x0), c~ = null class with probability ``cfg_dropout``."""
 
     def __init__(self, den: Denoiser, scheduler_config: dict, num_classes: int, lr: float, betas, weight_decay,
-                 grad_clip: float, warmup: int, cfg_dropout: float, sample_steps: int, guidance_scale: float):
+                 grad_clip: float, warmup: int, cfg_dropout: float, sample_steps: int, guidance_scale: float,
+                 conds=None):
         self.den = den
         self.players = {"model": Player(den.backbone, lr, tuple(betas), weight_decay, grad_clip, warmup, ema=True)}
         self.scheduler_config = scheduler_config
         self.num_classes, self.cfg_dropout = num_classes, cfg_dropout
         self.sample_steps, self.guidance_scale = sample_steps, guidance_scale
+        self.conds = conds  # None: class labels; else train_cond(labels, drop, ctx) / grid(n, device) / null_cond
 
     def updates(self, step: int) -> list[str]:
         return ["model"]
@@ -30,7 +33,10 @@ class DiffusionObjective:
     def loss(self, player: str, ctx: Ctx):
         x0, labels = ctx.real_batch()                                   # (B, C, H, W), (B,)
         drop = ctx.rand() < self.cfg_dropout
-        labels = torch.where(drop.to(labels.device), torch.full_like(labels, self.num_classes), labels)
+        if self.conds is not None:
+            labels = self.conds.train_cond(labels, drop, ctx)                # (B, L, D) text embeddings
+        else:
+            labels = torch.where(drop.to(labels.device), torch.full_like(labels, self.num_classes), labels)
         eps = ctx.randn(*x0.shape[1:])
         T = self.den.schedule.num_train_timesteps
         t = ctx.sample_t(self.den.schedule, 0, T - 1)
@@ -42,10 +48,15 @@ class DiffusionObjective:
 
     @torch.no_grad()
     def sample(self, ema: dict[str, nn.Module], n: int, device) -> torch.Tensor:
-        den = Denoiser(ema["model"], self.den.schedule, self.den.prediction_type, null_class=self.num_classes)
+        null = self.conds.null_cond.to(device) if self.conds is not None else None
+        den = Denoiser(ema["model"], self.den.schedule, self.den.prediction_type, null_class=self.num_classes,
+                       null_cond=null)
         g = torch.Generator().manual_seed(1234)
         noise = torch.randn(n, *self._shape(), generator=g).to(device)
-        labels = class_balanced_labels(n, self.num_classes).to(device)
+        if self.conds is not None:
+            labels = self.conds.grid(n, device)
+        else:
+            labels = class_balanced_labels(n, self.num_classes).to(device)
         sched = make_scheduler("ddim", self.scheduler_config)
         return scheduler_sample(den, sched, labels, self.sample_steps, self.guidance_scale, noise)
 

@@ -32,18 +32,26 @@ def build_dmd(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMe
         from .pso import build_pso
 
         return build_pso(cfg, model=teacher, meta=meta, data=data)
+    teacher_given = teacher is not None
     if teacher is None:
         teacher, meta = load_denoiser(cfg.dmd.teacher, allow_pickle=cfg.dmd.allow_pickle)
-    if data is None:
+    data_given = data is not None
+    if data is None and meta.conditioning != "text":
         data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
     num_classes = len(meta.class_names) if meta.conditioning == "class" else 0
     if num_classes and data.num_classes != num_classes:
         raise ValueError(f"teacher has {num_classes} classes but dataset {cfg.data.name} has {data.num_classes}")
     conds = None
     if meta.conditioning == "text":
-        if text_bank is None:
-            raise ValueError("a text-conditional teacher needs text_bank=TextEmbeddingBank(...) "
+        if text_bank is None and teacher_given:
+            raise ValueError("a text-conditional teacher passed in Python needs text_bank=TextEmbeddingBank(...) "
                              "(stepdistill.conditioning): the prompt embeddings to distill on")
+        if text_bank is None:  # from the config: the teacher's caption set + bank-aligned real data (text_distill.py)
+            from .text_distill import text_distill_setup
+
+            text_bank, data = text_distill_setup(cfg, meta, data if data_given else None)
+        elif data is None:
+            data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
         if cfg.dmd.regression_weight > 0:
             raise ValueError("dmd.regression_weight > 0 (DMD's ODE pairs) is not supported for text teachers")
         conds = text_bank
@@ -107,19 +115,20 @@ def distill(cfg: DistillConfig, resume: bool = False, accelerator=None, teacher:
                       on_checkpoint=getattr(obj, "on_checkpoint", None))  # PSO keeps its online references
     result = trainer.train(resume=resume)
     out = Path(cfg.output_dir) / "student"
+    ema = trainer.plain_ema() if not result["interrupted"] else {}  # FSDP: gathered copies (collective)
     if trainer.acc.is_main_process and not result["interrupted"]:
         if cfg.method == "phased_dmd":
             from .phased_dmd import export_phased
 
-            experts = [trainer.ema[f"expert_{k}"] for k in range(obj.K)]
+            experts = [ema[f"expert_{k}"] for k in range(obj.K)]
             export_phased(experts, cfg, meta, out, schedule=obj.experts[0].schedule)  # merges LoRA experts
         elif cfg.method == "msd":
             from .multi_student import export_multi_student
 
-            export_multi_student([trainer.ema[f"student_{k}"] for k in range(obj.K)], cfg, meta, out, obj.groups,
+            export_multi_student([ema[f"student_{k}"] for k in range(obj.K)], cfg, meta, out, obj.groups,
                                  schedule=obj.students[0].schedule)
         else:
-            export_student(trainer.ema["generator"], cfg, meta, out, schedule=obj.student.schedule)
+            export_student(ema["generator"], cfg, meta, out, schedule=obj.student.schedule)
         (Path(cfg.output_dir) / "training_result.json").write_text(json.dumps(result, indent=2, default=str))
         print(f"student exported to {out}")
     return out
@@ -164,7 +173,13 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
         backbone = lora_view.merged()
         smeta.extra["lora"] = {"rank": cfg.dmd.lora_rank, "alpha": cfg.dmd.lora_alpha or cfg.dmd.lora_rank,
                                "targets": list(cfg.dmd.lora_targets), "adapter": "lora/"}
-    save_model_folder(out, backbone, scheduler, smeta, STUDENT_PIPELINE)
+    if smeta.conditioning == "text" and not pso and "text" in (meta.extra or {}):  # teacher from a text folder:
+        # + text encoder, tokenizer, VAE, LCMScheduler (text_distill.py)
+        from .text_distill import save_text_student
+
+        save_text_student(out, backbone, scheduler, smeta, base, meta)
+    else:
+        save_model_folder(out, backbone, scheduler, smeta, STUDENT_PIPELINE)
     if lora_view is not None:
         lora_view.save_adapter(out / "lora")
     index = json.loads((out / "model_index.json").read_text())

@@ -22,6 +22,19 @@ Distribution-matching gradient (DMD Eq. 7, with DMD2's normalisation, authors' c
 
 The gradient of ``L_DM`` w.r.t. x is proportional to ``mu_fake - mu_real``: it moves the
 student's samples toward the teacher's denoised estimate and away from the critic's.
+
+Decoupled DMD (Liu et al. 2025, "Decoupled DMD: CFG Augmentation as the Spear, Distribution Matching
+as the Shield", Sec. 3): with mu_real = mu_u + w (mu_c - mu_u) the guided direction splits exactly into
+
+    mu_fake - mu_real = (mu_fake - mu_c)  -  (w - 1)(mu_c - mu_u)
+                        DM term               CFG-augmentation (CA) term
+
+CA drives quality ("the spear"), DM regularises ("the shield"). ``dmd.decoupled`` evaluates each term
+at its own noised sample (its own t and eps: ``dmd.ca_schedule``; the paper's best is CA re-noised only
+above the student's current timestep, DM over the full range), normalises each by DMD2's normaliser at
+its own sample, ``n = mean_{C,H,W} |x - mu_real(x_t)|``, and weights them (``dmd.dm_term_weight``,
+``dmd.ca_weight``). With a shared sample (``ca_schedule: shared``) and unit weights the two gradients
+sum to DMD2's (see :func:`decoupled_dm_loss`).
 """
 from __future__ import annotations
 
@@ -32,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import DMDConfig
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, _cat_cond
 from ..pipelines.sampling import student_sample
 from ..utils import class_balanced_labels
 from .core import Ctx, Player
@@ -77,13 +90,48 @@ def dm_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> tu
     return loss, grad
 
 
-def scores_and_gan_g(teacher: Denoiser, critic: Denoiser, head, x_t, t, cond, c: DMDConfig):
+def decoupled_dm_loss(x: torch.Tensor, dm_real: tuple[torch.Tensor, torch.Tensor], fake_x0: torch.Tensor,
+                      ca_real: tuple[torch.Tensor, torch.Tensor], w: float, dm_term_weight: float = 1.0,
+                      ca_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Decoupled DMD loss (module docstring), fp32, NaN-safe.
+
+    ``dm_real = (mu_c, mu_u)`` and ``fake_x0`` at the DM term's noised sample, ``ca_real = (mu_c', mu_u')``
+    at the CA term's (all (B, C, H, W), detached)::
+
+        g_dm = (mu_fake - mu_c) / n_dm,            n_dm = mean_CHW |x - (mu_u + w (mu_c - mu_u))|
+        g_ca = -(w - 1)(mu_c' - mu_u') / n_ca,     n_ca = mean_CHW |x - (mu_u' + w (mu_c' - mu_u'))|
+        L    = dm_term_weight * 0.5 ||x - sg(x - g_dm)||^2 + ca_weight * 0.5 ||x - sg(x - g_ca)||^2   (means)
+
+    so d L / d x = (dm_term_weight g_dm + ca_weight g_ca) / numel. Same sample, unit weights:
+    g_dm + g_ca = (mu_fake - mu_real) / n, DMD2's ``grad`` of :func:`dm_loss`.
+    Returns ``(L, {"dm_term_loss", "ca_loss", "g_dm", "g_ca"})`` (gradients detached).
+    """
+    x32 = x.float()
+    dims = tuple(range(1, x.ndim))
+
+    def norm(c, u):  # (B, 1, 1, 1): DMD2's normaliser with the guided teacher at this sample
+        real = u.float() + w * (c.float() - u.float())
+        return (x32.detach() - real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
+
+    def finite(g):  # x == mu_real exactly gives 0/0: no signal
+        return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+    (dc, du), (cc, cu) = dm_real, ca_real
+    g_dm = finite((fake_x0.float() - dc.float()) / norm(dc, du))
+    g_ca = finite(-(w - 1.0) * (cc.float() - cu.float()) / norm(cc, cu))
+    l_dm = 0.5 * F.mse_loss(x32, (x32 - g_dm).detach(), reduction="mean")
+    l_ca = 0.5 * F.mse_loss(x32, (x32 - g_ca).detach(), reduction="mean")
+    return dm_term_weight * l_dm + ca_weight * l_ca, {"dm_term_loss": l_dm, "ca_loss": l_ca, "g_dm": g_dm, "g_ca": g_ca}
+
+
+def scores_and_gan_g(teacher: Denoiser, critic: Denoiser, head, x_t, t, cond, c: DMDConfig, real: bool = True):
     """The generator update's critic and teacher passes at one noised sample ``x_t`` (keeps grad).
 
     Returns ``(L_G, mu_real, mu_fake)``: the non-saturating G loss softplus(-D(x_t)) (DMD2 Eq. 3;
     None when ``head`` is None), and the teacher's (CFG scale ``c.real_guidance_scale``) and the
     critic's x0 predictions, detached (None when ``c.dm_weight`` is 0). One critic pass serves
-    both the GAN features and mu_fake unless the critic itself is guided.
+    both the GAN features and mu_fake unless the critic itself is guided. ``real=False`` skips the
+    teacher pass (decoupled DMD makes its own cond / uncond passes).
     """
     l_g = fake_x0 = real_x0 = None
     if head is not None:
@@ -91,7 +139,8 @@ def scores_and_gan_g(teacher: Denoiser, critic: Denoiser, head, x_t, t, cond, c:
         l_g = F.softplus(-head(feats.float())).mean()
     if c.dm_weight > 0:
         with torch.no_grad():
-            real_x0 = teacher(x_t.detach(), t, cond, guidance_scale=c.real_guidance_scale)
+            if real:
+                real_x0 = teacher(x_t.detach(), t, cond, guidance_scale=c.real_guidance_scale)
             if fake_x0 is None or c.fake_guidance_scale != 1.0:
                 fake_x0 = critic(x_t.detach(), t, cond, guidance_scale=c.fake_guidance_scale)
         fake_x0 = fake_x0.detach()
@@ -222,11 +271,15 @@ class DMDObjective:
         t = ctx.sample_t(self.teacher.schedule, c.t_min, c.t_max)
         x_t = self.teacher.schedule.add_noise(x, ctx.randn(*self.shape), t)  # keeps grad for the GAN term
         l_g, real_x0, fake_x0 = scores_and_gan_g(self.teacher, self.critic, self.head if c.gan else None,
-                                                 x_t, t, cond, c)
+                                                 x_t, t, cond, c, real=not c.decoupled)
         if l_g is not None:
             total = total + c.gan_g_weight * l_g
             logs["gan_g_loss"] = l_g.item()
-        if c.dm_weight > 0:
+        if c.dm_weight > 0 and c.decoupled:
+            l_dm, dlogs = self.decoupled_loss(ctx, x, x_t.detach(), t, cond, k, fake_x0)
+            total = total + c.dm_weight * l_dm
+            logs.update(dlogs)
+        elif c.dm_weight > 0:
             l_dm, grad = dm_loss(x, real_x0, fake_x0)
             total = total + c.dm_weight * l_dm
             logs["dm_loss"] = l_dm.item()
@@ -238,6 +291,46 @@ class DMDObjective:
         logs["generator_loss"] = total.item()
         logs["sample_std"] = x.detach().float().std().item()
         return total, logs
+
+    def ca_times(self, ctx: Ctx, k: int) -> torch.Tensor:
+        """CA re-noising times (B,): ``uniform`` U[ca_t_min, ca_t_max]; ``above_student`` U[max(t_k, ca_t_min),
+        ca_t_max] with t_k the student's current timestep (the paper's best; a one-step student at
+        t_0 >= ca_t_max gets ca_t_max)."""
+        c = self.cfg
+        lo, hi = c.ca_t_min, c.ca_t_max
+        if c.ca_schedule == "above_student":
+            lo = min(max(self.timesteps[k], lo), hi)
+        return ctx.sample_t(self.teacher.schedule, lo, hi)
+
+    def _teacher_cu(self, x_t, t, cond):
+        """(mu_c, mu_u) from one batched CFG call; both mu_c without CFG (no cond / w = 1)."""
+        if cond is None or self.cfg.real_guidance_scale == 1.0:
+            x0 = self.teacher(x_t, t, cond)
+            return x0, x0
+        return self.teacher.x0_cond_uncond(x_t, t, cond)
+
+    def decoupled_loss(self, ctx: Ctx, x, x_t, t, cond, k: int, fake_x0):
+        """Decoupled DMD (module docstring): the DM term at the generator loss's ``(t, x_t)``, the CA term at
+        its own sample (``dmd.ca_schedule``); one teacher call (batch 2B shared, 4B decoupled) gives both."""
+        c, sched = self.cfg, self.teacher.schedule
+        B = x.shape[0]
+        with torch.no_grad():
+            if c.ca_schedule == "shared":
+                t_ca = t
+                dm_real = ca_real = self._teacher_cu(x_t, t, cond)
+            else:
+                t_ca = self.ca_times(ctx, k)
+                x_ca = sched.add_noise(x.detach(), ctx.randn(*self.shape), t_ca)
+                mc, mu = self._teacher_cu(torch.cat([x_t, x_ca]), torch.cat([t, t_ca]),
+                                          None if cond is None else _cat_cond(cond, cond))
+                dm_real, ca_real = (mc[:B], mu[:B]), (mc[B:], mu[B:])
+        loss, p = decoupled_dm_loss(x, dm_real, fake_x0, ca_real, c.real_guidance_scale, c.dm_term_weight,
+                                    c.ca_weight)
+        g = c.dm_term_weight * p["g_dm"] + c.ca_weight * p["g_ca"]
+        return loss, {"dm_loss": loss.item(), "dm_grad_abs": g.abs().mean().item(),
+                      "dm_term_loss": p["dm_term_loss"].item(), "ca_loss": p["ca_loss"].item(),
+                      "dm_term_grad_abs": p["g_dm"].abs().mean().item(), "ca_grad_abs": p["g_ca"].abs().mean().item(),
+                      "t_dm_mean": float(t.float().mean()), "t_ca_mean": float(t_ca.float().mean())}
 
     def regression_loss(self, ctx: Ctx) -> torch.Tensor:
         """DMD Eq. 9: E ||G(z) - y||, (z, y) pairs from the teacher's deterministic ODE sampler."""

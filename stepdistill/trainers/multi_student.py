@@ -375,8 +375,8 @@ def export_multi_student(students: list[nn.Module], cfg: DistillConfig, meta, ou
     out = Path(out)
     if len(students) != len(groups):
         raise ValueError(f"{len(groups)} groups but {len(students)} students")
-    if not all(type(m).__name__ == "UNet2DModel" for m in students):
-        raise ValueError("MultiStudentPipeline folders hold UNet2DModel students; got "
+    if not all(hasattr(m, "save_pretrained") for m in students):
+        raise ValueError("MultiStudentPipeline folders hold diffusers students (UNet2DModel, DiT, ...); got "
                          + ", ".join(type(m).__name__ for m in students))
     export_student(students[0], cfg, meta, out, schedule=schedule)
     index = json.loads((out / "model_index.json").read_text())
@@ -385,7 +385,10 @@ def export_multi_student(students: list[nn.Module], cfg: DistillConfig, meta, ou
         index[student_subfolder(k)] = ["diffusers", type(m).__name__]
     index.update({"_class_name": PIPELINE_CLASS, "student_classes": [list(g) for g in groups]})
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    students_meta = [{"name": f"student_{k}", "subfolder": student_subfolder(k), "classes": list(g),
+    from ..models import backbone_subfolder
+
+    sub0 = backbone_subfolder(students[0])  # "transformer" for a DiT student
+    students_meta = [{"name": f"student_{k}", "subfolder": student_subfolder(k) if k else sub0, "classes": list(g),
                       "params": count_params(m)} for k, (g, m) in enumerate(zip(groups, students))]
     smeta = json.loads((out / "stepdistill.json").read_text())
     smeta.setdefault("extra", {}).update({

@@ -391,7 +391,10 @@ def export_phased(experts: list[nn.Module], cfg: DistillConfig, meta, out: Path,
         index[expert_subfolder(k)] = ["diffusers", type(m).__name__]
     index.update({"_class_name": PHASED_PIPELINE, "phase_boundaries": bounds})
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    experts_meta = [{"name": f"expert_{k}", "subfolder": expert_subfolder(k), "timesteps": [ts[k]],
+    from ..models import backbone_subfolder
+
+    sub0 = backbone_subfolder(experts[0])  # "transformer" for SD3 / Flux / DiT experts
+    experts_meta = [{"name": f"expert_{k}", "subfolder": expert_subfolder(k) if k else sub0, "timesteps": [ts[k]],
                      "phase": [bounds[k], bounds[k + 1]]} for k in range(len(ts))]
     smeta = json.loads((out / "stepdistill.json").read_text())
     smeta.setdefault("extra", {}).update({"experts": experts_meta, "phase_boundaries": bounds,

@@ -41,6 +41,27 @@ target and reference of a pair (variance reduction, as Diffusion-DPO's code). At
 dM/dtheta: a step raises the relative likelihood of targets and lowers that of references until
 the margin M saturates the sigmoid (the regulariser that keeps the few-step ability).
 
+The pure-noise step (``pso.likelihood``). For the first step t_0 of a model that samples from noise
+(alpha_{t_0}^2 < 1e-3, e.g. t_0 = 999), x_{t_0} = alpha x + sigma eps carries no information about x, so the
+forward-process surrogate ||G(x_{t_0}) - x||^2 compares x with G's output for an *unrelated* input: the
+margin is then linear in G (``2 <G, x^tgt - x^ref>``), its gradient a shift of every sample along the mean
+difference of targets and references, and a one-step model drifts off its data (observed on Animal-MNIST:
+samples turn to noise within 50 steps). ``likelihood: kde`` (``auto`` picks it for such a t_0) uses the
+model's own posterior over its input instead: with m draws z_j ~ N(0, I) (``pso.kde_samples``) and the
+decoder N(G(z_j), (D tau / 2) I) (D = C*H*W), the chain's likelihood p(x) = E_z N(x; G(z), .) is estimated by::
+
+    err_0(x) = -tau log (1/m) sum_j exp(-||G_theta(z_j, t_0, c) - x||^2 / tau)     (tau = ``pso.kde_tau``)
+
+a soft-min distance from x to the model's samples (tau -> 0: the nearest sample, as IMLE, Li & Malik 2018;
+tau -> inf: the mean distance, the forward surrogate). Its gradient moves the samples *nearest* to each
+image, so targets pull samples toward themselves and references push theirs away, without averaging
+(blurring) over unrelated images. The same z_j serve theta and the frozen model, target and reference.
+
+Target anchor (``pso.target_anchor`` = lambda, DPO-Positive, Pal et al. 2024, "Smaug", Eq. 3): DPO's margin
+can grow while *both* likelihoods fall (the references faster), the known failure of DPO on close pairs;
+``margin -= lambda sum_k w_k max(0, err_theta(x^tgt) - err_ref(x^tgt))`` leaves no margin to a model whose
+likelihood of the targets falls below the initial model's.
+
 Naive baseline (:class:`NaiveFinetuneObjective`, the comparison PSO's Fig. 1 makes): the plain
 denoising loss on the targets at the same timesteps and weights, L = - l_theta(x^tgt).
 
@@ -54,6 +75,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -76,6 +98,7 @@ PSO_METHODS = ("pso", "pso_naive")
 REF_CHUNK = 64              # reference sampling batch (fixed: the draws do not depend on it changing)
 REF_SEED_OFFSET = 7_770_001  # reference draws use their own generators, apart from the training batches
 ONLINE_REF_FILE = "pso_reference.safetensors"
+PURE_NOISE_SNR = 1e-3       # alpha_t^2 below this: x_t carries (almost) no information about x
 
 
 # -- the loss ------------------------------------------------------------------------------
@@ -93,13 +116,39 @@ def squared_errors(den: Denoiser, x: torch.Tensor, cond, timesteps: list[float],
     return (x0.float() - xk.float()).pow(2).flatten(1).mean(1).reshape(K, B).t()
 
 
-def pso_loss(err_theta_tgt: torch.Tensor, err_ref_tgt: torch.Tensor, err_theta_ref: torch.Tensor,
-             err_ref_ref: torch.Tensor, weights: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PSO / Diffusion-DPO loss (module docstring) from (B, K) squared errors; returns (loss, margin (B,)).
+def model_samples(den: Denoiser, cond, t0: float, z: torch.Tensor) -> torch.Tensor:
+    """(B, m, D): the model's outputs ``G(z_j, t_0, c_b)`` for noise draws ``z`` (B, m, C, H, W), ``cond`` None or (B,)."""
+    B, m = z.shape[:2]
+    tt = torch.full((B * m,), float(t0), device=z.device)
+    ck = None if cond is None else cond.repeat_interleave(m)
+    return den(z.reshape(B * m, *z.shape[2:]), tt, ck).reshape(B, m, -1)
 
-    ``margin = Delta(x^tgt) - Delta(x^ref)`` with ``Delta(x) = sum_k w_k (err_ref - err_theta)``."""
+
+def softmin_distance(g: torch.Tensor, x: torch.Tensor, tau: float) -> torch.Tensor:
+    """(B,): ``-tau log (1/m) sum_j exp(-||g_j - x||^2 / tau)`` for samples ``g`` (B, m, D) and images ``x`` (B, ...)."""
+    d = (g.float() - x.reshape(x.shape[0], 1, -1).float()).pow(2).mean(-1)     # (B, m)
+    return -tau * (torch.logsumexp(-d / tau, dim=1) - math.log(g.shape[1]))
+
+
+def softmin_errors(den: Denoiser, x: torch.Tensor, cond, t0: float, z: torch.Tensor, tau: float) -> torch.Tensor:
+    """(B,): the pure-noise step's error term ``-tau log (1/m) sum_j exp(-||G(z_j, t_0, c) - x||^2 / tau)``.
+
+    ``x`` (B, C, H, W); ``z`` (B, m, C, H, W) noise draws (the same for every model and for target and
+    reference of a pair); ``cond`` None or (B,) labels. See "The pure-noise step" in the module docstring."""
+    return softmin_distance(model_samples(den, cond, t0, z), x, tau)
+
+
+def pso_loss(err_theta_tgt: torch.Tensor, err_ref_tgt: torch.Tensor, err_theta_ref: torch.Tensor,
+             err_ref_ref: torch.Tensor, weights: torch.Tensor, beta: float, anchor: float = 0.0
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PSO / Diffusion-DPO loss (module docstring) from (B, K) errors; returns (loss, margin (B,)).
+
+    ``margin = Delta(x^tgt) - Delta(x^ref) - anchor * sum_k w_k max(0, err_theta_tgt - err_ref_tgt)`` with
+    ``Delta(x) = sum_k w_k (err_ref - err_theta)`` (the last term: DPO-Positive, 0 by default)."""
     w = weights.to(err_theta_tgt)
     margin = ((err_ref_tgt - err_theta_tgt) - (err_ref_ref - err_theta_ref)) @ w
+    if anchor > 0:
+        margin = margin - anchor * (F.relu(err_theta_tgt - err_ref_tgt) @ w)
     return -F.logsigmoid(beta * margin).mean(), margin
 
 
@@ -151,13 +200,19 @@ def build_target(cfg: DistillConfig, meta: ModelMeta, data: ArrayDataset | None 
     return ArrayDataset(images, labels, names)
 
 
+TRANSFORMS = ("none", "invert", "bold")
+
+
 def apply_transform(images: torch.Tensor, name: str) -> torch.Tensor:
-    """``none`` | ``invert`` (x -> -x in [-1, 1]: white silhouettes on black become black on white)."""
+    """``none`` | ``invert`` (x -> -x in [-1, 1]: white silhouettes on black become black on white) |
+    ``bold`` (grey-scale dilation by a 3x3 max filter: silhouettes one pixel thicker on every side)."""
     if name == "none":
         return images
     if name == "invert":
         return -images
-    raise ValueError(f"pso.target_transform: unknown transform {name!r} (none | invert)")
+    if name == "bold":
+        return F.max_pool2d(images.float(), 3, stride=1, padding=1).to(images.dtype)
+    raise ValueError(f"pso.target_transform: unknown transform {name!r} ({' | '.join(TRANSFORMS)})")
 
 
 def load_preference_pairs(path: str | Path, resolution: int, channels: int, class_names: list[str]
@@ -337,6 +392,11 @@ class _TuneObjective:
         if len(w) != len(self.timesteps):
             raise ValueError(f"pso.weights needs one weight per timestep ({len(self.timesteps)}), got {len(w)}")
         self.weights = torch.tensor(w, dtype=torch.float32)
+        # the pure-noise step's likelihood ("The pure-noise step"): columns of the (B, K) error matrix that use it
+        t0 = self.sample_timesteps[0]
+        pure_noise = float(model.schedule.alpha(torch.tensor([t0])).reshape(-1)[0]) ** 2 < PURE_NOISE_SNR
+        use_kde = cfg.likelihood == "kde" or (cfg.likelihood == "auto" and pure_noise)
+        self.kde_columns = [k for k, t in enumerate(self.timesteps) if use_kde and t == t0]
         self.target, self.conditional = target, conditional
         self.shape = tuple(target.images.shape[1:])
         classes = sorted(set(target.labels.tolist())) if conditional else None
@@ -478,10 +538,9 @@ class PSOObjective(_TuneObjective):
         x = torch.cat([x_tgt, x_ref])
         c = None if y is None else torch.cat([y, y])
         e = torch.cat([eps, eps])                                      # same noise for target and reference
-        err_theta = squared_errors(self.student, x, c, self.timesteps, e)          # (2B, K)
-        with torch.no_grad():
-            err_ref = squared_errors(self.reference, x, c, self.timesteps, e)
-        loss, margin = pso_loss(err_theta[:B], err_ref[:B], err_theta[B:], err_ref[B:], self.weights, self.cfg.beta)
+        err_theta, err_ref = self._errors(ctx, x, c, e)                # (2B, K) each
+        loss, margin = pso_loss(err_theta[:B], err_ref[:B], err_theta[B:], err_ref[B:], self.weights, self.cfg.beta,
+                                self.cfg.target_anchor)
         w = self.weights.to(err_theta)
         logs = {"pso_loss": loss.item(), "pso_margin": margin.mean().item(),
                 "pso_acc": (margin > 0).float().mean().item(),
@@ -490,6 +549,33 @@ class PSOObjective(_TuneObjective):
                 "err_tgt": (err_theta[:B].detach() @ w).mean().item(),
                 "err_ref": (err_theta[B:].detach() @ w).mean().item()}
         return loss, logs
+
+
+    def _errors(self, ctx: Ctx, x: torch.Tensor, c, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2B, K) errors of the tuned and the frozen model for [targets; references]: forward-process squared
+        errors, with the pure-noise step's soft-min errors in ``self.kde_columns``."""
+        fwd = [k for k in range(len(self.timesteps)) if k not in self.kde_columns]
+        B2 = x.shape[0]
+        err_theta = x.new_zeros(B2, len(self.timesteps))
+        err_ref = x.new_zeros(B2, len(self.timesteps))
+        if fwd:
+            ts = [self.timesteps[k] for k in fwd]
+            err_theta[:, fwd] = squared_errors(self.student, x, c, ts, e[:, fwd])
+            with torch.no_grad():
+                err_ref[:, fwd] = squared_errors(self.reference, x, c, ts, e[:, fwd])
+        if self.kde_columns:
+            # target and reference of a pair share the condition: one set of samples serves both halves
+            B = B2 // 2
+            z = ctx.randn(self.cfg.kde_samples, *self.shape)                       # (B, m, C, H, W)
+            t0, tau, cb = self.sample_timesteps[0], self.cfg.kde_tau, None if c is None else c[:B]
+            g_theta = model_samples(self.student, cb, t0, z)                        # (B, m, D)
+            with torch.no_grad():
+                g_ref = model_samples(self.reference, cb, t0, z)
+            e_t = torch.cat([softmin_distance(g_theta, x[:B], tau), softmin_distance(g_theta, x[B:], tau)])
+            e_r = torch.cat([softmin_distance(g_ref, x[:B], tau), softmin_distance(g_ref, x[B:], tau)])
+            for k in self.kde_columns:
+                err_theta[:, k], err_ref[:, k] = e_t, e_r
+        return err_theta, err_ref
 
 
 class NaiveFinetuneObjective(_TuneObjective):

@@ -16,6 +16,10 @@ TEACHER_PIPELINE = "StepDistillTeacherPipeline"
 
 
 def train_teacher(cfg: TeacherConfig, resume: bool = False, accelerator=None) -> Path:
+    if cfg.model.conditioning == "text":  # UNet2DConditionModel on captions (trainers/text_teacher.py)
+        from .text_teacher import train_text_teacher
+
+        return train_text_teacher(cfg, resume=resume, accelerator=accelerator)
     data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
     unet = build_teacher_unet(cfg.model, data.num_classes, data.channels, data.resolution)
     scheduler = build_scheduler(cfg.model)
