@@ -184,11 +184,13 @@ class Denoiser(nn.Module):
         t = self.schedule._t(t, x_t.shape[0], x_t.device)
         if guidance_scale == 1.0 or cond is None:
             return self._call(x_t, t, cond)
-        unc = negative if negative is not None else self._uncond_like(cond, x_t.shape[0])
-        # one batched call: (2B, ...) = [uncond; cond]
-        both = self._call(torch.cat([x_t, x_t]), torch.cat([t, t]), _cat_cond(unc, cond))
-        p_u, p_c = both.chunk(2)
+        p_u, p_c = self._raw_uncond_cond(x_t, t, cond, negative)
         return p_u + guidance_scale * (p_c - p_u)
+
+    def _raw_uncond_cond(self, x_t, t, cond, negative=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Native unconditional and conditional predictions from one batched call: (2B, ...) = [uncond; cond]."""
+        unc = negative if negative is not None else self._uncond_like(cond, x_t.shape[0])
+        return self._call(torch.cat([x_t, x_t]), torch.cat([t, t]), _cat_cond(unc, cond)).chunk(2)
 
     def forward(self, x_t, t, cond=None, guidance_scale: float = 1.0, output: str = "x0", negative=None):
         """Prediction of ``output`` type: ``x0`` | ``eps`` | ``v`` | ``flow`` | ``raw``."""
@@ -207,11 +209,8 @@ class Denoiser(nn.Module):
         ``raw`` makes it; ``x0_u + w (x0_c - x0_u)`` is the guided x0 (conversions are affine).
         Decoupled DMD uses the two halves separately (trainers/dmd.py)."""
         t = self.schedule._t(t, x_t.shape[0], x_t.device)
-        unc = negative if negative is not None else self._uncond_like(cond, x_t.shape[0])
-        both = self._call(torch.cat([x_t, x_t]), torch.cat([t, t]), _cat_cond(unc, cond))
-        x0, _ = self.schedule.pred_to_x0_eps(both.float(), torch.cat([x_t, x_t]).float(), torch.cat([t, t]),
-                                             self.prediction_type)
-        x0_u, x0_c = x0.chunk(2)
+        x0_u, x0_c = (self.schedule.pred_to_x0_eps(p.float(), x_t.float(), t, self.prediction_type)[0]
+                      for p in self._raw_uncond_cond(x_t, t, cond, negative))
         return x0_c, x0_u
 
     def x0_and_features(self, x_t, t, cond=None, output: str = "x0") -> tuple[torch.Tensor, torch.Tensor]:

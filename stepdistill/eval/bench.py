@@ -216,6 +216,14 @@ def _labels(model, b: int) -> list[int] | None:
     return model.default_labels(b).tolist() if model.num_classes else None
 
 
+def _rates(r: dict, b: int, teacher: dict | None = None) -> dict:
+    """Per-image latency and throughput of a timing ``r`` at batch ``b`` (+ the speed-up over the ``teacher`` timing)."""
+    out = {"latency_per_image_s": r["latency_s"] / b, "throughput_img_s": b / r["latency_s"]}
+    if teacher is not None:
+        out["speedup"] = teacher["latency_s"] / r["latency_s"]
+    return out
+
+
 def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher_steps: int = 50,
               student_steps=None, repeats: int = 3, warmup: int = 1, guidance_scale: float = 2.0,
               sampler: str = "ddim", device: str | torch.device | None = None, seed: int = 0,
@@ -273,7 +281,7 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
         tr = time_fn(teacher_call, dev, repeats, warmup)
         bar.update()
         teacher_row = {"steps": teacher_steps, "guidance_scale": gs, "cfg": cfg_on, "nfe_per_sample": t_nfe, **tr,
-                       "latency_per_image_s": tr["latency_s"] / b, "throughput_img_s": b / tr["latency_s"]}
+                       **_rates(tr, b)}
         rows = []
         for n in student_steps:
             def student_call(n=n):
@@ -281,9 +289,7 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
 
             sr = time_fn(student_call, dev, repeats, warmup)
             bar.update()
-            rows.append({"steps": n, "nfe_per_sample": s.nfe_per_sample(n), **sr,
-                         "latency_per_image_s": sr["latency_s"] / b, "throughput_img_s": b / sr["latency_s"],
-                         "speedup": tr["latency_s"] / sr["latency_s"]})
+            rows.append({"steps": n, "nfe_per_sample": s.nfe_per_sample(n), **sr, **_rates(sr, b, tr)})
         hybrid_row = None
         if hyb is not None:
             y_h = torch.tensor(sl, dtype=torch.long) if sl is not None else None
@@ -295,8 +301,7 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
             hr = time_fn(hybrid_call, dev, repeats, warmup)
             bar.update()
             hybrid_row = {**hyb.describe(k), "student_steps": k, "nfe_per_sample": hyb.nfe(k), **hr,
-                          "latency_per_image_s": hr["latency_s"] / b, "throughput_img_s": b / hr["latency_s"],
-                          "speedup": tr["latency_s"] / hr["latency_s"]}
+                          **_rates(hr, b, tr)}
         x = torch.randn(b, *s.image_shape, generator=torch.Generator().manual_seed(seed)).to(dev)
         tt = torch.full((b,), float(s.meta.student_timesteps[0]), device=dev)
         y = torch.tensor(sl, dtype=torch.long, device=dev) if sl is not None else None

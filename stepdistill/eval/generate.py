@@ -195,7 +195,7 @@ class _ClassModel:
         if prompts is not None:
             raise TextModelsNotSupported(
                 f"{self.path} is a {'class-conditional' if self.num_classes else 'unconditional'} model; "
-                "prompt files need a text-conditioned model, and text-to-image models are not supported yet")
+                "prompt files need a text-conditioned model")
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
         steps = self.resolve_steps(steps)
@@ -484,6 +484,12 @@ def fid_metrics(images: torch.Tensor, ref_images: torch.Tensor, cache_key: str, 
     return out
 
 
+def reference_info(name: str, split: str, resolution: int, images, cache_key) -> dict:
+    """The ``reference`` block of an eval result (split only for the built-in datasets)."""
+    return {"name": name, "split": split if name in ("animal_mnist", "digits") else None,
+            "resolution": resolution, "n": len(images), "cache_key": cache_key}
+
+
 def evaluate_model(model: str, steps: int | None = None, num: int = 1000, ref: str | None = None,
                    ref_split: str = "test", ref_num: int | None = None, guidance_scale: float = DEFAULT_GUIDANCE,
                    seed: int = 0, batch_size: int = 64, prompts: str | None = None, sampler: str = "ddim",
@@ -503,6 +509,9 @@ def evaluate_model(model: str, steps: int | None = None, num: int = 1000, ref: s
     prompt_list = read_prompts(prompts) if prompts else None
     m = load_any(model, device=device, allow_pickle=allow_pickle, sampler=sampler)
     steps = m.resolve_steps(steps)
+    is_text = getattr(m, "is_text", False)
+    if hybrid_teacher and is_text:
+        raise ConfigError("--hybrid-teacher is not supported for text-to-image models")
     if hybrid_teacher:  # the teacher takes the first hybrid_steps steps (eval/hybrid.py)
         from .hybrid import Hybrid
 
@@ -511,11 +520,9 @@ def evaluate_model(model: str, steps: int | None = None, num: int = 1000, ref: s
         m.hybrid = Hybrid(load_any(hybrid_teacher, device=m.device, allow_pickle=allow_pickle), hybrid_steps,
                           hybrid_substeps, guidance_scale, hybrid_handoff)
         m.hybrid.check(m, steps)
-    if getattr(m, "is_text", False):  # text-to-image: prompts (default: its caption set), CLIP score (text_eval.py)
+    if is_text:  # text-to-image: prompts (default: its caption set), CLIP score (text_eval.py)
         from .text_eval import evaluate_text
 
-        if hybrid_teacher:
-            raise ConfigError("--hybrid-teacher is not supported for text-to-image models")
         return evaluate_text(m, prompt_list, num, steps, guidance_scale, seed, batch_size, ref, ref_split, ref_num,
                              clip_model, diversity_extractor, kid, progress)
     if clip_model:
@@ -536,9 +543,7 @@ def evaluate_model(model: str, steps: int | None = None, num: int = 1000, ref: s
         out["hybrid"] = m.hybrid.describe(steps)
     if m.kind == "teacher":
         out.update(guidance_scale=guidance_scale if m.uses_cfg(guidance_scale) else 1.0, sampler=m.sampler)
-    out["reference"] = {"name": ref_name,
-                        "split": ref_split if ref_name in ("animal_mnist", "digits") else None,
-                        "resolution": m.resolution, "n": len(ref_images), "cache_key": cache_key}
+    out["reference"] = reference_info(ref_name, ref_split, m.resolution, ref_images, cache_key)
     out.update(fid_metrics(x, ref_images, cache_key, kid=kid))
     out.update(classifier_accuracy(x, labels, m.class_names))
     out.update(diversity_metric(x, labels, diversity_extractor))

@@ -165,7 +165,8 @@ def evaluate_text(m: TextModel, prompts: list[str] | None, num: int, steps: int,
                   batch_size: int, ref: str | None, ref_split: str, ref_num: int | None, clip_model: str | None,
                   diversity_extractor: str = "auto", kid: bool = True, progress: bool = True) -> dict:
     """``stepdistill eval`` for a text model (see the module docstring)."""
-    from .generate import classifier_accuracy, diversity_metric, fid_metrics, load_reference, training_dataset
+    from .generate import (classifier_accuracy, diversity_metric, fid_metrics, load_reference, reference_info,
+                           training_dataset)
 
     prompts = prompts or m.default_prompts()
     x = m.generate(n=num, steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
@@ -184,8 +185,7 @@ def evaluate_text(m: TextModel, prompts: list[str] | None, num: int, steps: int,
     ref_name = ref or ds_name
     if ref_name:
         ref_images, _, cache_key = load_reference(ref_name, m.resolution, m.channels, ref_split, ref_num)
-        out["reference"] = {"name": ref_name, "split": ref_split if ref_name in ("animal_mnist", "digits") else None,
-                            "resolution": m.resolution, "n": len(ref_images), "cache_key": cache_key}
+        out["reference"] = reference_info(ref_name, ref_split, m.resolution, ref_images, cache_key)
         out.update(fid_metrics(x, ref_images, cache_key, kid=kid))
     else:
         out.update(fid=None, fid_note="no reference set: pass --ref")

@@ -76,3 +76,14 @@ def student_sample(den: Denoiser, timesteps: list[float], cond, noise: torch.Ten
             x = x_next if x_next is not None else \
                 den.schedule.add_noise(x0, eps, torch.full((x.shape[0],), float(timesteps[k + 1]), device=x.device))
     return x0.clamp(-1, 1)
+
+
+@torch.no_grad()
+def grid_sample(student: Denoiser, backbone, timesteps: list[float], cond, shape: tuple, n: int, device,
+                seed: int = 1234) -> torch.Tensor:
+    """Training sample grids: ``student``'s few-step chain run with ``backbone`` (e.g. its EMA weights) on
+    fixed noise (``seed``), so grids of successive checkpoints compare sample for sample."""
+    den = Denoiser(backbone, student.schedule, student.prediction_type, student.null_class)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, *shape, generator=g).to(device)
+    return student_sample(den, timesteps, cond, noise, generator=g)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from ..config import DMDConfig
 from ..denoiser import Denoiser, _cat_cond
-from ..pipelines.sampling import student_sample
+from ..pipelines.sampling import grid_sample
 from ..utils import class_balanced_labels
 from .core import Ctx, Player
 
@@ -78,16 +78,28 @@ def _groups(c: int) -> int:
     return 1
 
 
+def _dmd2_norm(x32: torch.Tensor, real_x0: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 1, 1): DMD2's per-sample normaliser ``mean_{C,H,W} |x - mu_real|`` (floored at 1e-8)."""
+    return (x32.detach() - real_x0.float()).abs().mean(dim=tuple(range(1, x32.ndim)), keepdim=True).clamp_min(1e-8)
+
+
+def _finite(g: torch.Tensor) -> torch.Tensor:
+    """x == mu_real exactly gives 0/0: no signal, so a zero gradient rather than inf/NaN."""
+    return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _grad_surrogate(x32: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``0.5 ||x - sg(x - grad)||^2`` (mean): its gradient w.r.t. x is ``grad / numel``."""
+    return 0.5 * F.mse_loss(x32, (x32 - grad).detach(), reduction="mean")
+
+
 def dm_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """L_DM and the (detached) gradient direction, in fp32, NaN-safe (see module docstring)."""
     x32 = x.float()
     p_real = x32.detach() - real_x0.float()
     p_fake = x32.detach() - fake_x0.float()
-    norm = p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)      # (B, 1, 1, 1)
-    # x == mu_real exactly gives 0/0: no signal, so a zero gradient rather than inf/NaN
-    grad = torch.nan_to_num((p_real - p_fake) / norm.clamp_min(1e-8), nan=0.0, posinf=0.0, neginf=0.0)
-    loss = 0.5 * F.mse_loss(x32, (x32 - grad).detach(), reduction="mean")
-    return loss, grad
+    grad = _finite((p_real - p_fake) / _dmd2_norm(x32, real_x0))
+    return _grad_surrogate(x32, grad), grad
 
 
 def decoupled_dm_loss(x: torch.Tensor, dm_real: tuple[torch.Tensor, torch.Tensor], fake_x0: torch.Tensor,
@@ -107,20 +119,14 @@ def decoupled_dm_loss(x: torch.Tensor, dm_real: tuple[torch.Tensor, torch.Tensor
     Returns ``(L, {"dm_term_loss", "ca_loss", "g_dm", "g_ca"})`` (gradients detached).
     """
     x32 = x.float()
-    dims = tuple(range(1, x.ndim))
 
-    def norm(c, u):  # (B, 1, 1, 1): DMD2's normaliser with the guided teacher at this sample
-        real = u.float() + w * (c.float() - u.float())
-        return (x32.detach() - real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
-
-    def finite(g):  # x == mu_real exactly gives 0/0: no signal
-        return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+    def norm(c, u):  # DMD2's normaliser with the guided teacher at this sample
+        return _dmd2_norm(x32, u.float() + w * (c.float() - u.float()))
 
     (dc, du), (cc, cu) = dm_real, ca_real
-    g_dm = finite((fake_x0.float() - dc.float()) / norm(dc, du))
-    g_ca = finite(-(w - 1.0) * (cc.float() - cu.float()) / norm(cc, cu))
-    l_dm = 0.5 * F.mse_loss(x32, (x32 - g_dm).detach(), reduction="mean")
-    l_ca = 0.5 * F.mse_loss(x32, (x32 - g_ca).detach(), reduction="mean")
+    g_dm = _finite((fake_x0.float() - dc.float()) / norm(dc, du))
+    g_ca = _finite(-(w - 1.0) * (cc.float() - cu.float()) / norm(cc, cu))
+    l_dm, l_ca = _grad_surrogate(x32, g_dm), _grad_surrogate(x32, g_ca)
     return dm_term_weight * l_dm + ca_weight * l_ca, {"dm_term_loss": l_dm, "ca_loss": l_ca, "g_dm": g_dm, "g_ca": g_ca}
 
 
@@ -380,10 +386,8 @@ class DMDObjective:
     # -- samples for grids ----------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, ema: dict[str, nn.Module], n: int, device) -> torch.Tensor:
-        den = Denoiser(ema["generator"], self.student.schedule, self.student.prediction_type, self.student.null_class)
-        g = torch.Generator().manual_seed(1234)
-        noise = torch.randn(n, *self.shape, generator=g).to(device)
-        return student_sample(den, self.timesteps, self.conds.grid(n, device), noise, generator=g)
+        return grid_sample(self.student, ema["generator"], self.timesteps, self.conds.grid(n, device), self.shape,
+                           n, device)
 
     @torch.no_grad()
     def guard_stats(self, ema: dict[str, nn.Module]) -> dict:

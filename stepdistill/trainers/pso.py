@@ -91,7 +91,7 @@ from ..data import ArrayDataset, DataError, IMAGE_EXTS, _to_tensor_images, cache
 from ..denoiser import Denoiser
 from ..models import ModelMeta, load_denoiser
 from ..pairs import weights_digest
-from ..pipelines.sampling import student_sample
+from ..pipelines.sampling import grid_sample, student_sample
 from .core import Ctx, Player, update_seed
 
 PSO_METHODS = ("pso", "pso_naive")
@@ -424,11 +424,8 @@ class _TuneObjective:
 
     @torch.no_grad()
     def sample(self, ema: dict[str, nn.Module], n: int, device) -> torch.Tensor:
-        s = self.student
-        den = Denoiser(ema["generator"], s.schedule, s.prediction_type, s.null_class)
-        g = torch.Generator().manual_seed(1234)
-        noise = torch.randn(n, *self.shape, generator=g).to(device)
-        return student_sample(den, self.sample_timesteps, self.conds.grid(n, device), noise, generator=g)
+        return grid_sample(self.student, ema["generator"], self.sample_timesteps, self.conds.grid(n, device),
+                           self.shape, n, device)
 
     @torch.no_grad()
     def guard_stats(self, ema: dict[str, nn.Module]) -> dict:
