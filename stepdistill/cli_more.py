@@ -45,6 +45,16 @@ def cmd_bench(a):
     from .eval.bench import benchmark, summary_lines
 
     _set_threads(a)
+    if a.train:  # where a training step's time goes (eval/train_profile.py)
+        from .eval.train_profile import profile_training
+
+        over = list(a.overrides) + ([f"train.threads={a.threads}"] if a.threads else [])
+        _emit(profile_training(a.config, over, steps=a.repeats, warmup=a.warmup, tiny=a.tiny), a.out)
+        return
+    if a.overrides:
+        raise SystemExit(f"stepdistill bench: config overrides {a.overrides} need --train")
+    if not a.student:
+        raise SystemExit("stepdistill bench: --student is required (or --train to profile a training step)")
     res = benchmark(a.teacher, a.student, batch_sizes=a.batch_sizes, teacher_steps=a.teacher_steps,
                     student_steps=a.student_steps, repeats=a.repeats, warmup=a.warmup,
                     guidance_scale=a.guidance_scale, sampler=a.sampler, device=a.device, seed=a.seed,
@@ -67,6 +77,18 @@ def cmd_report(a):
     out = Path(a.out)
     print(json.dumps({"report": str(out / "report.md"), "json": str(out / "report.json"),
                       "files": {k: str(out / v) for k, v in res["files"].items()}}))
+
+
+def cmd_curve(a):
+    from .eval.curve import quality_curve
+
+    _set_threads(a)
+    res = quality_curve(a.run, num=a.num, seed=a.seed, steps=a.steps, teacher_eval=a.teacher_eval, every=a.every,
+                        out=a.out, progress=not a.no_progress, ref=a.ref, ref_split=a.ref_split, ref_num=a.ref_num,
+                        diversity_extractor=a.diversity_extractor)
+    keys = ("step", "fid", "precision", "recall", "min_class_recall", "class_accuracy", "diversity")
+    print(json.dumps({"curve": str(Path(a.out or Path(a.run) / "curve") / "curve.json"),
+                      "points": [{k: p.get(k) for k in keys} for p in res["points"]]}, indent=1))
 
 
 def _set_threads(a):
@@ -130,12 +152,19 @@ def add_commands(sub) -> None:
     p = sub.add_parser("bench", help="latency / throughput / memory of teacher vs student")
     p.add_argument("--teacher", default=None,
                    help="teacher folder or builtin:animal_mnist (default: the one recorded in the student)")
-    p.add_argument("--student", required=True, help="distilled student folder")
+    p.add_argument("--student", default=None, help="distilled student folder (required unless --train)")
+    p.add_argument("--train", action="store_true",
+                   help="profile training steps instead: per-network forward and backward time vs the whole step")
+    p.add_argument("--config", default="configs/dmd2_animal_mnist.yaml",
+                   help="--train: the distill config to profile (default: the main job's)")
+    p.add_argument("--tiny", action="store_true", help="--train: a tiny custom nn.Module teacher on 16x16 digits")
+    p.add_argument("overrides", nargs="*", help="--train: config overrides key=value, e.g. train.batch_size=16")
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
     p.add_argument("--teacher-steps", type=int, default=50)
     p.add_argument("--student-steps", default=None, help="e.g. 1,2,4 or 1..4 (default: 1..K)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per configuration")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per configuration (median reported); --train: timed training steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per configuration (--train: steps)")
     p.add_argument("--guidance-scale", type=float, default=2.0)
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--table", action="store_true", help="also print a human-readable table to stderr")
@@ -143,6 +172,17 @@ def add_commands(sub) -> None:
     p.add_argument("--out", default=None, help="also write the JSON here")
     _common(p)
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("curve", help="quality against training budget: eval every checkpoint of a distill run")
+    p.add_argument("--run", required=True, help="output_dir of a stepdistill distill run (dmd / dmd2)")
+    p.add_argument("--num", type=int, default=500, help="class-balanced samples per checkpoint (default 500)")
+    p.add_argument("--steps", type=int, default=None, help="student sampling steps (default: all of its steps)")
+    p.add_argument("--every", type=int, default=1, help="only checkpoints whose step is a multiple of this")
+    p.add_argument("--teacher-eval", default=None, help="a teacher's `stepdistill eval` JSON, drawn as dashed lines")
+    p.add_argument("--out", default=None, help="output folder (default RUN/curve): curve.json, curve.png")
+    _ref_args(p)
+    _common(p, device=False)
+    p.set_defaults(fn=cmd_curve)
 
     p = sub.add_parser("report", help="Markdown/JSON/PNG comparison report of a student and its teacher")
     p.add_argument("--student", required=True, help="distilled student folder")

@@ -115,6 +115,8 @@ class DMDConfig:
     regression_pairs: int = 256
     regression_steps: int = 25
     regression_distance: str = "mse"  # mse | lpips
+    regression_warmup_steps: int = 0  # first N generator steps: regression on teacher ODE pairs only (no critic)
+    gan_fresh_t: bool = False      # generator GAN term at its own t ~ U[0, T) (DMD2's code) instead of the DM step's t
     student_lr: float = 2e-5
     critic_lr: float = 2e-5
     beta1: float = 0.0
@@ -372,6 +374,10 @@ def validate(cfg) -> None:
         check(0 <= d.t_min < d.t_max, "dmd.t_min", "must satisfy 0 <= t_min < t_max")
         check(d.critic_updates >= 1, "dmd.critic_updates", "must be >= 1")
         check(d.regression_distance in ("mse", "lpips"), "dmd.regression_distance", "must be mse | lpips")
+        check(d.regression_warmup_steps >= 0, "dmd.regression_warmup_steps", "must be >= 0")
+        check(d.regression_warmup_steps < cfg.train.max_steps or d.regression_warmup_steps == 0,
+              "dmd.regression_warmup_steps", f"must be below train.max_steps ({cfg.train.max_steps})")
+        check(d.regression_pairs >= 1, "dmd.regression_pairs", "must be >= 1")
         check(d.student_lr > 0 and d.critic_lr > 0, "dmd.student_lr", "learning rates must be > 0")
         check(d.lora_rank >= 0, "dmd.lora_rank", "must be >= 0 (0 = full fine-tuning)")
         check(d.lora_alpha >= 0, "dmd.lora_alpha", "must be >= 0 (0 = lora_rank)")
@@ -410,6 +416,7 @@ def _validate_msd(cfg: DistillConfig, check) -> None:
     check(m.student_layers_per_block >= 0, "msd.student_layers_per_block", "must be >= 0 (0 = the teacher's)")
     check(d.lora_rank == 0, "dmd.lora_rank", "LoRA students are not supported by method msd")
     check(d.regression_weight == 0, "dmd.regression_weight", "DMD's regression loss is not supported by method msd")
+    check(d.regression_warmup_steps == 0, "dmd.regression_warmup_steps", "not supported by method msd")
     if m.groups:  # structure only here (overlaps, gaps); the class count is checked against the teacher at build
         from .trainers.multi_student import partition_classes
 

@@ -123,6 +123,8 @@ class VPSchedule(NoiseSchedule):
         self.alphas_cumprod = alphas_cumprod.to(torch.float64)
         self.num_train_timesteps = len(alphas_cumprod)
         self._log_ac = torch.log(self.alphas_cumprod)
+        ac = self._log_ac.exp()  # alpha_sigma's values at integer t, computed by the same ops (bit-identical)
+        self._alpha_tab, self._sigma_tab = ac.sqrt().float(), (1 - ac).clamp_min(0).sqrt().float()
         self.config = dict(config or {})
 
     @classmethod
@@ -140,6 +142,8 @@ class VPSchedule(NoiseSchedule):
     def alpha_sigma(self, t):
         t = self._t(t).clamp(0, self.num_train_timesteps - 1)
         lo = t.floor().long().cpu()
+        if bool((t.cpu() == lo).all()):  # integer times (training draws them): a table look-up
+            return self._alpha_tab[lo].to(t.device), self._sigma_tab[lo].to(t.device)
         hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
         w = (t.cpu() - lo.double())
         log_ac = self._log_ac[lo] * (1 - w) + self._log_ac[hi] * w

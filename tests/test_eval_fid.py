@@ -177,6 +177,9 @@ def runs(tmp_path_factory):
             out["n_inverted"] = sum(seen) - out["n_same"]
             out["bright"] = compute_metrics((ref + 0.3).clamp(-1, 1), ref, kid=False, prc=True, **kw)
             out["n_bright"] = sum(seen) - out["n_same"] - out["n_inverted"]
+            n0 = sum(seen)
+            out["inverted_feats"] = compute_metrics(-ref, ref, prc=True, return_features=True, **kw)
+            out["n_inverted_feats"] = sum(seen) - n0
     finally:
         torch.set_num_threads(threads)
     out["cache_files"] = sorted(p.name for p in cache.iterdir())
@@ -208,6 +211,20 @@ def test_reference_cache_miss_then_hit(runs):
     assert any(f.endswith(f"{FIDHELPER_NAME}-features-2048.pt") for f in runs["cache_files"])
     assert any(f.endswith(f"{FIDHELPER_NAME}-stat-fid-2048.pt") for f in runs["cache_files"])
     assert all(f.startswith("sd-digits16-test-n32-") for f in runs["cache_files"])
+
+
+def test_return_features_path_gives_the_same_metrics(runs):
+    """return_features=True follows torch-fidelity's own path: same FID / KID, one pass over the generated set."""
+    from stepdistill.eval.coverage import precision_recall
+
+    a, b = runs["inverted"], runs["inverted_feats"]
+    assert b["fid"] == pytest.approx(a["fid"], rel=1e-9)
+    assert b["kid_mean"] == pytest.approx(a["kid_mean"], rel=1e-9)
+    assert runs["n_inverted_feats"] == N and b["ref_cache_hit"] is True
+    assert tuple(b["gen_features"].shape) == (N, 2048) and tuple(b["ref_features"].shape) == (N, 2048)
+    p, r = precision_recall(b["gen_features"], b["ref_features"])
+    assert p == pytest.approx(b["precision"], abs=1e-6) and r == pytest.approx(b["recall"], abs=1e-6)
+    assert "gen_features" not in a
 
 
 def test_ref_cache_detection(tmp_path):

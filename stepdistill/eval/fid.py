@@ -153,7 +153,7 @@ def compute_metrics(gen_images, ref, *, fid: bool = True, kid: bool = True, prc:
                     cache_key: str | None = None, cache_dir: str | Path | None = None,
                     feature_extractor: str | None = None, batch_size: int = 32, kid_subsets: int = 100,
                     device: str | torch.device | None = None, blas_threads: int | None = -1,
-                    verbose: bool = False) -> dict:
+                    verbose: bool = False, return_features: bool = False) -> dict:
     """FID / KID / precision-recall of ``gen_images`` against ``ref`` through torch-fidelity.
 
     Args:
@@ -172,6 +172,9 @@ def compute_metrics(gen_images, ref, *, fid: bool = True, kid: bool = True, prc:
         device: ``"cuda"`` or ``"cpu"``; default CUDA when available.
         blas_threads: BLAS thread limit while torch-fidelity runs (-1: :func:`default_blas_threads`,
             None: leave unchanged).
+        return_features: also return the features the metrics were computed on, ``gen_features`` and
+            ``ref_features`` (float tensors (N, D)), e.g. for :mod:`stepdistill.eval.coverage`. Each set
+            goes through the network once either way.
 
     Returns:
         dict with floats ``fid``, ``kid_mean``, ``kid_std`` (those requested), ``precision``,
@@ -219,8 +222,12 @@ def compute_metrics(gen_images, ref, *, fid: bool = True, kid: bool = True, prc:
 
     if blas_threads == -1:
         blas_threads = default_blas_threads()
+    feats = None
     with _blas_limit(blas_threads):
-        raw = torch_fidelity.calculate_metrics(**kwargs)
+        if return_features:
+            raw, feats = _metrics_and_features(kwargs, extractor)
+        else:
+            raw = torch_fidelity.calculate_metrics(**kwargs)
     out: dict = {}
     if fid:
         out["fid"] = float(raw[torch_fidelity.KEY_METRIC_FID])
@@ -234,7 +241,35 @@ def compute_metrics(gen_images, ref, *, fid: bool = True, kid: bool = True, prc:
     out.update(ref_cache_hit=ref_cache_hit, n_gen=n_gen, n_ref=n_ref, feature_extractor=extractor)
     if kid:
         out["kid_subset_size"] = kid_subset_size
+    if feats is not None:
+        out["gen_features"], out["ref_features"] = feats
     return out
+
+
+def _metrics_and_features(kwargs: dict, extractor: str) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
+    """torch-fidelity's own single-extractor path (``calculate_metrics_one_feature_extractor``: same
+    functions, same caches, so the same numbers), keeping the two feature sets it extracts."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics_cached, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+    from torch_fidelity.utils import (create_feature_extractor, extract_featuresdict_from_input_id_cached,
+                                      get_cacheable_input_name, resolve_feature_layer_for_metric)
+
+    wanted = [m for m in ("fid", "kid", "prc") if kwargs.get(m)]
+    layers = {m: resolve_feature_layer_for_metric(m, **kwargs) for m in wanted}
+    fe = create_feature_extractor(extractor, sorted(set(layers.values()) | {FEATURE_LAYER}), **kwargs)
+    f1 = extract_featuresdict_from_input_id_cached(1, fe, **kwargs)
+    f2 = extract_featuresdict_from_input_id_cached(2, fe, **kwargs)
+    raw: dict = {}
+    if "fid" in layers:
+        stats = [fid_featuresdict_to_statistics_cached(f, get_cacheable_input_name(i, **kwargs), fe, layers["fid"],
+                                                       **kwargs) for i, f in ((1, f1), (2, f2))]
+        raw.update(fid_statistics_to_metric(*stats, kwargs.get("verbose", False)))
+    if "kid" in layers:
+        raw.update(kid_featuresdict_to_metric(f1, f2, layers["kid"], **kwargs))
+    if "prc" in layers:
+        raw.update(prc_featuresdict_to_metric(f1, f2, layers["prc"], **kwargs))
+    return raw, (f1[FEATURE_LAYER].float(), f2[FEATURE_LAYER].float())
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, blas_threads: int | None = -1) -> float:

@@ -473,13 +473,19 @@ def diversity_metric(images: torch.Tensor, labels, extractor: str = "auto") -> d
     return {"diversity": value, "diversity_extractor": name}
 
 
-def fid_metrics(images: torch.Tensor, ref_images: torch.Tensor, cache_key: str, kid: bool = True) -> dict:
+def fid_metrics(images: torch.Tensor, ref_images: torch.Tensor, cache_key: str, kid: bool = True, labels=None,
+                ref_labels=None, class_names: list[str] | None = None) -> dict:
+    """FID, KID, precision / recall and coverage (eval/coverage.py) from one feature pass per set; with class
+    labels on both sides also the recall of every class against that class's real images."""
+    from .coverage import coverage_metrics
     from .fid import compute_metrics
 
-    m = compute_metrics(images, ref_images, fid=True, kid=kid, cache_key=cache_key)
+    m = compute_metrics(images, ref_images, fid=True, kid=kid, prc=True, cache_key=cache_key, return_features=True)
     out = {"fid": m["fid"]}
     if kid:
         out.update(kid=m["kid_mean"], kid_mean=m["kid_mean"], kid_std=m["kid_std"], kid_subset_size=m["kid_subset_size"])
+    cov = coverage_metrics(m["gen_features"], m["ref_features"], labels, ref_labels, class_names)
+    out.update(precision=m["precision"], recall=m["recall"], **{k: v for k, v in cov.items() if k not in ("precision", "recall")})
     out.update(feature_extractor=m["feature_extractor"], ref_cache_hit=m["ref_cache_hit"], n_gen=m["n_gen"], n_ref=m["n_ref"])
     return out
 
@@ -531,7 +537,7 @@ def evaluate_model(model: str, steps: int | None = None, num: int = 1000, ref: s
         m.generate(n=num, steps=steps, prompts=prompt_list, progress=False)
     ds_name, _ = training_dataset(m)
     ref_name = ref or ds_name or "animal_mnist"
-    ref_images, _, cache_key = load_reference(ref_name, m.resolution, m.channels, ref_split, ref_num)
+    ref_images, ref_labels, cache_key = load_reference(ref_name, m.resolution, m.channels, ref_split, ref_num)
     labels = m.default_labels(num)
     x = m.generate(labels, n=None if labels is not None else num, steps=steps, guidance_scale=guidance_scale,
                    seed=seed, batch_size=batch_size, progress=progress)
@@ -544,7 +550,9 @@ def evaluate_model(model: str, steps: int | None = None, num: int = 1000, ref: s
     if m.kind == "teacher":
         out.update(guidance_scale=guidance_scale if m.uses_cfg(guidance_scale) else 1.0, sampler=m.sampler)
     out["reference"] = reference_info(ref_name, ref_split, m.resolution, ref_images, cache_key)
-    out.update(fid_metrics(x, ref_images, cache_key, kid=kid))
+    same_classes = labels is not None and ref_labels is not None and ref_name in ("animal_mnist", "digits")
+    out.update(fid_metrics(x, ref_images, cache_key, kid=kid, labels=labels if same_classes else None,
+                           ref_labels=ref_labels if same_classes else None, class_names=m.class_names))
     out.update(classifier_accuracy(x, labels, m.class_names))
     out.update(diversity_metric(x, labels, diversity_extractor))
     out.update(generate_seconds=gen_s, latency_per_image_s=gen_s / num, device=str(m.device))

@@ -208,24 +208,28 @@ def make_report(student: str, out_dir: str | Path, teacher: str | None = None, n
     if fid:
         ds_name, _ = training_dataset(s)
         ref_name = ref or ds_name or training_dataset(t)[0] or "animal_mnist"
-        ref_images, _, cache_key = load_reference(ref_name, s.resolution, s.channels, ref_split, ref_num)
+        ref_images, ref_labels, cache_key = load_reference(ref_name, s.resolution, s.channels, ref_split, ref_num)
         fid_n = fid_num or num
         if fid_n < 2:
             raise ConfigError(f"--fid-num must be >= 2, got {fid_n}")
         fid_labels = s.default_labels(fid_n)
         fkw = dict(n=None if fid_labels is not None else fid_n, seed=seed, batch_size=batch_size, progress=progress)
+        per_class = fid_labels is not None and ref_name in ("animal_mnist", "digits")
+        mkw = dict(labels=fid_labels if per_class else None, ref_labels=ref_labels if per_class else None,
+                   class_names=s.class_names)
+        keep = ("fid", "kid", "precision", "recall", "coverage", "min_class_recall")
         points = []
         for steps in range(s.min_steps, k + 1):
             name = f"student_{steps}"
             x = images[name] if name in images and len(images[name]) == fid_n else s.generate(fid_labels, steps=steps, **fkw)
-            m = fid_metrics(x, ref_images, cache_key)
+            m = fid_metrics(x, ref_images, cache_key, **mkw)
             points.append({"steps": steps, "nfe_per_sample": s.nfe_per_sample(steps), **m})
             if name in runs:
-                runs[name].update(fid=m["fid"], kid=m["kid"])
+                runs[name].update({key: m[key] for key in keep if key in m})
         x = images["teacher"] if len(images["teacher"]) == fid_n else t.generate(
             fid_labels, steps=teacher_steps, guidance_scale=guidance_scale, **fkw)
-        tm = fid_metrics(x, ref_images, cache_key)
-        runs["teacher"].update(fid=tm["fid"], kid=tm["kid"])
+        tm = fid_metrics(x, ref_images, cache_key, **mkw)
+        runs["teacher"].update({key: tm[key] for key in keep if key in tm})
         teacher_point = {"steps": teacher_steps, "nfe_per_sample": runs["teacher"]["nfe_per_sample"], **tm}
         _fid_plot(points, teacher_point, out / FID_PLOT_NAME)
         files["fid_plot"] = FID_PLOT_NAME
@@ -247,7 +251,7 @@ def make_report(student: str, out_dir: str | Path, teacher: str | None = None, n
         from ..modelcard import update_model_card_metrics
 
         update_model_card_metrics(student, {f"{name} {key}": r[key] for name, r in runs.items()
-                                            for key in ("class_accuracy", "fid", "latency_per_image_s", "nfe_per_sample")
+                                            for key in ("class_accuracy", "fid", "recall", "latency_per_image_s", "nfe_per_sample")
                                             if isinstance(r.get(key), (int, float))})
     return report
 
@@ -280,14 +284,14 @@ def render_markdown(report: dict) -> str:
     has_fid = report.get("fid") is not None
     head = ["model", "NFE / sample", "latency / image (ms)", "speed-up", "class accuracy", "diversity"]
     if has_fid:
-        head += ["FID", "KID"]
+        head += ["FID", "KID", "precision", "recall", "worst-class recall"]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in runs.items():
         row = [_run_title(name, r), str(r["nfe_per_sample"]), _fmt(r["latency_per_image_s"] * 1e3),
                (_fmt(r["speedup_vs_teacher"], 3) + "x") if r.get("speedup_vs_teacher") else "-",
                _fmt(r.get("class_accuracy")), _fmt(r.get("diversity"))]
         if has_fid:
-            row += [_fmt(r.get("fid")), _fmt(r.get("kid"))]
+            row += [_fmt(r.get(key)) for key in ("fid", "kid", "precision", "recall", "min_class_recall")]
         L.append("| " + " | ".join(row) + " |")
     L.append("")
     notes = []
@@ -305,6 +309,8 @@ def render_markdown(report: dict) -> str:
         notes.append(f"FID / KID: {f['num_samples']} generated samples per model against {f['n_ref']} reference "
                      f"images of `{f['reference']}`{split}, feature extractor `{f['feature_extractor']}`; "
                      "FID from few samples is biased upwards: compare only at equal sample counts")
+        notes.append("precision / recall: Kynkaanniemi et al. 2019 (k = 3) on the same features; worst-class recall: "
+                     "the lowest recall of one class's samples against that class's real images (mode coverage)")
     L += [f"- {n}" for n in notes] + [""]
     L += ["## Samples", "",
           "Blocks from top to bottom: " + " | ".join(_run_title(n, runs[n]) for n in st["grid_order"]) +

@@ -15,12 +15,14 @@ summation order), without storing RNG state (it is stored anyway, for the record
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import signal
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -105,6 +107,27 @@ class Objective(Protocol):
     def sample(self, ema: dict[str, nn.Module], n: int, device) -> torch.Tensor: ...
 
 
+class StepTimer:
+    """Wall seconds and call counts per named section of the training loop (``stepdistill bench --train``).
+    A :class:`Trainer` times its sections only when ``trainer.timer`` is set; timing changes no number."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t0)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] += seconds
+        self.calls[name] += 1
+
+
 def update_seed(seed: int, step: int, update: int) -> int:
     return (seed * 1_000_003 + step * 1_009 + update) % (2**63 - 1)
 
@@ -143,13 +166,19 @@ class Trainer:
             self.ema = {n: _ema_copy(p.module) for n, p in self.obj.players.items() if p.ema}
             self._ema_templates = shard_objective(self.obj, self.ema, device_mesh(dev, world),
                                                   shard_teacher=getattr(self.tcfg, "fsdp_shard_teacher", False))
+        # foreach: one fused multi-tensor update instead of a Python loop over parameters (same numbers);
+        # FSDP keeps the per-tensor path (DTensor shards)
         self.opts = {n: torch.optim.AdamW([q for q in p.module.parameters() if q.requires_grad], lr=p.lr,
-                                          betas=p.betas, weight_decay=p.weight_decay)
+                                          betas=p.betas, weight_decay=p.weight_decay, foreach=not self.fsdp)
                      for n, p in self.obj.players.items()}
         if not self.fsdp:
             self.ema = {n: _ema_copy(p.module) for n, p in self.obj.players.items() if p.ema}
         self.step, self.update = 0, 0   # next step / update index to run
         self._stop = False
+        self.timer: StepTimer | None = None  # set to profile the loop's sections (eval/train_profile.py)
+
+    def _timed(self, name: str):
+        return self.timer.section(name) if self.timer is not None else contextlib.nullcontext()
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict:
@@ -207,6 +236,7 @@ class Trainer:
 
     def _run_step(self) -> dict | None:
         acc, logs = self.acc, {}
+        self._grad_player = None
         names = self.obj.updates(self.step)
         while self.update < len(names):
             if self._stop:
@@ -215,9 +245,11 @@ class Trainer:
             player = self.obj.players[name]
             ctx = Ctx(torch.Generator().manual_seed(update_seed(self.tcfg.seed, self.step, self.update)),
                       acc.process_index, acc.num_processes, self.tcfg.batch_size, acc.device, self.step, self.data)
-            for n, p in self.obj.players.items():
-                p.module.requires_grad_(n == name)
-            with acc.autocast():
+            if self._grad_player != name:  # switch requires_grad only when the updating player changes
+                for n, p in self.obj.players.items():
+                    p.module.requires_grad_(n == name)
+                self._grad_player = name
+            with acc.autocast(), self._timed("loss"):
                 loss, parts = self.obj.loss(name, ctx)
             parts = {k: _mean_across(acc, float(v)) for k, v in parts.items()}
             bad = [k for k, v in parts.items() if not math.isfinite(v)]
@@ -233,7 +265,8 @@ class Trainer:
                     f"loss '{which}' is not finite ({parts.get(which, float('nan'))}) at step {self.step} "
                     f"(update {self.update}, player {name}); last good weights saved to {self.ckpt_dir / 'last_good'}")
             self.opts[name].zero_grad(set_to_none=True)
-            loss.backward()
+            with self._timed("backward"):
+                loss.backward()
             params = [q for q in player.module.parameters() if q.requires_grad]
             if not self.fsdp:  # FSDP reduce-scatters (averages) the gradients in backward itself
                 _sync_grads(acc, params)
@@ -242,15 +275,18 @@ class Trainer:
                 parts[f"{name}_grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             for g in self.opts[name].param_groups:
                 g["lr"] = player.lr * min(1.0, (self.step + 1) / player.warmup_steps) if player.warmup_steps else player.lr
-            self.opts[name].step()
+            with self._timed("optimizer"):
+                self.opts[name].step()
             self.opts[name].zero_grad(set_to_none=True)
             for k, v in parts.items():
                 logs[k] = v  # last value of each key within the step
             self.update += 1
-        for n, e in self.ema.items():  # EMA once per step, after all updates
-            _ema_update(e, self.obj.players[n].module, self.tcfg.ema_decay)
+        with self._timed("ema"):
+            for n, e in self.ema.items():  # EMA once per step, after all updates
+                _ema_update(e, self.obj.players[n].module, self.tcfg.ema_decay)
         for p in self.obj.players.values():
             p.module.requires_grad_(True)
+        self._grad_player = None
         return logs
 
     # -- samples ----------------------------------------------------------------------------

@@ -52,8 +52,9 @@ def build_dmd(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMe
             text_bank, data = text_distill_setup(cfg, meta, data if data_given else None)
         elif data is None:
             data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
-        if cfg.dmd.regression_weight > 0:
-            raise ValueError("dmd.regression_weight > 0 (DMD's ODE pairs) is not supported for text teachers")
+        if cfg.dmd.regression_weight > 0 or cfg.dmd.regression_warmup_steps > 0:
+            raise ValueError("dmd.regression_weight / dmd.regression_warmup_steps (DMD's ODE pairs) are not supported "
+                             "for text teachers")
         conds = text_bank
         if teacher.null_cond is None:
             teacher.null_cond = text_bank.null_cond
@@ -97,7 +98,7 @@ def build_dmd(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMe
     apply_teacher_options(teacher, cfg.dmd, shared)  # after the copies: student and critic stay float32
     shape = tuple(data.images.shape[1:])
     pairs = None
-    if cfg.dmd.regression_weight > 0:
+    if cfg.dmd.regression_weight > 0 or cfg.dmd.regression_warmup_steps > 0:
         pairs = teacher_ode_pairs(teacher, cfg.dmd, num_classes, shape, seed=cfg.train.seed)
     obj = DMDObjective(teacher, student, critic, cfg.dmd, num_classes, shape, regression_pairs=pairs,
                        seed=cfg.train.seed, conds=conds)
@@ -110,6 +111,8 @@ def distill(cfg: DistillConfig, resume: bool = False, accelerator=None, teacher:
     """Train and export. ``teacher``/``meta`` let Python users bring any ``nn.Module`` denoiser
     (see :mod:`stepdistill.denoiser` for the call signature) instead of ``cfg.dmd.teacher``;
     ``data`` / ``text_bank`` as in :func:`build_dmd` (text-conditional teachers)."""
+    if cfg.train.threads > 0:  # before the build: teacher ODE pairs are sampled there
+        torch.set_num_threads(cfg.train.threads)
     obj, data, meta = build_dmd(cfg, teacher=teacher, meta=meta, data=data, text_bank=text_bank)
     trainer = Trainer(obj, cfg, accelerator=accelerator, data=data,
                       on_checkpoint=getattr(obj, "on_checkpoint", None))  # PSO keeps its online references

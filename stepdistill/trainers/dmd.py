@@ -228,7 +228,14 @@ class DMDObjective:
 
     # -- schedule of updates: the two time-scale rule (DMD2 Sec. 4.1) -----------------------
     def updates(self, step: int) -> list[str]:
+        if self.in_warmup(step):  # regression warm-up: the critic waits for a student worth scoring
+            return ["generator"]
         return ["critic"] * self.cfg.critic_updates + ["generator"]
+
+    def in_warmup(self, step: int) -> bool:
+        """Regression warm-up (DMD2 Sec. 4.3 / App.: the one-step SDXL student starts from an ODE regression):
+        the first ``dmd.regression_warmup_steps`` generator steps minimise DMD Eq. 9 alone."""
+        return step < self.cfg.regression_warmup_steps
 
     # -- generator sample with backward simulation (DMD2 Sec. 4.3) ---------------------------
     def generate(self, ctx: Ctx, cond, grad: bool) -> tuple[torch.Tensor, int]:
@@ -270,14 +277,23 @@ class DMDObjective:
         non-saturating G loss L_G = softplus(-D(x_t)) (DMD2 Eq. 3), differentiable w.r.t. x.
         """
         c = self.cfg
+        if self.in_warmup(ctx.step):
+            l_reg = self.regression_loss(ctx)
+            return l_reg, {"regression_loss": l_reg.item(), "generator_loss": l_reg.item()}
         cond = self.conds(ctx)
         x, k = self.generate(ctx, cond, grad=True)                     # (B, C, H, W)
         logs = {"backsim_k": float(k)}
         total = torch.zeros((), device=x.device)
         t = ctx.sample_t(self.teacher.schedule, c.t_min, c.t_max)
         x_t = self.teacher.schedule.add_noise(x, ctx.randn(*self.shape), t)  # keeps grad for the GAN term
-        l_g, real_x0, fake_x0 = scores_and_gan_g(self.teacher, self.critic, self.head if c.gan else None,
-                                                 x_t, t, cond, c, real=not c.decoupled)
+        head = self.head if c.gan and not c.gan_fresh_t else None
+        l_g, real_x0, fake_x0 = scores_and_gan_g(self.teacher, self.critic, head, x_t, t, cond, c, real=not c.decoupled)
+        if c.gan and c.gan_fresh_t:  # DMD2's code: the G term at its own noise level t' ~ U[0, T)
+            T = self.critic.schedule.num_train_timesteps
+            t_g = ctx.sample_t(self.critic.schedule, 0, T - 1)
+            x_g = self.critic.schedule.add_noise(x, ctx.randn(*self.shape), t_g)
+            _, feats = self.critic.x0_and_features(x_g, t_g, cond)
+            l_g = F.softplus(-self.head(feats.float())).mean()
         if l_g is not None:
             total = total + c.gan_g_weight * l_g
             logs["gan_g_loss"] = l_g.item()

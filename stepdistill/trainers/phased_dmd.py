@@ -182,8 +182,9 @@ class PhasedDMDObjective:
             raise ValueError(f"phased.boundaries {self.boundaries} must start in (0, {T}) and end at 0")
         if K > MAX_EXPERTS:
             raise ValueError(f"at most {MAX_EXPERTS} phases are supported, got {K}")
-        if cfg.regression_weight > 0:
-            raise ValueError("dmd.regression_weight > 0 (DMD's regression loss) is not supported by phased_dmd")
+        if cfg.regression_weight > 0 or cfg.regression_warmup_steps > 0:
+            raise ValueError("dmd.regression_weight / dmd.regression_warmup_steps (DMD's regression loss) are not "
+                             "supported by phased_dmd")
         for k in range(K):
             lo, hi = self.t_range(k)
             if lo > hi:

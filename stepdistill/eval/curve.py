@@ -1,0 +1,136 @@
+"""``stepdistill curve``: quality against training budget, one point per checkpoint of a run.
+
+For every ``checkpoints/step_NNNNNN`` of a ``stepdistill distill`` run (DMD / DMD2 students), the EMA
+generator is exported to a scratch folder and scored with ``stepdistill eval``'s protocol (same sample
+count, seed and metrics: FID, KID, precision, recall, coverage, worst-class recall, class accuracy,
+diversity). Points are appended to ``curve.json`` as they are computed, so the command can run beside
+a training job and be rerun later: checkpoints already in the file are skipped. ``curve.png`` plots
+FID, recall and class accuracy against generator steps and network passes, with the teacher's values
+as dashed lines when ``--teacher-eval`` names a teacher's ``stepdistill eval`` JSON.
+"""
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+
+from ..config import ConfigError
+from ..utils import atomic_write_text
+
+PLOTTED = (("fid", "FID (lower is better)"), ("recall", "recall (higher is better)"),
+           ("class_accuracy", "class accuracy"), ("min_class_recall", "worst-class recall"))
+
+
+def checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the run's complete step checkpoints, in step order."""
+    out = []
+    for p in (run / "checkpoints").glob("step_*"):
+        m = re.fullmatch(r"step_(\d+)", p.name)
+        if m and (p / "meta.json").exists():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def passes_per_step(cfg) -> int:
+    """Network forward passes of one generator step of DMD2 at batch 1 (for budgets in passes): each critic
+    update runs the student once and the critic twice with the GAN (fake + real), once without; the generator
+    update runs the student, the critic once and the teacher twice (CFG); a regression term adds one student
+    pass. Backward simulation adds student passes (on average (K-1)/2 per generated sample). Forward passes
+    only; each trained pass also has a backward."""
+    d = cfg.dmd
+    K = len(d.student_timesteps)
+    sim = (K - 1) / 2 if d.backward_simulation and K > 1 else 0
+    gen = 1 + sim
+    critic = d.critic_updates * (gen + (2 if d.gan else 1))
+    teacher = 2 if d.real_guidance_scale != 1.0 else 1
+    generator = gen + 1 + (1 if d.gan and d.gan_fresh_t else 0) + teacher + (1 if d.regression_weight > 0 else 0)
+    return int(round(critic + generator))
+
+
+def sample_passes(cfg, step: int) -> int:
+    """Training budget after ``step`` generator steps in forward passes of one sample (backward passes not
+    counted): DMD2 steps x batch x :func:`passes_per_step`, plus the regression warm-up (one student pass
+    per sample) and the teacher ODE pairs it needs (pairs x sampler steps x 2 for CFG), when used."""
+    d, B = cfg.dmd, cfg.train.batch_size
+    warm = min(step, d.regression_warmup_steps)
+    pairs = d.regression_pairs * d.regression_steps * (2 if d.real_guidance_scale != 1.0 else 1) \
+        if (d.regression_warmup_steps or d.regression_weight) else 0
+    return (step - warm) * B * passes_per_step(cfg) + warm * B + pairs
+
+
+def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | None = None,
+                  teacher_eval: str | None = None, every: int = 1, out: str | Path | None = None,
+                  progress: bool = False, **eval_kwargs) -> dict:
+    """Score every ``every``-th checkpoint of ``run`` (see module docstring); returns the curve dict.
+    ``eval_kwargs`` go to :func:`~stepdistill.eval.generate.evaluate_model` (``ref``, ``ref_num``, ...)."""
+    from ..config import DistillConfig, load_config
+    from ..trainers.distill import build_dmd, export_student, load_trained_generator
+    from .generate import evaluate_model
+
+    run = Path(run)
+    if not (run / "config.yaml").exists():
+        raise ConfigError(f"{run} is not a stepdistill distill run (no config.yaml)")
+    cfg = load_config(DistillConfig, str(run / "config.yaml"), [])
+    if cfg.method not in ("dmd", "dmd2"):
+        raise ConfigError(f"stepdistill curve supports dmd / dmd2 runs, not method {cfg.method}")
+    out = Path(out) if out else run / "curve"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "curve.json"
+    curve = json.loads(path.read_text()) if path.exists() else {"run": str(run), "points": []}
+    if curve.get("num", num) != num or curve.get("seed", seed) != seed:
+        raise ConfigError(f"{path} was computed with num={curve['num']} seed={curve['seed']}; use those or a new --out")
+    warm = cfg.dmd.regression_warmup_steps
+    curve.update(num=num, seed=seed, method=cfg.method, student_timesteps=cfg.dmd.student_timesteps,
+                 regression_warmup_steps=warm, passes_per_generator_step=passes_per_step(cfg),
+                 batch_size=cfg.train.batch_size)
+    done = {p["step"] for p in curve["points"]}
+    ckpts = [(s, p) for s, p in checkpoints(run) if s not in done and (s // max(every, 1)) * max(every, 1) == s]
+    meta = None
+    for step, ckpt in ckpts:
+        if meta is None:
+            _, _, meta = build_dmd(cfg)
+        g = load_trained_generator(cfg, ckpt)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = export_student(g, cfg, meta, Path(tmp) / "student")
+            r = evaluate_model(str(folder), steps=steps, num=num, seed=seed, progress=progress, **eval_kwargs)
+        r.update(step=step, dmd_steps=max(step - warm, 0), sample_passes=sample_passes(cfg, step))
+        r.pop("model", None)
+        curve["points"] = sorted(curve["points"] + [r], key=lambda p: p["step"])
+        atomic_write_text(path, json.dumps(curve, indent=2) + "\n")   # nothing lost if stopped mid-way
+    if teacher_eval:
+        t = json.loads(Path(teacher_eval).read_text())
+        curve["teacher"] = {k: t.get(k) for k in ("fid", "recall", "precision", "class_accuracy", "min_class_recall",
+                                                  "diversity", "steps", "nfe_per_sample")}
+    atomic_write_text(path, json.dumps(curve, indent=2) + "\n")
+    if curve["points"]:
+        plot_curve(curve, out / "curve.png")
+    return curve
+
+
+def plot_curve(curve: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts, teacher = curve["points"], curve.get("teacher") or {}
+    keys = [(k, label) for k, label in PLOTTED if any(p.get(k) is not None for p in pts)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.0), squeeze=False)
+    for ax, (k, label) in zip(axes[0], keys):
+        xs = [p["step"] for p in pts if p.get(k) is not None]
+        ax.plot(xs, [p[k] for p in pts if p.get(k) is not None], "o-", ms=3, label="student")
+        if teacher.get(k) is not None:
+            ax.axhline(teacher[k], color="C3", ls="--", lw=0.9, label="teacher")
+        if curve.get("regression_warmup_steps"):
+            ax.axvline(curve["regression_warmup_steps"], color="grey", ls=":", lw=0.8, label="end of warm-up")
+        ax.set_xlabel("generator steps")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
