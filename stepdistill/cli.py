@@ -9,10 +9,15 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-def _config_arg(p: argparse.ArgumentParser, default: str | None):
+def _config_arg(p: argparse.ArgumentParser, default: str | None, train: bool = True):
     p.add_argument("--config", default=default, help="YAML config (defaults to the shipped one)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of output_dir")
+    if train:
+        p.add_argument("--resume", nargs="?", const="latest", default=False, metavar="CHECKPOINT",
+                       help="continue the run in output_dir: from the newest checkpoint that passes its hash check "
+                            "(default), last_good (after a NaN stop) or a named checkpoint folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what output_dir (train) or --out (export) already holds instead of refusing")
 
 
 def _default_config(name: str) -> str | None:
@@ -25,44 +30,57 @@ def cmd_teacher(a):
     from .trainers.teacher import train_teacher
 
     cfg = load_config(TeacherConfig, a.config, a.overrides)
-    train_teacher(cfg, resume=a.resume)
+    train_teacher(cfg, resume=a.resume, overwrite=a.overwrite)
 
 
 def cmd_distill(a):
-    from .config import DistillConfig, load_config
+    from .config import ConfigError, DistillConfig, load_config
     from .trainers.distill import distill
 
     cfg = load_config(DistillConfig, a.config, a.overrides)
-    distill(cfg, resume=a.resume)
+    if a.fork and a.resume:
+        raise ConfigError("--fork starts a new run from another run's checkpoint; it cannot be combined with --resume")
+    distill(cfg, resume=a.resume, overwrite=a.overwrite, fork=a.fork)
 
 
 def cmd_export(a):
-    """Export the EMA student of a run (latest or given checkpoint) as a diffusers folder."""
+    """Export the EMA student of a run (latest or given checkpoint, hash-checked) as a diffusers folder,
+    written to a temporary folder and renamed into place; a non-empty --out needs --overwrite."""
     from .config import DistillConfig, load_config
     from .trainers.distill import build_dmd, export_student, load_trained_generator
+    from .utils import atomic_folder
 
     cfg = load_config(DistillConfig, a.config, a.overrides)
     out = Path(a.out or Path(cfg.output_dir) / "student")
+    if out.exists() and any(out.iterdir()) and not a.overwrite:  # refuse before any loading
+        from .errors import OutputExistsError
+
+        raise OutputExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it "
+                                "or choose another --out")
     if cfg.method == "phased_dmd":
         from .trainers.phased_dmd import export_phased, load_trained_experts
 
         experts, obj, meta = load_trained_experts(cfg, a.checkpoint)
-        out = export_phased(experts, cfg, meta, out, schedule=obj.experts[0].schedule)
+        with atomic_folder(out, overwrite=a.overwrite) as tmp:
+            export_phased(experts, cfg, meta, tmp, schedule=obj.experts[0].schedule)
     elif cfg.method == "msd":
         from .trainers.multi_student import export_multi_student, load_trained_students
 
         students, obj, meta = load_trained_students(cfg, a.checkpoint)
-        out = export_multi_student(students, cfg, meta, out, obj.groups, schedule=obj.students[0].schedule)
+        with atomic_folder(out, overwrite=a.overwrite) as tmp:
+            export_multi_student(students, cfg, meta, tmp, obj.groups, schedule=obj.students[0].schedule)
     else:
         g = load_trained_generator(cfg, a.checkpoint)
         _, _, meta = build_dmd(cfg)
-        out = export_student(g, cfg, meta, out)
+        with atomic_folder(out, overwrite=a.overwrite) as tmp:
+            export_student(g, cfg, meta, tmp)
     print(json.dumps({"exported": str(out)}))
 
 
 def cmd_sample(a):
     from .text_cli import is_text_model, sample_text
 
+    check_sample_args(a)
     if is_text_model(a.model):  # text-to-image teachers and students: --prompt / --negative-prompt
         return sample_text(a)
     if a.prompt or a.negative_prompt:
@@ -74,23 +92,66 @@ def cmd_sample(a):
     from .models import load_denoiser
     from .pipelines.sampling import make_scheduler, scheduler_sample, student_sample
     from .models import load_scheduler_config
-    from .utils import save_grid
+    from .utils import quantize, save_grid
 
     den, meta = load_denoiser(a.model, allow_pickle=a.allow_pickle)
     den.eval()
     labels = _parse_labels(a.classes, meta, a.num)
     g = torch.Generator().manual_seed(a.seed)
     c = den.backbone.config
-    noise = torch.randn(len(labels), c.in_channels, c.sample_size, c.sample_size, generator=g)
+    shape = (c.in_channels, c.sample_size, c.sample_size)
+    check_grid_size(len(labels), shape, a.scale)
     if meta.student_timesteps and not a.scheduler:
-        steps = a.steps or len(meta.student_timesteps)
-        ts = _student_timesteps(meta.student_timesteps, steps)
-        x = student_sample(den, ts, labels, noise, generator=g)
+        ts = _student_timesteps(meta.student_timesteps, a.steps or len(meta.student_timesteps))
+        run = lambda y, noise: student_sample(den, ts, y, noise, generator=g)  # noqa: E731
     else:
-        sched = make_scheduler(a.scheduler or "ddim", load_scheduler_config(a.model, None))
-        x = scheduler_sample(den, sched, labels, a.steps or 50, a.guidance_scale, noise, progress=True)
-    path = save_grid(x, a.out, nrow=a.nrow, scale=a.scale)
+        sched_cfg = load_scheduler_config(a.model, None)
+        make_scheduler(a.scheduler or "ddim", sched_cfg)  # an unknown --scheduler fails before any sampling
+        run = lambda y, noise: scheduler_sample(  # noqa: E731
+            den, make_scheduler(a.scheduler or "ddim", sched_cfg), y, a.steps or 50, a.guidance_scale, noise,
+            progress=len(labels) <= SAMPLE_BATCH)
+    # batches of SAMPLE_BATCH (one batch draws its noise exactly as before), converted to uint8 as they come
+    chunks = []
+    for i in range(0, len(labels), SAMPLE_BATCH):
+        y = labels[i:i + SAMPLE_BATCH]
+        chunks.append(quantize(run(y, torch.randn(len(y), *shape, generator=g))))
+    path = save_grid(torch.cat(chunks), a.out, nrow=a.nrow, scale=a.scale)
     print(json.dumps({"grid": str(path), "n": len(labels)}))
+
+
+SAMPLE_BATCH = 256
+MAX_GRID_BYTES = 512 * 2**20
+
+
+def check_sample_args(a) -> None:
+    """Refuse what would silently give a wrong grid: see the README's "Failure behaviour"."""
+    import math
+
+    from .config import ConfigError
+
+    if a.num < 1:
+        raise ConfigError(f"--num must be >= 1, got {a.num}")
+    if a.steps is not None and a.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {a.steps}")
+    if not math.isfinite(a.guidance_scale) or a.guidance_scale < 0:
+        raise ConfigError(f"--guidance-scale must be a finite number >= 0, got {a.guidance_scale}")
+    if not 0 <= a.seed < 2**63:
+        raise ConfigError(f"--seed must be in 0..2**63-1, got {a.seed}")
+    if a.scale < 1 or a.nrow < 1:
+        raise ConfigError(f"--scale and --nrow must be >= 1, got {a.scale} and {a.nrow}")
+
+
+def check_grid_size(n: int, shape: tuple[int, int, int], scale: int) -> None:
+    """A PNG grid holds every image in memory: refuse one over MAX_GRID_BYTES, warn from 1,000 images."""
+    from .config import ConfigError
+
+    c, h, w = shape
+    nbytes = n * 3 * (h * scale + 1) * (w * scale + 1)
+    if nbytes > MAX_GRID_BYTES:
+        raise ConfigError(f"a grid of {n} images at --scale {scale} needs {nbytes / 2**30:.1f} GiB; lower --num "
+                          f"(at most {MAX_GRID_BYTES * n // nbytes} here) or --scale")
+    if n > 1000:
+        print(f"warning: a grid of {n} images is large ({nbytes / 2**20:.0f} MiB in memory)", file=sys.stderr)
 
 
 def _student_timesteps(trained: list[float], steps: int) -> list[float]:
@@ -134,6 +195,7 @@ def _parse_labels(classes: str | None, meta, n: int):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="stepdistill", description=__doc__)
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("teacher", help="train a class-conditional UNet2DModel teacher")
@@ -142,10 +204,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("distill", help="DMD / DMD2 distillation of a teacher into a one-/few-step student")
     _config_arg(p, _default_config("dmd2_animal_mnist.yaml"))
+    p.add_argument("--fork", default=None, metavar="CHECKPOINT",
+                   help="a new run starting from another run's checkpoint folder (weights, optimizer, step) under this "
+                        "config, which may differ: an ablation branching off a shared warm-up")
     p.set_defaults(fn=cmd_distill)
 
     p = sub.add_parser("export", help="export a run's EMA student as a diffusers folder")
-    _config_arg(p, _default_config("dmd2_animal_mnist.yaml"))
+    _config_arg(p, _default_config("dmd2_animal_mnist.yaml"), train=False)
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: latest)")
     p.add_argument("--out", default=None, help="output folder (default: <output_dir>/student)")
     p.set_defaults(fn=cmd_export)
@@ -174,16 +239,50 @@ def main(argv: list[str] | None = None) -> int:
 
     add_demo_command(sub)
     a = ap.parse_args(argv)
-    from .config import ConfigError
-    from .data import DataError
-    from .models import ModelLoadError
+    from .errors import TrainingInterrupted
 
     try:
-        a.fn(a)
-    except (ConfigError, DataError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        rc = a.fn(a)
+    except TrainingInterrupted as e:  # the checkpoint is saved; the message says how to resume
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
+    except Exception as e:  # one line for the user; the traceback with --debug (or for a real bug)
+        line = user_error(e)
+        if line is None or a.debug:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 2
-    return 0
+    return rc if isinstance(rc, int) else 0
+
+
+def user_error(e: BaseException) -> str | None:
+    """One line naming the problem (and the fix) for errors a user can cause; None for a bug."""
+    from .errors import StepDistillError
+
+    if isinstance(e, StepDistillError):
+        return str(e)
+    try:
+        import yaml
+
+        if isinstance(e, yaml.YAMLError):
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            return f"the YAML config is not valid{where}: {getattr(e, 'problem', None) or e}"
+    except ImportError:  # pragma: no cover
+        pass
+    if type(e).__name__ == "SafetensorError" or "safetensors" in type(e).__module__:
+        return f"a safetensors file is truncated or corrupt ({e}); re-export or re-download it"
+    if isinstance(e, IsADirectoryError):
+        return f"{e.filename} is a folder; pass a file"
+    if isinstance(e, FileNotFoundError):
+        return f"{e.filename or e}: no such file or folder"
+    if isinstance(e, PermissionError):
+        return f"cannot write {e.filename or e}: permission denied; choose another path"
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
+    if isinstance(e, (ValueError, OverflowError)):
+        return str(e)
+    return None
 
 
 if __name__ == "__main__":

@@ -19,13 +19,14 @@ def _clean(o):
 
 
 def _emit(result: dict, out: str | None) -> None:
+    """Print the JSON first (nothing is lost when --out cannot be written), then write --out atomically."""
     text = json.dumps(_clean(result), indent=2, default=str)
+    print(text, flush=True)
     if out:
         from .utils import atomic_write_text
 
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, text + "\n")
-    print(text)
 
 
 def cmd_eval(a):
@@ -42,6 +43,7 @@ def cmd_eval(a):
 
 
 def cmd_bench(a):
+    from .config import ConfigError
     from .eval.bench import benchmark, summary_lines
 
     _set_threads(a)
@@ -52,9 +54,9 @@ def cmd_bench(a):
         _emit(profile_training(a.config, over, steps=a.repeats, warmup=a.warmup, tiny=a.tiny), a.out)
         return
     if a.overrides:
-        raise SystemExit(f"stepdistill bench: config overrides {a.overrides} need --train")
+        raise ConfigError(f"stepdistill bench: config overrides {a.overrides} need --train")
     if not a.student:
-        raise SystemExit("stepdistill bench: --student is required (or --train to profile a training step)")
+        raise ConfigError("stepdistill bench: --student is required (or --train to profile a training step)")
     res = benchmark(a.teacher, a.student, batch_sizes=a.batch_sizes, teacher_steps=a.teacher_steps,
                     student_steps=a.student_steps, repeats=a.repeats, warmup=a.warmup,
                     guidance_scale=a.guidance_scale, sampler=a.sampler, device=a.device, seed=a.seed,

@@ -7,6 +7,7 @@ Unknown keys and values of the wrong type fail with a :class:`ConfigError` namin
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +15,7 @@ from pathlib import Path
 import yaml
 
 
-class ConfigError(ValueError):
-    """A config key is unknown or its value is invalid; the message names the key."""
+from .errors import ConfigError  # noqa: F401  (re-exported: stepdistill.config.ConfigError)
 
 
 @dataclass
@@ -78,6 +78,7 @@ class TrainConfig:
     guard_min_diversity: float = 0.05   # trip when same-condition sample diversity (x data std) falls below
     guard_max_saturation: float = 0.5   # trip when the fraction of pixels with |x| > 0.98 exceeds
     guard_action: str = "warn"     # warn | stop (stop: checkpoint, then raise CollapseError)
+    nonfinite_tolerance: float = 1e-3  # stop when a step's NaN/inf score fraction (*_nonfinite_frac) exceeds it
     fsdp: bool = False             # shard players + EMA over the processes (FSDP2; trainers/fsdp.py)
     fsdp_shard_teacher: bool = False  # with fsdp: shard the frozen teacher backbone too
 
@@ -100,6 +101,7 @@ class DMDConfig:
     """DMD / DMD2 hyper-parameters (Yin et al. 2023, 2024); defaults follow DMD2 where they transfer."""
     teacher: str = "builtin:animal_mnist"  # diffusers folder, hub id, or builtin:animal_mnist
     allow_pickle: bool = False
+    allow_student_teacher: bool = False  # a distilled student as dmd.teacher is refused unless this is set
     student_timesteps: list[float] = field(default_factory=lambda: [999.0])  # one-step default
     backward_simulation: bool = True
     real_guidance_scale: float = 2.0
@@ -321,12 +323,37 @@ def _merge(base: dict, new: dict, prefix: str) -> None:
             base[k] = v
 
 
+#: numeric keys ending like this must be >= 0 (guidance scales, loss weights, learning rates, tolerances)
+NON_NEGATIVE_SUFFIXES = ("_scale", "_weight", "lr", "_tolerance", "weight_decay", "grad_clip", "margin")
+
+
+def _numbers(obj, prefix: str = ""):
+    """(dotted key, value) of every float / int field of a config, lists included (``a.b[2]``)."""
+    for f in dataclasses.fields(obj):
+        v, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            yield from _numbers(v, key + ".")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield key, float(v)
+        elif isinstance(v, list):
+            yield from ((f"{key}[{i}]", float(x)) for i, x in enumerate(v) if isinstance(x, (int, float))
+                        and not isinstance(x, bool))
+
+
 def validate(cfg) -> None:
     """Value checks that types alone cannot express."""
     def check(cond, key, msg):
         if not cond:
             raise ConfigError(f"{key}: {msg}")
 
+    for key, value in _numbers(cfg):  # NaN / inf never make sense; scales, weights and rates are >= 0
+        check(math.isfinite(value), key, f"must be a finite number, got {value}")
+        if key.rsplit(".", 1)[-1].endswith(NON_NEGATIVE_SUFFIXES):
+            check(value >= 0, key, f"must be >= 0, got {value}")
+    data = getattr(cfg, "data", None)
+    if data is not None:
+        check(data.resolution > 0, "data.resolution", f"must be > 0, got {data.resolution}")
+        check(data.channels in (1, 3), "data.channels", f"must be 1 or 3, got {data.channels}")
     tr = getattr(cfg, "train", None)
     if tr is not None:
         check(tr.batch_size > 0, "train.batch_size", "must be > 0")

@@ -27,8 +27,7 @@ DIGIT_CLASSES = [str(i) for i in range(10)]
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
-class DataError(ValueError):
-    """Raised for unusable input data, with a message that names the file or folder."""
+from .errors import DataError  # noqa: E402,F401  (re-exported)
 
 
 def cache_dir() -> Path:

@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import StepDistillError
 from .models import BUILTIN_STUDENTS, BUILTIN_TEACHERS
+
 DEFAULT_TEACHER = "builtin:animal_mnist"
 DEFAULT_STUDENT = "builtin:animal_mnist_dmd2"
 ALL_CLASSES = "(all classes)"
@@ -58,7 +60,7 @@ HYBRID_CAPTION = ("Hybrid (Gandikota & Bau 2025): the teacher takes the first n 
                   "one guided teacher x0, re-noised, *lowered* it (0.104). NFE per image = n·m·(2 with CFG, else 1) + (K − n).")
 
 
-class DemoInputError(ValueError):
+class DemoInputError(StepDistillError, ValueError):
     """Invalid demo input; the message is shown to the user as is."""
 
 
@@ -228,7 +230,8 @@ def _stamp(p: Path) -> tuple:
 def load_teacher(info: ModelInfo):
     from .pipelines.teacher import StepDistillTeacherPipeline
 
-    return _cached(("teacher", _stamp(info.path)), info.path, lambda: StepDistillTeacherPipeline.from_folder(info.path))
+    return _cached(("teacher", _stamp(info.path)), info.path,
+                   lambda: StepDistillTeacherPipeline.from_folder(info.path, use_safetensors=True))  # never pickle
 
 
 def load_student(info: ModelInfo):
@@ -236,7 +239,7 @@ def load_student(info: ModelInfo):
         cls = _student_pipeline_class(info)
         if cls is None:
             raise DemoInputError(f"{info.path}: pipeline class {info.pipeline_class!r} is not a stepdistill student")
-        pipe = cls.from_pretrained(info.path)
+        pipe = cls.from_pretrained(info.path, use_safetensors=True)  # the demo never unpickles weights
         if info.class_names and not pipe.config.class_names:
             pipe.register_to_config(class_names=info.class_names)
         return pipe
@@ -592,7 +595,8 @@ def build_demo(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_
             try:
                 r = generate(tp, sp, cls, prompt, seed, bs, ss, ts, w, sampler, bool(hyb), hn, hm, hh, hw)
             except DemoInputError as e:
-                raise gr.Error(str(e)) from None
+                print(f"stepdistill demo: rejected input: {e}", file=sys.stderr, flush=True)  # one line, no traceback
+                raise gr.Error(str(e), print_exception=False) from None
             return r.teacher.gallery(), r.teacher.summary, r.student.gallery(), r.student.summary, r.status
 
         go.click(on_generate, inputs=[teacher_box, student_box, class_dd, prompt_box, seed_in, batch_in, sstep_in,

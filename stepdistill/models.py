@@ -32,8 +32,7 @@ WEIGHT_PICKLE = "diffusion_pytorch_model.bin"
 BACKBONE_SUBFOLDERS = ("unet", "transformer")
 
 
-class ModelLoadError(ValueError):
-    """The path/hub id does not hold a supported diffusers model; the message says why."""
+from .errors import ModelLoadError  # noqa: E402,F401  (re-exported)
 
 
 @dataclass
@@ -80,14 +79,41 @@ def build_scheduler(cfg: TeacherModelConfig):
                          prediction_type=cfg.prediction_type, clip_sample=False)
 
 
-def _resolve(path_or_id: str) -> str | Path:
+def _resolve(path_or_id: str, allow_pickle: bool = False) -> str | Path:
+    """A builtin name, a local folder, or a hub id (``owner/name``, fetched into / read from the hub cache,
+    so ``HF_HUB_OFFLINE=1`` works with a cached snapshot) -> a local path. A missing local path says so."""
     builtins = {**BUILTIN_TEACHERS, **BUILTIN_STUDENTS}
     if path_or_id in builtins:
         p = builtins[path_or_id]
         if not p.exists():
             raise ModelLoadError(f"{path_or_id}: shipped model missing at {p}; see configs/ for the command that makes it")
         return p
-    return path_or_id
+    if Path(path_or_id).exists():
+        return path_or_id
+    if _looks_like_hub_id(path_or_id):
+        return hub_snapshot(path_or_id, allow_pickle)
+    if path_or_id.startswith("builtin:"):
+        raise ModelLoadError(f"unknown shipped model {path_or_id!r}; shipped: {', '.join(sorted(builtins))}")
+    raise ModelLoadError(f"{path_or_id}: no such folder (and not a hub id of the form owner/name)")
+
+
+#: what a model folder needs from a hub repo: configs, the scheduler, the backbone's full-precision weights
+HUB_PATTERNS = ["*.json", "*.txt", "*.md", "scheduler/*"] + [
+    f"{sub}{w}" for sub in ("", "unet/", "transformer/")
+    for w in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model-*.safetensors")]
+
+
+def hub_snapshot(repo_id: str, allow_pickle: bool = False) -> Path:
+    """The local snapshot folder of a hub model (downloaded once into the hub cache; offline: the cache)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = HUB_PATTERNS + ([p.replace(".safetensors", ".bin") for p in HUB_PATTERNS if p.endswith(".safetensors")]
+                               if allow_pickle else [])
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001 - offline without a cached snapshot, unknown repo, no network ...
+        raise ModelLoadError(f"could not get {repo_id!r} from the Hugging Face hub or its cache "
+                             f"({type(e).__name__}: {e}); check the id, your network, or pre-download it") from e
 
 
 def _looks_like_hub_id(s: str) -> bool:
@@ -112,8 +138,7 @@ def load_backbone(path_or_id: str | Path, allow_pickle: bool = False, subfolder:
     """Load a supported diffusers backbone. Returns (model, model_folder_or_None)."""
     import diffusers
 
-    src = _resolve(str(path_or_id))
-    p = Path(src)
+    p = Path(_resolve(str(path_or_id), allow_pickle))
     if p.exists():
         if not p.is_dir():
             raise ModelLoadError(f"{p} is a file; expected a diffusers folder")
@@ -133,37 +158,16 @@ def load_backbone(path_or_id: str | Path, allow_pickle: bool = False, subfolder:
         safe = _check_weights(folder, allow_pickle)
         cls = getattr(diffusers, cls_name)
         return cls.from_pretrained(folder, use_safetensors=safe), folder
-    if isinstance(path_or_id, str) and _looks_like_hub_id(path_or_id):
-        from diffusers import ConfigMixin
-
-        last_err = None
-        for sub in ([subfolder] if subfolder else BACKBONE_SUBFOLDERS):
-            try:
-                config = ConfigMixin.load_config(path_or_id, subfolder=sub)
-            except Exception as e:  # noqa: BLE001 - try the next subfolder, report the last failure
-                last_err = e
-                continue
-            cls_name = config.get("_class_name")
-            if cls_name not in BACKBONE_KINDS:
-                raise ModelLoadError(f"{path_or_id}/{sub}: model class {cls_name!r} is not supported")
-            cls = getattr(diffusers, cls_name)
-            return cls.from_pretrained(path_or_id, subfolder=sub, use_safetensors=not allow_pickle), None
-        raise ModelLoadError(f"could not load {path_or_id!r} from the hub: {last_err}")
     raise ModelLoadError(f"{path_or_id}: no such folder (and not a hub id of the form owner/name)")
 
 
 def load_scheduler_config(path_or_id: str | Path, model_folder: Path | None) -> dict:
-    src = _resolve(str(path_or_id))
-    p = Path(src)
-    if p.exists():
-        for cand in (p / "scheduler" / "scheduler_config.json", p / "scheduler_config.json",
-                     (model_folder.parent / "scheduler" / "scheduler_config.json") if model_folder else None):
-            if cand is not None and cand.exists():
-                return json.loads(cand.read_text())
-        raise ModelLoadError(f"{p}: no scheduler/scheduler_config.json; the noise schedule is unknown")
-    from diffusers import ConfigMixin
-
-    return ConfigMixin.load_config(str(path_or_id), subfolder="scheduler")
+    p = Path(_resolve(str(path_or_id)))
+    for cand in (p / "scheduler" / "scheduler_config.json", p / "scheduler_config.json",
+                 (model_folder.parent / "scheduler" / "scheduler_config.json") if model_folder else None):
+        if cand is not None and cand.exists():
+            return json.loads(cand.read_text())
+    raise ModelLoadError(f"{p}: no scheduler/scheduler_config.json; the noise schedule is unknown")
 
 
 def load_denoiser(path_or_id: str | Path, allow_pickle: bool = False) -> tuple[Denoiser, ModelMeta]:
@@ -171,7 +175,7 @@ def load_denoiser(path_or_id: str | Path, allow_pickle: bool = False) -> tuple[D
     backbone, folder = load_backbone(path_or_id, allow_pickle)
     sched_cfg = load_scheduler_config(path_or_id, folder)
     schedule: NoiseSchedule = schedule_from_config(sched_cfg)
-    root = Path(_resolve(str(path_or_id)))
+    root = Path(_resolve(str(path_or_id), allow_pickle))
     meta = ModelMeta.load(root) if root.exists() else None
     if meta is None:
         pt = sched_cfg.get("prediction_type", "epsilon")

@@ -17,12 +17,15 @@ holding both). CLIP text encoders are called without an attention mask, as diffu
 """
 from __future__ import annotations
 
+
 import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
+
+from .errors import StepDistillError
 
 CAPTION_TEMPLATES = [
     "a {name}",
@@ -35,7 +38,7 @@ CAPTION_TEMPLATES = [
 MINILM = "minilm"
 
 
-class TextEncoderError(ValueError):
+class TextEncoderError(StepDistillError, ValueError):
     """The text encoder cannot be found or loaded; the message says where it was looked for."""
 
 
@@ -80,7 +83,7 @@ def load_text_encoder(src: str | Path, device="cpu"):
             enc = AutoModel.from_pretrained(str(enc_dir), use_safetensors=True)
         else:  # a hub id (online users)
             tok = AutoTokenizer.from_pretrained(str(src), subfolder="tokenizer")
-            enc = AutoModel.from_pretrained(str(src), subfolder="text_encoder")
+            enc = AutoModel.from_pretrained(str(src), subfolder="text_encoder", use_safetensors=True)
     except TextEncoderError:
         raise
     except Exception as e:  # noqa: BLE001 - name the source in the error

@@ -111,9 +111,9 @@ def _load_vae(src):
     if isinstance(src, Path):
         if not (src / "vae" / "config.json").is_file():
             return None
-        return AutoencoderKL.from_pretrained(src / "vae").eval().requires_grad_(False)
+        return AutoencoderKL.from_pretrained(src / "vae", use_safetensors=True).eval().requires_grad_(False)
     try:  # hub id: a latent model has a vae/ subfolder
-        return AutoencoderKL.from_pretrained(src, subfolder="vae").eval().requires_grad_(False)
+        return AutoencoderKL.from_pretrained(src, subfolder="vae", use_safetensors=True).eval().requires_grad_(False)
     except Exception:  # noqa: BLE001 - pixel-space model
         return None
 

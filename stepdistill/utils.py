@@ -1,19 +1,27 @@
 """Small helpers: image grids, loss plots, hashing, atomic writes."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, C, H, W) on the CPU, as a PNG stores it; uint8 input passes through."""
+    if x.dtype == torch.uint8:
+        return x.cpu()
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
-    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    """(N, C, H, W) in [-1, 1] (or uint8) -> (N, H, W, C) uint8."""
+    return quantize(x).permute(0, 2, 3, 1).numpy()
 
 
 def make_grid(x: torch.Tensor, nrow: int, scale: int = 1, pad: int = 1) -> np.ndarray:
@@ -90,3 +98,32 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def class_balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     """0, 1, ..., K-1, 0, 1, ... (n labels)."""
     return torch.arange(n) % max(num_classes, 1)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | Path, overwrite: bool = False):
+    """Write a folder all at once: yields a temporary sibling folder that replaces ``out`` on success (and is
+    removed on failure), so readers never see a half-written or mixed folder. A non-empty ``out`` is
+    refused unless ``overwrite``."""
+    from .errors import OutputExistsError
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it "
+                                "or choose another folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp_{out.name}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".old_{out.name}_{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    else:
+        os.replace(tmp, out)

@@ -115,11 +115,13 @@ def test_report_writes_markdown_json_and_pngs(tiny_teacher, student2, tmp_path, 
     assert (t["nfe_per_sample"], s1["nfe_per_sample"], s2["nfe_per_sample"]) == (6, 1, 2)
     for r in (t, s1, s2):
         assert r["latency_per_image_s"] > 0 and math.isfinite(r["fid"]) and r["diversity"] >= 0
+        assert 0 <= r["recall"] <= 1 and 0 <= r["precision"] <= 1
         assert r["class_accuracy"] is None  # not Animal-MNIST
     assert rep["fid"]["num_samples"] == 10 and [p["steps"] for p in rep["fid"]["student"]] == [1, 2]
     assert rep["fid"]["teacher"]["fid"] == t["fid"]
 
     md = (out / "report.md").read_text()
+    assert "| FID | KID | precision | recall | worst-class recall |" in md
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert set(links) == {"samples_grid.png", "loss.png", "fid_vs_steps.png"}
     for link in links:
@@ -132,4 +134,4 @@ def test_report_needs_a_teacher_and_enough_samples(student2, tmp_path, capsys):
     assert rc == 2 and "--num must be >= 2" in err
     rc, _, err = _run(capsys, "report", "--student", student2, "--teacher", tmp_path / "gone", "--out", tmp_path / "r",
                       "--num", 4, "--no-progress")
-    assert rc == 2 and "no such model folder" in err
+    assert rc == 2 and "no such folder" in err

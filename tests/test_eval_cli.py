@@ -113,6 +113,10 @@ def test_eval_prints_finite_metrics_and_is_reproducible(student2, tmp_path, caps
     for k in ("fid", "kid", "kid_std", "diversity"):
         assert isinstance(res[k], float) and math.isfinite(res[k]), k
     assert res["fid"] > 0 and res["diversity"] >= 0
+    for k in ("precision", "recall", "coverage"):  # mode coverage (eval/coverage.py), same Inception features
+        assert 0.0 <= res[k] <= 1.0, k
+    assert res["prc_neighbours"] == 3
+    assert "per_class_recall" not in res  # 16 samples over 10 classes: no class has more than k = 3
     assert res["kind"] == "student" and res["steps"] == 2 and res["nfe_per_sample"] == 2 and res["n_gen"] == 16
     assert res["reference"]["cache_key"] == "digits-16-test-sub32" and res["reference"]["n"] == 32
     assert res["class_accuracy"] is None  # digits: the Animal-MNIST classifier does not apply
@@ -139,7 +143,7 @@ def test_eval_bad_inputs_exit_2(student2, capsys, args, message):
 
 def test_eval_missing_model_and_prompts_exit_2(student2, tmp_path, capsys):
     rc, _, err = _run(capsys, "eval", "--model", tmp_path / "missing", "--num", 4, *EVAL_FAST)
-    assert rc == 2 and "error: " in err and "no such model folder" in err
+    assert rc == 2 and "error: " in err and "no such folder" in err
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n\na dog\n")
     rc, _, err = _run(capsys, "eval", "--model", student2, "--num", 4, "--prompts", prompts, *EVAL_FAST)

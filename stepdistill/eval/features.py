@@ -27,6 +27,7 @@ of every cache file name and is returned by :func:`stepdistill.eval.fid.compute_
 """
 from __future__ import annotations
 
+
 import hashlib
 import importlib.util
 import os
@@ -38,6 +39,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.helpers import vassert
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+from ..errors import StepDistillError
 
 FIDHELPER_NAME = "inception-v3-compat-fidhelper"
 STANDARD_NAME = "inception-v3-compat"
@@ -62,7 +65,7 @@ _ALIASES = {
 }
 
 
-class WeightsIntegrityError(RuntimeError):
+class WeightsIntegrityError(StepDistillError, RuntimeError):
     """A weights file is missing or its hash differs from the pinned one."""
 
 

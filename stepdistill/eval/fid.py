@@ -126,6 +126,17 @@ def _cache_name(cache_key: str, ref_u8: torch.Tensor) -> str:
     return f"sd-{key}-n{len(ref_u8)}-{_fingerprint(ref_u8)}"
 
 
+def private_dir(path: Path) -> Path:
+    """Create ``path`` if needed and make it private (mode 0700): torch-fidelity reads its cache files with
+    ``torch.load(weights_only=False)``, so nobody else may be able to plant files there."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        os.chmod(path, 0o700)
+    except OSError:  # not ours (a shared folder the user chose): leave it, but it is their trust decision
+        pass
+    return path
+
+
 def default_cache_dir() -> Path:
     from stepdistill.data import cache_dir
 
@@ -212,8 +223,7 @@ def compute_metrics(gen_images, ref, *, fid: bool = True, kid: bool = True, prc:
     )
     ref_cache_hit = False
     if cache_key is not None:
-        cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        cache_root.mkdir(parents=True, exist_ok=True)
+        cache_root = private_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
         name = _cache_name(cache_key, ref_u8)
         ref_cache_hit = _ref_cached(cache_root, name, extractor, _layers(extractor, fid, kid, prc))
         kwargs.update(cache=True, cache_root=str(cache_root), input2_cache_name=name)

@@ -95,6 +95,7 @@ class _Loaded:
     meta: ModelMeta
     den: object
     sched_cfg: dict
+    allow_pickle: bool = False  # pipelines built from the folder read .bin weights only when True
 
 
 class _ClassModel:
@@ -275,12 +276,12 @@ class StudentModel(_ClassModel):
             from ..pipelines.phased import PhasedDMDPipeline
 
             self.phased = True
-            return PhasedDMDPipeline.from_pretrained(loaded.folder)
+            return PhasedDMDPipeline.from_pretrained(loaded.folder, use_safetensors=not loaded.allow_pickle)
         if loaded.folder is not None and _pipeline_class(loaded.folder) == "MultiStudentPipeline":
             from ..pipelines.multi_student import MultiStudentPipeline
 
             self.multi_student = True
-            return MultiStudentPipeline.from_pretrained(loaded.folder)
+            return MultiStudentPipeline.from_pretrained(loaded.folder, use_safetensors=not loaded.allow_pickle)
         return StepDistillPipeline(**_network_kwargs(loaded.den.backbone),
                                    scheduler=_scheduler_from_config(loaded.sched_cfg),
                                    student_timesteps=m.student_timesteps, class_names=m.class_names,
@@ -391,7 +392,7 @@ def load_any(path: str | Path, device: str | torch.device | None = None, allow_p
             "(only class-conditional and unconditional models are supported)")
     if kind == "student" and not meta.student_timesteps:
         meta.student_timesteps = json.loads((p / "model_index.json").read_text()).get("student_timesteps") or [999.0]
-    loaded = _Loaded(p if p.exists() else None, meta, den, load_scheduler_config(path, _backbone_folder(p)))
+    loaded = _Loaded(p if p.exists() else None, meta, den, load_scheduler_config(path, _backbone_folder(p)), allow_pickle)
     if kind == "student":
         return StudentModel(path, loaded, device)
     return TeacherModel(path, loaded, device, sampler=sampler)

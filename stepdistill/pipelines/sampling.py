@@ -20,7 +20,9 @@ def make_scheduler(name: str, config: dict):
     import diffusers
 
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SCHEDULERS)}")
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown sampler / --scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
     cls = getattr(diffusers, SCHEDULERS[name])
     extra = {"timestep_spacing": "trailing"} if name in ("ddim", "euler", "dpm++") else {}
     if name == "dpm++":

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -36,12 +37,12 @@ from ..config import to_dict
 from ..utils import atomic_write_text, plot_losses, save_grid, sha256_file
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN/inf; the message names the loss and the step."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt."""
+from ..errors import (  # noqa: E402,F401  (re-exported)
+    CheckpointError,
+    NonFiniteLossError,
+    OutputExistsError,
+    TrainingInterrupted,
+)
 
 
 @dataclass
@@ -175,21 +176,39 @@ class Trainer:
             self.ema = {n: _ema_copy(p.module) for n, p in self.obj.players.items() if p.ema}
         self.step, self.update = 0, 0   # next step / update index to run
         self._stop = False
+        self.stop_signal: int | None = None  # SIGINT / SIGTERM that stopped the run (exit 130 / 143)
+        self._consistent = True   # (step, update) describes the weights exactly: a checkpoint may be saved
+        self._saving = False      # a second signal waits until the checkpoint on disk is complete
+        self.command = "distill"  # the CLI sub-command that resumes this run (printed on interruption)
         self.timer: StepTimer | None = None  # set to profile the loop's sections (eval/train_profile.py)
 
     def _timed(self, name: str):
         return self.timer.section(name) if self.timer is not None else contextlib.nullcontext()
 
     # -- the loop ---------------------------------------------------------------------------
-    def train(self, resume: bool = False) -> dict:
+    def train(self, resume: bool | str = False, overwrite: bool = False, fork: str | Path | None = None) -> dict:
+        """Run to ``train.max_steps``. ``resume``: False (a fresh run: ``output_dir`` must not hold a run unless
+        ``overwrite``, which clears it), True / ``"latest"`` (the newest checkpoint that passes its hash check),
+        ``"last_good"`` (the weights saved by a NaN stop) or a checkpoint folder. A resumed checkpoint must come
+        from the same config, apart from :data:`RESUME_MAY_CHANGE`. ``fork``: a fresh run that starts from another
+        run's checkpoint (weights, optimizer states, step) under a config that may differ, e.g. an ablation
+        branching off a shared warm-up; the differences are printed."""
         acc, tc = self.acc, self.tcfg
+        if not resume:
+            check_fresh_output(self.out, overwrite, acc.is_main_process)
+            acc.wait_for_everyone()
+        if fork:
+            diff = self._config_diff(Path(fork))
+            skipped = self.load_checkpoint(fork, strict=False)
+            if acc.is_main_process:
+                print(f"--fork: starting from {fork} (step {self.step}); config changes: "
+                      + (", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diff) or "none")
+                      + (f"; not restored: {'; '.join(skipped)}" if skipped else ""), file=sys.stderr)
+        elif resume:
+            self.load_resume_point(resume)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.yaml", _yaml(to_dict(self.cfg)))
-        if resume:
-            self.load_latest()
-        elif acc.is_main_process and (self.out / "log.jsonl").exists():
-            (self.out / "log.jsonl").unlink()
         acc.wait_for_everyone()
         old_handler = _install_sigterm(self)
         bar = tqdm(total=tc.max_steps, initial=self.step, desc=f"{type(self.obj).__name__}",
@@ -203,6 +222,7 @@ class Trainer:
                 history.append(logs)
                 self.step += 1
                 self.update = 0
+                self._consistent = True  # the step is complete, EMA included
                 s = self.step
                 if getattr(tc, "guard_every", 0) and s % tc.guard_every == 0:  # trainers/guards.py
                     from .guards import run_guards
@@ -219,18 +239,28 @@ class Trainer:
                 if s % tc.checkpoint_every == 0 or s == tc.max_steps:
                     self.save_checkpoint()
                 bar.update(1)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second signal (or Ctrl-C outside the handler) mid-update
             self._stop = True
+            self.stop_signal = self.stop_signal or signal.SIGINT
         finally:
             bar.close()
             if old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler[0])
                 signal.signal(signal.SIGINT, old_handler[1])
         if self._stop:
-            self.save_checkpoint()  # at an update boundary: resume continues exactly here
+            resume = f"stepdistill {self.command} --config {self.out / 'config.yaml'} --resume"
+            if self._consistent:  # at an update boundary: resume continues exactly here
+                self.save_checkpoint()
+                msg = f"interrupted: saved checkpoint at step {self.step} update {self.update}"
+            else:  # weights are part-way through an update: saving them would make resume re-apply it
+                latest = self.ckpt_dir / "latest"
+                last = latest.read_text().strip() if latest.exists() else None
+                msg = (f"interrupted mid-update at step {self.step}: nothing saved; resume continues from "
+                       + (f"checkpoint {last}" if last else "step 0 (no checkpoint yet)"))
             if acc.is_main_process:
-                print(f"interrupted: saved checkpoint at step {self.step} update {self.update}; rerun with --resume")
+                print(f"{msg}. Resume with:\n  {resume}", file=sys.stderr)
         return {"steps": self.step, "seconds": time.time() - t0, "interrupted": self._stop,
+                "stop_signal": int(self.stop_signal) if self.stop_signal else None,
                 "sec_per_step": (time.time() - t0) / max(len(history), 1), **peak_memory(self.acc.device),
                 "last": history[-1] if history else {}}
 
@@ -243,6 +273,7 @@ class Trainer:
                 return None
             name = names[self.update]
             player = self.obj.players[name]
+            self._consistent = False  # until this update is applied (the last one: until the step's EMA)
             ctx = Ctx(torch.Generator().manual_seed(update_seed(self.tcfg.seed, self.step, self.update)),
                       acc.process_index, acc.num_processes, self.tcfg.batch_size, acc.device, self.step, self.data)
             if self._grad_player != name:  # switch requires_grad only when the updating player changes
@@ -252,7 +283,8 @@ class Trainer:
             with acc.autocast(), self._timed("loss"):
                 loss, parts = self.obj.loss(name, ctx)
             parts = {k: _mean_across(acc, float(v)) for k, v in parts.items()}
-            bad = [k for k, v in parts.items() if not math.isfinite(v)]
+            bad = [k for k, v in parts.items() if not math.isfinite(v)
+                   or (k.endswith("_nonfinite_frac") and v > getattr(self.tcfg, "nonfinite_tolerance", 1e-3))]
             nonfinite = bool(bad) or not bool(torch.isfinite(loss.detach()).all())
             if self.fsdp:  # saving last_good gathers shards: every process must take the same branch
                 from .fsdp import any_across
@@ -261,9 +293,12 @@ class Trainer:
             if nonfinite:
                 which = bad[0] if bad else f"{name}_total"
                 self.save_checkpoint(tag="last_good")
+                what = (f"'{which}' = {parts[which]:.3g} exceeds train.nonfinite_tolerance (NaN/inf teacher or critic "
+                        "outputs, or an infinite guidance scale)" if which.endswith("_nonfinite_frac") and which in parts
+                        else f"loss '{which}' is not finite ({parts.get(which, float('nan'))})")
                 raise NonFiniteLossError(
-                    f"loss '{which}' is not finite ({parts.get(which, float('nan'))}) at step {self.step} "
-                    f"(update {self.update}, player {name}); last good weights saved to {self.ckpt_dir / 'last_good'}")
+                    f"{what} at step {self.step} (update {self.update}, player {name}); last good weights saved to "
+                    f"{self.ckpt_dir / 'last_good'}; resume from them with --resume last_good")
             self.opts[name].zero_grad(set_to_none=True)
             with self._timed("backward"):
                 loss.backward()
@@ -281,6 +316,7 @@ class Trainer:
             for k, v in parts.items():
                 logs[k] = v  # last value of each key within the step
             self.update += 1
+            self._consistent = self.update < len(names)  # the step's last update waits for the EMA
         with self._timed("ema"):
             for n, e in self.ema.items():  # EMA once per step, after all updates
                 _ema_update(e, self.obj.players[n].module, self.tcfg.ema_decay)
@@ -319,7 +355,15 @@ class Trainer:
         return out
 
     def save_checkpoint(self, tag: str | None = None) -> Path | None:
-        """Atomic: write into a temp folder, hash every file, then rename into place."""
+        """Atomic: write into a temp folder, hash every file, then rename into place. A signal that arrives
+        meanwhile stops the run after the save (see :func:`_install_sigterm`)."""
+        self._saving = True
+        try:
+            return self._save_checkpoint(tag)
+        finally:
+            self._saving = False
+
+    def _save_checkpoint(self, tag: str | None) -> Path | None:
         self.acc.wait_for_everyone() if tag is None else None
         gathered = self._gathered_state() if self.fsdp else None  # collective: every process takes part
         if not self.acc.is_main_process:
@@ -335,6 +379,7 @@ class Trainer:
         torch.save(optim, tmp / "optim.pt")
         torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
         meta = {"step": self.step, "update": self.update, "seed": self.tcfg.seed,
+                "config": json.loads(json.dumps(to_dict(self.cfg))),  # resume checks it (_check_same_config)
                 "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if final.exists():
@@ -350,34 +395,36 @@ class Trainer:
                 self.on_checkpoint(self, final)
         return final
 
-    def load_checkpoint(self, path: str | Path) -> None:
+    def load_checkpoint(self, path: str | Path, strict: bool = True) -> list[str]:
+        """Load a (hash-checked) checkpoint. ``strict=False`` (``--fork``) tolerates modules added or removed by a
+        config change (e.g. ``dmd.gan``): their weights keep their initialisation and an optimizer whose
+        parameters changed starts afresh. Returns what was not restored."""
         path = Path(path)
-        meta_p = path / "meta.json"
-        if not meta_p.exists():
-            raise CheckpointError(f"checkpoint {path} is incomplete (no meta.json)")
-        try:
-            meta = json.loads(meta_p.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"checkpoint {path}: meta.json is corrupt ({e})") from e
-        for fname, digest in meta["files"].items():
-            f = path / fname
-            if not f.exists() or sha256_file(f) != digest:
-                raise CheckpointError(f"checkpoint {path}: {fname} is missing or corrupt (sha256 mismatch)")
+        meta = verify_checkpoint(path)
         tensors = load_file(path / "models.safetensors")
-        load_sd, load_opt = (lambda m, sd: m.load_state_dict(sd)), (lambda o, sd: o.load_state_dict(sd))
+        load_sd, load_opt = (lambda m, sd: m.load_state_dict(sd, strict=strict)), (lambda o, sd: o.load_state_dict(sd))
         if self.fsdp:  # full tensors -> this process's shards
             from .fsdp import load_full_optim_state, load_full_state_dict
 
             load_sd, load_opt = load_full_state_dict, load_full_optim_state
-        for n, p in self.obj.players.items():
-            load_sd(p.module, {k[len(f"player.{n}."):]: v for k, v in tensors.items() if k.startswith(f"player.{n}.")})
-        for n, m in self.ema.items():
-            load_sd(m, {k[len(f"ema.{n}."):]: v for k, v in tensors.items() if k.startswith(f"ema.{n}.")})
+        skipped = []
+        for prefix, mods in (("player", {n: p.module for n, p in self.obj.players.items()}), ("ema", self.ema)):
+            for n, m in mods.items():
+                sd = {k[len(f"{prefix}.{n}."):]: v for k, v in tensors.items() if k.startswith(f"{prefix}.{n}.")}
+                res = load_sd(m, sd)
+                if not strict and res is not None and (res.missing_keys or res.unexpected_keys):
+                    skipped.append(f"{prefix}.{n}: {len(res.missing_keys)} new, {len(res.unexpected_keys)} dropped tensors")
         opt_states = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
         for n, o in self.opts.items():
-            load_opt(o, opt_states[n])
+            try:
+                load_opt(o, opt_states[n])
+            except (ValueError, KeyError, RuntimeError):
+                if strict:
+                    raise
+                skipped.append(f"optimizer {n}: started afresh")
         torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
         self.step, self.update = int(meta["step"]), int(meta["update"])
+        return skipped
 
     def _gathered_state(self) -> tuple[dict, dict]:
         """(models, optimizer states) in the single-process checkpoint format, gathered from the FSDP
@@ -404,16 +451,125 @@ class Trainer:
         return {n: plain_copy(self._ema_templates[n], sd) for n, sd in full.items()} if keep else {}
 
     def load_latest(self) -> bool:
+        return self.load_resume_point("latest")
+
+    def load_resume_point(self, which: bool | str = "latest") -> bool:
+        """Load the checkpoint to resume from (see :meth:`train`); False when the run has none yet."""
+        which = "latest" if which is True else str(which)
+        say = print if self.acc.is_main_process else (lambda *a, **k: None)
+        if which != "latest":
+            path = Path(which) if Path(which).is_dir() else self.ckpt_dir / which
+            if not path.is_dir():
+                raise CheckpointError(f"--resume {which}: no checkpoint {path}")
+            self._check_same_config(path)
+            self.load_checkpoint(path)
+            say(f"--resume: continuing from {path} (step {self.step}, update {self.update})", file=sys.stderr)
+            return True
         ptr = self.ckpt_dir / "latest"
         if not ptr.exists():
-            if self.acc.is_main_process:
-                print(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
+            say(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0", file=sys.stderr)
             return False
-        self.load_checkpoint(self.ckpt_dir / ptr.read_text().strip())
-        return True
+        newest = self.ckpt_dir / ptr.read_text().strip()
+        candidates = [newest] + sorted((p for p in self.ckpt_dir.glob("step_*") if p != newest and p.is_dir()),
+                                       key=lambda p: p.name, reverse=True)
+        errors = []
+        for path in candidates:
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as e:
+                errors.append(str(e))
+                continue
+            self._check_same_config(path)
+            self.load_checkpoint(path)
+            if path != newest:
+                say(f"--resume: the latest checkpoint failed its check ({errors[0]}); using {path.name}, the newest "
+                    f"one that passes (step {self.step})", file=sys.stderr)
+            return True
+        raise CheckpointError(f"no usable checkpoint in {self.ckpt_dir}: " + "; ".join(errors))
+
+    def _config_diff(self, path: Path) -> list[tuple[str, object, object]]:
+        """(key, checkpoint's value, current value) for every config key that differs, apart from
+        RESUME_MAY_CHANGE; [] for checkpoints written before configs were recorded."""
+        meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+        if "config" not in meta:
+            return []
+        old, new = _flatten(meta["config"]), _flatten(json.loads(json.dumps(to_dict(self.cfg))))
+        return [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+                if old.get(k) != new.get(k) and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE)]
+
+    def _check_same_config(self, path: Path) -> None:
+        """A checkpoint resumes only the run it came from: same config apart from RESUME_MAY_CHANGE."""
+        diff = self._config_diff(path)
+        if diff:
+            shown = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in diff[:6])
+            raise CheckpointError(
+                f"checkpoint {path} belongs to a run with another config: {shown}"
+                f"{' ...' if len(diff) > 6 else ''}. Resume with the run's own config "
+                f"({self.out / 'config.yaml'}), start a new run with --overwrite or another output_dir, or branch off "
+                f"this checkpoint into a new output_dir with --fork {path}")
 
 
 # -- helpers --------------------------------------------------------------------------------
+def raise_if_interrupted(trainer: Trainer, result: dict) -> None:
+    """After :meth:`Trainer.train`: an interrupted run raises :class:`TrainingInterrupted` (exit 130 on
+    SIGINT, 143 on SIGTERM) carrying the resume command, so no caller mistakes it for a finished run."""
+    if not result["interrupted"]:
+        return
+    sig = result.get("stop_signal") or signal.SIGINT
+    raise TrainingInterrupted(
+        f"training interrupted by {signal.Signals(sig).name} at step {trainer.step}; resume with: "
+        f"stepdistill {trainer.command} --config {trainer.out / 'config.yaml'} --resume", exit_code=128 + int(sig))
+
+
+#: config keys a resumed run may change (a longer run, other logging / checkpoint cadence, threads, guards)
+RESUME_MAY_CHANGE = ("output_dir", "train.max_steps", "train.log_every", "train.sample_every",
+                     "train.checkpoint_every", "train.threads", "train.num_workers", "train.guard_every",
+                     "train.guard_action", "train.guard_min_diversity", "train.guard_max_saturation")
+#: what makes an output folder a run that a fresh start would clobber
+RUN_MARKERS = ("checkpoints", "log.jsonl", "student", "model", "config.yaml")
+
+
+def check_fresh_output(out: Path, overwrite: bool, main_process: bool = True) -> None:
+    """A fresh run needs an unused ``output_dir``; ``overwrite`` clears a used one (its whole contents)."""
+    used = [m for m in RUN_MARKERS if (out / m).exists()]
+    if not used:
+        return
+    if not overwrite:
+        raise OutputExistsError(
+            f"{out} already holds a run ({', '.join(used)}); pass --overwrite to delete it and start afresh, "
+            f"--resume to continue it, or choose another output_dir")
+    if main_process:
+        for p in out.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's meta.json after checking every file against its recorded sha256."""
+    path = Path(path)
+    meta_p = path / "meta.json"
+    if not meta_p.exists():
+        raise CheckpointError(f"checkpoint {path} is incomplete (no meta.json)")
+    try:
+        meta = json.loads(meta_p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path}: meta.json is corrupt ({e})") from e
+    for fname, digest in meta["files"].items():
+        f = path / fname
+        if not f.exists() or sha256_file(f) != digest:
+            raise CheckpointError(f"checkpoint {path}: {fname} is missing or corrupt (sha256 mismatch)")
+    return meta
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def load_ema_weights(output_dir: str | Path, modules: dict[str, nn.Module], checkpoint: str | Path | None = None) -> Path:
     """Load the EMA weights of the named players (``{"generator": module}``) from a run's checkpoint
     (the latest by default) into ``modules``, for ``stepdistill export``. Returns the checkpoint path."""
@@ -424,6 +580,7 @@ def load_ema_weights(output_dir: str | Path, modules: dict[str, nn.Module], chec
         if not (ckpt_dir / "latest").exists():
             raise CheckpointError(f"no checkpoint in {ckpt_dir}; train first or pass --checkpoint")
         path = ckpt_dir / (ckpt_dir / "latest").read_text().strip()
+    verify_checkpoint(path)  # a tampered or truncated checkpoint never reaches an export
     tensors = load_file(path / "models.safetensors")
     for name, m in modules.items():
         pre = f"ema.{name}."
@@ -491,9 +648,10 @@ def _mean_across(acc, v: float) -> float:
 def _install_sigterm(trainer: Trainer):
     """SIGTERM / SIGINT set a flag; the loop stops at the next update boundary and checkpoints."""
     def handler(signum, frame):
-        if trainer._stop:  # second Ctrl-C: give up at once
+        if trainer._stop and not trainer._saving:  # second signal: give up at once (nothing half-saved)
             raise KeyboardInterrupt
         trainer._stop = True
+        trainer.stop_signal = trainer.stop_signal or signum
     try:
         old = signal.signal(signal.SIGTERM, handler), signal.signal(signal.SIGINT, handler)
         return old

@@ -12,7 +12,8 @@ from ..data import load_dataset
 from ..denoiser import Denoiser
 from ..models import ModelMeta, load_denoiser, load_scheduler_config, save_model_folder
 from ..pairs import teacher_ode_pairs
-from .core import Trainer
+from ..utils import atomic_folder, atomic_write_text
+from .core import Trainer, raise_if_interrupted
 from .dmd import DMDObjective
 
 STUDENT_PIPELINE = "StepDistillPipeline"
@@ -35,6 +36,12 @@ def build_dmd(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMe
     teacher_given = teacher is not None
     if teacher is None:
         teacher, meta = load_denoiser(cfg.dmd.teacher, allow_pickle=cfg.dmd.allow_pickle)
+    if meta is not None and meta.student_timesteps and not cfg.dmd.allow_student_teacher:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"dmd.teacher {cfg.dmd.teacher} is a distilled student (timesteps {meta.student_timesteps}), "
+                          "not a many-step teacher; its one-step score is not a data score. Use the teacher it came "
+                          "from, or set dmd.allow_student_teacher=true if you mean it")
     data_given = data is not None
     if data is None and meta.conditioning != "text":
         data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
@@ -106,33 +113,38 @@ def build_dmd(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMe
     return obj, data, meta
 
 
-def distill(cfg: DistillConfig, resume: bool = False, accelerator=None, teacher: Denoiser | None = None,
-            meta: ModelMeta | None = None, data=None, text_bank=None) -> Path:
+def distill(cfg: DistillConfig, resume: bool | str = False, accelerator=None, teacher: Denoiser | None = None,
+            meta: ModelMeta | None = None, data=None, text_bank=None, overwrite: bool = False,
+            fork: str | Path | None = None) -> Path:
     """Train and export. ``teacher``/``meta`` let Python users bring any ``nn.Module`` denoiser
     (see :mod:`stepdistill.denoiser` for the call signature) instead of ``cfg.dmd.teacher``;
-    ``data`` / ``text_bank`` as in :func:`build_dmd` (text-conditional teachers)."""
+    ``data`` / ``text_bank`` as in :func:`build_dmd` (text-conditional teachers). ``resume`` /
+    ``overwrite`` / ``fork`` as in :meth:`~stepdistill.trainers.core.Trainer.train`; an interrupted run raises
+    :class:`~stepdistill.errors.TrainingInterrupted` after saving its checkpoint."""
     if cfg.train.threads > 0:  # before the build: teacher ODE pairs are sampled there
         torch.set_num_threads(cfg.train.threads)
     obj, data, meta = build_dmd(cfg, teacher=teacher, meta=meta, data=data, text_bank=text_bank)
     trainer = Trainer(obj, cfg, accelerator=accelerator, data=data,
                       on_checkpoint=getattr(obj, "on_checkpoint", None))  # PSO keeps its online references
-    result = trainer.train(resume=resume)
+    result = trainer.train(resume=resume, overwrite=overwrite, fork=fork)
+    raise_if_interrupted(trainer, result)
     out = Path(cfg.output_dir) / "student"
-    ema = trainer.plain_ema() if not result["interrupted"] else {}  # FSDP: gathered copies (collective)
-    if trainer.acc.is_main_process and not result["interrupted"]:
-        if cfg.method == "phased_dmd":
-            from .phased_dmd import export_phased
+    ema = trainer.plain_ema()  # FSDP: gathered copies (collective)
+    if trainer.acc.is_main_process:
+        with atomic_folder(out, overwrite=True) as tmp:  # the run's own student: replaced as a whole
+            if cfg.method == "phased_dmd":
+                from .phased_dmd import export_phased
 
-            experts = [ema[f"expert_{k}"] for k in range(obj.K)]
-            export_phased(experts, cfg, meta, out, schedule=obj.experts[0].schedule)  # merges LoRA experts
-        elif cfg.method == "msd":
-            from .multi_student import export_multi_student
+                experts = [ema[f"expert_{k}"] for k in range(obj.K)]
+                export_phased(experts, cfg, meta, tmp, schedule=obj.experts[0].schedule)  # merges LoRA experts
+            elif cfg.method == "msd":
+                from .multi_student import export_multi_student
 
-            export_multi_student([ema[f"student_{k}"] for k in range(obj.K)], cfg, meta, out, obj.groups,
-                                 schedule=obj.students[0].schedule)
-        else:
-            export_student(ema["generator"], cfg, meta, out, schedule=obj.student.schedule)
-        (Path(cfg.output_dir) / "training_result.json").write_text(json.dumps(result, indent=2, default=str))
+                export_multi_student([ema[f"student_{k}"] for k in range(obj.K)], cfg, meta, tmp, obj.groups,
+                                     schedule=obj.students[0].schedule)
+            else:
+                export_student(ema["generator"], cfg, meta, tmp, schedule=obj.student.schedule)
+        atomic_write_text(Path(cfg.output_dir) / "training_result.json", json.dumps(result, indent=2, default=str))
         print(f"student exported to {out}")
     return out
 

@@ -84,8 +84,17 @@ def _dmd2_norm(x32: torch.Tensor, real_x0: torch.Tensor) -> torch.Tensor:
 
 
 def _finite(g: torch.Tensor) -> torch.Tensor:
-    """x == mu_real exactly gives 0/0: no signal, so a zero gradient rather than inf/NaN."""
+    """x == mu_real exactly gives 0/0: no signal, so a zero gradient rather than inf/NaN. Non-finite *scores*
+    are another matter: :func:`nonfinite_frac` counts them and the trainer stops past a tolerance."""
     return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def nonfinite_frac(*scores: torch.Tensor) -> float:
+    """Fraction of NaN / inf elements over the score tensors (teacher / critic x0) of a DM gradient. Logged
+    as ``dm_nonfinite_frac``; the trainer stops past ``train.nonfinite_tolerance`` (a NaN teacher or an
+    infinite guidance scale would otherwise train on zeroed gradients)."""
+    bad = sum(int((~torch.isfinite(s)).sum()) for s in scores)
+    return bad / max(sum(s.numel() for s in scores), 1)
 
 
 def _grad_surrogate(x32: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -304,6 +313,7 @@ class DMDObjective:
         elif c.dm_weight > 0:
             l_dm, grad = dm_loss(x, real_x0, fake_x0)
             total = total + c.dm_weight * l_dm
+            logs["dm_nonfinite_frac"] = nonfinite_frac(real_x0, fake_x0)
             logs["dm_loss"] = l_dm.item()
             logs["dm_grad_abs"] = grad.abs().mean().item()
         if c.regression_weight > 0 and self.pairs is not None:
@@ -350,6 +360,7 @@ class DMDObjective:
                                     c.ca_weight)
         g = c.dm_term_weight * p["g_dm"] + c.ca_weight * p["g_ca"]
         return loss, {"dm_loss": loss.item(), "dm_grad_abs": g.abs().mean().item(),
+                      "dm_nonfinite_frac": nonfinite_frac(*dm_real, fake_x0, *ca_real),
                       "dm_term_loss": p["dm_term_loss"].item(), "ca_loss": p["ca_loss"].item(),
                       "dm_term_grad_abs": p["g_dm"].abs().mean().item(), "ca_grad_abs": p["g_ca"].abs().mean().item(),
                       "t_dm_mean": float(t.float().mean()), "t_ca_mean": float(t_ca.float().mean())}

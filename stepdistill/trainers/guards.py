@@ -26,16 +26,19 @@ Every process computes the same stats (same EMA weights, fixed noise), so all st
 """
 from __future__ import annotations
 
+
 import json
 import sys
 
 import torch
 
+from ..errors import StepDistillError
+
 GUARD_GRID = 40  # samples per check (as the periodic grids: 10 columns)
 SATURATION_LEVEL = 0.98
 
 
-class CollapseError(RuntimeError):
+class CollapseError(StepDistillError, RuntimeError):
     """A guard tripped with ``train.guard_action=stop``; the message names the stat, step and checkpoint."""
 
 

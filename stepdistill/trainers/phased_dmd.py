@@ -96,7 +96,7 @@ from ..denoiser import Denoiser
 from ..pipelines.phased import MAX_EXPERTS, expert_step, expert_subfolder, phased_sample, route
 from ..schedules import NoiseSchedule, _bcast
 from .core import Ctx, Player
-from .dmd import CondSampler, GANHead, dm_loss, gan_d_loss, scores_and_gan_g
+from .dmd import CondSampler, GANHead, dm_loss, gan_d_loss, nonfinite_frac, scores_and_gan_g
 
 PHASED_PIPELINE = "PhasedDMDPipeline"
 
@@ -280,6 +280,7 @@ class PhasedDMDObjective:
             logs["gan_g_loss"] = l_g.item()
         if c.dm_weight > 0:
             _, grad = dm_loss(x0_hat.detach(), real_x0, fake_x0)   # DMD2 direction + normaliser
+            logs["dm_nonfinite_frac"] = nonfinite_frac(real_x0, fake_x0)
             o = out.float()
             l_dm = 0.5 * F.mse_loss(o, (o - grad).detach(), reduction="mean")
             total = total + c.dm_weight * l_dm

@@ -13,11 +13,12 @@ from ..models import ModelMeta, build_scheduler
 from ..schedules import VPSchedule
 from ..text import CAPTION_TEMPLATES, CaptionConditioner, PromptEncoder, caption_bank
 from ..text_models import TEXT_TEACHER_PIPELINE, build_text_unet, save_text_folder
-from .core import Trainer
+from ..utils import atomic_folder
+from .core import Trainer, raise_if_interrupted
 from .diffusion import DiffusionObjective
 
 
-def train_text_teacher(cfg: TeacherConfig, resume: bool = False, accelerator=None) -> Path:
+def train_text_teacher(cfg: TeacherConfig, resume: bool | str = False, accelerator=None, overwrite: bool = False) -> Path:
     data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
     templates = list(cfg.text.templates or CAPTION_TEMPLATES)
     encoder = PromptEncoder.load(cfg.text.encoder, cfg.text.max_length or 16)
@@ -32,14 +33,17 @@ def train_text_teacher(cfg: TeacherConfig, resume: bool = False, accelerator=Non
                              o.grad_clip, o.warmup_steps, cfg.cfg_dropout, cfg.sample_steps, cfg.guidance_scale,
                              conds=conds)
     trainer = Trainer(obj, cfg, accelerator=accelerator, data=data)
-    result = trainer.train(resume=resume)
+    trainer.command = "teacher"
+    result = trainer.train(resume=resume, overwrite=overwrite)
+    raise_if_interrupted(trainer, result)
     out = Path(cfg.output_dir) / "model"
-    if trainer.acc.is_main_process and not result["interrupted"]:
+    if trainer.acc.is_main_process:
         meta = ModelMeta(prediction_type=cfg.model.prediction_type, conditioning="text", class_names=[],
                          extra={"dataset": cfg.data.name, "steps": trainer.step,
                                 "text": {"class_names": list(data.class_names), "templates": templates,
                                          "source_encoder": cfg.text.encoder}})
-        save_text_folder(out, trainer.ema["model"], scheduler, meta, TEXT_TEACHER_PIPELINE, encoder)
-        (out / "training_result.json").write_text(json.dumps(result, indent=2, default=str))
+        with atomic_folder(out, overwrite=True) as tmp:  # the run's own folder: replaced as a whole
+            save_text_folder(tmp, trainer.ema["model"], scheduler, meta, TEXT_TEACHER_PIPELINE, encoder)
+            (tmp / "training_result.json").write_text(json.dumps(result, indent=2, default=str))
         print(f"text teacher saved to {out}")
     return out
