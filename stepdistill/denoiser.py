@@ -227,6 +227,35 @@ class Denoiser(nn.Module):
         return x0, feats
 
 
+    def features(self, x_t, t, cond=None) -> torch.Tensor:
+        """Bottleneck features (B, C', h, w) alone: the forward stops at the bottleneck, so the layers after
+        it (a UNet's decoder half) are never run. The same tensor as ``x0_and_features(...)[1]``, at about
+        half the cost: GAN heads on real data need nothing else. (Sharded FSDP backbones run in full: their
+        parameter gathering must see every layer.)"""
+        if self._hook_module is None:
+            raise ValueError("this backbone exposes no bottleneck module for a GAN head")
+        if type(self.backbone).__name__.startswith("FSDP"):
+            return self.x0_and_features(x_t, t, cond)[1]
+
+        def stop(module, inputs, output):
+            self._store_features(module, inputs, output)
+            raise _FeaturesReady
+
+        handle = self._hook_module.register_forward_hook(stop)
+        try:
+            self.raw(x_t, t, cond)
+        except _FeaturesReady:
+            pass
+        finally:
+            handle.remove()
+        feats, self._feats = self._feats, None
+        return feats
+
+
+class _FeaturesReady(Exception):
+    """Raised by :meth:`Denoiser.features`' hook to end the forward pass at the bottleneck."""
+
+
 def _pixart_added_cond(b, x_t):
     """PixArt-alpha 1024px (``use_additional_conditions``) is conditioned on the image size in pixels
     (latent size x 8, the VAE factor) and the aspect ratio, as in diffusers' PixArtAlphaPipeline."""

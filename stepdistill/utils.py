@@ -71,13 +71,20 @@ def plot_losses(log_path: str | Path, out_path: str | Path) -> Path | None:
         ax.set_ylabel(k, fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
+    return save_figure(fig, out_path, dpi=90)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 90) -> Path:
+    """Save a matplotlib figure atomically (temp file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
     fig.tight_layout()
-    out_path = Path(out_path)
-    tmp = out_path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
-    os.replace(tmp, out_path)
-    return out_path
+    os.replace(tmp, path)
+    return path
 
 
 def sha256_file(path: str | Path) -> str:

@@ -432,3 +432,19 @@ def test_pixart_with_additional_conditions():
             "resolution": torch.tensor([[64.0, 64.0]] * 2), "aspect_ratio": torch.tensor([[1.0]] * 2)}).sample[:, :2]
         assert den(x, t, c, guidance_scale=3.0).shape == x.shape
     torch.testing.assert_close(got, ref)
+
+
+def test_features_stop_at_the_bottleneck_with_the_same_values():
+    """Denoiser.features: the GAN real branch's forward ends at the bottleneck (no decoder pass), same tensor."""
+    from stepdistill.models import load_denoiser
+
+    den, _ = load_denoiser("builtin:animal_mnist")
+    up_calls = []
+    h = den.backbone.up_blocks[0].register_forward_hook(lambda *a: up_calls.append(1))
+    x, t, c = torch.randn(3, 1, 32, 32), torch.tensor([10.0, 400.0, 990.0]), torch.tensor([0, 3, 10])
+    _, full = den.x0_and_features(x, t, c)
+    assert len(up_calls) == 1
+    feats = den.features(x, t, c)
+    h.remove()
+    assert len(up_calls) == 1                      # the decoder did not run
+    assert torch.equal(feats, full) and den._feats is None

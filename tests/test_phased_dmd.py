@@ -120,9 +120,13 @@ def _spy_raw(den, name, calls):
     orig = den.raw
 
     def raw(x_t, t, cond=None, *a, **kw):
-        out = orig(x_t, t, cond, *a, **kw)
-        calls.append((name, x_t.detach().clone(), t.detach().clone(), torch.is_grad_enabled(), out.detach().clone()))
-        return out
+        out = None
+        try:
+            out = orig(x_t, t, cond, *a, **kw)
+            return out
+        finally:  # also a pass that Denoiser.features ends at the bottleneck (out stays None)
+            calls.append((name, x_t.detach().clone(), t.detach().clone(), torch.is_grad_enabled(),
+                          None if out is None else out.detach().clone()))
 
     den.raw = raw
 

@@ -88,7 +88,8 @@ def test_fresh_gan_t_scores_the_generator_at_its_own_noise_level(tmp_path):
     for fresh in (False, True):
         obj, tr = _tiny_trainer(tmp_path / str(fresh), ["train.max_steps=1", f"dmd.gan_fresh_t={fresh}"])
         gan_t, dm_t = [], []
-        obj.critic.x0_and_features = spy(obj.critic.x0_and_features, gan_t)
+        obj.critic.x0_and_features = spy(obj.critic.x0_and_features, gan_t)  # GAN term on the DM step's x_t
+        obj.critic.features = spy(obj.critic.features, gan_t)                # GAN term at its own t
         obj.teacher.forward = spy(obj.teacher.forward, dm_t)
         loss, logs = obj.generator_loss(Ctx(torch.Generator().manual_seed(3), 0, 1, 4, torch.device("cpu"), 0, tr.data))
         assert "gan_g_loss" in logs and "dm_loss" in logs and torch.isfinite(loss)

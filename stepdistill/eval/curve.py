@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ..config import ConfigError
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, save_figure
 
 PLOTTED = (("fid", "FID (lower is better)"), ("recall", "recall (higher is better)"),
            ("class_accuracy", "class accuracy"), ("min_class_recall", "worst-class recall"))
@@ -128,9 +128,4 @@ def plot_curve(curve: dict, path: Path) -> Path:
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=90)

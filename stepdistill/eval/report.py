@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..utils import atomic_write_text, make_grid
+from ..utils import atomic_write_text, make_grid, save_figure
 
 GRID_NAME = "samples_grid.png"
 LOSS_NAME = "loss.png"
@@ -88,12 +88,7 @@ def _fid_plot(points: list[dict], teacher: dict | None, path: Path) -> Path:
     ax.set_ylabel("FID (lower is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def resolve_teacher(student_folder: Path, recorded: str | None, given: str | None) -> str:

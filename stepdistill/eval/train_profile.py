@@ -79,7 +79,8 @@ class _ForwardClock:
         self._handles = []
         for n, m in nets.items():
             self._handles.append(m.register_forward_pre_hook(lambda mod, inp, n=n: self._start(n)))
-            self._handles.append(m.register_forward_hook(lambda mod, inp, out, n=n: self._stop(n)))
+            # always_call: a pass that Denoiser.features ends early at the bottleneck still counts
+            self._handles.append(m.register_forward_hook(lambda mod, inp, out, n=n: self._stop(n), always_call=True))
 
     def _start(self, n):
         self._t0.setdefault(n, time.perf_counter())

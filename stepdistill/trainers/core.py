@@ -167,10 +167,8 @@ class Trainer:
             self.ema = {n: _ema_copy(p.module) for n, p in self.obj.players.items() if p.ema}
             self._ema_templates = shard_objective(self.obj, self.ema, device_mesh(dev, world),
                                                   shard_teacher=getattr(self.tcfg, "fsdp_shard_teacher", False))
-        # foreach: one fused multi-tensor update instead of a Python loop over parameters (same numbers);
-        # FSDP keeps the per-tensor path (DTensor shards)
         self.opts = {n: torch.optim.AdamW([q for q in p.module.parameters() if q.requires_grad], lr=p.lr,
-                                          betas=p.betas, weight_decay=p.weight_decay, foreach=not self.fsdp)
+                                          betas=p.betas, weight_decay=p.weight_decay)
                      for n, p in self.obj.players.items()}
         if not self.fsdp:
             self.ema = {n: _ema_copy(p.module) for n, p in self.obj.players.items() if p.ema}
@@ -521,10 +519,13 @@ def raise_if_interrupted(trainer: Trainer, result: dict) -> None:
         f"stepdistill {trainer.command} --config {trainer.out / 'config.yaml'} --resume", exit_code=128 + int(sig))
 
 
-#: config keys a resumed run may change (a longer run, other logging / checkpoint cadence, threads, guards)
+#: config keys a resumed run may change: a longer run, the logging / checkpoint cadence, threads, guards, and
+#: where the same math runs (processes, FSDP sharding, CPU, activation recomputation, an offloaded teacher)
 RESUME_MAY_CHANGE = ("output_dir", "train.max_steps", "train.log_every", "train.sample_every",
                      "train.checkpoint_every", "train.threads", "train.num_workers", "train.guard_every",
-                     "train.guard_action", "train.guard_min_diversity", "train.guard_max_saturation")
+                     "train.guard_action", "train.guard_min_diversity", "train.guard_max_saturation",
+                     "train.nonfinite_tolerance", "train.fsdp", "train.fsdp_shard_teacher", "train.cpu",
+                     "train.gradient_checkpointing", "dmd.offload_teacher")
 #: what makes an output folder a run that a fresh start would clobber
 RUN_MARKERS = ("checkpoints", "log.jsonl", "student", "model", "config.yaml")
 

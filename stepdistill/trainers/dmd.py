@@ -232,7 +232,7 @@ class DMDObjective:
         with torch.no_grad():
             x = torch.zeros(1, *self.shape)
             cond = self.conds.grid(1, x.device)  # label 0 / first prompt / None
-            _, f = self.critic.x0_and_features(x, torch.tensor([500.0]), cond)
+            f = self.critic.features(x, torch.tensor([500.0]), cond)
         return f.shape[-1]
 
     # -- schedule of updates: the two time-scale rule (DMD2 Sec. 4.1) -----------------------
@@ -301,7 +301,7 @@ class DMDObjective:
             T = self.critic.schedule.num_train_timesteps
             t_g = ctx.sample_t(self.critic.schedule, 0, T - 1)
             x_g = self.critic.schedule.add_noise(x, ctx.randn(*self.shape), t_g)
-            _, feats = self.critic.x0_and_features(x_g, t_g, cond)
+            feats = self.critic.features(x_g, t_g, cond)
             l_g = F.softplus(-self.head(feats.float())).mean()
         if l_g is not None:
             total = total + c.gan_g_weight * l_g
@@ -403,7 +403,7 @@ class DMDObjective:
             real, real_labels = ctx.real_batch()
             t_r = ctx.sample_t(sched, 0, T - 1)
             xr = sched.add_noise(real, ctx.randn(*self.shape), t_r)
-            _, f_real = self.critic.x0_and_features(xr, t_r, self.conds.real_cond(real_labels))
+            f_real = self.critic.features(xr, t_r, self.conds.real_cond(real_labels))  # stops at the bottleneck
             l_d, d_logs = gan_d_loss(self.head, f_fake, f_real)
             total = total + c.gan_d_weight * l_d
             logs.update(d_logs)

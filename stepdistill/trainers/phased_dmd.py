@@ -217,7 +217,7 @@ class PhasedDMDObjective:
         with torch.no_grad():
             x = torch.zeros(1, *self.shape)
             cond = torch.zeros(1, dtype=torch.long) if self.conds.num_classes else None
-            _, f = critic.x0_and_features(x, torch.tensor([self.timesteps[-1]]), cond)
+            f = critic.features(x, torch.tensor([self.timesteps[-1]]), cond)
         return f.shape[-1]
 
     # -- phases -------------------------------------------------------------------------------
@@ -317,7 +317,7 @@ class PhasedDMDObjective:
             real, real_labels = ctx.real_batch()
             t_r = ctx.sample_t(sched, lo, hi)
             xr = sched.add_noise(real, ctx.randn(*self.shape), t_r)
-            _, f_real = critic.x0_and_features(xr, t_r, self.conds.real_cond(real_labels))
+            f_real = critic.features(xr, t_r, self.conds.real_cond(real_labels))  # stops at the bottleneck
             l_d, d_logs = gan_d_loss(self.head, f_fake, f_real)
             total = total + c.gan_d_weight * l_d
             logs.update(d_logs)
