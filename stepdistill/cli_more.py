@@ -75,10 +75,13 @@ def cmd_report(a):
                       guidance_scale=a.guidance_scale, fid=a.fid, fid_num=a.fid_num, ref=a.ref, ref_split=a.ref_split,
                       ref_num=a.ref_num, seed=a.seed, batch_size=a.batch_size, grid_rows=a.grid_rows,
                       diversity_extractor=a.diversity_extractor, device=a.device, allow_pickle=a.allow_pickle,
-                      progress=not a.no_progress)
+                      progress=not a.no_progress, teacher_metrics=a.teacher_metrics)
     out = Path(a.out)
+    keys = ("steps", "nfe_per_sample", "fid", "precision", "recall", "min_class_recall", "class_accuracy", "diversity")
     print(json.dumps({"report": str(out / "report.md"), "json": str(out / "report.json"),
-                      "files": {k: str(out / v) for k, v in res["files"].items()}}))
+                      "files": {k: str(out / v) for k, v in res["files"].items()},
+                      "summary": {name: {k: r[k] for k in keys if r.get(k) is not None} for name, r in res["runs"].items()}},
+                     indent=1))
 
 
 def cmd_curve(a):
@@ -195,6 +198,9 @@ def add_commands(sub) -> None:
     p.add_argument("--guidance-scale", type=float, default=2.0)
     p.add_argument("--fid", action="store_true", help="also compute FID (student 1..K steps and teacher)")
     p.add_argument("--fid-num", type=int, default=None, help="samples per FID (default: --num)")
+    p.add_argument("--teacher-metrics", default=None,
+                   help="with --fid: the teacher's `stepdistill eval` JSON on the same protocol (--fid-num, --seed, "
+                        "reference), used instead of sampling the teacher again")
     _ref_args(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--grid-rows", type=int, default=4, help="rows (samples per class) per model in the grid")

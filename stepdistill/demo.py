@@ -552,7 +552,8 @@ def build_demo(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_
             teacher_box = gr.Textbox(value=str(teacher_path), label="Teacher folder",
                                      info="diffusers folder or builtin:animal_mnist")
             student_box = gr.Textbox(value=str(student_path), label="Student folder",
-                                     info="diffusers folder or builtin:animal_mnist_dmd2")
+                                     info="diffusers folder, builtin:animal_mnist_dmd2 (1 step) or "
+                                          "builtin:animal_mnist_dmd2_4step (4 steps: hybrid mode)")
         model_md = gr.Markdown(st["message"])
         with gr.Row():
             class_dd = gr.Dropdown(choices=st["classes"], value=ALL_CLASSES, label="Class",

@@ -26,7 +26,8 @@ from .schedules import NoiseSchedule, schedule_from_config
 BUILTIN_TEACHERS = {"builtin:animal_mnist": Path(__file__).parent / "assets" / "animal_mnist_teacher",
                     # text-to-image (UNet2DConditionModel on MiniLM captions; references the MiniLM package)
                     "builtin:animal_mnist_text": Path(__file__).parent / "assets" / "animal_mnist_text_teacher"}
-BUILTIN_STUDENTS = {"builtin:animal_mnist_dmd2": Path(__file__).parent / "assets" / "animal_mnist_dmd2_student"}
+BUILTIN_STUDENTS = {"builtin:animal_mnist_dmd2": Path(__file__).parent / "assets" / "animal_mnist_dmd2_student",
+                    "builtin:animal_mnist_dmd2_4step": Path(__file__).parent / "assets" / "animal_mnist_dmd2_4step_student"}
 WEIGHT_SAFE = "diffusion_pytorch_model.safetensors"
 WEIGHT_PICKLE = "diffusion_pytorch_model.bin"
 BACKBONE_SUBFOLDERS = ("unet", "transformer")

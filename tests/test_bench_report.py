@@ -135,3 +135,19 @@ def test_report_needs_a_teacher_and_enough_samples(student2, tmp_path, capsys):
     rc, _, err = _run(capsys, "report", "--student", student2, "--teacher", tmp_path / "gone", "--out", tmp_path / "r",
                       "--num", 4, "--no-progress")
     assert rc == 2 and "no such folder" in err
+
+
+def test_teacher_metrics_must_share_the_report_protocol(tmp_path):
+    from stepdistill.config import ConfigError
+    from stepdistill.eval.report import _teacher_metrics
+
+    ev = {"kind": "teacher", "num": 500, "seed": 0, "steps": 50, "nfe_per_sample": 100, "fid": 70.0,
+          "reference": {"n": 1000, "cache_key": "animal_mnist-32-test"}}
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(ev))
+    assert _teacher_metrics(p, 500, 0, 1000, "animal_mnist-32-test")["fid"] == 70.0
+    with pytest.raises(ConfigError, match=r"num 500 \(report: 200\)"):
+        _teacher_metrics(p, 200, 0, 1000, "animal_mnist-32-test")
+    p.write_text(json.dumps({**ev, "kind": "student"}))
+    with pytest.raises(ConfigError, match="kind 'student'"):
+        _teacher_metrics(p, 500, 0, 1000, "animal_mnist-32-test")

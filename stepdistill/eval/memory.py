@@ -73,7 +73,9 @@ def measure_in_process(config: str | None, overrides: list[str], steps: int) -> 
     from ..trainers.core import Trainer
     from ..trainers.distill import build_dmd
 
-    cfg = load_config(DistillConfig, config, list(overrides) + [f"train.max_steps={steps}"])
+    # DMD2 steps are measured: a config's regression warm-up is switched off unless the overrides ask for it
+    cfg = load_config(DistillConfig, config, ["dmd.regression_warmup_steps=0"] + list(overrides)
+                      + [f"train.max_steps={steps}"])
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)

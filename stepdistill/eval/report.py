@@ -138,8 +138,11 @@ def make_report(student: str, out_dir: str | Path, teacher: str | None = None, n
                 teacher_steps: int = 25, guidance_scale: float = 2.0, fid: bool = False, fid_num: int | None = None,
                 ref: str | None = None, ref_split: str = "test", ref_num: int | None = None, seed: int = 0,
                 batch_size: int = 64, grid_rows: int = 4, scale: int = 2, diversity_extractor: str = "auto",
-                device: str | None = None, allow_pickle: bool = False, progress: bool = True) -> dict:
-    """Write the report (see the module docstring); returns the ``report.json`` content."""
+                device: str | None = None, allow_pickle: bool = False, progress: bool = True,
+                teacher_metrics: str | Path | None = None) -> dict:
+    """Write the report (see the module docstring); returns the ``report.json`` content. ``teacher_metrics``:
+    with ``fid``, take the teacher's FID / recall / ... from its ``stepdistill eval`` JSON (same sample count,
+    seed and reference, checked) instead of sampling it again."""
     from .generate import (
         classifier_accuracy,
         diversity_metric,
@@ -221,11 +224,17 @@ def make_report(student: str, out_dir: str | Path, teacher: str | None = None, n
             points.append({"steps": steps, "nfe_per_sample": s.nfe_per_sample(steps), **m})
             if name in runs:
                 runs[name].update({key: m[key] for key in keep if key in m})
-        x = images["teacher"] if len(images["teacher"]) == fid_n else t.generate(
-            fid_labels, steps=teacher_steps, guidance_scale=guidance_scale, **fkw)
-        tm = fid_metrics(x, ref_images, cache_key, **mkw)
-        runs["teacher"].update({key: tm[key] for key in keep if key in tm})
-        teacher_point = {"steps": teacher_steps, "nfe_per_sample": runs["teacher"]["nfe_per_sample"], **tm}
+        if teacher_metrics:  # the teacher's numbers from its own `stepdistill eval` on the same protocol
+            tm = _teacher_metrics(teacher_metrics, fid_n, seed, len(ref_images), cache_key)
+            runs["teacher"].update({key: tm[key] for key in keep + ("class_accuracy", "diversity") if key in tm},
+                                   metrics_from=str(teacher_metrics), metrics_steps=tm["steps"])
+            teacher_point = {"steps": tm["steps"], "nfe_per_sample": tm["nfe_per_sample"], **tm}
+        else:
+            x = images["teacher"] if len(images["teacher"]) == fid_n else t.generate(
+                fid_labels, steps=teacher_steps, guidance_scale=guidance_scale, **fkw)
+            tm = fid_metrics(x, ref_images, cache_key, **mkw)
+            runs["teacher"].update({key: tm[key] for key in keep if key in tm})
+            teacher_point = {"steps": teacher_steps, "nfe_per_sample": runs["teacher"]["nfe_per_sample"], **tm}
         _fid_plot(points, teacher_point, out / FID_PLOT_NAME)
         files["fid_plot"] = FID_PLOT_NAME
         fid_info = {"reference": ref_name, "reference_split": ref_split if ref_name in ("animal_mnist", "digits") else None,
@@ -249,6 +258,19 @@ def make_report(student: str, out_dir: str | Path, teacher: str | None = None, n
                                             for key in ("class_accuracy", "fid", "recall", "latency_per_image_s", "nfe_per_sample")
                                             if isinstance(r.get(key), (int, float))})
     return report
+
+
+def _teacher_metrics(path, num: int, seed: int, n_ref: int, cache_key: str) -> dict:
+    """A teacher's ``stepdistill eval`` JSON, refused unless it used this report's protocol."""
+    r = json.loads(Path(path).read_text())
+    ref = r.get("reference") or {}
+    want = {"kind": "teacher", "num": num, "seed": seed, "reference n": n_ref, "reference cache_key": cache_key}
+    got = {"kind": r.get("kind"), "num": r.get("num"), "seed": r.get("seed"), "reference n": ref.get("n"),
+           "reference cache_key": ref.get("cache_key")}
+    bad = [f"{k} {got[k]!r} (report: {v!r})" for k, v in want.items() if got[k] != v]
+    if bad:
+        raise ConfigError(f"--teacher-metrics {path} was measured on another protocol: {', '.join(bad)}")
+    return r
 
 
 def _json_default(o):
@@ -304,6 +326,11 @@ def render_markdown(report: dict) -> str:
         notes.append(f"FID / KID: {f['num_samples']} generated samples per model against {f['n_ref']} reference "
                      f"images of `{f['reference']}`{split}, feature extractor `{f['feature_extractor']}`; "
                      "FID from few samples is biased upwards: compare only at equal sample counts")
+        src = runs.get("teacher", {}).get("metrics_from")
+        if src:
+            notes.append(f"the teacher's FID / KID / precision / recall / class accuracy / diversity come from `{src}` "
+                         f"(its own `stepdistill eval`, "
+                         f"{runs['teacher']['metrics_steps']} steps, same sample count, seed and reference)")
         notes.append("precision / recall: Kynkaanniemi et al. 2019 (k = 3) on the same features; worst-class recall: "
                      "the lowest recall of one class's samples against that class's real images (mode coverage)")
     L += [f"- {n}" for n in notes] + [""]

@@ -111,7 +111,8 @@ def profile_training(config: str | None = None, overrides: list[str] | None = No
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
-    over = list(overrides or [])
+    # DMD2 steps are profiled: a config's regression warm-up is switched off unless the overrides ask for it
+    over = ["dmd.regression_warmup_steps=0"] + list(overrides or [])
     teacher = meta = None
     if tiny:
         teacher, meta = tiny_teacher()
