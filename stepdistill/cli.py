@@ -20,6 +20,13 @@ def _config_arg(p: argparse.ArgumentParser, default: str | None, train: bool = T
                    help="delete what output_dir (train) or --out (export) already holds instead of refusing")
 
 
+def _resume_value(a) -> None:
+    """``--resume key=value``: argparse gives the override to the optional CHECKPOINT; hand it back."""
+    if isinstance(a.resume, str) and "=" in a.resume and not Path(a.resume).exists():
+        a.overrides = [a.resume] + list(a.overrides)
+        a.resume = "latest"
+
+
 def _default_config(name: str) -> str | None:
     p = CONFIG_DIR / name
     return str(p) if p.exists() else None
@@ -29,6 +36,7 @@ def cmd_teacher(a):
     from .config import TeacherConfig, load_config
     from .trainers.teacher import train_teacher
 
+    _resume_value(a)
     cfg = load_config(TeacherConfig, a.config, a.overrides)
     train_teacher(cfg, resume=a.resume, overwrite=a.overwrite)
 
@@ -37,6 +45,7 @@ def cmd_distill(a):
     from .config import ConfigError, DistillConfig, load_config
     from .trainers.distill import distill
 
+    _resume_value(a)
     cfg = load_config(DistillConfig, a.config, a.overrides)
     if a.fork and a.resume:
         raise ConfigError("--fork starts a new run from another run's checkpoint; it cannot be combined with --resume")

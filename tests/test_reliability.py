@@ -343,3 +343,12 @@ def test_fork_branches_a_new_run_off_another_runs_checkpoint(tiny_teacher, done_
     assert rc == 0 and "--fork: starting from" in err and "dmd.gan True -> False" in err
     rows = [json.loads(x) for x in (tmp_path / "branch" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 4] and all("gan_g_loss" not in r for r in rows)
+
+
+def test_resume_followed_by_an_override_on_the_command_line(tiny_teacher, done_run, tmp_path, capsys):
+    run = _copy_run(done_run, tmp_path / "run")
+    overrides = [o for o in tiny_distill_overrides(tiny_teacher, run) if not o.startswith("train.max_steps=")]
+    argv = ["distill", "--config", "", "--resume", "train.max_steps=6", *overrides]  # argparse: --resume [CKPT]
+    rc, _, err = _run(capsys, argv)
+    assert rc == 0, err
+    assert (run / "checkpoints" / "step_000006").is_dir()
