@@ -14,7 +14,7 @@ install:
 run: install
 	stepdistill distill --config configs/dmd2_animal_mnist.yaml output_dir=$(RUN_DIR) --overwrite
 	stepdistill report --student $(RUN_DIR)/student --out $(RUN_DIR)/report --fid --num 100 --fid-num 500 \
-		--teacher-steps 50 --teacher-metrics docs/benchmarks/eval_teacher50.json
+		--teacher-steps 25 --teacher-metrics docs/benchmarks/eval_teacher50.json
 
 test: install
 	$(PY) -m pytest -m "not slow" -p no:cacheprovider

@@ -57,15 +57,11 @@ def cmd_export(a):
     written to a temporary folder and renamed into place; a non-empty --out needs --overwrite."""
     from .config import DistillConfig, load_config
     from .trainers.distill import build_dmd, export_student, load_trained_generator
-    from .utils import atomic_folder
+    from .utils import atomic_folder, refuse_non_empty
 
     cfg = load_config(DistillConfig, a.config, a.overrides)
     out = Path(a.out or Path(cfg.output_dir) / "student")
-    if out.exists() and any(out.iterdir()) and not a.overwrite:  # refuse before any loading
-        from .errors import OutputExistsError
-
-        raise OutputExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it "
-                                "or choose another --out")
+    refuse_non_empty(out, a.overwrite)  # before any loading
     if cfg.method == "phased_dmd":
         from .trainers.phased_dmd import export_phased, load_trained_experts
 

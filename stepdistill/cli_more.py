@@ -96,6 +96,19 @@ def cmd_curve(a):
                       "points": [{k: p.get(k) for k in keys} for p in res["points"]]}, indent=1))
 
 
+def seed_arg(text: str) -> int:
+    """argparse type for --seed: an integer torch can seed with (0..2**63-1); anything else exits 2 with a line."""
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in 0..2**63-1, got {v}")
+    return v
+
+
 def _set_threads(a):
     if getattr(a, "threads", None):
         import torch
@@ -104,7 +117,7 @@ def _set_threads(a):
 
 
 def _common(p, device=True):
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0, help="random seed, 0..2**63-1 (default 0)")
     if device:
         p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
