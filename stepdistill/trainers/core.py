@@ -448,9 +448,6 @@ class Trainer:
         full = {n: full_state_dict(m, keep) for n, m in self.ema.items()}
         return {n: plain_copy(self._ema_templates[n], sd) for n, sd in full.items()} if keep else {}
 
-    def load_latest(self) -> bool:
-        return self.load_resume_point("latest")
-
     def load_resume_point(self, which: bool | str = "latest") -> bool:
         """Load the checkpoint to resume from (see :meth:`train`); False when the run has none yet."""
         which = "latest" if which is True else str(which)
