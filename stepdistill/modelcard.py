@@ -107,19 +107,23 @@ def _usage(folder_name: str, steps: list[float], class_names: list[str], predict
     label_arg = f"class_labels=[{cls0!r}] * 4, " if cls0 is not None else "batch_size=4, "
     label_line = "labels = torch.tensor([0] * 4)  # class indices (see the class list above)" if class_names \
         else "labels = None"
-    pt_code = repr(prediction_type) if prediction_type else "scheduler.config.prediction_type"
+    spacing = ("`scheduler.set_timesteps(" + str(len(steps)) + ")` gives the same timesteps (trailing spacing)"
+               if _trailing(steps) else "pass them to `set_timesteps` as below")
     return f'''## Usage
 
 With stepdistill (`pip install stepdistill`):
 
 ```python
-from stepdistill.pipelines.student import StepDistillPipeline
+from stepdistill import StepDistillPipeline
 
 pipe = StepDistillPipeline.from_pretrained("{folder_name}")
 images = pipe({label_arg}num_inference_steps={len(steps)}, seed=0).images  # PIL images
 ```
 
-With stock diffusers only (the same computation; weights are safetensors):
+`DiffusionPipeline.from_pretrained(folder)` needs stepdistill installed too: `model_index.json` names our
+`StepDistillPipeline`. The folder holds no code (so no `custom_pipeline`); without stepdistill, load the two
+stock parts and run the student's chain with the stock scheduler (the same computation; weights are
+safetensors). The student's timesteps are `{ts}`; {spacing}.
 
 ```python
 import torch
@@ -128,30 +132,28 @@ from diffusers import DDPMScheduler, UNet2DModel
 folder = "{folder_name}"  # path to this folder (or its hub id)
 unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
 scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-ac = scheduler.alphas_cumprod.double()
-prediction_type = {pt_code}
-timesteps = {ts}  # the student's timesteps (fewer steps: an evenly spaced subset starting at the first)
+scheduler.set_timesteps(timesteps={ts})
 {label_line}
 g = torch.Generator().manual_seed(0)
 c = unet.config
 x = torch.randn(len(labels) if labels is not None else 4, c.in_channels, c.sample_size, c.sample_size, generator=g)
+ts = scheduler.timesteps
 with torch.no_grad():
-    for k, t in enumerate(timesteps):
-        a, s = ac[int(t)].sqrt().float(), (1 - ac[int(t)]).sqrt().float()
-        pred = unet(x, torch.full((x.shape[0],), float(t)), class_labels=labels).sample
-        if prediction_type == "epsilon":
-            x0 = (x - s * pred) / a
-        elif prediction_type == "v_prediction":
-            x0 = a * x - s * pred
-        else:  # "sample"
-            x0 = pred
-        if k + 1 < len(timesteps):  # re-noise to the next timestep with fresh noise
-            t1 = int(timesteps[k + 1])
-            eps = torch.randn(x.shape, generator=g)
-            x = ac[t1].sqrt().float() * x0 + (1 - ac[t1]).sqrt().float() * eps
-images = x0.clamp(-1, 1)  # (B, C, H, W) in [-1, 1]
+    for i, t in enumerate(ts):  # each step predicts x0; between steps, re-noise it with fresh noise
+        x0 = scheduler.step(unet(x, t, class_labels=labels).sample, t, x).pred_original_sample
+        x = scheduler.add_noise(x0, torch.randn(x.shape, generator=g), ts[i + 1:i + 2]) if i + 1 < len(ts) else x0
+images = x.clamp(-1, 1)  # (B, C, H, W) in [-1, 1]
 ```
 '''
+
+
+def _trailing(steps: list[float], num_train_timesteps: int = 1000) -> bool:
+    """True when ``DDPMScheduler(timestep_spacing="trailing").set_timesteps(K)`` gives exactly ``steps``."""
+    import numpy as np
+
+    k = len(steps)
+    trailing = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / k)) - 1
+    return [int(t) for t in trailing] == [int(t) for t in steps]
 
 
 def _text_usage(folder: Path, steps: list[float]) -> str:

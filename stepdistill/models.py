@@ -22,12 +22,7 @@ import torch
 from .config import TeacherModelConfig
 from .denoiser import BACKBONE_KINDS, Denoiser
 from .schedules import NoiseSchedule, schedule_from_config
-
-BUILTIN_TEACHERS = {"builtin:animal_mnist": Path(__file__).parent / "assets" / "animal_mnist_teacher",
-                    # text-to-image (UNet2DConditionModel on MiniLM captions; references the MiniLM package)
-                    "builtin:animal_mnist_text": Path(__file__).parent / "assets" / "animal_mnist_text_teacher"}
-BUILTIN_STUDENTS = {"builtin:animal_mnist_dmd2": Path(__file__).parent / "assets" / "animal_mnist_dmd2_student",
-                    "builtin:animal_mnist_dmd2_4step": Path(__file__).parent / "assets" / "animal_mnist_dmd2_4step_student"}
+from .shipped import BUILTIN_STUDENTS, BUILTIN_TEACHERS, missing_folder_hint, resolve_shipped  # noqa: E402,F401 (re-exported)
 WEIGHT_SAFE = "diffusion_pytorch_model.safetensors"
 WEIGHT_PICKLE = "diffusion_pytorch_model.bin"
 BACKBONE_SUBFOLDERS = ("unet", "transformer")
@@ -83,19 +78,14 @@ def build_scheduler(cfg: TeacherModelConfig):
 def _resolve(path_or_id: str, allow_pickle: bool = False) -> str | Path:
     """A builtin name, a local folder, or a hub id (``owner/name``, fetched into / read from the hub cache,
     so ``HF_HUB_OFFLINE=1`` works with a cached snapshot) -> a local path. A missing local path says so."""
-    builtins = {**BUILTIN_TEACHERS, **BUILTIN_STUDENTS}
-    if path_or_id in builtins:
-        p = builtins[path_or_id]
-        if not p.exists():
-            raise ModelLoadError(f"{path_or_id}: shipped model missing at {p}; see configs/ for the command that makes it")
-        return p
+    if str(path_or_id).startswith("builtin:"):
+        return resolve_shipped(path_or_id)
     if Path(path_or_id).exists():
         return path_or_id
     if _looks_like_hub_id(path_or_id):
         return hub_snapshot(path_or_id, allow_pickle)
-    if path_or_id.startswith("builtin:"):
-        raise ModelLoadError(f"unknown shipped model {path_or_id!r}; shipped: {', '.join(sorted(builtins))}")
-    raise ModelLoadError(f"{path_or_id}: no such folder (and not a hub id of the form owner/name)")
+    raise ModelLoadError(f"{path_or_id}: no such folder (and not a hub id of the form owner/name); "
+                         f"{missing_folder_hint(path_or_id)}")
 
 
 #: what a model folder needs from a hub repo: configs, the scheduler, the backbone's full-precision weights
@@ -159,7 +149,8 @@ def load_backbone(path_or_id: str | Path, allow_pickle: bool = False, subfolder:
         safe = _check_weights(folder, allow_pickle)
         cls = getattr(diffusers, cls_name)
         return cls.from_pretrained(folder, use_safetensors=safe), folder
-    raise ModelLoadError(f"{path_or_id}: no such folder (and not a hub id of the form owner/name)")
+    raise ModelLoadError(f"{path_or_id}: no such folder (and not a hub id of the form owner/name); "
+                         f"{missing_folder_hint(path_or_id)}")
 
 
 def load_scheduler_config(path_or_id: str | Path, model_folder: Path | None) -> dict:

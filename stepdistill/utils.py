@@ -121,17 +121,19 @@ def refuse_non_empty(out: str | Path, overwrite: bool = False) -> None:
 def atomic_folder(out: str | Path, overwrite: bool = False):
     """Write a folder all at once: yields a temporary sibling folder that replaces ``out`` on success (and is
     removed on failure), so readers never see a half-written or mixed folder. A non-empty ``out`` is
-    refused unless ``overwrite``."""
+    refused unless ``overwrite``. The temporary folder has ``out``'s name (inside a hidden sibling), so what
+    is written there by name (a model card's title and snippets) names the final folder."""
     out = Path(out)
     refuse_non_empty(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp_{out.name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    box = out.parent / f".tmp_{out.name}_{os.getpid()}"
+    shutil.rmtree(box, ignore_errors=True)
+    tmp = box / out.name
+    tmp.mkdir(parents=True)
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(box, ignore_errors=True)
         raise
     if out.exists():
         old = out.parent / f".old_{out.name}_{os.getpid()}"
@@ -140,3 +142,4 @@ def atomic_folder(out: str | Path, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     else:
         os.replace(tmp, out)
+    shutil.rmtree(box, ignore_errors=True)

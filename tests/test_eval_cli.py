@@ -106,8 +106,9 @@ def test_reference_subset_is_class_balanced():
 
 def test_eval_prints_finite_metrics_and_is_reproducible(student2, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    rc, stdout, _ = _run(capsys, "eval", "--model", student2, "--num", 16, "--seed", 1, "--out", out, *EVAL_FAST)
+    rc, stdout, err = _run(capsys, "eval", "--model", student2, "--num", 16, "--seed", 1, "--out", out, *EVAL_FAST)
     assert rc == 0
+    assert "warning: FID from 16 samples is dominated by its small-sample bias" in err
     res = json.loads(stdout)
     assert json.loads(out.read_text()) == res
     for k in ("fid", "kid", "kid_std", "diversity"):

@@ -183,6 +183,7 @@ def runs(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     out["cache_files"] = sorted(p.name for p in cache.iterdir())
+    out["cache"], out["ref"] = cache, ref
     return out
 
 
@@ -225,6 +226,41 @@ def test_return_features_path_gives_the_same_metrics(runs):
     p, r = precision_recall(b["gen_features"], b["ref_features"])
     assert p == pytest.approx(b["precision"], abs=1e-6) and r == pytest.approx(b["recall"], abs=1e-6)
     assert "gen_features" not in a
+
+
+def test_shipped_reference_features_seed_an_empty_cache(runs, tmp_path, monkeypatch, capsys):
+    """Features shipped as safetensors seed a fresh cache: same FID, the reference never goes through Inception."""
+    from stepdistill.eval import fid as F
+
+    ref = runs["ref"]
+    shipped = F.ship_reference_features(ref, "digits16-test", tmp_path / "shipped", feature_extractor="offline",
+                                        cache_dir=runs["cache"])
+    assert [p.suffix for p in shipped] == [".safetensors"]
+    monkeypatch.setattr(F, "SHIPPED_REF_DIR", tmp_path / "shipped")
+    seen = []
+    orig = FeatureExtractorInceptionV3FidHelper.forward
+    monkeypatch.setattr(FeatureExtractorInceptionV3FidHelper, "forward", lambda self, x: (seen.append(len(x)), orig(self, x))[1])
+    r = F.compute_metrics(-ref, ref, cache_key="digits16-test", cache_dir=tmp_path / "fresh", feature_extractor="offline")
+    assert r["ref_cache_hit"] is True and sum(seen) == N  # only the generated set was extracted
+    assert r["fid"] == pytest.approx(runs["inverted"]["fid"], rel=1e-9)
+    assert "computing Inception features" not in capsys.readouterr().err
+    seen.clear()  # another reference set is not shipped: one line says what is computed and where it is cached
+    F.compute_metrics(-ref[:8], ref[:8], kid=False, cache_key="other", cache_dir=tmp_path / "fresh",
+                      feature_extractor="offline")
+    err = capsys.readouterr().err
+    assert "computing Inception features of the 8 reference images (other) once; cached in" in err
+    assert str(tmp_path / "fresh") in err and sum(seen) == 16
+
+
+def test_shipped_reference_features_match_the_animal_mnist_test_split():
+    """The shipped file's name carries the fingerprint of the test split's pixels: eval on it hits the file."""
+    from stepdistill.eval.features import choose_feature_extractor
+    from stepdistill.eval.fid import SHIPPED_REF_DIR, _cache_name, to_uint8_rgb
+    from stepdistill.eval.generate import load_reference
+
+    images, _, key = load_reference("animal_mnist", 32, 1, "test")
+    name = f"{_cache_name(key, to_uint8_rgb(images))}-{choose_feature_extractor(None)}-features-2048.safetensors"
+    assert (SHIPPED_REF_DIR / name).is_file()
 
 
 def test_ref_cache_detection(tmp_path):

@@ -44,7 +44,7 @@ def test_card_contents(tmp_path):
     usage = "\n".join(_code_blocks(text, "python"))
     assert 'StepDistillPipeline.from_pretrained("student")' in usage
     assert 'UNet2DModel.from_pretrained(folder, subfolder="unet")' in usage and "DDPMScheduler" in usage
-    assert "timesteps = [999, 500]" in usage
+    assert "scheduler.set_timesteps(timesteps=[999, 500])" in usage and "add_noise" in usage
     assert METRICS_START in text and METRICS_END in text and NOT_MEASURED in text
 
 

@@ -202,6 +202,8 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite(tiny_teacher, done_r
     assert not (target / "stale.txt").exists()       # replaced as a whole, not mixed
     assert json.loads((target / "model_index.json").read_text())["_class_name"] == "StepDistillPipeline"
     assert not list(tmp_path.glob(".tmp_*")) and not list(tmp_path.glob(".old_*"))
+    card = (target / "README.md").read_text()  # written in the temporary folder, it names the final one
+    assert "# teacher_copy: " in card and 'from_pretrained("teacher_copy")' in card and ".tmp_" not in card
 
 
 # ----------------------------------------------------------------------------- non-finite values

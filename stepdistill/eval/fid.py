@@ -17,6 +17,10 @@ when ``cache_key`` is given. Cache files live in ``cache_dir`` (default
 ``...-stat-fid-2048.pt``, where the fingerprint is a hash of the reference uint8 pixels, so a
 changed reference set never hits a stale cache. torch-fidelity reads these files with
 ``torch.load(weights_only=False)``: only point ``cache_dir`` at a folder you trust.
+
+Shipped reference features (:data:`SHIPPED_REF_DIR`, safetensors, keyed by that same name and
+pixel fingerprint) seed an empty cache, so the first ``stepdistill eval`` on the Animal-MNIST test
+split starts at once; any other reference set is computed once, with a log line and progress bar.
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ from stepdistill.eval.features import (
 )
 
 KID_SUBSET_SIZE = 1000
+#: reference features shipped with the package: ``<cache name>-<extractor>-features-<layer>.safetensors``
+SHIPPED_REF_DIR = Path(__file__).resolve().parent.parent / "assets" / "fid_reference"
 
 
 def default_blas_threads() -> int:
@@ -160,6 +166,46 @@ def _ref_cached(cache_root: Path, name: str, extractor: str, layers: dict[str, s
     return False
 
 
+def _seed_from_shipped(cache_root: Path, name: str, extractor: str, layers: set[str],
+                       shipped_dir: Path | None = None) -> bool:
+    """Copy shipped reference features (safetensors) into the cache as torch-fidelity's files; True if all
+    ``layers`` were found. The tensors are loaded without unpickling and written by us."""
+    from safetensors.torch import load_file
+
+    shipped_dir = SHIPPED_REF_DIR if shipped_dir is None else Path(shipped_dir)
+    srcs = {l: shipped_dir / f"{name}-{extractor}-features-{l}.safetensors" for l in layers}
+    if not all(p.is_file() for p in srcs.values()):
+        return False
+    for l, src in srcs.items():
+        dst = cache_root / f"{name}-{extractor}-features-{l}.pt"
+        if not dst.exists():
+            tmp = dst.with_name(dst.name + f".{os.getpid()}.tmp")
+            torch.save(load_file(str(src))["features"], tmp)
+            os.replace(tmp, dst)
+    return True
+
+
+def ship_reference_features(ref, cache_key: str, out_dir: str | Path, feature_extractor: str | None = None,
+                            cache_dir: str | Path | None = None, batch_size: int = 32) -> list[Path]:
+    """Write the reference set's features as safetensors files that :func:`compute_metrics` seeds its cache
+    from (how ``assets/fid_reference`` was made). Computes them through torch-fidelity (or its cache)."""
+    from safetensors.torch import save_file
+
+    ref_u8 = to_uint8_rgb(ref, "reference images")
+    register()
+    extractor = choose_feature_extractor(feature_extractor)
+    name = _cache_name(cache_key, ref_u8)
+    out = compute_metrics(ref_u8[: max(4, min(len(ref_u8), 8))], ref_u8, fid=True, kid=False, prc=True,
+                          cache_key=cache_key, cache_dir=cache_dir, feature_extractor=extractor, batch_size=batch_size,
+                          return_features=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-{extractor}-features-{FEATURE_LAYER}.safetensors"
+    save_file({"features": out["ref_features"].contiguous()}, str(path),
+              metadata={"cache_key": str(cache_key), "n": str(len(ref_u8)), "extractor": extractor})
+    return [path]
+
+
 def compute_metrics(gen_images, ref, *, fid: bool = True, kid: bool = True, prc: bool = False,
                     cache_key: str | None = None, cache_dir: str | Path | None = None,
                     feature_extractor: str | None = None, batch_size: int = 32, kid_subsets: int = 100,
@@ -225,7 +271,17 @@ def compute_metrics(gen_images, ref, *, fid: bool = True, kid: bool = True, prc:
     if cache_key is not None:
         cache_root = private_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
         name = _cache_name(cache_key, ref_u8)
-        ref_cache_hit = _ref_cached(cache_root, name, extractor, _layers(extractor, fid, kid, prc))
+        layers = _layers(extractor, fid, kid, prc)
+        ref_cache_hit = _ref_cached(cache_root, name, extractor, layers)
+        if not ref_cache_hit:  # shipped features (Animal-MNIST test split) seed an empty cache
+            wanted = set(layers.values()) | ({FEATURE_LAYER} if return_features else set())
+            ref_cache_hit = _seed_from_shipped(cache_root, name, extractor, wanted)
+        if not ref_cache_hit:  # minutes on a CPU: say what happens, and show torch-fidelity's progress bars
+            import sys
+
+            print(f"computing Inception features of the {n_ref} reference images ({cache_key}) once; "
+                  f"cached in {cache_root}", file=sys.stderr, flush=True)
+            kwargs["verbose"] = True
         kwargs.update(cache=True, cache_root=str(cache_root), input2_cache_name=name)
     else:
         kwargs.update(cache=False)

@@ -474,13 +474,23 @@ def diversity_metric(images: torch.Tensor, labels, extractor: str = "auto") -> d
     return {"diversity": value, "diversity_extractor": name}
 
 
+#: below this many samples FID is mostly bias: eval / report / curve warn
+MIN_FID_SAMPLES = 200
+
+
 def fid_metrics(images: torch.Tensor, ref_images: torch.Tensor, cache_key: str, kid: bool = True, labels=None,
                 ref_labels=None, class_names: list[str] | None = None) -> dict:
     """FID, KID, precision / recall and coverage (eval/coverage.py) from one feature pass per set; with class
     labels on both sides also the recall of every class against that class's real images."""
+    import sys
+
     from .coverage import coverage_metrics
     from .fid import compute_metrics
 
+    if len(images) < MIN_FID_SAMPLES:
+        print(f"warning: FID from {len(images)} samples is dominated by its small-sample bias (it falls as the "
+              f"sample count grows); compare only at equal --num, and use {MIN_FID_SAMPLES} or more (500-1000 in "
+              f"BENCHMARKS.md)", file=sys.stderr, flush=True)
     m = compute_metrics(images, ref_images, fid=True, kid=kid, prc=True, cache_key=cache_key, return_features=True)
     out = {"fid": m["fid"]}
     if kid:

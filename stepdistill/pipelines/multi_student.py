@@ -32,7 +32,8 @@ from __future__ import annotations
 import time
 
 import torch
-from diffusers import DiffusionPipeline
+
+from .base import StepDistillPipelineBase
 
 from ..denoiser import Denoiser
 from ..schedules import schedule_from_config
@@ -103,7 +104,7 @@ def multi_student_sample(students: list[Denoiser], table: list[int], timesteps: 
     return out, which
 
 
-class MultiStudentPipeline(DiffusionPipeline):
+class MultiStudentPipeline(StepDistillPipelineBase):
     """One-step (or few-step) sampling of a multi-student model: each request runs on the student that
     owns its class (:meth:`route`). Loads with ``MultiStudentPipeline.from_pretrained(folder)``;
     ``__call__`` has the signature of :class:`~stepdistill.pipelines.student.StepDistillPipeline`

@@ -32,7 +32,8 @@ from __future__ import annotations
 import time
 
 import torch
-from diffusers import DiffusionPipeline
+
+from .base import StepDistillPipelineBase
 
 from ..denoiser import Denoiser
 from ..schedules import schedule_from_config
@@ -97,7 +98,7 @@ def phased_sample(experts: list[Denoiser], timesteps: list[float], boundaries: l
     return x0.clamp(-1, 1)
 
 
-class PhasedDMDPipeline(DiffusionPipeline):
+class PhasedDMDPipeline(StepDistillPipelineBase):
     """K-step sampling of a Phased DMD student: step k runs the expert that owns timestep s_k.
 
     Loads with ``PhasedDMDPipeline.from_pretrained(folder)``. ``__call__`` has the signature of

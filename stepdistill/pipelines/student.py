@@ -16,7 +16,8 @@ from __future__ import annotations
 import time
 
 import torch
-from diffusers import DiffusionPipeline
+
+from .base import StepDistillPipelineBase
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from ..denoiser import Denoiser
@@ -24,7 +25,7 @@ from ..schedules import schedule_from_config
 from .sampling import student_sample
 
 
-class StepDistillPipeline(DiffusionPipeline):
+class StepDistillPipeline(StepDistillPipelineBase):
     """One-/few-step sampling of a distilled student (CFG-free: guidance is distilled in).
 
     The network is the ``unet`` component (UNets) or ``transformer`` (SD3 / Flux / DiT / PixArt
@@ -41,6 +42,10 @@ class StepDistillPipeline(DiffusionPipeline):
         self.register_to_config(student_timesteps=list(student_timesteps or [999.0]),
                                 class_names=list(class_names or []),
                                 prediction_type=prediction_type or scheduler.config.prediction_type)
+
+    def _read_meta(self, meta: dict) -> None:
+        if meta.get("class_names") and not self.config.class_names:
+            self.register_to_config(class_names=list(meta["class_names"]))
 
     @property
     def network(self):

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
+
+from .base import StepDistillPipelineBase
 
 from ..denoiser import Denoiser
 from ..schedules import schedule_from_config
@@ -15,7 +16,7 @@ from .sampling import make_scheduler, scheduler_sample
 from .student import _output
 
 
-class StepDistillTeacherPipeline(DiffusionPipeline):
+class StepDistillTeacherPipeline(StepDistillPipelineBase):
     """The network is the ``unet`` component, or ``transformer`` (DiT / SD3 / Flux / PixArt teachers)."""
 
     _optional_components = ["unet", "transformer"]
@@ -31,14 +32,12 @@ class StepDistillTeacherPipeline(DiffusionPipeline):
 
     @classmethod
     def from_folder(cls, folder: str | Path, **kw) -> "StepDistillTeacherPipeline":
-        """Load a teacher folder, filling metadata from ``stepdistill.json`` when present."""
-        pipe = cls.from_pretrained(folder, **kw)
-        meta_p = Path(folder) / "stepdistill.json"
-        if meta_p.exists():
-            meta = json.loads(meta_p.read_text())
-            pipe.register_to_config(class_names=meta["class_names"], null_class=meta["null_class"],
-                                    prediction_type=meta["prediction_type"])
-        return pipe
+        """Same as ``from_pretrained`` (which fills the metadata from ``stepdistill.json``)."""
+        return cls.from_pretrained(folder, **kw)
+
+    def _read_meta(self, meta: dict) -> None:
+        self.register_to_config(class_names=meta["class_names"], null_class=meta["null_class"],
+                                prediction_type=meta["prediction_type"])
 
     @property
     def network(self):

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+
+from .base import StepDistillPipelineBase
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from ..denoiser import Denoiser
@@ -63,7 +65,7 @@ class _TextPipelineMixin:
         return schedule_from_config(dict(self.scheduler.config))
 
 
-class StepDistillTextTeacherPipeline(_TextPipelineMixin, DiffusionPipeline):
+class StepDistillTextTeacherPipeline(_TextPipelineMixin, StepDistillPipelineBase):
     """Many-step sampling of a text teacher with a stock diffusers scheduler, CFG and negative prompts."""
 
     _optional_components = ["text_encoder", "tokenizer", "vae"]
@@ -109,7 +111,7 @@ class StepDistillTextTeacherPipeline(_TextPipelineMixin, DiffusionPipeline):
         return _output(x, output_type, return_dict)
 
 
-class StepDistillTextPipeline(_TextPipelineMixin, DiffusionPipeline):
+class StepDistillTextPipeline(_TextPipelineMixin, StepDistillPipelineBase):
     """One-/few-step sampling of a distilled text student (CFG and the negative prompt are distilled in)."""
 
     _optional_components = ["text_encoder", "tokenizer", "vae"]

@@ -1,0 +1,29 @@
+"""The base of every stepdistill pipeline: ``from_pretrained`` also takes the shipped ``builtin:`` names.
+
+    StepDistillPipeline.from_pretrained("builtin:animal_mnist_dmd2")   # the shipped one-step student
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffusers import DiffusionPipeline
+
+from ..shipped import resolve_shipped
+
+
+class StepDistillPipelineBase(DiffusionPipeline):
+    """A ``DiffusionPipeline`` whose ``from_pretrained`` resolves ``builtin:`` names and then lets the
+    subclass read the folder's ``stepdistill.json`` (:meth:`_read_meta`)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        path = resolve_shipped(pretrained_model_name_or_path)
+        pipe = super().from_pretrained(path, **kwargs)
+        meta_p = Path(path) / "stepdistill.json"
+        if meta_p.is_file():
+            pipe._read_meta(json.loads(meta_p.read_text()))
+        return pipe
+
+    def _read_meta(self, meta: dict) -> None:
+        """Fill config entries that ``model_index.json`` lacks from ``stepdistill.json`` (default: nothing)."""
