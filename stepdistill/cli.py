@@ -1,4 +1,4 @@
-"""``stepdistill`` command line: teacher | distill | export | sample | eval | bench | report | demo."""
+"""stepdistill command line: teacher | distill | export | sample | eval | bench | curve | report | plan | demo."""
 from __future__ import annotations
 
 import argparse
@@ -97,7 +97,7 @@ def cmd_sample(a):
     from .models import load_denoiser
     from .pipelines.sampling import make_scheduler, scheduler_sample, student_sample
     from .models import load_scheduler_config
-    from .utils import quantize, save_grid
+    from .utils import quantize, save_labeled_grid
 
     den, meta = load_denoiser(a.model, allow_pickle=a.allow_pickle)
     den.eval()
@@ -106,25 +106,35 @@ def cmd_sample(a):
     c = den.backbone.config
     shape = (c.in_channels, c.sample_size, c.sample_size)
     check_grid_size(len(labels), shape, a.scale)
-    if meta.student_timesteps and not a.scheduler:
+    if meta.student_timesteps:
+        ignored = [f for f, v in (("--scheduler", a.scheduler), ("--guidance-scale", a.guidance_scale)) if v is not None]
+        if ignored:
+            print(f"warning: {' and '.join(ignored)} ignored: a distilled student samples with its own "
+                  f"{len(meta.student_timesteps)}-step chain, guidance built in", file=sys.stderr)
         ts = _student_timesteps(meta.student_timesteps, a.steps or len(meta.student_timesteps))
         run = lambda y, noise: student_sample(den, ts, y, noise, generator=g)  # noqa: E731
     else:
         sched_cfg = load_scheduler_config(a.model, None)
         make_scheduler(a.scheduler or "ddim", sched_cfg)  # an unknown --scheduler fails before any sampling
+        w = TEACHER_GUIDANCE if a.guidance_scale is None else a.guidance_scale
         run = lambda y, noise: scheduler_sample(  # noqa: E731
-            den, make_scheduler(a.scheduler or "ddim", sched_cfg), y, a.steps or 50, a.guidance_scale, noise,
+            den, make_scheduler(a.scheduler or "ddim", sched_cfg), y, a.steps or 50, w, noise,
             progress=len(labels) <= SAMPLE_BATCH)
     # batches of SAMPLE_BATCH (one batch draws its noise exactly as before), converted to uint8 as they come
     chunks = []
     for i in range(0, len(labels), SAMPLE_BATCH):
         y = labels[i:i + SAMPLE_BATCH]
         chunks.append(quantize(run(y, torch.randn(len(y), *shape, generator=g))))
-    path = save_grid(torch.cat(chunks), a.out, nrow=a.nrow, scale=a.scale)
-    print(json.dumps({"grid": str(path), "n": len(labels)}))
+    names = meta.class_names
+    k = len(set(labels.tolist()))
+    nrow = a.nrow or (k if names and k > 1 else 10)
+    captions = [names[int(i)] for i in labels] if names else None
+    path = save_labeled_grid(torch.cat(chunks), a.out, nrow=nrow, scale=a.scale, captions=captions)
+    print(json.dumps({"grid": str(path), "n": len(labels), "columns": nrow}))
 
 
 SAMPLE_BATCH = 256
+TEACHER_GUIDANCE = 2.0
 MAX_GRID_BYTES = 512 * 2**20
 
 
@@ -138,11 +148,11 @@ def check_sample_args(a) -> None:
         raise ConfigError(f"--num must be >= 1, got {a.num}")
     if a.steps is not None and a.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {a.steps}")
-    if not math.isfinite(a.guidance_scale) or a.guidance_scale < 0:
+    if a.guidance_scale is not None and (not math.isfinite(a.guidance_scale) or a.guidance_scale < 0):
         raise ConfigError(f"--guidance-scale must be a finite number >= 0, got {a.guidance_scale}")
     if not 0 <= a.seed < 2**63:
         raise ConfigError(f"--seed must be in 0..2**63-1, got {a.seed}")
-    if a.scale < 1 or a.nrow < 1:
+    if a.scale < 1 or (a.nrow is not None and a.nrow < 1):
         raise ConfigError(f"--scale and --nrow must be >= 1, got {a.scale} and {a.nrow}")
 
 
@@ -174,32 +184,38 @@ def _student_timesteps(trained: list[float], steps: int) -> list[float]:
 
 
 def _parse_labels(classes: str | None, meta, n: int):
+    """(B,) labels for ``sample``: the chosen classes (default: all) in turn, ``i % k``, so that ``--num`` images come
+    out class-balanced and a grid with ``k`` columns shows one class per column, with or without ``--classes``."""
     import torch
 
-    from .utils import class_balanced_labels
+    from .config import ConfigError
 
     names = meta.class_names
     if not names:
         return torch.zeros(n, dtype=torch.long)
     if not classes:
-        return class_balanced_labels(n, len(names))
-    out = []
-    for c in classes.split(","):
-        c = c.strip()
-        if c.isdigit() and int(c) < len(names):
-            out.append(int(c))
-        elif c in names:
-            out.append(names.index(c))
-        else:
-            from .config import ConfigError
-
-            raise ConfigError(f"unknown class {c!r}; known: {', '.join(names)}")
-    reps = max(1, n // len(out))
-    return torch.tensor(out, dtype=torch.long).repeat_interleave(reps)
+        chosen = list(range(len(names)))
+    else:
+        chosen = []
+        for c in classes.split(","):
+            c = c.strip()
+            if c.isdigit() and int(c) < len(names):
+                chosen.append(int(c))
+            elif c in names:
+                chosen.append(names.index(c))
+            else:
+                raise ConfigError(f"unknown class {c!r}; known: {', '.join(names)}")
+        if n < len(chosen):
+            raise ConfigError(f"--num {n} is fewer than the {len(chosen)} classes given to --classes; "
+                              f"raise --num to at least {len(chosen)}")
+    return torch.tensor(chosen, dtype=torch.long)[torch.arange(n) % len(chosen)]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     ap = argparse.ArgumentParser(prog="stepdistill", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"stepdistill {__version__}")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -221,20 +237,30 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("sample", help="sample a PNG grid from a teacher or student folder")
-    p.add_argument("--model", default="builtin:animal_mnist")
-    p.add_argument("--scheduler", default=None, help="ddim | euler | dpm++ | ddpm (teacher sampling)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance-scale", type=float, default=2.0)
-    p.add_argument("--classes", default=None, help="comma-separated class names or indices")
+    p.add_argument("--model", default="builtin:animal_mnist",
+                   help="model folder, hub id or shipped name (builtin:animal_mnist teacher, builtin:animal_mnist_dmd2 "
+                        "1-step and builtin:animal_mnist_dmd2_4step students; default %(default)s)")
+    p.add_argument("--scheduler", default=None,
+                   help="teachers: ddim | euler | dpm++ | ddpm (default ddim); a student ignores it (its own chain)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps: teachers default 50; students default all their trained steps (fewer: a subset)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help=f"teachers: classifier-free guidance scale (default {TEACHER_GUIDANCE:g}; 1 = no CFG); "
+                        "a student ignores it (guidance is distilled in)")
+    p.add_argument("--classes", default=None,
+                   help="comma-separated class names or indices, sampled in turn (default: every class); "
+                        "the grid has one labelled column per class")
     p.add_argument("--prompt", action="append", default=None,
                    help="text models: a prompt (repeat the flag or separate with |); default: the caption set")
     p.add_argument("--negative-prompt", default=None, help="text teachers: replaces the empty prompt in CFG")
-    p.add_argument("--num", type=int, default=40)
-    p.add_argument("--nrow", type=int, default=10)
-    p.add_argument("--scale", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--allow-pickle", action="store_true")
-    p.add_argument("--out", default="samples.png")
+    p.add_argument("--num", type=int, default=40, help="number of images (default %(default)s)")
+    p.add_argument("--nrow", type=int, default=None,
+                   help="images per grid row (default: one column per class or prompt; 10 for unconditional models)")
+    p.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling of the grid (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load pickle (.bin) weights; only for folders you trust (default: safetensors only)")
+    p.add_argument("--out", default="samples.png", help="output PNG grid (default %(default)s)")
     p.set_defaults(fn=cmd_sample)
 
     from . import cli_more

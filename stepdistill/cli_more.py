@@ -155,7 +155,7 @@ def add_commands(sub) -> None:
     _ref_args(p)
     p.add_argument("--guidance-scale", type=float, default=2.0, help="teacher CFG scale (students ignore it)")
     p.add_argument("--sampler", default="ddim", help="teacher sampler: ddim | euler | dpm++ | ddpm")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (default %(default)s)")
     p.add_argument("--prompts", default=None,
                    help="text models: prompt file, one prompt per line (default: the model's caption set)")
     p.add_argument("--clip-model", default=None, help="text models: local CLIP folder for the CLIP score")
@@ -178,13 +178,14 @@ def add_commands(sub) -> None:
     p.add_argument("--tiny", action="store_true", help="--train: a tiny custom nn.Module teacher on 16x16 digits")
     p.add_argument("overrides", nargs="*", help="--train: config overrides key=value, e.g. train.batch_size=16")
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
-    p.add_argument("--teacher-steps", type=int, default=50)
+    p.add_argument("--teacher-steps", type=int, default=50, help="teacher sampling steps (default %(default)s)")
     p.add_argument("--student-steps", default=None, help="e.g. 1,2,4 or 1..4 (default: 1..K)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs per configuration (median reported); --train: timed training steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per configuration (--train: steps)")
-    p.add_argument("--guidance-scale", type=float, default=2.0)
-    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--guidance-scale", type=float, default=2.0,
+                   help="teacher classifier-free guidance scale (default %(default)s; 1 = no CFG)")
+    p.add_argument("--sampler", default="ddim", help="teacher sampler: ddim | euler | dpm++ | ddpm (default ddim)")
     p.add_argument("--table", action="store_true", help="also print a human-readable table to stderr")
     _hybrid_args(p, bench=True)
     p.add_argument("--out", default=None, help="also write the JSON here")
@@ -207,15 +208,16 @@ def add_commands(sub) -> None:
     p.add_argument("--teacher", default=None, help="teacher folder (default: the one recorded in the student)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num", type=int, default=100, help="class-balanced samples per model (>= 2)")
-    p.add_argument("--teacher-steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=2.0)
+    p.add_argument("--teacher-steps", type=int, default=25, help="teacher sampling steps (default %(default)s)")
+    p.add_argument("--guidance-scale", type=float, default=2.0,
+                   help="teacher classifier-free guidance scale (default %(default)s; 1 = no CFG)")
     p.add_argument("--fid", action="store_true", help="also compute FID (student 1..K steps and teacher)")
     p.add_argument("--fid-num", type=int, default=None, help="samples per FID (default: --num)")
     p.add_argument("--teacher-metrics", default=None,
                    help="with --fid: the teacher's `stepdistill eval` JSON on the same protocol (--fid-num, --seed, "
                         "reference), used instead of sampling the teacher again")
     _ref_args(p)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (default %(default)s)")
     p.add_argument("--grid-rows", type=int, default=4, help="rows (samples per class) per model in the grid")
     _common(p)
     p.set_defaults(fn=cmd_report)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .models import ModelMeta, _resolve
@@ -27,13 +28,16 @@ def sample_text(a) -> None:
 
     from .config import ConfigError
     from .pipelines.text import StepDistillTextPipeline, load_text_pipeline
-    from .utils import save_grid
+    from .utils import save_labeled_grid
 
     pipe = load_text_pipeline(a.model, allow_pickle=a.allow_pickle)
     prompts = [s for p in (a.prompt or []) for s in p.split("|")] or default_prompts(pipe.meta)
     if a.classes:
         raise ConfigError("--classes is for class-conditional models; give text models --prompt")
     reps = max(1, a.num // len(prompts))
+    if reps * len(prompts) != a.num:
+        print(f"note: --num {a.num} over {len(prompts)} prompt(s) gives {reps * len(prompts)} images "
+              f"({reps} per prompt); each prompt gets the same number", file=sys.stderr)
     g = torch.Generator().manual_seed(a.seed)
     if isinstance(pipe, StepDistillTextPipeline):
         if a.negative_prompt:
@@ -41,12 +45,17 @@ def sample_text(a) -> None:
                               "negative prompt was the empty prompt); sample the teacher to use one")
         if a.steps is not None and not 1 <= a.steps <= len(pipe.config.student_timesteps):
             raise ConfigError(f"--steps must be in 1..{len(pipe.config.student_timesteps)} for this student")
+        ignored = [f for f, v in (("--scheduler", a.scheduler), ("--guidance-scale", a.guidance_scale)) if v is not None]
+        if ignored:
+            print(f"warning: {' and '.join(ignored)} ignored: a distilled student samples with its own chain, "
+                  f"guidance built in", file=sys.stderr)
         x = pipe(prompts, num_images_per_prompt=reps, num_inference_steps=a.steps, generator=g, output_type="pt").images
     else:
         x = pipe(prompts, negative_prompt=a.negative_prompt, num_images_per_prompt=reps,
-                 num_inference_steps=a.steps or 50, guidance_scale=a.guidance_scale, sampler=a.scheduler or "ddim",
+                 num_inference_steps=a.steps or 50, guidance_scale=2.0 if a.guidance_scale is None else a.guidance_scale, sampler=a.scheduler or "ddim",
                  generator=g, output_type="pt", progress=True).images
     # prompt-major batch -> grid with one column per prompt: reorder to (rep, prompt)
     x = x.reshape(len(prompts), reps, *x.shape[1:]).transpose(0, 1).reshape(-1, *x.shape[1:])
-    path = save_grid(x.clamp(-1, 1), a.out, nrow=len(prompts) if a.nrow == 10 else a.nrow, scale=a.scale)
+    captions = [p for _ in range(reps) for p in prompts]
+    path = save_labeled_grid(x.clamp(-1, 1), a.out, nrow=a.nrow or len(prompts), scale=a.scale, captions=captions)
     print(json.dumps({"grid": str(path), "n": int(x.shape[0]), "prompts": prompts}))

@@ -53,6 +53,54 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int, scale: int = 2) -> P
     return path
 
 
+def save_labeled_grid(x: torch.Tensor, path: str | Path, nrow: int, scale: int = 2,
+                      captions: list[str] | None = None) -> Path:
+    """:func:`save_grid` with class names: a header over each column when every column holds one class
+    (the ``sample`` layout: class ``i % k`` in column ``i % k``), else a caption under each image."""
+    if not captions:
+        return save_grid(x, path, nrow, scale)
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = Image.fromarray(make_grid(x, nrow, scale))
+    font = ImageFont.load_default()
+    n = len(captions)
+    cols = [{captions[i] for i in range(c, n, nrow)} for c in range(min(nrow, n))]
+    cell_w, cell_h = grid.width / nrow, grid.height / ((n + nrow - 1) // nrow)
+    line = 12
+    if all(len(c) == 1 for c in cols):  # one class per column: headers
+        out = Image.new("RGB", (grid.width, grid.height + line + 2), (255, 255, 255))
+        out.paste(grid, (0, line + 2))
+        draw = ImageDraw.Draw(out)
+        for c, names in enumerate(cols):
+            draw.text((c * cell_w + 2, 1), _fit(draw, next(iter(names)), font, cell_w - 4), fill=(0, 0, 0), font=font)
+    else:  # mixed columns: a caption strip under every row
+        rows = (n + nrow - 1) // nrow
+        out = Image.new("RGB", (grid.width, grid.height + rows * line), (255, 255, 255))
+        draw = ImageDraw.Draw(out)
+        for r in range(rows):
+            y0 = int(r * (cell_h + line))
+            out.paste(grid.crop((0, int(r * cell_h), grid.width, int((r + 1) * cell_h))), (0, y0))
+            for c in range(nrow):
+                if r * nrow + c < n:
+                    draw.text((c * cell_w + 2, y0 + cell_h), _fit(draw, captions[r * nrow + c], font, cell_w - 4),
+                              fill=(0, 0, 0), font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    out.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _fit(draw, text: str, font, width: float) -> str:
+    """``text`` cut (with an ellipsis) to ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
 def plot_losses(log_path: str | Path, out_path: str | Path) -> Path | None:
     """Plot every numeric key of a ``log.jsonl`` file (one subplot per key) to a PNG."""
     import matplotlib

@@ -87,8 +87,8 @@ def test_sample_cli_grids_and_errors(tiny_teacher, tmp_path, capsys):
     out = tmp_path / "t.png"
     assert main(["sample", "--model", str(tiny_teacher), "--scheduler", "euler", "--steps", "3", "--num", "6",
                  "--nrow", "3", "--scale", "1", "--out", str(out)]) == 0
-    # 2 rows x 3 columns of 16x16 images with 1-pixel borders
-    assert Image.open(out).size == (3 * 17 + 1, 2 * 17 + 1)
+    # 2 rows x 3 columns of 16x16 images with 1-pixel borders; classes 0..5 mix in a column: a caption strip per row
+    assert Image.open(out).size == (3 * 17 + 1, 2 * 17 + 1 + 2 * 12)
     assert main(["sample", "--model", str(tiny_teacher), "--classes", "unicorn", "--out", str(out)]) == 2
     assert "unknown class 'unicorn'" in capsys.readouterr().err
     assert main(["sample", "--model", str(tmp_path / "missing"), "--out", str(out)]) == 2

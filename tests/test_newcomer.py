@@ -77,3 +77,75 @@ def test_missing_run_folder_points_to_the_shipped_student(tmp_path, monkeypatch,
     assert main(["sample", "--model", "runs/dmd2_animal_mnist/student", "--num", "2"]) == 2
     err = capsys.readouterr().err
     assert "make run" in err and "builtin:animal_mnist_dmd2" in err and err.count("\n") == 1
+
+
+def _parser():
+    import argparse
+
+    from stepdistill import cli
+
+    box = {}
+
+    def grab(self, argv=None, namespace=None):
+        box["ap"] = self
+        raise SystemExit(0)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(argparse.ArgumentParser, "parse_args", grab)
+        with pytest.raises(SystemExit):
+            cli.main([])
+    return box["ap"]
+
+
+def test_every_flag_has_plain_help_and_version(capsys):
+    import argparse
+
+    from stepdistill.cli import main
+
+    ap = _parser()
+    assert "``" not in ap.description
+    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [(name, a.option_strings or a.dest) for name, p in sub.choices.items() for a in p._actions
+               if not a.help or "``" in a.help]
+    assert missing == []
+    assert not any("--resume" in a.option_strings for a in sub.choices["export"]._actions)  # nothing to resume
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and re.match(r"stepdistill \d+\.\d+", capsys.readouterr().out)
+
+
+def test_sample_classes_give_num_images_in_labelled_columns(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from stepdistill.cli import main
+
+    assert main(["sample", "--model", "builtin:animal_mnist_dmd2", "--classes", "cat,dog,cow", "--num", "20",
+                 "--guidance-scale", "3", "--out", str(tmp_path / "g.png")]) == 0
+    cap = capsys.readouterr()
+    out = json.loads(cap.out)
+    assert out["n"] == 20 and out["columns"] == 3  # 7 + 7 + 6: all 20, one column per class
+    assert "--guidance-scale ignored" in cap.err  # a student's guidance is distilled in
+    g = np.asarray(Image.open(tmp_path / "g.png").convert("L"))
+    cell = 2 * 33  # 32 px + 1 px padding, --scale 2
+    assert g.shape[1] == 3 * cell + 2 and g.shape[0] > 7 * cell + 2  # 7 rows plus the header strip
+    header = g[: g.shape[0] - (7 * cell + 2)]
+    assert (header < 128).sum() > 20  # the class names are drawn
+    assert main(["sample", "--model", "builtin:animal_mnist_dmd2", "--out", str(tmp_path / "all.png"),
+                 "--num", "20"]) == 0
+    assert json.loads(capsys.readouterr().out)["columns"] == 10  # the same layout without --classes
+    assert main(["sample", "--model", "builtin:animal_mnist_dmd2", "--classes", "cat,dog,cow", "--num", "2",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "--num 2 is fewer than the 3 classes" in capsys.readouterr().err
+
+
+def test_sample_labels_cycle_through_the_classes():
+    from types import SimpleNamespace
+
+    from stepdistill.cli import _parse_labels
+
+    meta = SimpleNamespace(class_names=["a", "b", "c", "d"])
+    assert _parse_labels("c,a", meta, 5).tolist() == [2, 0, 2, 0, 2]
+    assert _parse_labels(None, meta, 6).tolist() == [0, 1, 2, 3, 0, 1]
