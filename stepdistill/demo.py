@@ -51,6 +51,7 @@ MAX_GUIDANCE = 20.0
 DISPLAY_SIZE = 128  # images are nearest-upscaled by an integer factor to at least this size
 HYBRID_HANDOFFS = ("ode", "renoise")
 MAX_HYBRID_SUBSTEPS = 50
+MAX_PROMPT_CHARS = 200
 # hybrid defaults: the best row of BENCHMARKS.md "Hybrid sampling" (1 unguided teacher step of 4 DDIM sub-steps, ode)
 HYBRID_DEFAULTS = {"steps": 1, "substeps": 4, "handoff": "ode", "guidance_scale": 1.0}
 HYBRID_CAPTION = ("Hybrid (Gandikota & Bau 2025): the teacher takes the first n student steps, m DDIM sub-steps each, "
@@ -230,12 +231,20 @@ def _stamp(p: Path) -> tuple:
 def load_teacher(info: ModelInfo):
     from .pipelines.teacher import StepDistillTeacherPipeline
 
+    if info.conditioning == "text":  # text encoder (+ VAE) come with it; safetensors only
+        from .pipelines.text import load_text_pipeline
+
+        return _cached(("teacher", _stamp(info.path)), info.path, lambda: load_text_pipeline(info.path))
     return _cached(("teacher", _stamp(info.path)), info.path,
                    lambda: StepDistillTeacherPipeline.from_folder(info.path, use_safetensors=True))  # never pickle
 
 
 def load_student(info: ModelInfo):
     def build():
+        if info.conditioning == "text":
+            from .pipelines.text import load_text_pipeline
+
+            return load_text_pipeline(info.path)
         cls = _student_pipeline_class(info)
         if cls is None:
             raise DemoInputError(f"{info.path}: pipeline class {info.pipeline_class!r} is not a stepdistill student")
@@ -257,7 +266,7 @@ def _cached(key, path: Path, build):
             except Exception as e:  # noqa: BLE001 - a broken folder is a user error here, shown in the UI
                 raise DemoInputError(f"could not load the {key[0]} from {str(path)!r}: {e}") from e
             pipe.to(_device())
-            pipe.network.eval()  # unet, or transformer for transformer students / teachers
+            (pipe.network if hasattr(pipe, "network") else pipe.unet).eval()  # unet, or transformer
             if len(_CACHE) >= 4:
                 _CACHE.pop(next(iter(_CACHE)))
             _CACHE[key] = pipe
@@ -293,15 +302,16 @@ def _float_in(value, name: str, lo: float, hi: float) -> float:
 
 
 def resolve_labels(info: ModelInfo, class_name, batch_size: int) -> tuple[list[str] | None, list[int] | None]:
-    """(names, indices) of the batch's classes; ``ALL_CLASSES`` cycles through every class."""
+    """(names, indices) of the batch's classes; ``ALL_CLASSES`` cycles through every class, so the batch has
+    ``max(batch_size, number of classes)`` images."""
     if info.conditioning != "class":
         return None, None
     names = info.class_names
     c = "" if class_name is None else str(class_name).strip()
     if not names:
         raise DemoInputError("the model is class-conditional but lists no class names")
-    if c in ("", ALL_CLASSES):
-        idx = [i % len(names) for i in range(batch_size)]
+    if c in ("", ALL_CLASSES):  # every class, in turn: at least one image per class
+        idx = [i % len(names) for i in range(max(batch_size, len(names)))]
     elif c in names:
         idx = [names.index(c)] * batch_size
     else:
@@ -376,21 +386,36 @@ def hybrid_settings(student_steps: int, hybrid_steps, hybrid_substeps, hybrid_ha
     return n, m, handoff, w, note
 
 
-def generate(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_STUDENT,
-             class_name: str | None = ALL_CLASSES, prompt: str = "", seed=0, batch_size=4,
-             student_steps=None, teacher_steps=50, guidance_scale=2.0, sampler: str = "ddim",
-             hybrid: bool = False, hybrid_steps=HYBRID_DEFAULTS["steps"], hybrid_substeps=HYBRID_DEFAULTS["substeps"],
-             hybrid_handoff: str = HYBRID_DEFAULTS["handoff"],
-             hybrid_guidance=HYBRID_DEFAULTS["guidance_scale"]) -> GenerateResult:
-    """Sample the same seed/classes with the teacher and the student; raises :class:`DemoInputError`.
+@dataclass
+class Plan:
+    """A validated request: what :func:`run_student` and :func:`run_teacher` sample."""
+    tinfo: ModelInfo
+    sinfo: ModelInfo
+    seed: int
+    batch_size: int
+    student_steps: int
+    teacher_steps: int
+    guidance_scale: float
+    sampler: str
+    names: list[str] | None = None     # class names of the batch (class models)
+    idx: list[int] | None = None       # their indices
+    prompts: list[str] | None = None   # one prompt per image (text models)
+    hybrid: tuple | None = None        # (n, m, handoff, w, note)
 
-    ``student_steps=None`` uses all K trained student steps; ``guidance_scale`` is the teacher's CFG
-    scale. ``hybrid``: the teacher takes the first ``hybrid_steps`` student steps with
-    ``hybrid_substeps`` DDIM sub-steps each, CFG scale ``hybrid_guidance`` and hand-off
-    ``hybrid_handoff`` (``ode`` | ``renoise``; :mod:`stepdistill.pipelines.hybrid`).
-    """
-    import torch
+    @property
+    def captions(self) -> list[str]:
+        if self.prompts is not None:
+            return list(self.prompts)
+        return [n or f"#{i}" for i, n in enumerate(self.names or [""] * self.batch_size)]
 
+
+def plan_generation(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_STUDENT,
+                    class_name: str | None = ALL_CLASSES, prompt: str = "", seed=0, batch_size=4,
+                    student_steps=None, teacher_steps=50, guidance_scale=2.0, sampler: str = "ddim",
+                    hybrid: bool = False, hybrid_steps=HYBRID_DEFAULTS["steps"],
+                    hybrid_substeps=HYBRID_DEFAULTS["substeps"], hybrid_handoff: str = HYBRID_DEFAULTS["handoff"],
+                    hybrid_guidance=HYBRID_DEFAULTS["guidance_scale"]) -> Plan:
+    """Validate every input (raises :class:`DemoInputError`); nothing is loaded or sampled."""
     seed = _int_in(seed, "seed", 0, MAX_SEED)
     batch_size = _int_in(batch_size, "batch size", 1, MAX_BATCH)
     teacher_steps = _int_in(teacher_steps, "teacher steps", 1, MAX_TEACHER_STEPS)
@@ -404,59 +429,146 @@ def generate(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_ST
         raise DemoInputError(f"student folder {str(sinfo.path)!r} is not a distilled student "
                              "(its stepdistill.json has no student_timesteps)")
     student_steps = K if student_steps in (None, "") else _int_in(student_steps, "student steps", 1, K)
-    if sinfo.conditioning == "text" or tinfo.conditioning == "text":
-        if not str(prompt or "").strip():
+    plan = Plan(tinfo, sinfo, seed, batch_size, student_steps, teacher_steps, guidance_scale, sampler)
+    if (sinfo.conditioning == "text") != (tinfo.conditioning == "text"):
+        raise DemoInputError(f"the teacher is {tinfo.conditioning}-conditioned but the student is "
+                             f"{sinfo.conditioning}-conditioned; pick a matching pair")
+    if sinfo.conditioning == "text":
+        text = str(prompt or "").strip()
+        if not text:
             raise DemoInputError("the prompt is empty; describe the image to generate")
-        raise DemoInputError("text-conditioned models are not supported by this demo yet")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise DemoInputError(f"the prompt is {len(text)} characters long; keep it to {MAX_PROMPT_CHARS}")
+        if hybrid:
+            raise DemoInputError("hybrid sampling is for class-conditional students; untick Hybrid for text models")
+        plan.prompts = [text] * batch_size
+        return plan
     names, idx = resolve_labels(sinfo, class_name, batch_size)
     if names is not None and tinfo.conditioning == "class" and tinfo.class_names and not set(names) <= set(tinfo.class_names):
         raise DemoInputError(f"the teacher does not know class(es) {sorted(set(names) - set(tinfo.class_names))}; "
                              f"teacher classes: {', '.join(tinfo.class_names)}")
+    plan.names, plan.idx = names, idx
+    plan.batch_size = len(names) if names is not None else batch_size  # "(all classes)": one image per class at least
     if hybrid:
         if not student_supports_hybrid(sinfo):
             raise DemoInputError("this student pipeline does not support hybrid sampling (no first_step)")
         why = hybrid_compatible(tinfo, sinfo)
         if why:
             raise DemoInputError(f"hybrid sampling needs a compatible teacher: {why}")
-        h_n, h_m, h_handoff, h_w, h_note = hybrid_settings(student_steps, hybrid_steps, hybrid_substeps, hybrid_handoff,
-                                                           hybrid_guidance, student_supports_hybrid_chain(sinfo))
+        plan.hybrid = hybrid_settings(student_steps, hybrid_steps, hybrid_substeps, hybrid_handoff, hybrid_guidance,
+                                      student_supports_hybrid_chain(sinfo))
+    return plan
 
-    teacher, student = load_teacher(tinfo), load_student(sinfo)
-    t_labels = (names if tinfo.class_names else idx) if tinfo.conditioning == "class" else None
+
+def run_teacher(plan: Plan, on_step=None) -> ModelRun:
+    """The teacher's images for ``plan``; ``on_step(i, n)`` after each sampler step."""
+    import torch
+
+    teacher = load_teacher(plan.tinfo)
     with torch.inference_mode():
-        xt = teacher(class_labels=t_labels, batch_size=batch_size, num_inference_steps=teacher_steps,
-                     guidance_scale=guidance_scale, sampler=sampler, seed=seed, output_type="pt").images
-    t_run = ModelRun(_to_pil(xt), [n or f"#{i}" for i, n in enumerate(names or [""] * batch_size)],
-                     teacher_nfe(teacher_steps, guidance_scale), float(teacher.last_latency_s), teacher_steps,
-                     f"{teacher_steps} {sampler} step(s)" + (f" × 2 (CFG w={guidance_scale:g})"
-                                                             if guidance_scale != 1.0 else " (no CFG)"), x=xt)
+        if plan.prompts is not None:
+            xt = teacher(plan.prompts, num_inference_steps=plan.teacher_steps, guidance_scale=plan.guidance_scale,
+                         sampler=plan.sampler, seed=plan.seed, output_type="pt", on_step=on_step).images
+        else:
+            t_labels = (plan.names if plan.tinfo.class_names else plan.idx) if plan.tinfo.conditioning == "class" \
+                else None
+            xt = teacher(class_labels=t_labels, batch_size=plan.batch_size, num_inference_steps=plan.teacher_steps,
+                         guidance_scale=plan.guidance_scale, sampler=plan.sampler, seed=plan.seed, output_type="pt",
+                         on_step=on_step).images
+    w = plan.guidance_scale
+    return ModelRun(_to_pil(xt), plan.captions, teacher_nfe(plan.teacher_steps, w), float(teacher.last_latency_s),
+                    plan.teacher_steps, f"{plan.teacher_steps} {plan.sampler} step(s)"
+                    + (f" × 2 (CFG w={w:g})" if w != 1.0 else " (no CFG)"), x=xt)
 
-    used_ts = [float(v) for v in student.timesteps_for(student_steps)] if hasattr(student, "timesteps_for") else []
+
+def run_student(plan: Plan) -> ModelRun:
+    """The student's images for ``plan`` (independent of the teacher's run, except that hybrid sampling
+    lets the teacher's network take the first step(s))."""
+    import torch
+
+    student, sinfo, K = load_student(plan.sinfo), plan.sinfo, plan.sinfo.max_student_steps
+    if plan.prompts is not None:
+        with torch.inference_mode():
+            xs = student(plan.prompts, num_inference_steps=plan.student_steps, seed=plan.seed, output_type="pt").images
+        return ModelRun(_to_pil(xs), plan.captions, student_nfe(plan.student_steps), float(student.last_latency_s),
+                        plan.student_steps, f"{plan.student_steps} of {K} student step(s)", x=xs)
+    used_ts = [float(v) for v in student.timesteps_for(plan.student_steps)] if hasattr(student, "timesteps_for") else []
     kw = {}
-    if hybrid:
-        kw["first_step"] = hybrid_first_step(teacher, idx, h_w, used_ts, h_m, h_handoff)
+    if plan.hybrid:
+        h_n, h_m, h_handoff, h_w, h_note = plan.hybrid
+        kw["first_step"] = hybrid_first_step(load_teacher(plan.tinfo), plan.idx, h_w, used_ts, h_m, h_handoff)
         if h_n != 1:  # only StepDistillPipeline takes hybrid_steps (hybrid_settings enforces n = 1 otherwise)
             kw["hybrid_steps"] = h_n
-    s_labels = names if sinfo.conditioning == "class" else None
+    s_labels = plan.names if sinfo.conditioning == "class" else None
     with torch.inference_mode():
-        xs = student(class_labels=s_labels, batch_size=batch_size, num_inference_steps=student_steps, seed=seed,
-                     output_type="pt", **kw).images
+        xs = student(class_labels=s_labels, batch_size=plan.batch_size, num_inference_steps=plan.student_steps,
+                     seed=plan.seed, output_type="pt", **kw).images
     captions = []
-    for i in range(batch_size):
-        cap = names[i] if names else f"#{i}"
-        who = f"teacher {h_n} step(s) + student" if hybrid else None
-        ex = expert_caption(sinfo.experts, names[i] if names else None, idx[i] if idx else None, used_ts)
-        captions.append(" · ".join(x for x in (cap, ex, who) if x))
-    if hybrid:
-        snfe = student_nfe(student_steps, True, h_w, h_n, h_m, conditioned=tinfo.conditioning != "none")
-        detail = hybrid_detail(student_steps, h_n, h_m, h_handoff, h_w, tinfo.conditioning != "none")
+    for i in range(plan.batch_size):
+        who = f"teacher {plan.hybrid[0]} step(s) + student" if plan.hybrid else None
+        ex = expert_caption(sinfo.experts, plan.names[i] if plan.names else None, plan.idx[i] if plan.idx else None,
+                            used_ts)
+        captions.append(" · ".join(x for x in (plan.captions[i], ex, who) if x))
+    if plan.hybrid:
+        h_n, h_m, h_handoff, h_w, h_note = plan.hybrid
+        conditioned = plan.tinfo.conditioning != "none"
+        snfe = student_nfe(plan.student_steps, True, h_w, h_n, h_m, conditioned=conditioned)
+        detail = hybrid_detail(plan.student_steps, h_n, h_m, h_handoff, h_w, conditioned)
         if h_note:
             detail += f" · ⚠️ {h_note}"
     else:
-        snfe = student_nfe(student_steps)
-        detail = f"{student_steps} of {K} student step(s)"
-    s_run = ModelRun(_to_pil(xs), captions, snfe, float(student.last_latency_s), student_steps, detail, x=xs)
-    return GenerateResult(t_run, s_run)
+        snfe = student_nfe(plan.student_steps)
+        detail = f"{plan.student_steps} of {K} student step(s)"
+    return ModelRun(_to_pil(xs), captions, snfe, float(student.last_latency_s), plan.student_steps, detail, x=xs)
+
+
+def generate(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_STUDENT,
+             class_name: str | None = ALL_CLASSES, prompt: str = "", seed=0, batch_size=4,
+             student_steps=None, teacher_steps=50, guidance_scale=2.0, sampler: str = "ddim",
+             hybrid: bool = False, hybrid_steps=HYBRID_DEFAULTS["steps"], hybrid_substeps=HYBRID_DEFAULTS["substeps"],
+             hybrid_handoff: str = HYBRID_DEFAULTS["handoff"],
+             hybrid_guidance=HYBRID_DEFAULTS["guidance_scale"]) -> GenerateResult:
+    """Sample the same seed/classes (or prompt) with the teacher and the student; raises :class:`DemoInputError`.
+
+    ``student_steps=None`` uses all K trained student steps; ``guidance_scale`` is the teacher's CFG
+    scale. ``class_name=ALL_CLASSES`` draws every class in turn, at least one image per class.
+    ``hybrid``: the teacher takes the first ``hybrid_steps`` student steps with ``hybrid_substeps``
+    DDIM sub-steps each, CFG scale ``hybrid_guidance`` and hand-off ``hybrid_handoff`` (``ode`` |
+    ``renoise``; :mod:`stepdistill.pipelines.hybrid`). The UI runs the same two halves, showing the
+    student's images first (:func:`run_student`, :func:`run_teacher`).
+    """
+    plan = plan_generation(teacher_path, student_path, class_name, prompt, seed, batch_size, student_steps,
+                           teacher_steps, guidance_scale, sampler, hybrid, hybrid_steps, hybrid_substeps,
+                           hybrid_handoff, hybrid_guidance)
+    return GenerateResult(run_teacher(plan), run_student(plan))
+
+
+def teacher_progress(plan: Plan, every: float = 0.25):
+    """Run the teacher in a thread; yield ``"teacher: step i/n · s"`` lines while it samples, then its
+    :class:`ModelRun` (an error in the thread is raised here)."""
+    import time
+
+    state = {"i": 0, "n": plan.teacher_steps}
+    box: dict = {}
+
+    def work():
+        try:
+            box["run"] = run_teacher(plan, on_step=lambda i, n: state.update(i=i, n=n))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    t0 = time.perf_counter()
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    last = -1
+    while th.is_alive():
+        th.join(every)
+        if state["i"] != last and th.is_alive():
+            last = state["i"]
+            yield f"teacher: step {state['i']}/{state['n']} · {time.perf_counter() - t0:.1f} s"
+    if "error" in box:
+        raise box["error"]
+    yield box["run"]
 
 
 def hybrid_detail(student_steps: int, n: int, m: int, handoff: str, w: float, conditioned: bool = True) -> str:
@@ -522,12 +634,16 @@ def _ui_state(teacher_path: str, student_path: str) -> dict:
         st["classes"] = [ALL_CLASSES, *info.class_names]
     if sinfo is not None:
         st["K"] = max(1, sinfo.max_student_steps)
-        st["hybrid"] = tinfo is not None and student_supports_hybrid(sinfo) and hybrid_compatible(tinfo, sinfo) is None
+        st["hybrid"] = (tinfo is not None and sinfo.max_student_steps > 1 and sinfo.conditioning != "text"
+                        and student_supports_hybrid(sinfo)
+                        and hybrid_compatible(tinfo, sinfo) is None)  # one step: the teacher would take all of it
         st["hybrid_full"] = st["hybrid"] and student_supports_hybrid_chain(sinfo)
         ts = ", ".join(f"{t:g}" for t in sinfo.student_timesteps or [])
         desc = f"student: {sinfo.method or 'distilled'}, {sinfo.max_student_steps} step(s) (t = {ts})"
         if sinfo.experts:
             desc += f", {len(sinfo.experts)} experts"
+        if sinfo.max_student_steps == 1 and sinfo.conditioning == "class":
+            desc += " · hybrid sampling needs a multi-step student, e.g. builtin:animal_mnist_dmd2_4step"
         msgs.insert(0, desc)
         if tinfo is not None and (why := hybrid_compatible(tinfo, sinfo)):
             msgs.append(f"⚠️ teacher/student mismatch: {why}")
@@ -556,14 +672,16 @@ def build_demo(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_
                                           "builtin:animal_mnist_dmd2_4step (4 steps: hybrid mode)")
         model_md = gr.Markdown(st["message"])
         with gr.Row():
-            class_dd = gr.Dropdown(choices=st["classes"], value=ALL_CLASSES, label="Class",
+            class_dd = gr.Dropdown(choices=st["classes"], value=ALL_CLASSES, label="Class", elem_id="class",
                                    allow_custom_value=True, visible=st["class_visible"])
-            prompt_box = gr.Textbox(value="", label="Prompt", visible=st["prompt_visible"])
-            seed_in = gr.Number(value=0, precision=0, label=f"Seed (0..{MAX_SEED})")
+            prompt_box = gr.Textbox(value="", label="Prompt", visible=st["prompt_visible"], elem_id="prompt",
+                                     placeholder="e.g. a drawing of a cat")
+            seed_in = gr.Number(value=0, precision=0, label=f"Seed (0..{MAX_SEED})", elem_id="seed")
             batch_in = gr.Number(value=4, precision=0, label=f"Batch size (1..{MAX_BATCH})")
         with gr.Row():
             sstep_in = gr.Number(value=st["K"], precision=0, label=f"Student steps (1..{st['K']})")
-            tstep_in = gr.Number(value=50, precision=0, label=f"Teacher steps (1..{MAX_TEACHER_STEPS})")
+            tstep_in = gr.Number(value=50, precision=0, label=f"Teacher steps (1..{MAX_TEACHER_STEPS})",
+                                 elem_id="teacher-steps")
             cfg_in = gr.Number(value=2.0, label=f"Teacher guidance scale (0..{MAX_GUIDANCE:g}; 1 = no CFG)")
             sampler_dd = gr.Dropdown(choices=list(SAMPLERS), value="ddim", label="Teacher sampler",
                                      allow_custom_value=True)
@@ -582,23 +700,35 @@ def build_demo(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_
         hybrid_md = gr.Markdown(HYBRID_CAPTION + "  \n" + hybrid_nfe_caption(st["K"], False, hd["steps"], hd["substeps"],
                                                                              hd["guidance_scale"]),
                                 visible=st["hybrid"])
-        go = gr.Button("Generate", variant="primary")
-        status = gr.Markdown("")
+        go = gr.Button("Generate", variant="primary", elem_id="generate")
+        status = gr.Markdown("", elem_id="status")
         with gr.Row():
             with gr.Column():
-                t_gal = gr.Gallery(label="Teacher", columns=4, format="png", height="auto")
-                t_txt = gr.Textbox(label="Teacher: NFE and time", interactive=False)
+                t_gal = gr.Gallery(label="Teacher", columns=4, format="png", height="auto", elem_id="teacher-gallery")
+                t_txt = gr.Textbox(label="Teacher: NFE and time", interactive=False, elem_id="teacher-text")
             with gr.Column():
-                s_gal = gr.Gallery(label="Student", columns=4, format="png", height="auto")
-                s_txt = gr.Textbox(label="Student: NFE and time", interactive=False)
+                s_gal = gr.Gallery(label="Student", columns=4, format="png", height="auto", elem_id="student-gallery")
+                s_txt = gr.Textbox(label="Student: NFE and time", interactive=False, elem_id="student-text")
 
         def on_generate(tp, sp, cls, prompt, seed, bs, ss, ts, w, sampler, hyb, hn, hm, hh, hw):
+            # outputs: teacher gallery, teacher text, student gallery, student text, status
+            yield [], "", [], "", "⏳ sampling…"  # old images and status go at once (also when the input is bad)
             try:
-                r = generate(tp, sp, cls, prompt, seed, bs, ss, ts, w, sampler, bool(hyb), hn, hm, hh, hw)
+                plan = plan_generation(tp, sp, cls, prompt, seed, bs, ss, ts, w, sampler, bool(hyb), hn, hm, hh, hw)
+                s_run = run_student(plan)  # fast: shown before the teacher starts
             except DemoInputError as e:
                 print(f"stepdistill demo: rejected input: {e}", file=sys.stderr, flush=True)  # one line, no traceback
+                yield [], "", [], "", ""
                 raise gr.Error(str(e), print_exception=False) from None
-            return r.teacher.gallery(), r.teacher.summary, r.student.gallery(), r.student.summary, r.status
+            yield ([], f"teacher: 0/{plan.teacher_steps} steps…", s_run.gallery(), s_run.summary,
+                   "student done; the teacher is sampling…")
+            for item in teacher_progress(plan):
+                if isinstance(item, str):
+                    yield gr.skip(), item, gr.skip(), gr.skip(), gr.skip()
+                else:
+                    t_run = item
+            # every output in the last update: API clients (gradio_client) read the final values
+            yield t_run.gallery(), t_run.summary, s_run.gallery(), s_run.summary, GenerateResult(t_run, s_run).status
 
         go.click(on_generate, inputs=[teacher_box, student_box, class_dd, prompt_box, seed_in, batch_in, sstep_in,
                                       tstep_in, cfg_in, sampler_dd, hybrid_cb, hsteps_in, hsub_in, hhand_dd, hcfg_in],
@@ -669,6 +799,8 @@ def add_demo_args(p) -> None:
     p.add_argument("--student", default=DEFAULT_STUDENT, help="student folder or builtin name (default %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
+    p.add_argument("--share", action="store_true",
+                   help="also serve on a public *.gradio.live link for 72 hours (needs internet; off by default)")
 
 
 def cmd_demo(a) -> None:
@@ -679,7 +811,7 @@ def cmd_demo(a) -> None:
     for line in _ui_state(a.teacher, a.student)["message"].splitlines():
         if "⚠️" in line:  # still start: other folders can be entered in the UI
             print(f"warning: {line.replace('⚠️', '').strip()}", file=sys.stderr)
-    launch(host=a.host, port=a.port, teacher=a.teacher, student=a.student)
+    launch(host=a.host, port=a.port, teacher=a.teacher, student=a.student, share=bool(getattr(a, "share", False)))
 
 
 def add_demo_command(sub) -> None:

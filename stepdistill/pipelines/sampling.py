@@ -32,15 +32,16 @@ def make_scheduler(name: str, config: dict):
 
 @torch.no_grad()
 def scheduler_sample(den: Denoiser, scheduler, cond, num_steps: int, guidance_scale: float,
-                     noise: torch.Tensor, progress: bool = False, negative=None) -> torch.Tensor:
-    """Teacher sampling with a stock diffusers scheduler; returns x0 in [-1, 1] (B, C, H, W)."""
+                     noise: torch.Tensor, progress: bool = False, negative=None, on_step=None) -> torch.Tensor:
+    """Teacher sampling with a stock diffusers scheduler; returns x0 in [-1, 1] (B, C, H, W).
+    ``on_step(i, n)`` is called after step i of n (1-based), e.g. for a progress display."""
     from tqdm.auto import tqdm
 
     scheduler.set_timesteps(num_steps, device=noise.device)
     # flow-matching schedulers have neither init_noise_sigma nor scale_model_input (both identity)
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
     flow = "FlowMatch" in type(scheduler).__name__
-    for t in tqdm(scheduler.timesteps, disable=not progress, desc="teacher", leave=False):
+    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="teacher", leave=False)):
         x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         tt = t.float().expand(x.shape[0]).to(noise.device)
         if flow and hasattr(den.schedule, "t_from_sigma"):
@@ -49,6 +50,8 @@ def scheduler_sample(den: Denoiser, scheduler, cond, num_steps: int, guidance_sc
             tt = den.schedule.t_from_sigma(tt.double() / den.schedule.num_train_timesteps).to(noise.device)
         pred = den.raw(x_in, tt, cond, guidance_scale, negative)
         x = scheduler.step(pred, t, x).prev_sample
+        if on_step is not None:
+            on_step(i + 1, len(scheduler.timesteps))
     return x.clamp(-1, 1)
 
 

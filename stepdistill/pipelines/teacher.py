@@ -50,7 +50,9 @@ class StepDistillTeacherPipeline(StepDistillPipelineBase):
     @torch.no_grad()
     def __call__(self, class_labels=None, batch_size: int = 1, num_inference_steps: int = 50,
                  guidance_scale: float = 2.0, sampler: str = "ddim", generator: torch.Generator | None = None,
-                 seed: int | None = None, output_type: str = "pil", return_dict: bool = True, progress: bool = False):
+                 seed: int | None = None, output_type: str = "pil", return_dict: bool = True, progress: bool = False,
+                 on_step=None):
+        """``on_step(i, n)``: called after each of the n sampler steps."""
         dev = self.network.device
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
@@ -72,6 +74,7 @@ class StepDistillTeacherPipeline(StepDistillPipelineBase):
         noise = torch.randn(batch_size, c.in_channels, c.sample_size, c.sample_size, generator=generator).to(dev)
         sched = make_scheduler(sampler, dict(self.scheduler.config))
         t0 = time.perf_counter()
-        x = scheduler_sample(self.denoiser(), sched, labels, num_inference_steps, guidance_scale, noise, progress)
+        x = scheduler_sample(self.denoiser(), sched, labels, num_inference_steps, guidance_scale, noise, progress,
+                             on_step=on_step)
         self.last_latency_s = time.perf_counter() - t0
         return _output(x, output_type, return_dict)

@@ -86,9 +86,9 @@ class StepDistillTextTeacherPipeline(_TextPipelineMixin, StepDistillPipelineBase
                  generator: torch.Generator | None = None, seed: int | None = None, output_type: str = "pil",
                  return_dict: bool = True, prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None, progress: bool = False,
-                 latents: torch.Tensor | None = None):
+                 latents: torch.Tensor | None = None, on_step=None):
         """One image per prompt (times ``num_images_per_prompt``); ``negative_prompt`` (str or one per prompt)
-        replaces the empty prompt as CFG's unconditional input."""
+        replaces the empty prompt as CFG's unconditional input. ``on_step(i, n)``: called after each step."""
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
         cond = prompt_embeds if prompt_embeds is not None else self.encode_prompt(prompt, num_images_per_prompt)
@@ -105,7 +105,7 @@ class StepDistillTextTeacherPipeline(_TextPipelineMixin, StepDistillPipelineBase
         sched = make_scheduler(sampler, dict(self.scheduler.config))
         t0 = time.perf_counter()
         x = scheduler_sample(self.denoiser(null), sched, cond, num_inference_steps, guidance_scale, noise,
-                             progress, negative=neg)
+                             progress, negative=neg, on_step=on_step)
         x = self.decode(x)
         self.last_latency_s = time.perf_counter() - t0
         return _output(x, output_type, return_dict)
