@@ -147,7 +147,31 @@ def _hybrid_args(p, bench: bool = False):
                         "ode: the teacher's DDIM state at the next student timestep")
 
 
+def cmd_onnx(a):
+    from .onnx_export import check_onnx, export_onnx
+
+    _set_threads(a)
+    info = export_onnx(a.model, a.out, steps=a.steps, opset=a.opset, allow_pickle=a.allow_pickle,
+                       overwrite=a.overwrite)
+    if a.check:
+        info["max_abs_diff_vs_pytorch"] = check_onnx(a.model, a.out, allow_pickle=a.allow_pickle)
+    _emit(info, None)
+
+
 def add_commands(sub) -> None:
+    p = sub.add_parser("onnx", help="write a distilled student as one ONNX graph (noise + label in, image out) "
+                                    "for onnxruntime")
+    p.add_argument("--model", required=True, help="student folder, hub id or shipped name (e.g. builtin:animal_mnist_dmd2)")
+    p.add_argument("--out", default="student.onnx", help="output .onnx file, plus a .json beside it (default %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="student steps baked into the graph (default: all)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default %(default)s)")
+    p.add_argument("--check", action="store_true",
+                   help="run the graph under onnxruntime and print its max abs difference from the PyTorch pipeline")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(fn=cmd_onnx)
+
     p = sub.add_parser("eval", help="FID / KID, class accuracy and diversity of a teacher or student")
     p.add_argument("--model", required=True, help="teacher or student folder (or builtin:animal_mnist)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (student: 1..K, default K; teacher: default 50)")

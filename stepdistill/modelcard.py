@@ -156,6 +156,45 @@ def _trailing(steps: list[float], num_train_timesteps: int = 1000) -> bool:
     return [int(t) for t in trailing] == [int(t) for t in steps]
 
 
+def _onnx_usage(folder_name: str, class_names: list[str]) -> str:
+    """Serving without torch: ``stepdistill onnx`` once, then onnxruntime + numpy only."""
+    cls = class_names[2] if len(class_names) > 2 else (class_names[0] if class_names else None)
+    label = (f'feeds["class_labels"] = np.array([info["class_names"].index({cls!r})] * b, dtype=np.int64)'
+             if cls is not None else '# an unconditional student: no label input')
+    return f'''## Serving without torch (ONNX)
+
+Write the whole student chain as one ONNX graph once (`noise` and `class_labels` in, `image` in [-1, 1] out; the
+`.json` beside it lists the inputs, shape and class names; `--check` prints the difference from the PyTorch
+pipeline, about 1e-6):
+
+```bash
+stepdistill onnx --model {folder_name} --out student.onnx --check
+```
+
+Then serve it with `pip install onnxruntime numpy pillow` only, no torch and no stepdistill:
+
+```python
+import json
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+sess = ort.InferenceSession("student.onnx", providers=["CPUExecutionProvider"])
+info = json.load(open("student.json"))
+b, (c, h, w) = 4, info["sample_shape"]
+rng = np.random.default_rng(0)
+feeds = {{"noise": rng.standard_normal((b, c, h, w), dtype=np.float32)}}
+{label}
+if "step_noise" in info["inputs"]:  # K-step students: fresh noise for each of the K - 1 re-noisings
+    feeds["step_noise"] = rng.standard_normal((len(info["student_timesteps"]) - 1, b, c, h, w), dtype=np.float32)
+images = sess.run(None, feeds)[0]  # (B, C, H, W) in [-1, 1]
+im = ((images[0].transpose(1, 2, 0) + 1) * 127.5).round().astype(np.uint8)  # (H, W, C)
+Image.fromarray(im[..., 0] if c == 1 else im).save("sample.png")
+```
+'''
+
+
 def _text_usage(folder: Path, steps: list[float]) -> str:
     """Text students: our pipeline, plus the stock StableDiffusionPipeline for SD-family folders."""
     ts = "[" + ", ".join(str(int(t)) for t in steps) + "]"
@@ -224,6 +263,7 @@ def write_model_card(folder: str | os.PathLike, *, method: str, teacher: str, st
         parts.append(_text_usage(folder, steps).rstrip())
     else:
         parts.append(_usage(folder.name, steps, class_names, prediction_type).rstrip())
+        parts.append(_onnx_usage(folder.name, class_names).rstrip())
     cfg_yaml = yaml.safe_dump(_yaml_scalar_safe(config or {}), sort_keys=False).rstrip()
     parts.append(f"## Training configuration\n\n```yaml\n{cfg_yaml}\n```")
     parts.append(metrics_section(metrics))

@@ -55,6 +55,18 @@ def scheduler_sample(den: Denoiser, scheduler, cond, num_steps: int, guidance_sc
     return x.clamp(-1, 1)
 
 
+def subset_timesteps(trained: list[float], steps: int | None) -> list[float]:
+    """``steps`` of a student's ``trained`` timesteps: all of them (None), or an evenly spaced subset that keeps the
+    first (pure-noise) one, as the pipelines' ``timesteps_for`` picks them."""
+    ts = [float(t) for t in trained]
+    n = steps or len(ts)
+    if not 1 <= n <= len(ts):
+        raise ValueError(f"steps must be in 1..{len(ts)} for this student, got {n}")
+    if n == len(ts):
+        return ts
+    return [ts[i] for i in torch.linspace(0, len(ts) - 1, n).round().long().tolist()]
+
+
 @torch.no_grad()
 def student_sample(den: Denoiser, timesteps: list[float], cond, noise: torch.Tensor,
                    generator: torch.Generator | None = None, first_step=None, hybrid_steps: int = 1) -> torch.Tensor:

@@ -52,8 +52,10 @@ class StepDistillPipeline(StepDistillPipelineBase):
         return self.unet if self.unet is not None else self.transformer
 
     def denoiser(self) -> Denoiser:
-        sched = schedule_from_config(dict(self.scheduler.config))
-        return Denoiser(self.network, sched, self.config.prediction_type)
+        """The network as a :class:`Denoiser` (built once, rebuilt when a component or the config changes)."""
+        return self._cached("denoiser", self._component_key(self.config.prediction_type),
+                            lambda: Denoiser(self.network, schedule_from_config(dict(self.scheduler.config)),
+                                             self.config.prediction_type))
 
     def timesteps_for(self, num_inference_steps: int | None) -> list[float]:
         ts = list(self.config.student_timesteps)

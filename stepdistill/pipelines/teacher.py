@@ -44,8 +44,10 @@ class StepDistillTeacherPipeline(StepDistillPipelineBase):
         return self.unet if self.unet is not None else self.transformer
 
     def denoiser(self) -> Denoiser:
-        return Denoiser(self.network, schedule_from_config(dict(self.scheduler.config)), self.config.prediction_type,
-                        null_class=self.config.null_class)
+        """The network as a :class:`Denoiser` (built once, rebuilt when a component or the config changes)."""
+        return self._cached("denoiser", self._component_key(self.config.prediction_type, self.config.null_class),
+                            lambda: Denoiser(self.network, schedule_from_config(dict(self.scheduler.config)),
+                                             self.config.prediction_type, null_class=self.config.null_class))
 
     @torch.no_grad()
     def __call__(self, class_labels=None, batch_size: int = 1, num_inference_steps: int = 50,
