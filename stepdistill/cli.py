@@ -101,6 +101,8 @@ def cmd_sample(a):
 
     den, meta = load_denoiser(a.model, allow_pickle=a.allow_pickle)
     den.eval()
+    if a.compile:  # opt-in: pays off for large --num (the first batch compiles; see BENCHMARKS.md "Inference")
+        den.backbone.compile()
     labels = _parse_labels(a.classes, meta, a.num)
     g = torch.Generator().manual_seed(a.seed)
     c = den.backbone.config
@@ -261,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load pickle (.bin) weights; only for folders you trust (default: safetensors only)")
     p.add_argument("--out", default="samples.png", help="output PNG grid (default %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network first (opt-in: compiling takes minutes on a CPU)")
     p.set_defaults(fn=cmd_sample)
 
     from . import cli_more

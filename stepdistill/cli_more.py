@@ -61,7 +61,8 @@ def cmd_bench(a):
                     student_steps=a.student_steps, repeats=a.repeats, warmup=a.warmup,
                     guidance_scale=a.guidance_scale, sampler=a.sampler, device=a.device, seed=a.seed,
                     allow_pickle=a.allow_pickle, progress=not a.no_progress, hybrid_steps=a.hybrid_steps,
-                    hybrid_substeps=a.hybrid_substeps, hybrid_handoff=a.hybrid_handoff)
+                    hybrid_substeps=a.hybrid_substeps, hybrid_handoff=a.hybrid_handoff,
+                    variants=a.variants, onnx=a.onnx)
     if a.table:
         print("\n".join(summary_lines(res)), file=sys.stderr)
     _emit(res, a.out)
@@ -211,6 +212,11 @@ def add_commands(sub) -> None:
                    help="teacher classifier-free guidance scale (default %(default)s; 1 = no CFG)")
     p.add_argument("--sampler", default="ddim", help="teacher sampler: ddim | euler | dpm++ | ddpm (default ddim)")
     p.add_argument("--table", action="store_true", help="also print a human-readable table to stderr")
+    p.add_argument("--variants", default=None,
+                   help="opt-in speed-ups to measure against eager fp32 (speed-up, max image difference): comma-"
+                        "separated channels_last, bf16, fp16 (CUDA), math_attention (vs the default SDPA), compile")
+    p.add_argument("--onnx", action="store_true",
+                   help="also time the student exported as one ONNX graph under onnxruntime")
     _hybrid_args(p, bench=True)
     p.add_argument("--out", default=None, help="also write the JSON here")
     _common(p)

@@ -214,6 +214,7 @@ def expert_caption(experts: list[Any] | None, class_name: str | None, class_inde
 
 # -- loading (cached) -----------------------------------------------------------------------------
 _CACHE: dict[tuple, Any] = {}
+COMPILE = {"on": False}  # `stepdistill demo --compile`
 _LOCK = threading.Lock()
 
 
@@ -266,7 +267,10 @@ def _cached(key, path: Path, build):
             except Exception as e:  # noqa: BLE001 - a broken folder is a user error here, shown in the UI
                 raise DemoInputError(f"could not load the {key[0]} from {str(path)!r}: {e}") from e
             pipe.to(_device())
-            (pipe.network if hasattr(pipe, "network") else pipe.unet).eval()  # unet, or transformer
+            net = pipe.network if hasattr(pipe, "network") else pipe.unet  # unet, or transformer
+            net.eval()
+            if COMPILE["on"]:
+                net.compile()
             if len(_CACHE) >= 4:
                 _CACHE.pop(next(iter(_CACHE)))
             _CACHE[key] = pipe
@@ -799,6 +803,8 @@ def add_demo_args(p) -> None:
     p.add_argument("--student", default=DEFAULT_STUDENT, help="student folder or builtin name (default %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each loaded network (opt-in: the first Generate per model compiles)")
     p.add_argument("--share", action="store_true",
                    help="also serve on a public *.gradio.live link for 72 hours (needs internet; off by default)")
 
@@ -808,6 +814,7 @@ def cmd_demo(a) -> None:
         import gradio  # noqa: F401
     except ImportError:
         raise SystemExit("the demo needs gradio: pip install 'stepdistill[demo]'") from None
+    COMPILE["on"] = bool(getattr(a, "compile", False))
     for line in _ui_state(a.teacher, a.student)["message"].splitlines():
         if "⚠️" in line:  # still start: other folders can be entered in the UI
             print(f"warning: {line.replace('⚠️', '').strip()}", file=sys.stderr)

@@ -81,6 +81,8 @@ class Denoiser(nn.Module):
         # float32; offload keeps the weights on the CPU and moves them to the input's device for each forward
         self.compute_dtype: torch.dtype | None = None
         self.offload = False
+        # CFG as one forward of 2B images (default) or two of B: same numbers up to float rounding
+        self.batched_cfg = True
 
     def to(self, *args, **kwargs):
         if self.offload:  # an offloaded denoiser ignores device moves (dtype conversions still apply)
@@ -190,6 +192,8 @@ class Denoiser(nn.Module):
     def _raw_uncond_cond(self, x_t, t, cond, negative=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Native unconditional and conditional predictions from one batched call: (2B, ...) = [uncond; cond]."""
         unc = negative if negative is not None else self._uncond_like(cond, x_t.shape[0])
+        if not self.batched_cfg:  # two forwards of B (bench: the sequential-CFG teacher)
+            return self._call(x_t, t, unc), self._call(x_t, t, cond)
         return self._call(torch.cat([x_t, x_t]), torch.cat([t, t]), _cat_cond(unc, cond)).chunk(2)
 
     def forward(self, x_t, t, cond=None, guidance_scale: float = 1.0, output: str = "x0", negative=None):

@@ -31,6 +31,8 @@ def sample_text(a) -> None:
     from .utils import save_labeled_grid
 
     pipe = load_text_pipeline(a.model, allow_pickle=a.allow_pickle)
+    if getattr(a, "compile", False):
+        pipe.unet.compile()
     prompts = [s for p in (a.prompt or []) for s in p.split("|")] or default_prompts(pipe.meta)
     if a.classes:
         raise ConfigError("--classes is for class-conditional models; give text models --prompt")

@@ -228,12 +228,16 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
               student_steps=None, repeats: int = 3, warmup: int = 1, guidance_scale: float = 2.0,
               sampler: str = "ddim", device: str | torch.device | None = None, seed: int = 0,
               allow_pickle: bool = False, progress: bool = True, hybrid_steps: int = 0,
-              hybrid_substeps: int = 1, hybrid_handoff: str = "renoise") -> dict:
+              hybrid_substeps: int = 1, hybrid_handoff: str = "renoise", variants=None, onnx: bool = False) -> dict:
     """Benchmark a teacher folder against a student folder; returns a JSON-serialisable dict.
 
     ``hybrid_steps > 0`` also times hybrid sampling at the student's K steps: the teacher (CFG
     ``guidance_scale``) takes the first ``hybrid_steps`` steps (:mod:`stepdistill.eval.hybrid`); its
     NFE per sample counts the teacher's calls including both CFG halves.
+
+    ``variants`` (names of :mod:`stepdistill.eval.variants`: channels_last, bf16, fp16, math_attention,
+    compile) time the fewest-step student with each opt-in change and compare its images with the eager
+    fp32 ones; ``onnx`` also times the student exported as one ONNX graph under onnxruntime.
 
     ``student_steps`` defaults to 1..K (K = number of trained student timesteps). See the module
     docstring for what each number means. ``teacher=None``: the teacher recorded in the student's
@@ -268,8 +272,14 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
         hyb = Hybrid(t, hybrid_steps, hybrid_substeps, guidance_scale, hybrid_handoff)
         hyb.check(s, k)
 
+    from .variants import VARIANTS
+
+    variants = [v.strip() for v in (variants.split(",") if isinstance(variants, str) else variants or []) if v.strip()]
+    if any(v not in VARIANTS for v in variants):
+        raise ConfigError(f"--variants: unknown {sorted(set(variants) - set(VARIANTS))}; known: {', '.join(VARIANTS)}")
+    ort = _OnnxStudent(student, k0, allow_pickle) if onnx else None
     results = []
-    jobs = len(batch_sizes) * (2 + len(student_steps) + (hyb is not None))
+    jobs = len(batch_sizes) * (2 + len(student_steps) + (hyb is not None) + len(variants) + bool(ort) + cfg_on)
     bar = tqdm(total=jobs, desc="bench", disable=not progress, leave=False)
     for b in batch_sizes:
         tl, sl = _labels(t, b), _labels(s, b)
@@ -317,13 +327,48 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
         if one is None:  # fewest steps not benchmarked: time it now for the overhead ratio
             one = time_fn(lambda: s.pipe(class_labels=sl, batch_size=b, num_inference_steps=k0, seed=seed,
                                          output_type="pt"), dev, repeats, warmup)
-        results.append({
+        # honest speed-ups: NFE ratio vs wall clock, the teacher with batched and with sequential CFG, and the
+        # ceiling the bare forward times allow (teacher steps x one CFG forward / the student's forwards)
+        seq = fr2 = None
+        if cfg_on:
+            tden = t.pipe.denoiser()
+            tden.batched_cfg = False
+            try:
+                seq = time_fn(teacher_call, dev, repeats, warmup)
+            finally:
+                tden.batched_cfg = True
+            bar.update()
+            x2, tt2 = torch.cat([x, x]), torch.cat([tt, tt])
+            y2 = torch.cat([y, y]) if y is not None else None
+            fr2 = time_fn(torch.no_grad()(lambda: den._call(x2, tt2, y2)), dev, repeats, warmup)
+        t_forward = fr2["latency_s"] if cfg_on else fr["latency_s"]
+        speedup = {
+            "nfe_ratio": t_nfe / s.nfe_per_sample(k0),
+            "wall_clock": tr["latency_s"] / one["latency_s"],
+            "ceiling_from_bare_forwards": teacher_steps * t_forward / (k0 * fr["latency_s"]),
+            **({"wall_clock_sequential_cfg_teacher": seq["latency_s"] / one["latency_s"]} if seq else {}),
+        }
+        row = {
             "batch_size": b, "teacher": teacher_row, "student": rows,
             **({"hybrid": hybrid_row} if hybrid_row is not None else {}),
+            **({"teacher_sequential_cfg": {**seq, **_rates(seq, b)}} if seq else {}),
             "bare_forward": {**fr, "nfe_per_sample": 1},
+            **({"bare_forward_2b": {**fr2, "nfe_per_sample": 1, "batch": 2 * b}} if fr2 else {}),
             # fewest-step pipeline time / the network evaluations it must make (k0 bare forwards)
             "pipeline_overhead": one["latency_s"] / (k0 * fr["latency_s"]),
-        })
+            "speedup": speedup,
+        }
+        if variants or ort:
+            def fewest():
+                return s.pipe(class_labels=sl, batch_size=b, num_inference_steps=k0, seed=seed,
+                              output_type="pt").images
+            ref = fewest()
+            if variants:
+                row["variants"] = _time_variants(s, variants, fewest, ref, one, dev, repeats, warmup, bar)
+            if ort:
+                row["onnxruntime"] = ort.time(b, sl, seed, ref, one, dev, repeats, warmup)
+                bar.update()
+        results.append(row)
     bar.close()
 
     return {
@@ -332,6 +377,7 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
                    "teacher_steps": teacher_steps, "teacher_sampler": sampler, "guidance_scale": guidance_scale,
                    "student_steps": student_steps, "student_max_steps": k, "repeats": repeats, "warmup": warmup,
                    "hybrid_steps": hybrid_steps, "hybrid_substeps": hybrid_substeps, "hybrid_handoff": hybrid_handoff,
+                   "variants": variants, "onnx": bool(onnx),
                    "seed": seed, "image_shape": list(s.image_shape), "dtype": str(s.network.dtype).replace("torch.", ""),
                    "teacher_params": t.num_params(), "student_params": s.num_params()},
         "memory_method": memory_method(dev),
@@ -341,6 +387,56 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
                 "hybrid: teacher steps x sub-steps x 2 with CFG + the student's remaining steps"),
         "results": results,
     }
+
+
+def _time_variants(s, variants, fewest, ref, one, dev, repeats, warmup, bar) -> list[dict]:
+    """Each opt-in variant of the fewest-step student: latency, speed-up over eager fp32, image difference."""
+    from .variants import applied, image_difference, unavailable
+
+    out = []
+    for name in variants:
+        why = "Phased DMD students have one network per phase" if s.phased else unavailable(name, s.pipe)
+        if why:
+            out.append({"variant": name, "skipped": why})
+        else:
+            with applied(name, s.pipe):
+                img = fewest()  # for compile: the call that compiles
+                r = time_fn(fewest, dev, repeats, warmup)
+            out.append({"variant": name, **r, "speedup_vs_eager": one["latency_s"] / r["latency_s"],
+                        **image_difference(img, ref)})
+        bar.update()
+    return out
+
+
+class _OnnxStudent:
+    """The student exported once to a temporary ONNX file, timed under onnxruntime against the pipeline."""
+
+    def __init__(self, student: str, steps: int, allow_pickle: bool):
+        import json
+        import tempfile
+
+        from ..onnx_export import export_onnx, onnx_session
+
+        self.dir = tempfile.TemporaryDirectory(prefix="stepdistill_onnx_")
+        path = Path(self.dir.name) / "student.onnx"
+        export_onnx(student, path, steps=steps, allow_pickle=allow_pickle)
+        self.info = json.loads(path.with_suffix(".json").read_text())
+        self.session = onnx_session(path, threads=torch.get_num_threads())
+
+    def time(self, b: int, labels, seed: int, ref: torch.Tensor, one: dict, dev, repeats: int, warmup: int) -> dict:
+        from ..onnx_export import onnx_inputs
+        from .variants import image_difference
+
+        shape, ts = self.info["sample_shape"], self.info["student_timesteps"]
+        g = torch.Generator().manual_seed(seed)  # the pipeline's draws: x_{t_0}, then one per re-noising
+        noise = torch.randn(b, *shape, generator=g)
+        steps = torch.stack([torch.randn(b, *shape, generator=g) for _ in ts[1:]]) if len(ts) > 1 else None
+        cond = torch.tensor(labels, dtype=torch.long) if labels is not None else None
+        feeds = onnx_inputs(self.info, noise, cond, steps)
+        img = torch.from_numpy(self.session.run(None, feeds)[0])
+        r = time_fn(lambda: self.session.run(None, feeds), torch.device("cpu"), repeats, warmup)
+        return {**r, "speedup_vs_pytorch": one["latency_s"] / r["latency_s"], **image_difference(img, ref.cpu()),
+                "note": "onnxruntime CPUExecutionProvider; noise fed in (the pipeline draws it inside its time)"}
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -362,4 +458,21 @@ def summary_lines(report: dict) -> list[str]:
             lines.append(f"{r['batch_size']:>5} {name:>12} {h['nfe_per_sample']:>5} {h['latency_s'] * 1e3:>11.2f} "
                          f"{h['throughput_img_s']:>9.1f} {h['speedup']:>9.1f} {mem:>9.1f}")
         lines.append(f"{'':>5} pipeline_overhead (1-step pipeline / bare forward) = {r['pipeline_overhead']:.2f}")
+        sp = r.get("speedup", {})
+        if sp:
+            seq = sp.get("wall_clock_sequential_cfg_teacher")
+            lines.append(f"{'':>5} speed-up: NFE ratio {sp['nfe_ratio']:.0f}x, wall clock {sp['wall_clock']:.1f}x"
+                         + (f" ({seq:.1f}x vs a sequential-CFG teacher)" if seq else "")
+                         + f", ceiling from bare forwards {sp['ceiling_from_bare_forwards']:.1f}x")
+        for v in r.get("variants", []):
+            if "skipped" in v:
+                lines.append(f"{'':>5} variant {v['variant']}: skipped ({v['skipped']})")
+            else:
+                lines.append(f"{'':>5} variant {v['variant']}: {v['latency_s'] * 1e3:.2f} ms, "
+                             f"{v['speedup_vs_eager']:.2f}x vs eager fp32, max diff {v['max_abs_diff']:.2g} "
+                             f"({v['max_pixel_diff_8bit']} / 255)")
+        if r.get("onnxruntime"):
+            o = r["onnxruntime"]
+            lines.append(f"{'':>5} onnxruntime: {o['latency_s'] * 1e3:.2f} ms, {o['speedup_vs_pytorch']:.2f}x vs the "
+                         f"PyTorch pipeline, max diff {o['max_abs_diff']:.2g}")
     return lines

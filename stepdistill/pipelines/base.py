@@ -28,6 +28,13 @@ class StepDistillPipelineBase(DiffusionPipeline):
     def _read_meta(self, meta: dict) -> None:
         """Fill config entries that ``model_index.json`` lacks from ``stepdistill.json`` (default: nothing)."""
 
+    def compile(self, **kwargs):
+        """``torch.compile`` the network in place (``nn.Module.compile``: weights and saving unchanged); opt-in,
+        measured by ``stepdistill bench --variants compile``. Returns the pipeline."""
+        net = getattr(self, "network", None) or self.unet
+        net.compile(**kwargs)
+        return self
+
     def _cached(self, name: str, key: tuple, build):
         """``build()``, kept until ``key`` changes: the pipelines' denoisers (a schedule built from the scheduler
         config costs about a third of a one-step call at batch 1). The key holds the network and scheduler
