@@ -119,6 +119,8 @@ class DMDConfig:
     regression_distance: str = "mse"  # mse | lpips
     regression_warmup_steps: int = 0  # first N generator steps: regression on teacher ODE pairs only (no critic)
     gan_fresh_t: bool = False      # generator GAN term at its own t ~ U[0, T) (DMD2's code) instead of the DM step's t
+    divergence: str = "reverse_kl"  # reverse_kl (DMD) | forward_kl | js: f-distill's h(r) weights (needs dmd.gan)
+    divergence_logit_clip: float = 10.0  # the discriminator logit log r is clipped to +-this before h(r)
     student_lr: float = 2e-5
     critic_lr: float = 2e-5
     beta1: float = 0.0
@@ -402,6 +404,12 @@ def validate(cfg) -> None:
         check(d.critic_updates >= 1, "dmd.critic_updates", "must be >= 1")
         check(d.regression_distance in ("mse", "lpips"), "dmd.regression_distance", "must be mse | lpips")
         check(d.regression_warmup_steps >= 0, "dmd.regression_warmup_steps", "must be >= 0")
+        check(d.divergence in ("reverse_kl", "forward_kl", "js"), "dmd.divergence",
+              "must be reverse_kl | forward_kl | js")
+        check(d.divergence == "reverse_kl" or (d.gan and cfg.method in ("dmd", "dmd2") and not d.decoupled),
+              "dmd.divergence", "forward_kl / js need dmd.gan=true (the discriminator gives the density ratio), "
+              "method dmd / dmd2 and no dmd.decoupled")
+        check(d.divergence_logit_clip > 0, "dmd.divergence_logit_clip", "must be > 0")
         check(d.regression_pairs >= 1, "dmd.regression_pairs", "must be >= 1")
         check(d.student_lr > 0 and d.critic_lr > 0, "dmd.student_lr", "learning rates must be > 0")
         check(d.lora_rank >= 0, "dmd.lora_rank", "must be >= 0 (0 = full fine-tuning)")

@@ -49,6 +49,7 @@ from ..denoiser import Denoiser, _cat_cond
 from ..pipelines.sampling import grid_sample
 from ..utils import class_balanced_labels
 from .core import Ctx, Player
+from .divergences import f_weights
 
 
 class GANHead(nn.Module):
@@ -102,12 +103,16 @@ def _grad_surrogate(x32: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * F.mse_loss(x32, (x32 - grad).detach(), reduction="mean")
 
 
-def dm_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_DM and the (detached) gradient direction, in fp32, NaN-safe (see module docstring)."""
+def dm_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor,
+            weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_DM and the (detached) gradient direction, in fp32, NaN-safe (see module docstring). ``weight`` (B,)
+    scales each sample's direction: f-distill's h(r) (:mod:`stepdistill.trainers.divergences`); None = DMD."""
     x32 = x.float()
     p_real = x32.detach() - real_x0.float()
     p_fake = x32.detach() - fake_x0.float()
     grad = _finite((p_real - p_fake) / _dmd2_norm(x32, real_x0))
+    if weight is not None:
+        grad = grad * weight.to(grad).view(-1, *([1] * (grad.ndim - 1)))
     return _grad_surrogate(x32, grad), grad
 
 
@@ -148,10 +153,19 @@ def scores_and_gan_g(teacher: Denoiser, critic: Denoiser, head, x_t, t, cond, c:
     both the GAN features and mu_fake unless the critic itself is guided. ``real=False`` skips the
     teacher pass (decoupled DMD makes its own cond / uncond passes).
     """
-    l_g = fake_x0 = real_x0 = None
+    l_g, _, real_x0, fake_x0 = scores_gan_logits(teacher, critic, head, x_t, t, cond, c, real)
+    return l_g, real_x0, fake_x0
+
+
+def scores_gan_logits(teacher: Denoiser, critic: Denoiser, head, x_t, t, cond, c: DMDConfig, real: bool = True):
+    """:func:`scores_and_gan_g` plus the discriminator's per-sample logits D(x_t) (B,), detached (None without
+    ``head``): f-distill's density ratio r = exp(D(x_t)) at the DM term's own noised sample."""
+    l_g = fake_x0 = real_x0 = logits = None
     if head is not None:
         fake_x0, feats = critic.x0_and_features(x_t, t, cond)
-        l_g = F.softplus(-head(feats.float())).mean()
+        logit = head(feats.float())
+        l_g = F.softplus(-logit).mean()
+        logits = logit.detach()
     if c.dm_weight > 0:
         with torch.no_grad():
             if real:
@@ -159,7 +173,7 @@ def scores_and_gan_g(teacher: Denoiser, critic: Denoiser, head, x_t, t, cond, c:
             if fake_x0 is None or c.fake_guidance_scale != 1.0:
                 fake_x0 = critic(x_t.detach(), t, cond, guidance_scale=c.fake_guidance_scale)
         fake_x0 = fake_x0.detach()
-    return l_g, real_x0, fake_x0
+    return l_g, logits, real_x0, fake_x0
 
 
 def gan_d_loss(head, f_fake: torch.Tensor, f_real: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -296,7 +310,8 @@ class DMDObjective:
         t = ctx.sample_t(self.teacher.schedule, c.t_min, c.t_max)
         x_t = self.teacher.schedule.add_noise(x, ctx.randn(*self.shape), t)  # keeps grad for the GAN term
         head = self.head if c.gan and not c.gan_fresh_t else None
-        l_g, real_x0, fake_x0 = scores_and_gan_g(self.teacher, self.critic, head, x_t, t, cond, c, real=not c.decoupled)
+        l_g, logits, real_x0, fake_x0 = scores_gan_logits(self.teacher, self.critic, head, x_t, t, cond, c,
+                                                          real=not c.decoupled)
         if c.gan and c.gan_fresh_t:  # DMD2's code: the G term at its own noise level t' ~ U[0, T)
             T = self.critic.schedule.num_train_timesteps
             t_g = ctx.sample_t(self.critic.schedule, 0, T - 1)
@@ -311,7 +326,14 @@ class DMDObjective:
             total = total + c.dm_weight * l_dm
             logs.update(dlogs)
         elif c.dm_weight > 0:
-            l_dm, grad = dm_loss(x, real_x0, fake_x0)
+            weight = None
+            if c.divergence != "reverse_kl":  # f-distill: h(r) per sample, r from D at this x_t
+                if logits is None:  # the G term ran at its own t (gan_fresh_t): D at the DM step's x_t
+                    with torch.no_grad():
+                        logits = self.head(self.critic.features(x_t.detach(), t, cond).float())
+                weight = f_weights(logits, c.divergence, c.divergence_logit_clip)
+                logs.update(f_weight_min=weight.min().item(), f_weight_max=weight.max().item())
+            l_dm, grad = dm_loss(x, real_x0, fake_x0, weight)
             total = total + c.dm_weight * l_dm
             logs["dm_nonfinite_frac"] = nonfinite_frac(real_x0, fake_x0)
             logs["dm_loss"] = l_dm.item()
