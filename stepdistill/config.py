@@ -202,14 +202,29 @@ class PSOConfig:
 
 
 @dataclass
+class RCMConfig:
+    """rCM (Zheng et al. 2025; method: rcm): sCM on the TrigFlow view of the student + DMD's DM term as a
+    regulariser (stepdistill/trainers/rcm.py). ``dmd.*`` keeps the teacher, guidance, critic and timesteps."""
+    scm_weight: float = 100.0      # rCM's loss_scale (our DM surrogate's scaling: see trainers/rcm.py)
+    dmd_weight: float = 1.0        # the DMD regulariser; 0 = plain sCM (no critic)
+    tangent: str = "auto"          # auto (JVP, plain attention; finite differences if an op lacks forward AD) | jvp | fd
+    fd_size: float = 1.0e-3        # finite-difference step in TrigFlow time
+    tangent_warmup_steps: int = 100  # r = min(1, step / N) in sCM's tangent; DMD starts after it
+    p_mean: float = -0.8           # sCM's time law: s = arctan(sigma), log sigma ~ N(p_mean, p_std^2)
+    p_std: float = 1.6
+    norm_eps: float = 0.1          # tangent normalisation g / (||g|| + norm_eps)
+
+
+@dataclass
 class DistillConfig:
     output_dir: str = "runs/dmd2"
-    method: str = "dmd2"           # dmd | dmd2 | phased_dmd | msd | pso | pso_naive
+    method: str = "dmd2"           # dmd | dmd2 | phased_dmd | msd | pso | pso_naive | rcm
     data: DataConfig = field(default_factory=DataConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
     phased: PhasedConfig = field(default_factory=PhasedConfig)
     msd: MSDConfig = field(default_factory=MSDConfig)
     pso: PSOConfig = field(default_factory=PSOConfig)
+    rcm: RCMConfig = field(default_factory=RCMConfig)
     text: TextConfig = field(default_factory=TextConfig)  # text teachers: the prompt set to distill on
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32, max_steps=300, ema_decay=0.95,
                                                                    sample_every=50, checkpoint_every=50))
@@ -383,8 +398,17 @@ def validate(cfg) -> None:
               "every template needs the placeholder {name}, e.g. 'a photo of a {name}'")
     if isinstance(cfg, DistillConfig):
         d = cfg.dmd
-        check(cfg.method in ("dmd", "dmd2", "phased_dmd", "msd", "pso", "pso_naive"), "method",
-              "must be dmd | dmd2 | phased_dmd | msd | pso | pso_naive")
+        check(cfg.method in ("dmd", "dmd2", "phased_dmd", "msd", "pso", "pso_naive", "rcm"), "method",
+              "must be dmd | dmd2 | phased_dmd | msd | pso | pso_naive | rcm")
+        if cfg.method == "rcm":
+            rc = cfg.rcm
+            check(not d.gan, "dmd.gan", "must be false with method rcm (rCM needs no GAN)")
+            check(not d.decoupled, "dmd.decoupled", "is not supported by method rcm")
+            check(rc.tangent in ("auto", "jvp", "fd"), "rcm.tangent", "must be auto | jvp | fd")
+            check(rc.fd_size > 0, "rcm.fd_size", "must be > 0")
+            check(rc.tangent_warmup_steps >= 0, "rcm.tangent_warmup_steps", "must be >= 0")
+            check(rc.p_std > 0, "rcm.p_std", "must be > 0")
+            check(rc.norm_eps > 0, "rcm.norm_eps", "must be > 0")
         if cfg.method in ("pso", "pso_naive"):
             _validate_pso(cfg, check)
         if cfg.method == "msd":

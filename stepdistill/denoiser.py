@@ -143,7 +143,11 @@ class Denoiser(nn.Module):
                 self.backbone.to("cpu")
 
     def _call_backbone(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        tm = self.schedule.model_timestep(t).to(x_t.device)
+        return self.backbone_at(x_t, self.schedule.model_timestep(t).to(x_t.device), cond)
+
+    def backbone_at(self, x_t: torch.Tensor, tm: torch.Tensor, cond) -> torch.Tensor:
+        """The backbone's native prediction at the *model* timestep ``tm`` (what the network is conditioned on:
+        ``schedule.model_timestep(t)``); differentiable in ``tm`` (TrigFlow tangents, stepdistill/trigflow.py)."""
         b, k = self.backbone, self.kind
         if k == "unet2d":
             return b(x_t, tm, class_labels=cond).sample

@@ -20,6 +20,10 @@ METRICS_END = "<!-- stepdistill:metrics:end -->"
 NOT_MEASURED = "Not measured yet (run `stepdistill eval` / `stepdistill report` on this folder)."
 
 METHODS = {
+    "rcm": ("rCM (score-regularised continuous-time consistency; Zheng et al. 2025)",
+            "Continuous-time consistency distillation (sCM, Lu & Song 2024) on the TrigFlow view of the teacher: the "
+            "student's velocity is trained, with a Jacobian-vector-product tangent, to stay constant along the "
+            "teacher's probability-flow ODE, plus DMD's score-distillation term as a reverse-divergence regulariser."),
     "dmd": ("DMD (Distribution Matching Distillation; Yin et al., CVPR 2024)",
             "The student is trained so that its output distribution matches the teacher's: the gradient is the "
             "difference between a *fake* score (a critic diffusion model fitted online to student samples) and the "

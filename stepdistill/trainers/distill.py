@@ -107,8 +107,14 @@ def build_dmd(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMe
     pairs = None
     if cfg.dmd.regression_weight > 0 or cfg.dmd.regression_warmup_steps > 0:
         pairs = teacher_ode_pairs(teacher, cfg.dmd, num_classes, shape, seed=cfg.train.seed)
-    obj = DMDObjective(teacher, student, critic, cfg.dmd, num_classes, shape, regression_pairs=pairs,
-                       seed=cfg.train.seed, conds=conds)
+    if cfg.method == "rcm":  # sCM + DMD regulariser (trainers/rcm.py): the same players
+        from .rcm import RCMObjective
+
+        obj = RCMObjective(teacher, student, critic, cfg.dmd, num_classes, shape, regression_pairs=pairs,
+                           seed=cfg.train.seed, conds=conds, rcm=cfg.rcm)
+    else:
+        obj = DMDObjective(teacher, student, critic, cfg.dmd, num_classes, shape, regression_pairs=pairs,
+                           seed=cfg.train.seed, conds=conds)
     obj.data_std = float(data.images[:2048].float().std())  # normalises the collapse guard's diversity
     return obj, data, meta
 

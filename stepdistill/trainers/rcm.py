@@ -1,0 +1,101 @@
+"""rCM: score-regularised continuous-time consistency distillation (Zheng et al. 2025, "Large Scale Diffusion
+Distillation via Score-Regularized Continuous-Time Consistency", arXiv 2510.08431; code NVlabs/rcm).
+
+sCM (Lu & Song 2024, arXiv 2410.11081) trains the student's TrigFlow velocity F_theta (stepdistill/trigflow.py)
+to make f_theta(x_s, s) = cos(s) x_s - sin(s) F_theta(x_s, s) constant along the teacher's probability-flow
+ODE dx_s/ds = F_teacher. On real data x0, eps ~ N(0, I) and s = arctan(sigma), sigma ~ LogNormal(P_mean, P_std)
+(sCM's time law, sigma_data = 1):
+
+    x_s = cos(s) x0 + sin(s) eps
+    dF/ds along the ODE   = jvp(F_theta, (x_s, s), (cos s sin s F_teacher, cos s sin s)) / (cos s sin s)
+    g    = -cos(s) sqrt(1 - r^2 sin^2 s) (F_theta^- - F_teacher) - r cos(s) sin(s) (x_s + dF/ds)      (sCM Eq. 8,
+           with the tangent warm-up r = min(1, step / tangent_warmup_steps) and the JVP rearrangement, Sec. 5.1)
+    g   <- g / (||g||_2 + 0.1)                                   (per-sample tangent normalisation, Sec. 4.2)
+    L_sCM = scm_weight * 0.5 * mean (F_theta - F_theta^- - g)^2  (F^-: stop-gradient; grad wrt F = -g)
+
+``0.5 * mean`` is the scaling of our DM surrogate (trainers/dmd.py ``_grad_surrogate``), so ``scm_weight``
+= 100 with the DM term at weight 1 keeps rCM's ratio (its ``loss_scale`` 100, ``loss_scale_dmd`` 1, both sums).
+
+sCM alone is mode-covering and soft; rCM adds DMD's reverse-divergence score distillation as a regulariser
+(after the tangent warm-up, as the authors' code does): the student's few-step samples (backward
+simulation), noised, pulled along mu_fake - mu_real (dmd.py ``dm_loss``), with the critic (fake score)
+trained on them. ``rcm.dmd_weight: 0`` is plain sCM (no critic). No GAN: ``dmd.gan`` must be false.
+
+Multi-step sampling is the student chain at ``dmd.student_timesteps`` (the paper's TrigFlow times
+[pi/2, 1.5, 1.4, 1.0] for 4 steps are VP t = [999, 954, 889, 633] on our cosine schedule), exported through
+the same diffusers folder and ``StepDistillPipeline``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import RCMConfig
+from ..trigflow import TrigFlow, tangent
+from .core import Ctx
+from .dmd import DMDObjective
+
+
+class RCMObjective(DMDObjective):
+    """rCM as an Objective: sCM on real data + (after the tangent warm-up) DMD's DM term on student samples."""
+
+    def __init__(self, *args, rcm: RCMConfig, **kw):
+        super().__init__(*args, **kw)
+        self.rcm = rcm
+        self.trig_teacher, self.trig_student = TrigFlow(self.teacher), TrigFlow(self.student)
+        T = self.teacher.schedule.num_train_timesteps
+        self.s_min, self.s_max = self.trig_teacher.s_range(1, T - 1)
+
+    def dmd_active(self, step: int) -> bool:
+        return self.rcm.dmd_weight > 0 and step >= self.rcm.tangent_warmup_steps
+
+    def updates(self, step: int) -> list[str]:
+        if not self.dmd_active(step):  # sCM alone needs no critic
+            return ["generator"]
+        return ["critic"] * self.cfg.critic_updates + ["generator"]
+
+    def sample_s(self, ctx: Ctx) -> torch.Tensor:
+        """sCM's training times s = arctan(sigma), log sigma ~ N(P_mean, P_std^2), inside the schedule's range."""
+        n = torch.randn(ctx.global_batch, generator=ctx.gen, dtype=torch.float64)
+        s = torch.atan(torch.exp(self.rcm.p_mean + self.rcm.p_std * n))
+        return ctx._slice(s.clamp(self.s_min, self.s_max))
+
+    def scm_loss(self, ctx: Ctx) -> tuple[torch.Tensor, dict[str, float]]:
+        r = self.rcm
+        x0, labels = ctx.real_batch()
+        cond = self.conds.real_cond(labels)
+        s = self.sample_s(ctx)                                             # (B,) float64
+        eps = ctx.randn(*self.shape)
+        cs, sn = torch.cos(s), torch.sin(s)
+        b = lambda v: v.reshape(-1, *[1] * (x0.ndim - 1)).float()  # noqa: E731 - (B,) -> (B, 1, 1, 1)
+        x_s = b(cs) * x0.float() + b(sn) * eps
+        with torch.no_grad():
+            f_teacher = self.trig_teacher.F(x_s, s, cond, self.cfg.real_guidance_scale).float()
+        tx, ts = b(cs * sn) * f_teacher, (cs * sn)                        # the ODE direction, rescaled (Sec. 5.1)
+        f_minus, t_f, how = tangent(lambda x, t: self.trig_student.F(x, t, cond), x_s, s, tx, ts, r.tangent,
+                                    r.fd_size, module=self.student.backbone)
+        f_minus, t_f = f_minus.detach().float(), t_f.detach().float()
+        warm = min(1.0, ctx.step / r.tangent_warmup_steps) if r.tangent_warmup_steps > 0 else 1.0
+        g = -b(cs) * torch.sqrt(1 - warm**2 * b(sn) ** 2) * (f_minus - f_teacher) - warm * (b(cs * sn) * x_s + t_f)
+        g = torch.nan_to_num(g)
+        g = g / (g.flatten(1).norm(dim=1).view(-1, *[1] * (g.ndim - 1)) + r.norm_eps)
+        f = self.trig_student.F(x_s, s, cond).float()                     # with grad
+        l_scm = 0.5 * ((f - f_minus - g) ** 2).mean()
+        return r.scm_weight * l_scm, {"scm_loss": l_scm.item(), "scm_g_abs": g.abs().mean().item(),
+                                      "tangent_warmup": warm, "tangent_fd": float(how == "fd")}
+
+    def generator_loss(self, ctx: Ctx):
+        total, logs = self.scm_loss(ctx)
+        if self.dmd_active(ctx.step):
+            l_dmd, dlogs = super().generator_loss(ctx)
+            total = total + self.rcm.dmd_weight * l_dmd
+            logs.update({f"dmd_{k}" if not k.startswith("dm") else k: v for k, v in dlogs.items()})
+        logs["generator_loss"] = total.item()
+        return total, logs
+
+
+def rcm_times(mid_s: list[float], trig: TrigFlow) -> list[float]:
+    """VP/flow timesteps of the paper's TrigFlow sampling times (pi/2 first), for ``dmd.student_timesteps``."""
+    s = torch.tensor([math.pi / 2 - 1e-4, *mid_s], dtype=torch.float64)
+    return [float(round(float(t))) for t in trig.t_of_s(s)]
