@@ -56,29 +56,16 @@ def cmd_export(a):
     """Export the EMA student of a run (latest or given checkpoint, hash-checked) as a diffusers folder,
     written to a temporary folder and renamed into place; a non-empty --out needs --overwrite."""
     from .config import DistillConfig, load_config
-    from .trainers.distill import build_dmd, export_student, load_trained_generator
+    from .methods import get_method
+    from .trainers.loading import load_trained
     from .utils import atomic_folder, refuse_non_empty
 
     cfg = load_config(DistillConfig, a.config, a.overrides)
     out = Path(a.out or Path(cfg.output_dir) / "student")
     refuse_non_empty(out, a.overwrite)  # before any loading
-    if cfg.method == "phased_dmd":
-        from .trainers.phased_dmd import export_phased, load_trained_experts
-
-        experts, obj, meta = load_trained_experts(cfg, a.checkpoint)
-        with atomic_folder(out, overwrite=a.overwrite) as tmp:
-            export_phased(experts, cfg, meta, tmp, schedule=obj.experts[0].schedule)
-    elif cfg.method == "msd":
-        from .trainers.multi_student import export_multi_student, load_trained_students
-
-        students, obj, meta = load_trained_students(cfg, a.checkpoint)
-        with atomic_folder(out, overwrite=a.overwrite) as tmp:
-            export_multi_student(students, cfg, meta, tmp, obj.groups, schedule=obj.students[0].schedule)
-    else:
-        g = load_trained_generator(cfg, a.checkpoint)
-        _, _, meta = build_dmd(cfg)
-        with atomic_folder(out, overwrite=a.overwrite) as tmp:
-            export_student(g, cfg, meta, tmp)
+    modules, obj, meta = load_trained(cfg, a.checkpoint)
+    with atomic_folder(out, overwrite=a.overwrite) as tmp:
+        get_method(cfg.method).export(modules, obj, cfg, meta, tmp)
     print(json.dumps({"exported": str(out)}))
 
 

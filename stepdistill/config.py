@@ -398,8 +398,9 @@ def validate(cfg) -> None:
               "every template needs the placeholder {name}, e.g. 'a photo of a {name}'")
     if isinstance(cfg, DistillConfig):
         d = cfg.dmd
-        check(cfg.method in ("dmd", "dmd2", "phased_dmd", "msd", "pso", "pso_naive", "rcm"), "method",
-              "must be dmd | dmd2 | phased_dmd | msd | pso | pso_naive | rcm")
+        from .methods import method_names
+
+        check(cfg.method in method_names(), "method", f"must be {' | '.join(method_names())}")
         if cfg.method == "rcm":
             rc = cfg.rcm
             check(not d.gan, "dmd.gan", "must be false with method rcm (rCM needs no GAN)")
@@ -475,7 +476,7 @@ def _validate_msd(cfg: DistillConfig, check) -> None:
     check(d.regression_weight == 0, "dmd.regression_weight", "DMD's regression loss is not supported by method msd")
     check(d.regression_warmup_steps == 0, "dmd.regression_warmup_steps", "not supported by method msd")
     if m.groups:  # structure only here (overlaps, gaps); the class count is checked against the teacher at build
-        from .trainers.multi_student import partition_classes
+        from .partitions import partition_classes
 
         partition_classes(1 + max((c for g in m.groups for c in g), default=-1), K, m.groups)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import StepDistillError
+from .errors import ConfigError, StepDistillError
 
 CAPTION_TEMPLATES = [
     "a {name}",
@@ -215,3 +215,15 @@ class CaptionConditioner:
 
     def grid(self, n: int, device) -> torch.Tensor:
         return self.bank.index((torch.arange(n) % self.num_classes) * self.T, device)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"prompt file {p} does not exist")
+    prompts = [s.strip() for s in p.read_text(encoding="utf-8").splitlines()]
+    prompts = [s for s in prompts if s and not s.startswith("#")]
+    if not prompts:
+        raise ConfigError(f"prompt file {p} has no prompts (one prompt per line)")
+    return prompts

@@ -65,15 +65,17 @@ def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | N
     """Score every ``every``-th checkpoint of ``run`` (see module docstring); returns the curve dict.
     ``eval_kwargs`` go to :func:`~stepdistill.eval.generate.evaluate_model` (``ref``, ``ref_num``, ...)."""
     from ..config import DistillConfig, load_config
-    from ..trainers.distill import build_dmd, export_student, load_trained_generator
+    from ..methods import get_method
+    from ..trainers.loading import load_trained
     from .generate import evaluate_model
 
     run = Path(run)
     if not (run / "config.yaml").exists():
         raise ConfigError(f"{run} is not a stepdistill distill run (no config.yaml)")
     cfg = load_config(DistillConfig, str(run / "config.yaml"), [])
-    if cfg.method not in ("dmd", "dmd2"):
-        raise ConfigError(f"stepdistill curve supports dmd / dmd2 runs, not method {cfg.method}")
+    method = get_method(cfg.method)
+    if not method.curve:
+        raise ConfigError(f"stepdistill curve scores one-student runs (dmd, dmd2, rcm), not method {cfg.method}")
     out = Path(out) if out else run / "curve"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "curve.json"
@@ -86,13 +88,10 @@ def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | N
                  batch_size=cfg.train.batch_size)
     done = {p["step"] for p in curve["points"]}
     ckpts = [(s, p) for s, p in checkpoints(run) if s not in done and (s // max(every, 1)) * max(every, 1) == s]
-    meta = None
     for step, ckpt in ckpts:
-        if meta is None:
-            _, _, meta = build_dmd(cfg)
-        g = load_trained_generator(cfg, ckpt)
+        modules, obj, meta = load_trained(cfg, ckpt)
         with tempfile.TemporaryDirectory() as tmp:
-            folder = export_student(g, cfg, meta, Path(tmp) / "student")
+            folder = method.export(modules, obj, cfg, meta, Path(tmp) / "student")
             r = evaluate_model(str(folder), steps=steps, num=num, seed=seed, progress=progress, **eval_kwargs)
         r.update(step=step, dmd_steps=max(step - warm, 0), sample_passes=sample_passes(cfg, step))
         r.pop("model", None)

@@ -36,7 +36,7 @@ class TextModel:
     def __init__(self, path: str, meta, device):
         from ..pipelines.text import StepDistillTextPipeline, load_text_pipeline
         from ..text import TextEncoderError
-        from .generate import TextModelsNotSupported
+        from .metrics import TextModelsNotSupported
 
         try:
             self.pipe = load_text_pipeline(path)
@@ -165,7 +165,7 @@ def evaluate_text(m: TextModel, prompts: list[str] | None, num: int, steps: int,
                   batch_size: int, ref: str | None, ref_split: str, ref_num: int | None, clip_model: str | None,
                   diversity_extractor: str = "auto", kid: bool = True, progress: bool = True) -> dict:
     """``stepdistill eval`` for a text model (see the module docstring)."""
-    from .generate import (classifier_accuracy, diversity_metric, fid_metrics, load_reference, reference_info,
+    from .metrics import (classifier_accuracy, diversity_metric, fid_metrics, load_reference, reference_info,
                            training_dataset)
 
     prompts = prompts or m.default_prompts()

@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from ..partitions import routing_table  # noqa: F401 (re-exported)
 from .base import StepDistillPipelineBase
 
 from ..denoiser import Denoiser
@@ -47,26 +48,6 @@ PIPELINE_CLASS = "MultiStudentPipeline"
 def student_subfolder(k: int) -> str:
     """Component / subfolder name of student k (student 0 lives in ``unet/``)."""
     return "unet" if k == 0 else f"student_{k}"
-
-
-def routing_table(groups: list[list[int]], num_classes: int) -> list[int]:
-    """``table[c]`` = the student owning class c. ValueError (naming the class) unless ``groups`` is a
-    total, disjoint cover of ``0..num_classes-1`` by non-empty groups."""
-    table: list[int | None] = [None] * num_classes
-    for k, g in enumerate(groups):
-        if len(g) == 0:
-            raise ValueError(f"group {k} is empty (every student needs at least one class)")
-        for c in g:
-            c = int(c)
-            if not 0 <= c < num_classes:
-                raise ValueError(f"class {c} in group {k} is out of range 0..{num_classes - 1}")
-            if table[c] is not None:
-                raise ValueError(f"class {c} is in more than one group ({table[c]} and {k})")
-            table[c] = k
-    missing = [c for c, k in enumerate(table) if k is None]
-    if missing:
-        raise ValueError(f"class {missing[0]} is in no group (groups must cover all {num_classes} classes)")
-    return table  # type: ignore[return-value]
 
 
 def student_rows(labels: torch.Tensor, table: list[int], num_students: int) -> list[tuple[int, torch.Tensor]]:

@@ -77,68 +77,14 @@ import torch.nn.functional as F
 from ..config import ConfigError, DistillConfig, DMDConfig, MSDConfig, TeacherModelConfig
 from ..denoiser import Denoiser
 from ..models import build_teacher_unet, count_params
-from ..pipelines.multi_student import (PIPELINE_CLASS, multi_student_sample, routing_table, student_rows,
+from ..partitions import even_split, kmeans_partition, partition_classes, routing_table  # noqa: F401 (re-exported)
+from ..pipelines.multi_student import (PIPELINE_CLASS, multi_student_sample, student_rows,
                                        student_subfolder)
 from .core import Ctx
 from .dmd import CondSampler, DMDObjective
-from .phased_dmd import even_split
 
 
 # -- partitions -----------------------------------------------------------------------------------
-def partition_classes(num_classes: int, k: int, groups: list[list[int]] | None = None) -> list[list[int]]:
-    """K groups of class indices: ``groups`` validated to be a total, disjoint cover of
-    ``0..num_classes-1`` (a :class:`ConfigError` naming ``msd.groups`` otherwise), or a balanced
-    contiguous split (sizes differ by at most one; the larger groups last)."""
-    if groups:
-        if len(groups) != k:
-            raise ConfigError(f"msd.groups: {len(groups)} group(s) for msd.num_students={k}; "
-                              "give one group per student, or [] for a balanced split")
-        try:
-            routing_table(groups, num_classes)
-        except ValueError as e:
-            raise ConfigError(f"msd.groups: {e}") from None
-        return [sorted(int(c) for c in g) for g in groups]
-    if not 1 <= k <= num_classes:
-        raise ConfigError(f"msd.num_students: {k} students need at least {k} classes, the teacher has {num_classes}")
-    out, start = [], 0
-    for n in even_split(num_classes, k):
-        out.append(list(range(start, start + n)))
-        start += n
-    return out
-
-
-def kmeans_partition(embeddings: torch.Tensor, k: int, seed: int = 0, iters: int = 100) -> list[list[int]]:
-    """K groups of row indices of ``embeddings`` (N, ...) by k-means (k-means++ seeding from ``seed``,
-    Lloyd iterations in float64): deterministic, a total and disjoint cover of ``0..N-1``, no empty
-    group (an emptied cluster takes the point farthest from its centre), groups sorted and ordered by
-    their smallest index (so the result does not depend on cluster numbering). For partitioning text
-    prompts by their embeddings (MSD's partition of the conditioning space)."""
-    x = embeddings.detach().reshape(embeddings.shape[0], -1).double().cpu()   # (N, D)
-    n = x.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"k-means needs 1 <= k <= N, got k={k} for N={n}")
-    g = torch.Generator().manual_seed(int(seed))
-    centers = x[torch.randint(0, n, (1,), generator=g)]                       # (1, D)
-    for _ in range(1, k):  # k-means++: next centre with probability ~ squared distance to the nearest
-        d2 = torch.cdist(x, centers).min(1).values ** 2                       # (N,)
-        i = torch.multinomial(d2 / d2.sum(), 1, generator=g) if d2.sum() > 0 else torch.randint(0, n, (1,), generator=g)
-        centers = torch.cat([centers, x[i]])
-    assign = torch.cdist(x, centers).argmin(1)
-    for _ in range(iters):
-        new = torch.stack([x[assign == j].mean(0) if (assign == j).any() else centers[j] for j in range(k)])
-        centers, prev = new, assign
-        assign = torch.cdist(x, centers).argmin(1)
-        if torch.equal(assign, prev):
-            break
-    for j in range(k):  # refill empty clusters (duplicate points, unlucky seeds)
-        if not (assign == j).any():
-            sizes = torch.bincount(assign, minlength=k)
-            far = (x - centers[assign]).norm(dim=1).masked_fill(sizes[assign] < 2, -1.0)
-            assign[int(far.argmax())] = j
-    groups = [sorted((assign == j).nonzero().flatten().tolist()) for j in range(k)]
-    return sorted(groups, key=lambda gr: gr[0])
-
-
 # -- smaller students -----------------------------------------------------------------------------
 def build_student_backbone(teacher_backbone, msd: MSDConfig, seed: int):
     """A fresh class-conditional UNet2DModel with the teacher's sample size, in/out channels, class
@@ -333,7 +279,7 @@ class MultiStudentObjective:
 # -- building / export ----------------------------------------------------------------------------
 def build_multi_student(cfg: DistillConfig, teacher: Denoiser, num_classes: int, data) -> MultiStudentObjective:
     """Students (teacher copies, or smaller fresh UNets), critics (teacher copies), the partition
-    (called by ``build_dmd`` for ``method: msd``)."""
+    (called by :func:`build` for ``method: msd``)."""
     from ..lora import apply_teacher_options
 
     m = cfg.msd
@@ -365,12 +311,12 @@ def export_multi_student(students: list[nn.Module], cfg: DistillConfig, meta, ou
                          schedule=None) -> Path:
     """EMA students -> one diffusers folder loadable with ``MultiStudentPipeline.from_pretrained``.
 
-    Student 0 goes to ``unet/`` (written by :func:`~stepdistill.trainers.distill.export_student`, with
+    Student 0 goes to ``unet/`` (written by :func:`~stepdistill.trainers.export.export_student`, with
     the scheduler, model card and metadata), students 1..K-1 to ``student_k/`` (UNet2DModel folders);
     ``model_index.json`` names the pipeline and holds ``student_classes``; ``stepdistill.json`` gets
     ``extra.students`` (name, subfolder, classes, params) and ``extra.partition``.
     """
-    from .distill import export_student
+    from .export import export_student
 
     out = Path(out)
     if len(students) != len(groups):
@@ -471,10 +417,36 @@ image = x0.clamp(-1, 1)
 def load_trained_students(cfg: DistillConfig, checkpoint: str | Path | None = None):
     """EMA students of an msd run's checkpoint (latest by default): ``(students, objective, meta)``,
     for ``stepdistill export`` (``export_multi_student(students, cfg, meta, out, obj.groups, ...)``)."""
-    from .core import load_ema_weights
-    from .distill import build_dmd
+    from .loading import load_trained
 
-    obj, _, meta = build_dmd(cfg)
-    students = [obj.students[k].backbone for k in range(obj.K)]
-    load_ema_weights(cfg.output_dir, {f"student_{k}": m for k, m in enumerate(students)}, checkpoint)
-    return students, obj, meta
+    modules, obj, meta = load_trained(cfg, checkpoint)
+    return [modules[f"student_{k}"] for k in range(obj.K)], obj, meta
+
+
+# -- the method (stepdistill/methods.py) -------------------------------------------------------------------
+def build(cfg: DistillConfig, teacher: Denoiser | None = None, meta=None, data=None, text_bank=None):
+    """Teacher, data and conditions as for DMD (trainers/setup.py), then K students, their critics, the partition."""
+    from .setup import check_student_timesteps, prepare
+
+    s = prepare(cfg, teacher, meta, data, text_bank)
+    check_student_timesteps(cfg, s)
+    return build_multi_student(cfg, s.teacher, s.num_classes, s.data), s.data, s.meta
+
+
+def _ema(obj) -> dict[str, nn.Module]:
+    return {f"student_{k}": obj.students[k].backbone for k in range(obj.K)}
+
+
+def _export(ema, obj, cfg, meta, out):
+    return export_multi_student([ema[f"student_{k}"] for k in range(obj.K)], cfg, meta, out, obj.groups,
+                                schedule=obj.students[0].schedule)
+
+
+def _method():
+    from ..methods import Method
+
+    return Method("msd", build=build, ema_modules=_ema, export=_export, pipeline=PIPELINE_CLASS,
+                  description="Multi-student distillation: the classes split among K one-step students")
+
+
+METHOD = _method()

@@ -93,6 +93,7 @@ import torch.nn.functional as F
 
 from ..config import DistillConfig, DMDConfig, PhasedConfig
 from ..denoiser import Denoiser
+from ..partitions import even_split  # noqa: F401 (re-exported)
 from ..pipelines.phased import MAX_EXPERTS, expert_step, expert_subfolder, phased_sample, route
 from ..schedules import NoiseSchedule, _bcast
 from .core import Ctx, Player
@@ -146,12 +147,6 @@ def subinterval_weight(schedule: NoiseSchedule, s, t, batch: int, device=None) -
         return torch.ones(batch, device=device)
     alpha, beta, *_, s_t = subinterval_coefficients(schedule, s, t, batch, device)
     return (beta**2 / s_t**2).float().to(device)
-
-
-def even_split(total: int, k: int) -> list[int]:
-    """``total`` steps over k phases; the remainder goes to the last phases."""
-    base, rem = divmod(total, k)
-    return [base + (1 if i >= k - rem else 0) for i in range(k)]
 
 
 # -- the objective ------------------------------------------------------------------------------
@@ -361,12 +356,12 @@ def build_phased_dmd(cfg: DistillConfig, teacher: Denoiser, num_classes: int,
 def export_phased(experts: list[nn.Module], cfg: DistillConfig, meta, out: Path, schedule=None) -> Path:
     """EMA experts -> one diffusers folder loadable with ``PhasedDMDPipeline.from_pretrained``.
 
-    Expert 0 goes to ``unet/`` (written by :func:`~stepdistill.trainers.distill.export_student`, which
+    Expert 0 goes to ``unet/`` (written by :func:`~stepdistill.trainers.export.export_student`, which
     also writes the scheduler, model card and metadata), experts 1..K-1 to ``expert_k/``; then
     ``model_index.json`` names the pipeline and the experts and ``stepdistill.json`` gets
     ``extra.experts`` / ``extra.phase_boundaries``.
     """
-    from .distill import export_student
+    from .export import export_student
 
     # LoRA experts are views on a shared base: write plain merged networks
     experts = [m.merged() if getattr(m, "is_lora_view", False) is True else m for m in experts]
@@ -476,10 +471,42 @@ images = x0.clamp(-1, 1)
 def load_trained_experts(cfg: DistillConfig, checkpoint: str | Path | None = None):
     """EMA experts of a phased run's checkpoint (latest by default): ``(experts, objective, meta)``,
     for ``stepdistill export`` (``export_phased(experts, cfg, meta, out, schedule=obj.experts[0].schedule)``)."""
-    from .core import load_ema_weights
-    from .distill import build_dmd
+    from .loading import load_trained
 
-    obj, _, meta = build_dmd(cfg)
-    experts = [obj.experts[k].backbone for k in range(obj.K)]
-    load_ema_weights(cfg.output_dir, {f"expert_{k}": m for k, m in enumerate(experts)}, checkpoint)
-    return experts, obj, meta
+    modules, obj, meta = load_trained(cfg, checkpoint)
+    return [modules[f"expert_{k}"] for k in range(obj.K)], obj, meta
+
+
+# -- the method (stepdistill/methods.py) -------------------------------------------------------------------
+def build(cfg: DistillConfig, teacher: Denoiser | None = None, meta=None, data=None, text_bank=None):
+    """Teacher, data and conditions as for DMD (trainers/setup.py), then K experts and K critics."""
+    from ..lora import apply_teacher_options
+    from .setup import prepare
+
+    s = prepare(cfg, teacher, meta, data, text_bank)
+    if s.conds is not None and cfg.dmd.gan:
+        raise ValueError("phased_dmd with a text teacher needs dmd.gan=false")
+    obj = build_phased_dmd(cfg, s.teacher, s.num_classes, tuple(s.data.images.shape[1:]))
+    if s.conds is not None:
+        obj.conds = s.conds
+    apply_teacher_options(obj.teacher, cfg.dmd, s.shared)
+    obj.data_std = float(s.data.images[:2048].float().std())
+    return obj, s.data, s.meta
+
+
+def _ema(obj) -> dict[str, nn.Module]:
+    return {f"expert_{k}": obj.experts[k].backbone for k in range(obj.K)}
+
+
+def _export(ema, obj, cfg, meta, out):
+    return export_phased([ema[f"expert_{k}"] for k in range(obj.K)], cfg, meta, out, schedule=obj.experts[0].schedule)
+
+
+def _method():
+    from ..methods import Method
+
+    return Method("phased_dmd", build=build, ema_modules=_ema, export=_export, pipeline=PHASED_PIPELINE,
+                  description="Phased DMD: one expert per phase of the SNR range")
+
+
+METHOD = _method()

@@ -595,7 +595,7 @@ def normalise_method(cfg: DistillConfig) -> bool:
 
 
 def build_pso(cfg: DistillConfig, model: Denoiser | None = None, meta: ModelMeta | None = None, data=None):
-    """(objective, target data, meta) for ``method: pso | pso_naive`` (called by ``build_dmd``).
+    """(objective, target data, meta) for ``method: pso | pso_naive`` (called by :func:`build`).
 
     ``model``/``meta``: bring a loaded few-step :class:`Denoiser` instead of ``pso.model``; ``data``: a
     target ArrayDataset instead of ``pso.target`` / ``data.name``. The returned ``meta`` carries the
@@ -648,3 +648,22 @@ def _check_shape(model: Denoiser, target: ArrayDataset, cfg: DistillConfig) -> N
         raise ValueError(f"data.resolution: target images are {H}x{W} but the model samples {size}x{size}")
     if isinstance(ch, int) and C != ch:
         raise ValueError(f"data.channels: target images have {C} channels but the model has {ch}")
+
+
+# -- the methods (stepdistill/methods.py) -----------------------------------------------------------------
+def build(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMeta | None = None, data=None,
+          text_bank=None):
+    """``teacher``: the distilled model to tune (instead of ``pso.model``)."""
+    return build_pso(cfg, model=teacher, meta=meta, data=data)
+
+
+def _methods():
+    from ..methods import Method
+    from .dmd import export_generator, generator_ema
+
+    kw = dict(build=build, ema_modules=generator_ema, export=export_generator)
+    return (Method("pso", description="PSO (Miao et al. 2024): tune a distilled model with pairwise preferences", **kw),
+            Method("pso_naive", description="naive tuning baseline: a denoising loss on the targets", **kw))
+
+
+PSO_METHOD, PSO_NAIVE_METHOD = _methods()

@@ -99,3 +99,22 @@ def rcm_times(mid_s: list[float], trig: TrigFlow) -> list[float]:
     """VP/flow timesteps of the paper's TrigFlow sampling times (pi/2 first), for ``dmd.student_timesteps``."""
     s = torch.tensor([math.pi / 2 - 1e-4, *mid_s], dtype=torch.float64)
     return [float(round(float(t))) for t in trig.t_of_s(s)]
+
+
+def build_rcm(cfg, teacher=None, meta=None, data=None, text_bank=None):
+    """The DMD family's players with the rCM objective."""
+    from .dmd import build_dmd_family
+
+    return build_dmd_family(cfg, teacher, meta, data, text_bank,
+                            make_objective=lambda *a, **k: RCMObjective(*a, rcm=cfg.rcm, **k))
+
+
+def _method():
+    from ..methods import Method
+    from .dmd import export_generator, generator_ema
+
+    return Method("rcm", build=build_rcm, ema_modules=generator_ema, export=export_generator, curve=True,
+                  description="rCM (Zheng et al. 2025): sCM on TrigFlow + DMD regulariser")
+
+
+METHOD = _method()

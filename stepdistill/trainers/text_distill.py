@@ -27,7 +27,7 @@ def text_distill_setup(cfg, meta, data=None):
     t = text_meta(meta)
     meta.extra = {**(meta.extra or {}), "text": {**t, "max_length": encoder.max_length}}  # export copies the encoder
     if cfg.text.prompts:
-        from ..eval.generate import read_prompts
+        from ..text import read_prompts
 
         if cfg.dmd.gan:
             raise ConfigError("text.prompts: a prompt file gives no (image, prompt) pairs for the GAN real branch; "
