@@ -1,4 +1,4 @@
-"""Sub-commands added by later modules: eval, bench, report."""
+"""Sub-commands beyond training and sampling: eval, bench, curve, report, onnx."""
 from __future__ import annotations
 
 import json

