@@ -51,6 +51,10 @@ def export_onnx(model: str | Path, out: str | Path, steps: int | None = None, op
     den, meta = load_denoiser(str(model), allow_pickle=allow_pickle)
     if not meta.student_timesteps:
         raise ModelLoadError(f"{model} is not a distilled student (no student_timesteps); ONNX export is for students")
+    extra = meta.extra or {}
+    if extra.get("experts") or extra.get("students"):
+        raise ConfigError(f"{model} has several networks ({'Phased DMD experts' if extra.get('experts') else 'MSD students'}); "
+                          "ONNX export covers one-network students (DMD, DMD2, rCM, PSO)")
     if den.kind not in ("unet2d", "unet2d_cond", "dit", "custom"):
         raise ConfigError(f"ONNX export supports UNet, DiT and custom students, not {den.kind!r} ones yet")
     ts = subset_timesteps(meta.student_timesteps, steps)
