@@ -25,7 +25,6 @@ Text-to-image teachers and students load through :func:`stepdistill.eval.text_ev
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -3,6 +3,7 @@ eval/text_eval.py, report, curve): the reference set, FID / KID / precision-reca
 with the shipped classifier, diversity."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch

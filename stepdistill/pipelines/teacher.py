@@ -2,7 +2,6 @@
 scheduler (DDIM / Euler / DPM-Solver++) and classifier-free guidance."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

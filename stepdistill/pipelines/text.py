@@ -23,10 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
 
 from .base import StepDistillPipelineBase
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from ..denoiser import Denoiser
 from ..schedules import schedule_from_config

@@ -38,7 +38,6 @@ sum to DMD2's (see :func:`decoupled_dm_loss`).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
