@@ -72,6 +72,21 @@ def test_overwrite_clears_the_old_run(tiny_teacher, done_run, tmp_path, capsys):
     assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_resume_a_run_from_before_a_config_key_existed(tiny_teacher, done_run, tmp_path, capsys):
+    """A checkpoint that does not record a key added later (here dmd.divergence) resumes with its default, and
+    is refused when the key is set to something else."""
+    run = _copy_run(done_run, tmp_path / "run")
+    for ckpt in (run / "checkpoints").glob("step_*"):
+        meta = json.loads((ckpt / "meta.json").read_text())
+        meta["config"]["dmd"].pop("divergence")
+        (ckpt / "meta.json").write_text(json.dumps(meta))
+    rc, _, err = _run(capsys, _argv(tiny_teacher, run, **{"dmd.divergence": "js", "dmd.gan": "true",
+                                                          "train.max_steps": 6}) + ["--resume"])
+    assert rc == 2 and "dmd.divergence (None" not in err and "dmd.divergence ('reverse_kl' -> 'js')" in err
+    rc, _, err = _run(capsys, _argv(tiny_teacher, run, **{"train.max_steps": 5}) + ["--resume"])
+    assert rc == 0, err
+
+
 def test_resume_with_another_config_names_the_keys(tiny_teacher, done_run, tmp_path, capsys):
     run = _copy_run(done_run, tmp_path / "run")
     before = _snapshot(run / "checkpoints")

@@ -484,11 +484,16 @@ class Trainer:
 
     def _config_diff(self, path: Path) -> list[tuple[str, object, object]]:
         """(key, checkpoint's value, current value) for every config key that differs, apart from
-        RESUME_MAY_CHANGE; [] for checkpoints written before configs were recorded."""
+        RESUME_MAY_CHANGE; [] for checkpoints written before configs were recorded. A key the checkpoint does
+        not record (added by a later stepdistill) counts as its default value: the run used the default behaviour."""
         meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
         if "config" not in meta:
             return []
         old, new = _flatten(meta["config"]), _flatten(json.loads(json.dumps(to_dict(self.cfg))))
+        defaults = _flatten(json.loads(json.dumps(to_dict(type(self.cfg)()))))
+        for k in new.keys() - old.keys():
+            if k in defaults:
+                old[k] = defaults[k]
         return [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
                 if old.get(k) != new.get(k) and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE)]
 
