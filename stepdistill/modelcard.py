@@ -105,7 +105,24 @@ def metrics_section(metrics: dict | None) -> str:
     return "\n".join(lines)
 
 
-def _usage(folder_name: str, steps: list[float], class_names: list[str], prediction_type: str | None) -> str:
+def _network(folder: Path) -> tuple[str, str, str]:
+    """(subfolder, diffusers class, call) of the folder's network, from ``model_index.json``: the stock snippet
+    loads and calls the right one (UNets: ``net(x, t, class_labels=...)``; DiT: ``timestep=`` / learned-variance
+    channels dropped)."""
+    index = folder / "model_index.json"
+    entries = json.loads(index.read_text()) if index.exists() else {}
+    for sub in ("transformer", "unet"):
+        if isinstance(entries.get(sub), list) and entries[sub][-1]:
+            cls = entries[sub][-1]
+            if sub == "transformer":
+                return sub, cls, "net(x, timestep=t.expand(x.shape[0]), class_labels=labels).sample[:, : x.shape[1]]"
+            return sub, cls, "net(x, t, class_labels=labels).sample"
+    return "unet", "UNet2DModel", "net(x, t, class_labels=labels).sample"
+
+
+def _usage(folder_name: str, steps: list[float], class_names: list[str], prediction_type: str | None,
+           network: tuple[str, str, str] = ("unet", "UNet2DModel", "net(x, t, class_labels=labels).sample")) -> str:
+    sub, net_cls, call = network
     cls0 = class_names[0] if class_names else None
     ts = "[" + ", ".join(repr(int(t)) if float(t).is_integer() else repr(float(t)) for t in steps) + "]"
     label_arg = f"class_labels=[{cls0!r}] * 4, " if cls0 is not None else "batch_size=4, "
@@ -131,20 +148,20 @@ safetensors). The student's timesteps are `{ts}`; {spacing}.
 
 ```python
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, {net_cls}
 
 folder = "{folder_name}"  # path to this folder (or its hub id)
-unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
+net = {net_cls}.from_pretrained(folder, subfolder="{sub}").eval()
 scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
 scheduler.set_timesteps(timesteps={ts})
 {label_line}
 g = torch.Generator().manual_seed(0)
-c = unet.config
+c = net.config
 x = torch.randn(len(labels) if labels is not None else 4, c.in_channels, c.sample_size, c.sample_size, generator=g)
 ts = scheduler.timesteps
 with torch.no_grad():
     for i, t in enumerate(ts):  # each step predicts x0; between steps, re-noise it with fresh noise
-        x0 = scheduler.step(unet(x, t, class_labels=labels).sample, t, x).pred_original_sample
+        x0 = scheduler.step({call}, t, x).pred_original_sample
         x = scheduler.add_noise(x0, torch.randn(x.shape, generator=g), ts[i + 1:i + 2]) if i + 1 < len(ts) else x0
 images = x.clamp(-1, 1)  # (B, C, H, W) in [-1, 1]
 ```
@@ -266,7 +283,7 @@ def write_model_card(folder: str | os.PathLike, *, method: str, teacher: str, st
     if (folder / "text_encoder").is_dir():  # a text-to-image student (stepdistill/text_models.py)
         parts.append(_text_usage(folder, steps).rstrip())
     else:
-        parts.append(_usage(folder.name, steps, class_names, prediction_type).rstrip())
+        parts.append(_usage(folder.name, steps, class_names, prediction_type, _network(folder)).rstrip())
         parts.append(_onnx_usage(folder.name, class_names).rstrip())
     cfg_yaml = yaml.safe_dump(_yaml_scalar_safe(config or {}), sort_keys=False).rstrip()
     parts.append(f"## Training configuration\n\n```yaml\n{cfg_yaml}\n```")

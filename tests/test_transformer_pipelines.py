@@ -121,3 +121,21 @@ def test_dit_students_and_teacher_through_eval_and_bench(tmp_path):
     assert res["config"]["dtype"] == "float32" and res["config"]["image_shape"] == [1, 8, 8]
     row = res["results"][0]
     assert [r["steps"] for r in row["student"]] == [2] and row["bare_forward"]["latency_s"] > 0
+
+
+def test_dit_student_card_loads_the_transformer_with_stock_diffusers(tmp_path, monkeypatch):
+    """The card of a DiT student names DiTTransformer2DModel / transformer/ and its stock loop gives the pipeline's
+    images (the card used to hard-code UNet2DModel / unet)."""
+    import re
+
+    from stepdistill.pipelines.student import StepDistillPipeline
+
+    folder = _dit_folders(tmp_path)["plain"]
+    card = (folder / "README.md").read_text()
+    assert 'DiTTransformer2DModel.from_pretrained(folder, subfolder="transformer")' in card and "UNet2DModel" not in card
+    snippet = re.findall(r"```python\n(.*?)```", card, flags=re.S)[1]
+    monkeypatch.chdir(folder.parent)
+    ns: dict = {}
+    exec(compile(snippet, "README.md", "exec"), ns)  # noqa: S102 - our own generated card
+    ref = StepDistillPipeline.from_pretrained(folder)(class_labels=[0] * 4, seed=0, output_type="pt").images
+    torch.testing.assert_close(ns["images"], ref, atol=1e-4, rtol=1e-4)

@@ -42,8 +42,9 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
         sched_cfg = load_scheduler_config(base, None)
     sched_cls = FlowMatchEulerDiscreteScheduler if "FlowMatch" in sched_cfg.get("_class_name", "") else DDPMScheduler
     scheduler = sched_cls.from_config(sched_cfg)
-    if sched_cls is DDPMScheduler:  # a stock loop's set_timesteps(K) lands on 999, ... (as LCM / TCD / Turbo students)
-        scheduler.register_to_config(timestep_spacing="trailing")
+    if sched_cls is DDPMScheduler:  # a stock loop's set_timesteps(K) lands on 999, ... (as LCM / TCD / Turbo students),
+        # and its step() must not clip x0 mid-chain: the student chain never does
+        scheduler.register_to_config(timestep_spacing="trailing", clip_sample=False)
     ts = meta.student_timesteps if pso else cfg.dmd.student_timesteps
     extra = {"teacher": (meta.extra or {}).get("teacher", base), "base_model": base} if pso else {"teacher": base}
     smeta = ModelMeta(prediction_type=meta.prediction_type, conditioning=meta.conditioning,
