@@ -62,17 +62,10 @@ def applied(name: str, pipe):
             den.compute_dtype = before
             dlogging.set_verbosity(level)
     elif name == "math_attention":
-        from diffusers.models.attention_processor import AttnProcessor
+        from ..trigflow import math_attention
 
-        attns = _attention_modules(net)
-        before = [m.processor for m in attns]
-        for m in attns:
-            m.set_processor(AttnProcessor())
-        try:
+        with math_attention(net):
             yield
-        finally:
-            for m, p in zip(attns, before):
-                m.set_processor(p)
     elif name == "compile":
         net.compile()
         try:
