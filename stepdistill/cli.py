@@ -92,8 +92,7 @@ def cmd_sample(a):
         den.backbone.compile()
     labels = _parse_labels(a.classes, meta, a.num)
     g = torch.Generator().manual_seed(a.seed)
-    c = den.backbone.config
-    shape = (c.in_channels, c.sample_size, c.sample_size)
+    shape = den.sample_shape  # (C, H, W): the adapter knows the model family
     check_grid_size(len(labels), shape, a.scale)
     if meta.student_timesteps:
         ignored = [f for f, v in (("--scheduler", a.scheduler), ("--guidance-scale", a.guidance_scale)) if v is not None]

@@ -115,6 +115,19 @@ class Denoiser(nn.Module):
         self._feats = out
 
     @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one sample the backbone denoises: from a diffusers config (``in_channels``,
+        ``sample_size``), or a custom module's own ``sample_shape`` attribute."""
+        c = getattr(self.backbone, "config", None)
+        if c is not None and hasattr(c, "in_channels") and hasattr(c, "sample_size"):
+            size = c.sample_size if not isinstance(c.sample_size, (list, tuple)) else c.sample_size[0]
+            return (int(c.in_channels), int(size), int(size))
+        shape = getattr(self.backbone, "sample_shape", None)
+        if shape is None:
+            raise ValueError("a custom backbone needs a sample_shape attribute (C, H, W) to be sampled from noise")
+        return tuple(int(v) for v in shape)
+
+    @property
     def feature_channels(self) -> int:
         """Channels of the bottleneck features (runs nothing: reads the module config)."""
         if self._hook_module is None:

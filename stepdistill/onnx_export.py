@@ -101,10 +101,8 @@ def export_onnx(model: str | Path, out: str | Path, steps: int | None = None, op
 
 
 def sample_shape(den) -> tuple[int, int, int]:
-    """(C, H, W) of one sample from the backbone's config."""
-    c = den.backbone.config
-    size = c.sample_size if not isinstance(c.sample_size, (list, tuple)) else c.sample_size[0]
-    return (int(c.in_channels), int(size), int(size))
+    """(C, H, W) of one sample (the adapter's :attr:`~stepdistill.denoiser.Denoiser.sample_shape`)."""
+    return den.sample_shape
 
 
 def onnx_session(path: str | Path, threads: int | None = None):
