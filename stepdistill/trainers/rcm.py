@@ -32,6 +32,7 @@ import math
 import torch
 
 from ..config import RCMConfig
+from ..schedules import _bcast
 from ..trigflow import TrigFlow, tangent
 from .core import Ctx
 from .dmd import DMDObjective
@@ -68,7 +69,7 @@ class RCMObjective(DMDObjective):
         s = self.sample_s(ctx)                                             # (B,) float64
         eps = ctx.randn(*self.shape)
         cs, sn = torch.cos(s), torch.sin(s)
-        b = lambda v: v.reshape(-1, *[1] * (x0.ndim - 1)).float()  # noqa: E731 - (B,) -> (B, 1, 1, 1)
+        b = lambda v: _bcast(v, x0.float())  # noqa: E731 - (B,) -> (B, 1, 1, 1) float32
         x_s = b(cs) * x0.float() + b(sn) * eps
         with torch.no_grad():
             f_teacher = self.trig_teacher.F(x_s, s, cond, self.cfg.real_guidance_scale).float()
