@@ -158,17 +158,14 @@ def check_grid_size(n: int, shape: tuple[int, int, int], scale: int) -> None:
 
 
 def _student_timesteps(trained: list[float], steps: int) -> list[float]:
-    if steps < 1 or steps > len(trained):
-        from .config import ConfigError
+    """``--steps`` of a student's timesteps: all, or an evenly spaced subset keeping the first (pure-noise) one."""
+    from .config import ConfigError
+    from .pipelines.sampling import subset_timesteps
 
-        raise ConfigError(f"--steps must be in 1..{len(trained)} for this student")
-    if steps == len(trained):
-        return list(trained)
-    # fewer steps than trained: an evenly spaced subset that keeps the first (pure-noise) step
-    import numpy as np
-
-    idx = np.round(np.linspace(0, len(trained) - 1, steps)).astype(int)
-    return [trained[i] for i in idx]
+    try:
+        return subset_timesteps(trained, steps)
+    except ValueError:
+        raise ConfigError(f"--steps must be in 1..{len(trained)} for this student") from None
 
 
 def _parse_labels(classes: str | None, meta, n: int):

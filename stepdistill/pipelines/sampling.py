@@ -55,13 +55,13 @@ def scheduler_sample(den: Denoiser, scheduler, cond, num_steps: int, guidance_sc
     return x.clamp(-1, 1)
 
 
-def subset_timesteps(trained: list[float], steps: int | None) -> list[float]:
+def subset_timesteps(trained: list[float], steps: int | None, what: str = "steps") -> list[float]:
     """``steps`` of a student's ``trained`` timesteps: all of them (None), or an evenly spaced subset that keeps the
     first (pure-noise) one, as the pipelines' ``timesteps_for`` picks them."""
     ts = [float(t) for t in trained]
     n = steps or len(ts)
     if not 1 <= n <= len(ts):
-        raise ValueError(f"steps must be in 1..{len(ts)} for this student, got {n}")
+        raise ValueError(f"{what} must be in 1..{len(ts)} for this student, got {n}")
     if n == len(ts):
         return ts
     return [ts[i] for i in torch.linspace(0, len(ts) - 1, n).round().long().tolist()]

@@ -22,7 +22,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from ..denoiser import Denoiser
 from ..schedules import schedule_from_config
-from .sampling import student_sample
+from .sampling import student_sample, subset_timesteps
 
 
 class StepDistillPipeline(StepDistillPipelineBase):
@@ -58,14 +58,7 @@ class StepDistillPipeline(StepDistillPipelineBase):
                                              self.config.prediction_type))
 
     def timesteps_for(self, num_inference_steps: int | None) -> list[float]:
-        ts = list(self.config.student_timesteps)
-        n = num_inference_steps or len(ts)
-        if not 1 <= n <= len(ts):
-            raise ValueError(f"num_inference_steps must be in 1..{len(ts)} for this student, got {n}")
-        if n == len(ts):
-            return ts
-        idx = torch.linspace(0, len(ts) - 1, n).round().long().tolist()
-        return [ts[i] for i in idx]
+        return subset_timesteps(self.config.student_timesteps, num_inference_steps, "num_inference_steps")
 
     def class_index(self, c) -> int:
         names = self.config.class_names

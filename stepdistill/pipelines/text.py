@@ -29,7 +29,7 @@ from .base import StepDistillPipelineBase
 from ..denoiser import Denoiser
 from ..schedules import schedule_from_config
 from ..text import PromptEncoder
-from .sampling import make_scheduler, scheduler_sample
+from .sampling import make_scheduler, scheduler_sample, subset_timesteps
 from .student import _output
 
 
@@ -126,11 +126,7 @@ class StepDistillTextPipeline(_TextPipelineMixin, StepDistillPipelineBase):
         return Denoiser(self.unet, self._schedule(), self.config.prediction_type)
 
     def timesteps_for(self, num_inference_steps: int | None) -> list[float]:
-        ts = list(self.config.student_timesteps)
-        n = num_inference_steps or len(ts)
-        if not 1 <= n <= len(ts):
-            raise ValueError(f"num_inference_steps must be in 1..{len(ts)} for this student, got {n}")
-        return ts if n == len(ts) else [ts[i] for i in torch.linspace(0, len(ts) - 1, n).round().long().tolist()]
+        return subset_timesteps(self.config.student_timesteps, num_inference_steps, "num_inference_steps")
 
     @torch.no_grad()
     def __call__(self, prompt=None, num_images_per_prompt: int = 1, num_inference_steps: int | None = None,
