@@ -181,15 +181,14 @@ def _parse_labels(classes: str | None, meta, n: int):
     if not classes:
         chosen = list(range(len(names)))
     else:
+        from .conditioning import class_index
+
         chosen = []
         for c in classes.split(","):
-            c = c.strip()
-            if c.isdigit() and int(c) < len(names):
-                chosen.append(int(c))
-            elif c in names:
-                chosen.append(names.index(c))
-            else:
-                raise ConfigError(f"unknown class {c!r}; known: {', '.join(names)}")
+            try:
+                chosen.append(class_index(c.strip(), names))
+            except ValueError as e:
+                raise ConfigError(f"--classes: {e}") from None
         if n < len(chosen):
             raise ConfigError(f"--num {n} is fewer than the {len(chosen)} classes given to --classes; "
                               f"raise --num to at least {len(chosen)}")

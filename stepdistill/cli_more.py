@@ -159,7 +159,48 @@ def cmd_onnx(a):
     _emit(info, None)
 
 
+def cmd_plan(a):
+    import sys
+
+    from .plan import PlanRequest, fit_grid, format_table, plan
+
+    if a.fit_grid:
+        gpus = tuple(int(g) for g in a.fit_grid.split(","))
+        res = {"teacher": a.teacher, "resolution": a.resolution, "batch": a.batch, "gpu_gib": a.gpu_gib,
+               "rows": fit_grid(a.teacher, gpus, a.resolution, a.batch, a.gpu_gib)}
+        for r in res["rows"]:
+            cfg = r.get("config")
+            print(f"{r['gpus']:>3} GPUs: " + (f"{r['total_gib']:.1f} GiB/GPU with {cfg}" if cfg else "nothing fits"),
+                  file=sys.stderr)
+    else:
+        res = plan(PlanRequest(teacher=a.teacher, mode=a.mode, gpus=a.gpus, fsdp=a.fsdp,
+                               shard_teacher=a.shard_teacher, dtype=a.dtype, batch=a.batch,
+                               resolution=a.resolution, lora_rank=a.lora_rank,
+                               gradient_checkpointing=a.gradient_checkpointing, gpu_gib=a.gpu_gib))
+        print(format_table(res), file=sys.stderr)
+    _emit(res, a.out)
+
+
 def add_commands(sub) -> None:
+    p = sub.add_parser("plan", help="per-GPU memory of DMD2 training on a real-size teacher (weights, gradients, "
+                                    "optimizer, EMA, critic, activations); JSON on stdout, a table on stderr")
+    p.add_argument("--teacher", default="sd15", help="sd15 | sdxl | sd3 | flux | a diffusers folder (default sd15)")
+    p.add_argument("--mode", default="full", choices=["full", "lora"], help="full fine-tuning or LoRA student+critic")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (default 1)")
+    p.add_argument("--fsdp", action="store_true", help="shard student, critic, optimizer and EMA over the GPUs (FSDP2)")
+    p.add_argument("--shard-teacher", action="store_true", help="with --fsdp: shard the frozen teacher too")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"],
+                   help="frozen teacher weights and activations (trainable master weights stay fp32)")
+    p.add_argument("--batch", type=int, default=1, help="per-GPU micro-batch (default 1)")
+    p.add_argument("--resolution", type=int, default=512, help="image side in pixels (default 512)")
+    p.add_argument("--lora-rank", type=int, default=64, help="--mode lora: adapter rank (default 64)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing of the players")
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU to fit in (default 80)")
+    p.add_argument("--fit-grid", default="", help="e.g. 1,8,64: the first configuration that fits each GPU count "
+                   "(full before LoRA; sharding and checkpointing added as needed)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.set_defaults(fn=cmd_plan)
+
     p = sub.add_parser("onnx", help="write a distilled student as one ONNX graph (noise + label in, image out) "
                                     "for onnxruntime")
     p.add_argument("--model", required=True, help="student folder, hub id or shipped name (e.g. builtin:animal_mnist_dmd2)")

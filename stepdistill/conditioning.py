@@ -25,6 +25,24 @@ import torch
 GRID_CONDITIONS = 10  # sample grids cycle over the first 10 prompts (a column per prompt, as classes)
 
 
+def class_index(c, names) -> int:
+    """One class label -> its index: a name in ``names``, an index, or an index written as a string ("3").
+    The one label parser of pipelines, the CLI, the demo and PSO (each wraps the ValueError in its own error
+    type). With no ``names`` (a model that lists none), any integer passes."""
+    names = list(names or [])
+    if isinstance(c, str):
+        s = c.strip()
+        if s in names:
+            return names.index(s)
+        if not s.lstrip("-").isdigit():
+            raise ValueError(f"unknown class {c!r}; known: {', '.join(names)}")
+        c = s
+    i = int(c)
+    if names and not 0 <= i < len(names):
+        raise ValueError(f"class index {i} out of range 0..{len(names) - 1}")
+    return i
+
+
 class TextEmbeddingBank:
     """A fixed bank of N prompt embeddings, drawn uniformly by index (``ctx.randint``).
 

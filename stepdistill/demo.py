@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .conditioning import class_index
 from .errors import StepDistillError
 from .models import BUILTIN_STUDENTS, BUILTIN_TEACHERS
 
@@ -316,10 +317,11 @@ def resolve_labels(info: ModelInfo, class_name, batch_size: int) -> tuple[list[s
         raise DemoInputError("the model is class-conditional but lists no class names")
     if c in ("", ALL_CLASSES):  # every class, in turn: at least one image per class
         idx = [i % len(names) for i in range(max(batch_size, len(names)))]
-    elif c in names:
-        idx = [names.index(c)] * batch_size
     else:
-        raise DemoInputError(f"unknown class {c!r}; known classes: {', '.join(names)}")
+        try:
+            idx = [class_index(c, names)] * batch_size
+        except ValueError as e:
+            raise DemoInputError(str(e)) from None
     return [names[i] for i in idx], idx
 
 

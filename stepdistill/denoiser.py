@@ -54,6 +54,20 @@ def backbone_kind(module: nn.Module) -> str:
     return next((BACKBONE_KINDS[c.__name__] for c in type(module).__mro__ if c.__name__ in BACKBONE_KINDS), "custom")
 
 
+def sample_shape(backbone: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of one sample ``backbone`` denoises: from a diffusers config (``in_channels``, ``sample_size``),
+    or a custom module's own ``sample_shape`` attribute. The one place pipelines, samplers and exporters read
+    the noise shape from."""
+    c = getattr(backbone, "config", None)
+    if c is not None and hasattr(c, "in_channels") and hasattr(c, "sample_size"):
+        size = c.sample_size if not isinstance(c.sample_size, (list, tuple)) else c.sample_size[0]
+        return (int(c.in_channels), int(size), int(size))
+    shape = getattr(backbone, "sample_shape", None)
+    if shape is None:
+        raise ValueError("a custom backbone needs a sample_shape attribute (C, H, W) to be sampled from noise")
+    return tuple(int(v) for v in shape)
+
+
 class Denoiser(nn.Module):
     """Wraps a backbone network with its noise schedule, prediction type and conditioning.
 
@@ -116,16 +130,8 @@ class Denoiser(nn.Module):
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one sample the backbone denoises: from a diffusers config (``in_channels``,
-        ``sample_size``), or a custom module's own ``sample_shape`` attribute."""
-        c = getattr(self.backbone, "config", None)
-        if c is not None and hasattr(c, "in_channels") and hasattr(c, "sample_size"):
-            size = c.sample_size if not isinstance(c.sample_size, (list, tuple)) else c.sample_size[0]
-            return (int(c.in_channels), int(size), int(size))
-        shape = getattr(self.backbone, "sample_shape", None)
-        if shape is None:
-            raise ValueError("a custom backbone needs a sample_shape attribute (C, H, W) to be sampled from noise")
-        return tuple(int(v) for v in shape)
+        """(C, H, W) of one sample the backbone denoises (:func:`sample_shape`)."""
+        return sample_shape(self.backbone)
 
     @property
     def feature_channels(self) -> int:
@@ -165,9 +171,12 @@ class Denoiser(nn.Module):
         if k == "unet2d":
             return b(x_t, tm, class_labels=cond).sample
         if k == "unet2d_cond":
-            if cond is not None and cond.dtype == torch.long:  # class-conditional UNet2DConditionModel
+            if torch.is_tensor(cond) and cond.dtype == torch.long:  # class-conditional UNet2DConditionModel
                 emb = torch.zeros(x_t.shape[0], 1, b.config.cross_attention_dim, device=x_t.device, dtype=x_t.dtype)
                 return b(x_t, tm, encoder_hidden_states=emb, class_labels=cond).sample
+            if isinstance(cond, dict):  # SDXL: pooled text + micro-conditioning (addition_embed_type text_time)
+                return b(x_t, tm, encoder_hidden_states=cond["emb"],
+                         added_cond_kwargs={"text_embeds": cond["pooled"], "time_ids": _sdxl_time_ids(x_t, cond)}).sample
             return b(x_t, tm, encoder_hidden_states=cond).sample
         if k == "dit":
             out = b(x_t, timestep=tm, class_labels=cond).sample
@@ -299,6 +308,16 @@ def _cat_cond(a, b):
     if isinstance(a, dict):
         return {k: torch.cat([a[k], b[k]]) for k in a}
     return torch.cat([a, b])
+
+
+def _sdxl_time_ids(x_t, cond):
+    """SDXL's six micro-conditioning ids (original size, crop top-left, target size; Podell et al. 2023, Sec. 2.2):
+    ``cond["time_ids"]`` (B, 6) if given, else the uncropped latent size in pixels (VAE factor 8)."""
+    if cond.get("time_ids") is not None:
+        return cond["time_ids"].to(x_t)
+    B, _, H, W = x_t.shape
+    ids = torch.tensor([8 * H, 8 * W, 0, 0, 8 * H, 8 * W], device=x_t.device, dtype=x_t.dtype)
+    return ids.expand(B, 6)
 
 
 def _flux_call(b, x_t, tm, cond):

@@ -28,3 +28,30 @@ def test_the_sd15_unet_runs_on_the_cpu_at_a_small_latent():
     with torch.no_grad():
         x0 = den(x, torch.tensor([500.0]), cond)
     assert x0.shape == (1, 4, 8, 8) and torch.isfinite(x0).all()
+
+
+def test_sdxl_micro_conditioning_goes_through_the_adapter():
+    """SDXL-style UNet2DConditionModel (addition_embed_type text_time): the condition is {"emb", "pooled"}
+    (+ optional "time_ids"); by default the six ids say "uncropped, latent size x 8"."""
+    import diffusers
+
+    from stepdistill.denoiser import Denoiser
+    from stepdistill.schedules import schedule_from_config
+
+    torch.manual_seed(0)
+    net = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
+    den = Denoiser(net, schedule_from_config({"kind": "vp", "num_train_timesteps": 1000}), "epsilon")
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 500.0])
+    cond = {"emb": torch.randn(2, 5, 32), "pooled": torch.randn(2, 16)}
+    with torch.no_grad():
+        a = den(x, t, cond)
+        ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2)
+        b = den(x, t, {**cond, "time_ids": ids})
+        c = den(x, t, {**cond, "pooled": torch.randn(2, 16)})
+        d = den(x, t, {**cond, "time_ids": ids * 2})
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-4 and (a - d).abs().max() > 1e-4

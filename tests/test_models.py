@@ -299,3 +299,21 @@ def test_load_sd3_folder_is_flow_and_text(tmp_path):
     cond = {"emb": torch.randn(1, 4, 12), "pooled": torch.randn(1, 6)}
     with torch.no_grad():
         assert den(torch.randn(1, 2, 8, 8), 500.0, cond).shape == (1, 2, 8, 8)
+
+
+def test_one_class_label_parser_for_every_entry_point():
+    """conditioning.class_index: names, indices and index strings; the pipelines, the CLI, the demo and PSO
+    all call it (each wraps its ValueError), so they accept and refuse the same labels."""
+    from stepdistill.conditioning import class_index
+    from stepdistill.trainers.pso import resolve_classes
+
+    names = ["cat", "dog", "owl"]
+    assert [class_index(c, names) for c in ("dog", 2, "0", " owl ")] == [1, 2, 0, 2]
+    assert class_index(7, []) == 7        # a model that lists no names: any index
+    for bad, msg in [("unicorn", "unknown class 'unicorn'; known: cat, dog, owl"), (3, "out of range 0..2"),
+                     ("-1", "out of range 0..2")]:
+        with pytest.raises(ValueError, match=msg):
+            class_index(bad, names)
+    assert resolve_classes(["owl", "0", 0], names) == [0, 2]
+    with pytest.raises(ValueError, match=r"pso\.target_classes: unknown class 'emu'"):
+        resolve_classes(["emu"], names)

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from ..config import ConfigError
+from ..denoiser import sample_shape
 from ..models import ModelLoadError, ModelMeta, _resolve, load_denoiser, load_scheduler_config
 from ..text import read_prompts  # noqa: F401 (re-exported: eval reads prompt files)
 from ..utils import class_balanced_labels
@@ -115,16 +116,15 @@ class _ClassModel:
 
     @property
     def channels(self) -> int:
-        return int(self.network.config.in_channels)
+        return self.image_shape[0]
 
     @property
     def resolution(self) -> int:
-        s = self.network.config.sample_size
-        return int(s[0] if isinstance(s, (list, tuple)) else s)
+        return self.image_shape[1]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.resolution, self.resolution)
+        return sample_shape(self.network)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.network.parameters())

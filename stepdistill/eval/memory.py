@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 MODES = {
     "full": ["dmd.lora_rank=0"],
@@ -36,7 +37,12 @@ MODES = {
     "full_bf16_teacher": ["dmd.lora_rank=0", "dmd.teacher_dtype=bfloat16"],
     "lora_bf16_base": ["dmd.lora_rank=8", "dmd.teacher_dtype=bfloat16"],
     "lora_ckpt": ["dmd.lora_rank=8", "train.gradient_checkpointing=true"],
+    "lora_bf16_ckpt": ["dmd.lora_rank=8", "dmd.teacher_dtype=bfloat16", "train.gradient_checkpointing=true"],
+    # bf16 end to end (GPU check): autocast players plus a bf16 teacher / LoRA base
+    "full_bf16": ["dmd.lora_rank=0", "dmd.teacher_dtype=bfloat16", "train.mixed_precision=bf16"],
+    "lora_bf16": ["dmd.lora_rank=8", "dmd.teacher_dtype=bfloat16", "train.mixed_precision=bf16"],
 }
+ARCH_BANK = 8   # prompts in the random embedding bank of a real-size measurement (and real latents)
 
 
 def _rss_mb() -> float:
@@ -48,6 +54,39 @@ def _rss_mb() -> float:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's resident-memory high-water mark (Linux: ``5`` to /proc/self/clear_refs), so that the
+    peak covers training only, not a model built in float32 and then cast to bfloat16."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_kb_field(path: str, field: str) -> float | None:
+    """``field`` (a kB line such as ``VmHWM:``) of a /proc file in MiB, or None off Linux."""
+    try:
+        for line in open(path):
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _peak_mb() -> float:
+    """Resident-memory high-water mark since the last :func:`_reset_peak` (VmHWM), else the process peak."""
+    hwm = _proc_kb_field("/proc/self/status", "VmHWM:")
+    if hwm is not None:
+        return hwm
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _tensor_mb(ts) -> float:
@@ -73,8 +112,10 @@ def measure_in_process(config: str | None, overrides: list[str], steps: int) -> 
     from ..trainers.core import Trainer
     from ..trainers.distill import build_dmd
 
-    # DMD2 steps are measured: a config's regression warm-up is switched off unless the overrides ask for it
-    cfg = load_config(DistillConfig, config, ["dmd.regression_warmup_steps=0"] + list(overrides)
+    # DMD2 steps are measured: a config's regression warm-up and loss (and the teacher ODE pairs they would
+    # sample first, minutes on a CPU) are switched off unless the overrides ask for them
+    cfg = load_config(DistillConfig, config, ["dmd.regression_warmup_steps=0", "dmd.regression_weight=0"]
+                      + list(overrides)
                       + [f"train.max_steps={steps}"])
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -110,6 +151,131 @@ def measure_in_process(config: str | None, overrides: list[str], steps: int) -> 
     if dev.type == "cuda":
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
     return out
+
+
+def _plan_request(cfg, arch: str, side: int):
+    """The planner request (stepdistill/plan.py) describing the measured configuration."""
+    from ..plan import LATENT_FACTOR, PlanRequest
+
+    return PlanRequest(teacher=arch, mode="lora" if cfg.dmd.lora_rank > 0 else "full",
+                       dtype="bf16" if cfg.dmd.teacher_dtype == "bfloat16" else "fp32", batch=cfg.train.batch_size,
+                       resolution=side * LATENT_FACTOR[arch], lora_rank=max(cfg.dmd.lora_rank, 1),
+                       lora_targets=list(cfg.dmd.lora_targets),
+                       gradient_checkpointing=cfg.train.gradient_checkpointing, gpu_gib=1e9)
+
+
+def _mem_available_mb() -> float:
+    """Free memory of the device a run will train on: CUDA's free bytes on a GPU, else the host's MemAvailable."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0] / 2**20
+    avail = _proc_kb_field("/proc/meminfo", "MemAvailable:")
+    return float("inf") if avail is None else avail
+
+
+def measure_arch_in_process(arch: str, side: int, config: str | None, overrides: list[str], steps: int) -> dict:
+    """One DMD2 step (critic updates + generator update) on a random-weight real-size teacher (``arch``, e.g.
+    ``sd15``) at ``side`` x ``side`` latents, text conditioning from random embeddings of the family's shape.
+
+    Before building anything, the planner's estimate of the weights, gradients and optimizer states alone is
+    compared with the memory available: a mode that cannot fit reports that estimate (``"fits": false``)
+    instead of being killed by the kernel. The peak is the resident high-water mark of the training steps
+    (reset after the build: a bfloat16 teacher is built in float32 first)."""
+    import torch
+
+    from ..architectures import architecture_denoiser
+    from ..conditioning import TextEmbeddingBank
+    from ..config import DistillConfig, load_config
+    from ..data import ArrayDataset
+    from ..lora import param_storage_mb
+    from ..models import ModelMeta
+    from ..plan import TEXT_TOKENS, example_inputs, plan, trace_activations
+    from ..trainers.core import Trainer
+    from ..trainers.distill import build_dmd
+
+    cfg = load_config(DistillConfig, config, ["dmd.regression_warmup_steps=0", "dmd.regression_weight=0",
+                                              "train.batch_size=1"] + list(overrides) + [f"train.max_steps={steps}"])
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    req = _plan_request(cfg, arch, side)
+    states = plan(req, {"activation_factor": 0.0, "source": "states only"})
+    out = {"arch": arch, "latent_side": side, "batch_size": cfg.train.batch_size, "lora_rank": cfg.dmd.lora_rank,
+           "teacher_dtype": cfg.dmd.teacher_dtype, "gradient_checkpointing": cfg.train.gradient_checkpointing,
+           "critic_updates": cfg.dmd.critic_updates, "states_estimate_gib": states["total_gib"]}
+    avail = _mem_available_mb() / 1024
+    if states["total_gib"] > 0.9 * avail:
+        return {**out, "fits": False, "available_gib": round(avail, 2),
+                "note": f"weights + gradients + optimizer states alone need {states['total_gib']:.1f} GiB, "
+                        f"{avail:.1f} GiB available: not run (see the planner's estimate)"}
+    baseline = _rss_mb()
+    teacher = architecture_denoiser(arch, device="cpu")
+    x, _, cond = example_inputs(teacher, ARCH_BANK, side, TEXT_TOKENS[arch], "cpu")
+    bank = TextEmbeddingBank(cond["emb"], cond["pooled"]) if isinstance(cond, dict) else TextEmbeddingBank(cond)
+    data = ArrayDataset(x, torch.arange(ARCH_BANK), [])   # latents paired with bank entries (GAN real branch)
+    meta = ModelMeta(prediction_type=teacher.prediction_type, conditioning="text")
+    obj, data, _ = build_dmd(cfg, teacher=teacher, meta=meta, data=data, text_bank=bank)
+    trainer = Trainer(obj, cfg, data=data)
+    dev = trainer.acc.device
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    out["peak_reset"] = _reset_peak()  # the teacher is built in float32: its transient must not set the peak
+    t0 = time.time()
+    for _ in range(steps):
+        trainer._run_step()
+        trainer.step += 1
+        trainer.update = 0
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+    out["device"] = str(dev)
+    sec = (time.time() - t0) / max(steps, 1)
+    peak = _peak_mb()
+    mods = [obj.teacher] + [p.module for p in obj.players.values()] + list(trainer.ema.values())
+    trainable = [q for o in trainer.opts.values() for g in o.param_groups for q in g["params"]]
+    st = [v for o in trainer.opts.values() for s_ in o.state.values() for v in s_.values()
+          if torch.is_tensor(v) and v.ndim > 0]
+    param_mb, grad_mb, opt_mb = param_storage_mb(*mods), _tensor_mb(trainable), _tensor_mb(st)
+    train_mb = out["peak_cuda_mb"] if "peak_cuda_mb" in out else peak - baseline  # GPU: everything allocated there
+    # the trace the planner scales, on the meta device, for this configuration
+    from ..architectures import architecture_denoiser as _meta
+    from ..lora import SharedLoRA
+
+    den = _meta(arch, "meta", torch.bfloat16 if req.dtype == "bf16" else torch.float32)
+    if req.mode == "lora":
+        SharedLoRA(den.backbone, req.lora_rank, targets=tuple(req.lora_targets)).add_adapter("student")
+    traced = trace_activations(den, 1, side, TEXT_TOKENS[arch], den.backbone.dtype, req.gradient_checkpointing,
+                               req.mode)["bytes"] / 2**20
+    act_mb = train_mb - param_mb - grad_mb - opt_mb
+    return {**out, "fits": True, "peak_rss_mb": round(peak, 1), "baseline_rss_mb": round(baseline, 1),
+            "train_rss_mb": round(train_mb, 1), "param_mb": round(param_mb, 1), "gradient_mb": round(grad_mb, 1),
+            "optimizer_state_mb": round(opt_mb, 1), "activation_mb": round(act_mb, 1),
+            "traced_activation_mb_per_sample": round(traced, 1),
+            "activation_factor": round(act_mb / (traced * cfg.train.batch_size), 3),
+            "sec_per_step": round(sec, 1), "threads": torch.get_num_threads(),
+            "planner_states_gib": states["total_gib"]}
+
+
+def arch_memory(arch: str, side: int, modes=("lora",), config: str | None = None, overrides=None, steps: int = 1,
+                timeout: float | None = None) -> dict:
+    """:func:`measure_arch_in_process` for each mode, each in a fresh process."""
+    import tempfile
+
+    res = {}
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "stepdistill.eval.memory", "--child", "--arch", arch, "--side", str(side),
+                   "--steps", str(steps), "--config", config or "", f"output_dir={tmp}", *(overrides or []),
+                   *MODES[mode]]
+            env = dict(os.environ)
+            env.setdefault("OMP_NUM_THREADS", "1")
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"memory run ({arch}, {mode}) failed:\n{r.stderr[-3000:]}")
+        res[mode] = {"mode": mode, **json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][-1])}
+    return res
 
 
 def train_memory(overrides: list[str] | None = None, steps: int = 2, config: str | None = None,
@@ -153,15 +319,71 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/dmd2_animal_mnist.yaml")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--modes", default="full,lora", help=f"comma-separated: {', '.join(MODES)}")
+    p.add_argument("--arch", default="", help="a real-size architecture (sd15, sdxl, sd3, flux) with random "
+                   "weights and text embeddings instead of the config's teacher")
+    p.add_argument("--side", type=int, default=64, help="latent side with --arch (64: SD 1.5 at 512 px)")
+    p.add_argument("--calibrate", default="", help="with --arch: PLAIN,CHECKPOINTED modes whose measurements set the "
+                   "planner's two activation constants (e.g. lora,lora_bf16_ckpt); written, with every mode's numbers, "
+                   "to stepdistill/assets/memory_calibration.json")
+    p.add_argument("--record", action="store_true", help="with --arch: add this run's numbers to the calibration "
+                   "file's measurements (the planner's validation set) without changing its constants")
+    p.add_argument("--out", default="", help="also write the JSON here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     if a.child:
-        print(json.dumps(measure_in_process(a.config or None, a.overrides, a.steps)), flush=True)
+        res = (measure_arch_in_process(a.arch, a.side, a.config or None, a.overrides, a.steps) if a.arch
+               else measure_in_process(a.config or None, a.overrides, a.steps))
+        print(json.dumps(res), flush=True)
         return 0
     modes = tuple(m.strip() for m in a.modes.split(",") if m.strip())
-    print(json.dumps(compare_memory(a.overrides, a.steps, a.config or None, modes), indent=2))
+    if a.arch:
+        res = arch_memory(a.arch, a.side, modes, a.config or None, a.overrides, a.steps)
+        if a.calibrate:
+            write_calibration(res, *a.calibrate.split(","))
+        elif a.record:
+            write_calibration(res, None)
+    else:
+        res = compare_memory(a.overrides, a.steps, a.config or None, modes)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
     return 0
+
+
+def write_calibration(res: dict, plain: str | None, checkpointed: str | None = None) -> dict:
+    """The planner's activation constants from measured modes ``plain`` (no checkpointing) and ``checkpointed``
+    (``None``: keep the file's); every mode's numbers are kept (keyed arch_side_mode) beside those already in
+    the file: the measurements the planner is validated against (tests/test_plan.py)."""
+    from ..plan import CALIBRATION
+
+    prev = json.loads(CALIBRATION.read_text()) if CALIBRATION.exists() else {}
+    if plain is None:
+        cal = {**prev, "measurements": {**prev.get("measurements", {}),
+                                        **{f"{v.get('arch')}_{v.get('latent_side')}_{k}": v for k, v in res.items()}}}
+        CALIBRATION.write_text(json.dumps(cal, indent=2) + "\n")
+        return cal
+    factors = {}
+    for key, mode in (("activation_factor", plain), ("activation_factor_checkpointed", checkpointed)):
+        if mode is None:
+            continue
+        m = res.get(mode)
+        if m is None or not m.get("fits", True) or "activation_factor" not in m:
+            raise ValueError(f"mode {mode} has no measurement to calibrate from")
+        if m["gradient_checkpointing"] != (key == "activation_factor_checkpointed"):
+            raise ValueError(f"mode {mode}: {key} needs a mode with gradient checkpointing "
+                             f"{'on' if key.endswith('checkpointed') else 'off'}")
+        factors[key] = m["activation_factor"]
+    m = res[plain]
+    old = prev.get("measurements", {})
+    cal = {**factors,
+           "source": f"{m['arch']} {' / '.join(x for x in (plain, checkpointed) if x)}, latent {m['latent_side']}, "
+                     f"batch {m['batch_size']}, {m['critic_updates']} critic update(s), {m.get('device', 'cpu')}: "
+                     f"python -m stepdistill.eval.memory --arch {m['arch']} --side {m['latent_side']}",
+           "measurements": {**old, **{f"{v.get('arch')}_{v.get('latent_side')}_{k}": v for k, v in res.items()}}}
+    CALIBRATION.write_text(json.dumps(cal, indent=2) + "\n")
+    return cal
 
 
 if __name__ == "__main__":

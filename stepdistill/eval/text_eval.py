@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
+from ..denoiser import sample_shape
 from ..text import caption_set
 from ..text_models import text_meta
 
@@ -57,12 +58,11 @@ class TextModel:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        c = self.unet.config
-        s = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+        C, s, _ = sample_shape(self.unet)
         if self.pipe.vae is not None:
             f = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
             return (int(self.pipe.vae.config.out_channels), s * f, s * f)
-        return (int(c.in_channels), s, s)
+        return (C, s, s)
 
     @property
     def channels(self) -> int:
@@ -131,9 +131,7 @@ class TextModel:
         per = [prompts[i % len(prompts)] for i in range(n)]
         emb = self.pipe.prompt_encoder().cached(prompts)                                  # (P, L, D)
         idx = torch.arange(n) % len(prompts)
-        c = self.unet.config
-        s = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
-        noise = torch.randn(n, c.in_channels, s, s, generator=torch.Generator().manual_seed(int(seed)))
+        noise = torch.randn(n, *sample_shape(self.unet), generator=torch.Generator().manual_seed(int(seed)))
         renoise = torch.Generator().manual_seed(int(seed) + 1)
         gs = DEFAULT_TEXT_GUIDANCE if guidance_scale is None else float(guidance_scale)
         out, t0 = [], time.perf_counter()

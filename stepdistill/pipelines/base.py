@@ -9,6 +9,7 @@ from pathlib import Path
 
 from diffusers import DiffusionPipeline
 
+from ..conditioning import class_index
 from ..shipped import resolve_shipped
 
 
@@ -34,6 +35,19 @@ class StepDistillPipelineBase(DiffusionPipeline):
         net = getattr(self, "network", None) or self.unet
         net.compile(**kwargs)
         return self
+
+    def class_index(self, c) -> int:
+        """A class name or index -> index, checked against the model's class names
+        (:func:`stepdistill.conditioning.class_index`)."""
+        return class_index(c, getattr(self.config, "class_names", None) or [])
+
+    def label_tensor(self, class_labels, batch_size: int, device):
+        """Class names / indices (or one of them, repeated ``batch_size`` times) -> (B,) long tensor."""
+        import torch
+
+        if isinstance(class_labels, (int, str)):
+            class_labels = [class_labels] * batch_size
+        return torch.tensor([self.class_index(c) for c in class_labels], dtype=torch.long, device=device)
 
     def _cached(self, name: str, key: tuple, build):
         """``build()``, kept until ``key`` changes: the pipelines' denoisers (a schedule built from the scheduler

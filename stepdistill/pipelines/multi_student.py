@@ -36,10 +36,10 @@ import torch
 from ..partitions import routing_table  # noqa: F401 (re-exported)
 from .base import StepDistillPipelineBase
 
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, sample_shape
 from ..schedules import schedule_from_config
 from .sampling import student_sample
-from .student import StepDistillPipeline, _output, label_tensor
+from .student import StepDistillPipeline, _output
 
 MAX_STUDENTS = 8  # student_0 (= unet) plus the optional components student_1..student_7
 PIPELINE_CLASS = "MultiStudentPipeline"
@@ -146,9 +146,6 @@ class MultiStudentPipeline(StepDistillPipelineBase):
         """Student 0 alone (one network evaluation, e.g. for the bench's bare-forward timing)."""
         return self.denoisers()[0]
 
-    def class_index(self, c) -> int:
-        return StepDistillPipeline.class_index(self, c)
-
     def route(self, label) -> int:
         """The student owning ``label`` (class name or index); total over the classes, deterministic."""
         c = self.class_index(label)
@@ -186,10 +183,9 @@ class MultiStudentPipeline(StepDistillPipelineBase):
             generator = torch.Generator().manual_seed(seed)
         if class_labels is None:
             raise ValueError("MultiStudentPipeline is class-conditional: give class_labels (they pick the student)")
-        labels = label_tensor(self, class_labels, batch_size, dev)
+        labels = self.label_tensor(class_labels, batch_size, dev)
         steps = self.timesteps_for(num_inference_steps)  # validate before drawing noise
-        c = self.network.config
-        noise = torch.randn(len(labels), c.in_channels, c.sample_size, c.sample_size, generator=generator).to(dev)
+        noise = torch.randn(len(labels), *sample_shape(self.network), generator=generator).to(dev)
         t0 = time.perf_counter()
         x = self.sample(noise, labels, len(steps), generator=generator, first_step=first_step)
         self.last_latency_s = time.perf_counter() - t0

@@ -35,9 +35,9 @@ import torch
 
 from .base import StepDistillPipelineBase
 
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, sample_shape
 from ..schedules import schedule_from_config
-from .student import _output, label_tensor
+from .student import _output
 
 MAX_EXPERTS = 8  # expert_0 (= unet) plus the optional components expert_1..expert_7
 
@@ -166,11 +166,6 @@ class PhasedDMDPipeline(StepDistillPipelineBase):
                              f"(one step per expert), got {n}")
         return ts
 
-    def class_index(self, c) -> int:
-        from .student import StepDistillPipeline
-
-        return StepDistillPipeline.class_index(self, c)
-
     # -- sampling -------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, labels=None, num_inference_steps: int | None = None,
@@ -200,15 +195,14 @@ class PhasedDMDPipeline(StepDistillPipelineBase):
         steps = self.timesteps_for(num_inference_steps)  # validate before drawing noise
         labels = None
         if class_labels is not None:
-            labels = label_tensor(self, class_labels, batch_size, dev)
+            labels = self.label_tensor(class_labels, batch_size, dev)
             batch_size = len(labels)
         elif prompt_embeds is not None:
             labels = prompt_embeds.to(dev, net.dtype)
             if pooled_prompt_embeds is not None:
                 labels = {"emb": labels, "pooled": pooled_prompt_embeds.to(dev, net.dtype)}
             batch_size = prompt_embeds.shape[0]
-        c = net.config
-        noise = torch.randn(batch_size, c.in_channels, c.sample_size, c.sample_size, generator=generator).to(dev)
+        noise = torch.randn(batch_size, *sample_shape(net), generator=generator).to(dev)
         t0 = time.perf_counter()
         x = self.sample(noise, labels, len(steps), first_step=first_step)
         self.last_latency_s = time.perf_counter() - t0

@@ -20,7 +20,7 @@ import torch
 from .base import StepDistillPipelineBase
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, sample_shape
 from ..schedules import schedule_from_config
 from .sampling import student_sample, subset_timesteps
 
@@ -60,17 +60,6 @@ class StepDistillPipeline(StepDistillPipelineBase):
     def timesteps_for(self, num_inference_steps: int | None) -> list[float]:
         return subset_timesteps(self.config.student_timesteps, num_inference_steps, "num_inference_steps")
 
-    def class_index(self, c) -> int:
-        names = self.config.class_names
-        if isinstance(c, str):
-            if c not in names:
-                raise ValueError(f"unknown class {c!r}; known: {', '.join(names)}")
-            return names.index(c)
-        c = int(c)
-        if names and not 0 <= c < len(names):
-            raise ValueError(f"class index {c} out of range 0..{len(names) - 1}")
-        return c
-
     @torch.no_grad()
     def __call__(self, class_labels=None, batch_size: int = 1, num_inference_steps: int | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
@@ -86,28 +75,19 @@ class StepDistillPipeline(StepDistillPipelineBase):
             generator = torch.Generator().manual_seed(seed)
         labels = None
         if class_labels is not None:
-            labels = label_tensor(self, class_labels, batch_size, dev)
+            labels = self.label_tensor(class_labels, batch_size, dev)
             batch_size = len(labels)
         elif prompt_embeds is not None:
             labels = prompt_embeds.to(dev, self.network.dtype)
             if pooled_prompt_embeds is not None:
                 labels = {"emb": labels, "pooled": pooled_prompt_embeds.to(dev, self.network.dtype)}
             batch_size = prompt_embeds.shape[0]
-        c = self.network.config
-        noise = torch.randn(batch_size, c.in_channels, c.sample_size, c.sample_size, generator=generator).to(dev)
+        noise = torch.randn(batch_size, *sample_shape(self.network), generator=generator).to(dev)
         t0 = time.perf_counter()
         x = student_sample(self.denoiser(), self.timesteps_for(num_inference_steps), labels, noise,
                            generator=generator, first_step=first_step, hybrid_steps=hybrid_steps)
         self.last_latency_s = time.perf_counter() - t0
         return _output(x, output_type, return_dict)
-
-
-def label_tensor(pipe, class_labels, batch_size: int, device) -> torch.Tensor:
-    """Class names / indices (or one of them, repeated ``batch_size`` times) -> (B,) long tensor,
-    validated by ``pipe.class_index``."""
-    if isinstance(class_labels, (int, str)):
-        class_labels = [class_labels] * batch_size
-    return torch.tensor([pipe.class_index(c) for c in class_labels], dtype=torch.long, device=device)
 
 
 def _output(x: torch.Tensor, output_type: str, return_dict: bool):

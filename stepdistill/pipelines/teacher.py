@@ -9,7 +9,7 @@ import torch
 
 from .base import StepDistillPipelineBase
 
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, sample_shape
 from ..schedules import schedule_from_config
 from .sampling import make_scheduler, scheduler_sample
 from .student import _output
@@ -59,20 +59,9 @@ class StepDistillTeacherPipeline(StepDistillPipelineBase):
             generator = torch.Generator().manual_seed(seed)
         labels = None
         if class_labels is not None:
-            names = self.config.class_names
-            if isinstance(class_labels, (int, str)):
-                class_labels = [class_labels] * batch_size
-            idx = []
-            for c in class_labels:
-                if isinstance(c, str):
-                    if c not in names:
-                        raise ValueError(f"unknown class {c!r}; known: {', '.join(names)}")
-                    c = names.index(c)
-                idx.append(int(c))
-            labels = torch.tensor(idx, dtype=torch.long, device=dev)
+            labels = self.label_tensor(class_labels, batch_size, dev)
             batch_size = len(labels)
-        c = self.network.config
-        noise = torch.randn(batch_size, c.in_channels, c.sample_size, c.sample_size, generator=generator).to(dev)
+        noise = torch.randn(batch_size, *sample_shape(self.network), generator=generator).to(dev)
         sched = make_scheduler(sampler, dict(self.scheduler.config))
         t0 = time.perf_counter()
         x = scheduler_sample(self.denoiser(), sched, labels, num_inference_steps, guidance_scale, noise, progress,

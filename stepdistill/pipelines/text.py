@@ -26,7 +26,7 @@ import torch
 
 from .base import StepDistillPipelineBase
 
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, sample_shape
 from ..schedules import schedule_from_config
 from ..text import PromptEncoder
 from .sampling import make_scheduler, scheduler_sample, subset_timesteps
@@ -49,9 +49,7 @@ class _TextPipelineMixin:
         return emb.repeat_interleave(num_images_per_prompt, dim=0)
 
     def _noise(self, batch: int, generator) -> torch.Tensor:
-        c = self.unet.config
-        s = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
-        return torch.randn(batch, c.in_channels, s, s, generator=generator).to(self.unet.device)
+        return torch.randn(batch, *sample_shape(self.unet), generator=generator).to(self.unet.device)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Model space -> image space, clamped to [-1, 1] (pixel-space models: the clamp only)."""

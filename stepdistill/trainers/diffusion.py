@@ -61,5 +61,4 @@ class DiffusionObjective:
         return scheduler_sample(den, sched, labels, self.sample_steps, self.guidance_scale, noise)
 
     def _shape(self):
-        c = self.den.backbone.config
-        return (c.in_channels, c.sample_size, c.sample_size)
+        return self.den.sample_shape

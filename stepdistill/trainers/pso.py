@@ -86,6 +86,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..conditioning import class_index
 from ..config import DistillConfig, PSOConfig
 from ..data import ArrayDataset, DataError, IMAGE_EXTS, _to_tensor_images, cache_dir, load_dataset
 from ..denoiser import Denoiser
@@ -157,13 +158,10 @@ def resolve_classes(spec: list[str], class_names: list[str], key: str = "pso.tar
     """Class names (or integer indices) -> indices into the model's ``class_names``."""
     out = []
     for s in spec:
-        s = str(s)
-        if s in class_names:
-            out.append(class_names.index(s))
-        elif s.lstrip("-").isdigit() and 0 <= int(s) < len(class_names):
-            out.append(int(s))
-        else:
-            raise ValueError(f"{key}: unknown class {s!r}; the model's classes: {', '.join(class_names)}")
+        try:
+            out.append(class_index(str(s), class_names))
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
     return sorted(set(out))
 
 
@@ -641,12 +639,14 @@ def build_pso(cfg: DistillConfig, model: Denoiser | None = None, meta: ModelMeta
 
 
 def _check_shape(model: Denoiser, target: ArrayDataset, cfg: DistillConfig) -> None:
-    c = getattr(model.backbone, "config", None)
-    size, ch = getattr(c, "sample_size", None), getattr(c, "in_channels", None)
+    try:
+        ch, size, _ = model.sample_shape
+    except ValueError:   # a custom backbone without a sample_shape: nothing to check against
+        return
     C, H, W = target.images.shape[1:]
-    if isinstance(size, int) and (H, W) != (size, size):
+    if (H, W) != (size, size):
         raise ValueError(f"data.resolution: target images are {H}x{W} but the model samples {size}x{size}")
-    if isinstance(ch, int) and C != ch:
+    if C != ch:
         raise ValueError(f"data.channels: target images have {C} channels but the model has {ch}")
 
 

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One-command GPU check (10 minutes or less on one NVIDIA GPU); writes one JSON file.
+#   bash scripts/gpu_check.sh [--out gpu_check.json]      on a GPU machine
+#   bash scripts/gpu_check.sh --dry-run --out /tmp/x.json  the same parts on the CPU at toy size
+# Installs nothing beyond the project itself (skipped when it is importable already). The parts:
+# the suite's device-relevant tests, one SD 1.5-size DMD2 step in bf16 (full and LoRA: step time and
+# max_memory_allocated, next to the planner), `stepdistill bench` of the shipped student vs its teacher,
+# and a 2-process FSDP smoke run when two GPUs are visible. See stepdistill/eval/gpu_check.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+if ! $PY -c "import stepdistill" 2>/dev/null; then
+  $PY -m pip install -q -e ".[dev,lora]"
+fi
+exec $PY -m stepdistill.eval.gpu_check "$@"
