@@ -6,17 +6,14 @@ safetensors under ``$STEPDISTILL_CACHE/pairs/`` keyed by the teacher's weights a
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import cache_dir
 from .denoiser import Denoiser
 from .pipelines.sampling import make_scheduler, scheduler_sample
+from .tensor_cache import cached_tensors
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -32,27 +29,22 @@ def teacher_ode_pairs(teacher: Denoiser, dmd_cfg, num_classes: int, shape: tuple
                       batch: int = 64, cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noise (N, C, H, W), labels (N,), teacher x0 (N, C, H, W)); cached, deterministic."""
     n, steps, w = dmd_cfg.regression_pairs, dmd_cfg.regression_steps, dmd_cfg.real_guidance_scale
-    key = json.dumps({"w": weights_digest(teacher.backbone), "n": n, "steps": steps, "g": w, "seed": seed,
-                      "shape": list(shape), "k": num_classes}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    path = (cache or cache_dir() / "pairs") / f"pairs_{digest}.safetensors"
-    if path.exists():
-        d = load_file(path)
-        return d["noise"], d["labels"], d["x0"]
-    sched_cfg = dict(teacher.schedule.config) if hasattr(teacher.schedule, "config") else {}
-    sched_cfg.setdefault("prediction_type", teacher.prediction_type)
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, *shape, generator=g)
-    labels = torch.randint(0, max(num_classes, 1), (n,), generator=g)
-    dev = next(teacher.parameters()).device
-    outs = []
-    for i in tqdm(range(0, n, batch), desc="teacher ODE pairs", leave=False):
-        sched = make_scheduler("ddim", sched_cfg)
-        cond = labels[i:i + batch].to(dev) if num_classes else None
-        outs.append(scheduler_sample(teacher, sched, cond, steps, w, noise[i:i + batch].to(dev)).cpu())
-    x0 = torch.cat(outs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"noise": noise.contiguous(), "labels": labels.contiguous(), "x0": x0.contiguous()}, str(tmp))
-    os.replace(tmp, path)
-    return noise, labels, x0
+    key = {"w": weights_digest(teacher.backbone), "n": n, "steps": steps, "g": w, "seed": seed,
+           "shape": list(shape), "k": num_classes}
+
+    def build():
+        sched_cfg = dict(teacher.schedule.config) if hasattr(teacher.schedule, "config") else {}
+        sched_cfg.setdefault("prediction_type", teacher.prediction_type)
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(n, *shape, generator=g)
+        labels = torch.randint(0, max(num_classes, 1), (n,), generator=g)
+        dev = next(teacher.parameters()).device
+        outs = []
+        for i in tqdm(range(0, n, batch), desc="teacher ODE pairs", leave=False):
+            sched = make_scheduler("ddim", sched_cfg)
+            cond = labels[i:i + batch].to(dev) if num_classes else None
+            outs.append(scheduler_sample(teacher, sched, cond, steps, w, noise[i:i + batch].to(dev)).cpu())
+        return {"noise": noise, "labels": labels, "x0": torch.cat(outs)}
+
+    d, _, _ = cached_tensors("pairs", key, build, prefix="pairs_", cache=cache)
+    return d["noise"], d["labels"], d["x0"]

@@ -18,9 +18,7 @@ holding both). CLIP text encoders are called without an attention mask, as diffu
 from __future__ import annotations
 
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -132,20 +130,10 @@ class PromptEncoder:
         return encode_prompts(self.tokenizer, self.text_encoder, prompts, self.max_length)
 
     def cached(self, prompts: list[str]) -> torch.Tensor:
-        from safetensors.torch import load_file, save_file
+        from .tensor_cache import cached_tensors
 
-        from .data import cache_dir
-
-        key = hashlib.sha256(json.dumps([self._weights_id(), self.max_length, list(prompts)]).encode()).hexdigest()
-        path = cache_dir() / "text_emb" / f"{key[:24]}.safetensors"
-        if path.is_file():
-            return load_file(str(path))["emb"]
-        emb = self(prompts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"emb": emb.contiguous()}, str(tmp))
-        os.replace(tmp, path)
-        return emb
+        key = json.dumps([self._weights_id(), self.max_length, list(prompts)])
+        return cached_tensors("text_emb", key, lambda: {"emb": self(prompts)}, chars=24)[0]["emb"]
 
     def _weights_id(self) -> str:
         """Cheap identity of the encoder's weights: a checksum of a few parameters."""

@@ -73,10 +73,7 @@ supported (text-conditional ones not yet).
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -88,11 +85,12 @@ from safetensors.torch import load_file, save_file
 
 from ..conditioning import class_index
 from ..config import DistillConfig, PSOConfig
-from ..data import ArrayDataset, DataError, IMAGE_EXTS, _to_tensor_images, cache_dir, load_dataset
+from ..data import ArrayDataset, DataError, IMAGE_EXTS, _to_tensor_images, load_dataset
 from ..denoiser import Denoiser
 from ..models import ModelMeta, load_denoiser
 from ..pairs import weights_digest
 from ..pipelines.sampling import grid_sample, student_sample
+from ..tensor_cache import cached_tensors
 from .core import Ctx, Player, update_seed
 
 PSO_METHODS = ("pso", "pso_naive")
@@ -323,20 +321,13 @@ def offline_references(den: Denoiser, timesteps: list[float], classes: list[int]
     labels = reference_labels(classes or [0], n)
     n = labels.shape[0]
     sched = den.schedule.to_config() if hasattr(den.schedule, "to_config") else {}
-    key = json.dumps({"w": weights_digest(den.backbone), "pt": den.prediction_type, "sched": sched,
-                      "ts": [float(t) for t in timesteps], "classes": classes, "n": n, "shape": list(shape),
-                      "seed": seed, "v": 1}, sort_keys=True, default=str)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    path = (cache or cache_dir() / "pso_refs") / f"refs_{digest}.safetensors"
-    if path.exists():
-        d = load_file(str(path))
-        return d["images"], d["labels"], path, True
-    images = draw_references(den, timesteps, labels if classes is not None else None, shape, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(tmp))
-    os.replace(tmp, path)
-    return images, labels, path, False
+    key = {"w": weights_digest(den.backbone), "pt": den.prediction_type, "sched": sched,
+           "ts": [float(t) for t in timesteps], "classes": classes, "n": n, "shape": list(shape), "seed": seed, "v": 1}
+    d, path, hit = cached_tensors(
+        "pso_refs", key, lambda: {"images": draw_references(den, timesteps, labels if classes is not None else None,
+                                                            shape, seed), "labels": labels},
+        prefix="refs_", cache=cache)
+    return d["images"], d["labels"], path, hit
 
 
 class ReferencePool:
