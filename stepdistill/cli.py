@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import cli_more
 
     cli_more.add_commands(sub)
-    from .demo import add_demo_command
+    from .demo_ui import add_demo_command
 
     add_demo_command(sub)
     a = ap.parse_args(argv)

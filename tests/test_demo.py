@@ -20,6 +20,7 @@ import torch
 
 from conftest import tiny_distill_overrides
 from stepdistill import demo as D
+from stepdistill import demo_ui as U
 from test_text import text_student, text_teacher, tiny_encoder  # noqa: F401 - fixtures (tiny text models)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,7 +109,7 @@ def test_teacher_folder_as_student_is_rejected(models):
 
 def test_builtin_names_resolve():
     assert D.BUILTIN_STUDENTS["builtin:animal_mnist_dmd2"].name == "animal_mnist_dmd2_student"
-    st = D._ui_state("builtin:animal_mnist", "builtin:animal_mnist_dmd2")  # never raises
+    st = U._ui_state("builtin:animal_mnist", "builtin:animal_mnist_dmd2")  # never raises
     if not D.BUILTIN_STUDENTS["builtin:animal_mnist_dmd2"].exists():
         assert "animal_mnist_dmd2_student" in st["message"]
 
@@ -181,18 +182,18 @@ def test_hybrid_settings_nfe_and_pipeline_equality(models, n, m, handoff, w, nfe
     ref, _ = _pipeline_hybrid(models, [7, 7], K, 5, w, m, handoff, n)
     torch.testing.assert_close(r.student.x, ref, atol=1e-5, rtol=1e-5)
     assert "⚠️" not in r.student.summary
-    cap = D.hybrid_nfe_caption(K, True, n, m, w)
+    cap = U.hybrid_nfe_caption(K, True, n, m, w)
     assert cap.endswith(f"= {nfe} (plain student: {K})")
 
 
 def test_hybrid_nfe_caption_and_ui_defaults(models):
-    assert D.hybrid_nfe_caption(4, True, 1, 4, 1.0) == "Hybrid NFE per image = 1·4·1 + (4 − 1) = 7 (plain student: 4)"
-    assert D.hybrid_nfe_caption(4, True, 1, 1, 2.0).endswith("= 5 (plain student: 4)")  # the old demo setting
-    assert D.hybrid_nfe_caption(4, False, 1, 4, 1.0).endswith("tick Hybrid to use it")
-    assert D.hybrid_nfe_caption(2, True, 3, 4, 1.0).startswith("⚠️ hybrid teacher steps must be in 1..2")
+    assert U.hybrid_nfe_caption(4, True, 1, 4, 1.0) == "Hybrid NFE per image = 1·4·1 + (4 − 1) = 7 (plain student: 4)"
+    assert U.hybrid_nfe_caption(4, True, 1, 1, 2.0).endswith("= 5 (plain student: 4)")  # the old demo setting
+    assert U.hybrid_nfe_caption(4, False, 1, 4, 1.0).endswith("tick Hybrid to use it")
+    assert U.hybrid_nfe_caption(2, True, 3, 4, 1.0).startswith("⚠️ hybrid teacher steps must be in 1..2")
     for txt in ("0.160", "0.122", "ode", "4 sub-steps", "no CFG", "n·m·(2 with CFG, else 1) + (K − n)"):
         assert txt in D.HYBRID_CAPTION
-    st = D._ui_state(*models)
+    st = U._ui_state(*models)
     assert st["hybrid"] and st["hybrid_full"]
 
 
@@ -220,7 +221,7 @@ def test_hybrid_phased_student_falls_back_to_one_renoise_step(models, phased_stu
     info = D.read_model_info(phased_student)
     assert info.pipeline_class == "PhasedDMDPipeline"
     assert D.student_supports_hybrid(info) and not D.student_supports_hybrid_chain(info)
-    st = D._ui_state(t, phased_student)
+    st = U._ui_state(t, phased_student)
     assert st["hybrid"] and not st["hybrid_full"] and "renoise hand-off only" in st["message"]
 
     r = D.generate(t, phased_student, "4", seed=3, batch_size=2, student_steps=K, teacher_steps=1, hybrid=True)
@@ -242,7 +243,7 @@ def test_hybrid_phased_student_falls_back_to_one_renoise_step(models, phased_stu
 
 def test_ui_state_and_expert_captions(models, tmp_path):
     t, s = models
-    st = D._ui_state(t, s)
+    st = U._ui_state(t, s)
     assert st["K"] == K and st["hybrid"] and not st["prompt_visible"] and st["class_visible"]
     assert st["classes"] == [D.ALL_CLASSES] + [str(i) for i in range(10)]
 
@@ -266,7 +267,7 @@ def test_ui_state_and_expert_captions(models, tmp_path):
     meta = json.loads((text / "stepdistill.json").read_text())
     meta.update(conditioning="text", class_names=[])
     (text / "stepdistill.json").write_text(json.dumps(meta))
-    st = D._ui_state(t, str(text))
+    st = U._ui_state(t, str(text))
     assert st["prompt_visible"] and not st["class_visible"] and not st["hybrid"]
     with pytest.raises(D.DemoInputError, match="teacher is class-conditioned but the student is text-conditioned"):
         D.generate(t, str(text), None, "a 3", seed=0, batch_size=1, teacher_steps=1)
@@ -276,7 +277,7 @@ def test_text_models_take_a_prompt(text_teacher, text_student):
     """Text teacher and student: the prompt box drives both; the images are the text pipelines' own."""
     from stepdistill.pipelines.text import load_text_pipeline
 
-    st = D._ui_state(str(text_teacher), str(text_student))
+    st = U._ui_state(str(text_teacher), str(text_student))
     assert st["prompt_visible"] and not st["class_visible"] and not st["hybrid"]
     r = D.generate(str(text_teacher), str(text_student), None, " a 3 ", seed=5, batch_size=2, teacher_steps=2)
     assert r.teacher.captions == r.student.captions == ["a 3", "a 3"] and len(r.student.images) == 2
@@ -294,9 +295,9 @@ def test_cli_registration_and_app_args():
     import argparse
 
     ap = argparse.ArgumentParser()
-    D.add_demo_command(ap.add_subparsers(dest="cmd"))
+    U.add_demo_command(ap.add_subparsers(dest="cmd"))
     a = ap.parse_args(["demo", "--teacher", "T", "--student", "S", "--port", "7999"])
-    assert (a.cmd, a.teacher, a.student, a.port, a.host, a.fn) == ("demo", "T", "S", 7999, "127.0.0.1", D.cmd_demo)
+    assert (a.cmd, a.teacher, a.student, a.port, a.host, a.fn) == ("demo", "T", "S", 7999, "127.0.0.1", U.cmd_demo)
     a = ap.parse_args(["demo"])
     assert (a.teacher, a.student) == ("builtin:animal_mnist", "builtin:animal_mnist_dmd2")
 
@@ -319,9 +320,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(models):
     port = _free_port()
-    demo = D.build_demo(*models)
+    demo = U.build_demo(*models)
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, ssr_mode=False,
-                theme=D.offline_theme())
+                theme=U.offline_theme())
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

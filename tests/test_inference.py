@@ -76,7 +76,7 @@ def test_compile_flags_are_wired(monkeypatch, tmp_path, capsys):
     import argparse
 
     from stepdistill import StepDistillPipeline
-    from stepdistill import demo as D
+    from stepdistill import demo_ui as D
     from stepdistill.cli import main
 
     calls = []
