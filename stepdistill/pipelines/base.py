@@ -36,6 +36,13 @@ class StepDistillPipelineBase(DiffusionPipeline):
         net.compile(**kwargs)
         return self
 
+    def timesteps_for(self, num_inference_steps: int | None) -> list[float]:
+        """A student's timesteps for ``num_inference_steps`` (None: all K; fewer: the trained subset rule of
+        :func:`~stepdistill.pipelines.sampling.subset_timesteps`). Phased DMD overrides it (one step per expert)."""
+        from .sampling import subset_timesteps
+
+        return subset_timesteps(self.config.student_timesteps, num_inference_steps, "num_inference_steps")
+
     def class_index(self, c) -> int:
         """A class name or index -> index, checked against the model's class names
         (:func:`stepdistill.conditioning.class_index`)."""

@@ -39,7 +39,7 @@ from .base import StepDistillPipelineBase
 from ..denoiser import Denoiser, sample_shape
 from ..schedules import schedule_from_config
 from .sampling import student_sample
-from .student import StepDistillPipeline, _output
+from .student import _output
 
 MAX_STUDENTS = 8  # student_0 (= unet) plus the optional components student_1..student_7
 PIPELINE_CLASS = "MultiStudentPipeline"
@@ -152,9 +152,6 @@ class MultiStudentPipeline(StepDistillPipelineBase):
         if not 0 <= c < len(self._table):
             raise ValueError(f"class index {c} out of range 0..{len(self._table) - 1}")
         return self._table[c]
-
-    def timesteps_for(self, num_inference_steps: int | None) -> list[float]:
-        return StepDistillPipeline.timesteps_for(self, num_inference_steps)
 
     # -- sampling -----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -22,7 +22,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from ..denoiser import Denoiser, sample_shape
 from ..schedules import schedule_from_config
-from .sampling import student_sample, subset_timesteps
+from .sampling import student_sample
 
 
 class StepDistillPipeline(StepDistillPipelineBase):
@@ -56,9 +56,6 @@ class StepDistillPipeline(StepDistillPipelineBase):
         return self._cached("denoiser", self._component_key(self.config.prediction_type),
                             lambda: Denoiser(self.network, schedule_from_config(dict(self.scheduler.config)),
                                              self.config.prediction_type))
-
-    def timesteps_for(self, num_inference_steps: int | None) -> list[float]:
-        return subset_timesteps(self.config.student_timesteps, num_inference_steps, "num_inference_steps")
 
     @torch.no_grad()
     def __call__(self, class_labels=None, batch_size: int = 1, num_inference_steps: int | None = None,

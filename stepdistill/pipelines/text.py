@@ -29,7 +29,7 @@ from .base import StepDistillPipelineBase
 from ..denoiser import Denoiser, sample_shape
 from ..schedules import schedule_from_config
 from ..text import PromptEncoder
-from .sampling import make_scheduler, scheduler_sample, subset_timesteps
+from .sampling import make_scheduler, scheduler_sample
 from .student import _output
 
 
@@ -122,9 +122,6 @@ class StepDistillTextPipeline(_TextPipelineMixin, StepDistillPipelineBase):
 
     def denoiser(self) -> Denoiser:
         return Denoiser(self.unet, self._schedule(), self.config.prediction_type)
-
-    def timesteps_for(self, num_inference_steps: int | None) -> list[float]:
-        return subset_timesteps(self.config.student_timesteps, num_inference_steps, "num_inference_steps")
 
     @torch.no_grad()
     def __call__(self, prompt=None, num_images_per_prompt: int = 1, num_inference_steps: int | None = None,
