@@ -157,17 +157,12 @@ def student_supports_hybrid_chain(info: ModelInfo) -> bool:
 
 def _student_pipeline_class(info: ModelInfo):
     """The pipeline class named by model_index.json among stepdistill's student pipelines."""
-    import importlib
+    from .pipelines import student_pipeline_class
 
-    from .pipelines.student import StepDistillPipeline
-
-    name = info.pipeline_class or ""
-    for mod in ("stepdistill.pipelines.student", "stepdistill.pipelines.phased", "stepdistill.pipelines.multi_student",
-                "stepdistill.pipelines"):
-        cls = getattr(importlib.import_module(mod), name, None)
-        if isinstance(cls, type):
-            return cls
-    return StepDistillPipeline if info.student_timesteps else None
+    cls = student_pipeline_class(info.pipeline_class)
+    if cls is None and info.student_timesteps:
+        cls = student_pipeline_class("StepDistillPipeline")
+    return cls
 
 
 def hybrid_compatible(teacher: ModelInfo, student: ModelInfo) -> str | None:

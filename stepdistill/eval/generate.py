@@ -250,19 +250,14 @@ class StudentModel(_ClassModel):
     kind = "student"
 
     def _build_pipeline(self, loaded: _Loaded):
+        from ..pipelines import student_pipeline_class
         from ..pipelines.student import StepDistillPipeline
 
         m = loaded.meta
-        if loaded.folder is not None and _pipeline_class(loaded.folder) == "PhasedDMDPipeline":
-            from ..pipelines.phased import PhasedDMDPipeline
-
-            self.phased = True
-            return PhasedDMDPipeline.from_pretrained(loaded.folder, use_safetensors=not loaded.allow_pickle)
-        if loaded.folder is not None and _pipeline_class(loaded.folder) == "MultiStudentPipeline":
-            from ..pipelines.multi_student import MultiStudentPipeline
-
-            self.multi_student = True
-            return MultiStudentPipeline.from_pretrained(loaded.folder, use_safetensors=not loaded.allow_pickle)
+        name = _pipeline_class(loaded.folder) if loaded.folder is not None else None
+        if name in ("PhasedDMDPipeline", "MultiStudentPipeline"):  # several networks: the folder's own pipeline
+            self.phased, self.multi_student = name == "PhasedDMDPipeline", name == "MultiStudentPipeline"
+            return student_pipeline_class(name).from_pretrained(loaded.folder, use_safetensors=not loaded.allow_pickle)
         return StepDistillPipeline(**_network_kwargs(loaded.den.backbone),
                                    scheduler=_scheduler_from_config(loaded.sched_cfg),
                                    student_timesteps=m.student_timesteps, class_names=m.class_names,
