@@ -249,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch.compile the network first (opt-in: compiling takes minutes on a CPU)")
     p.set_defaults(fn=cmd_sample)
 
-    from . import cli_more
+    from . import cli_tools
 
-    cli_more.add_commands(sub)
+    cli_tools.add_commands(sub)
     from .demo_ui import add_demo_command
 
     add_demo_command(sub)

@@ -1,4 +1,4 @@
-"""Sub-commands beyond training and sampling: eval, bench, curve, report, onnx."""
+"""The tool sub-commands beyond training and sampling: eval, bench, curve, report, onnx, plan."""
 from __future__ import annotations
 
 import json
