@@ -151,3 +151,21 @@ def test_eval_missing_model_and_prompts_exit_2(student2, tmp_path, capsys):
     assert rc == 2 and "error: " in err and "text" in err
     rc, _, err = _run(capsys, "eval", "--model", student2, "--num", 4, "--prompts", tmp_path / "none.txt", *EVAL_FAST)
     assert rc == 2 and "prompt file" in err
+
+
+def test_every_eval_model_is_one_interface():
+    """Class teachers, students and text models share eval/model.py's EvalModel: same shape, cost and summary."""
+    from stepdistill.eval.generate import load_any
+    from stepdistill.eval.model import EvalModel
+
+    t = load_any("builtin:animal_mnist", device="cpu")
+    s = load_any("builtin:animal_mnist_dmd2_4step", device="cpu")
+    x = load_any("builtin:animal_mnist_text", device="cpu")
+    for m in (t, s, x):
+        assert isinstance(m, EvalModel) and m.image_shape == (1, 32, 32) and m.channels == 1 and m.resolution == 32
+        assert m.num_params() == sum(p.numel() for p in m.network.parameters()) > 0
+        assert m.describe()["image_shape"] == [1, 32, 32]
+    assert (t.nfe_per_sample(25, 2.0), t.nfe_per_sample(25, 1.0)) == (50, 25)
+    assert (s.nfe_per_sample(), s.nfe_per_sample(2)) == (4, 2)
+    assert x.is_text and x.describe()["conditioning"] == "text" and x.num_classes == 0
+    assert x.nfe_per_sample(10, 3.0) == (20 if x.kind == "teacher" else 10)

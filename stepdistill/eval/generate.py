@@ -33,10 +33,10 @@ from typing import Callable
 import torch
 
 from ..config import ConfigError
-from ..denoiser import sample_shape
 from ..models import ModelLoadError, ModelMeta, _resolve, load_denoiser, load_scheduler_config
 from ..text import read_prompts  # noqa: F401 (re-exported: eval reads prompt files)
 from ..utils import class_balanced_labels
+from .model import EvalModel
 from .metrics import (MIN_FID_SAMPLES, TextModelsNotSupported, classifier_accuracy,  # noqa: F401 (re-exported)
                       diversity_metric, fid_metrics, is_animal_mnist_domain, load_reference, reference_info,
                       training_dataset)
@@ -80,10 +80,8 @@ class _Loaded:
     allow_pickle: bool = False  # pipelines built from the folder read .bin weights only when True
 
 
-class _ClassModel:
-    """Shared parts of the teacher / student wrappers (class-conditional or unconditional UNets)."""
-
-    kind = "model"
+class _ClassModel(EvalModel):
+    """Shared parts of the teacher / student wrappers (class-conditional or unconditional networks)."""
 
     def __init__(self, path: str, loaded: _Loaded, device: torch.device):
         self.path = str(path)
@@ -95,39 +93,9 @@ class _ClassModel:
         self.network.eval()
         self.last_generate_s: float | None = None
 
-    # -- properties -------------------------------------------------------------------------------
-    @property
-    def network(self):
-        """The pipeline's network: ``unet``, or ``transformer`` for transformer models (expert / student 0)."""
-        net = getattr(self.pipe, "network", None)
-        return net if net is not None else self.pipe.unet
-
-    @property
-    def unet(self):  # the older name, kept for callers; also a transformer
-        return self.network
-
     @property
     def class_names(self) -> list[str]:
         return list(self.meta.class_names) if self.meta.conditioning == "class" else []
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def channels(self) -> int:
-        return self.image_shape[0]
-
-    @property
-    def resolution(self) -> int:
-        return self.image_shape[1]
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return sample_shape(self.network)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.network.parameters())
 
     # -- labels / noise ---------------------------------------------------------------------------
     def default_labels(self, n: int) -> torch.Tensor | None:
@@ -154,13 +122,7 @@ class _ClassModel:
         return torch.randn(n, *self.image_shape, generator=g)
 
     # -- generation -------------------------------------------------------------------------------
-    def nfe_per_sample(self, steps: int | None = None, guidance_scale: float | None = None) -> int:
-        raise NotImplementedError
-
     def _sample(self, noise, labels, steps, guidance_scale, generator):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def resolve_steps(self, steps: int | None) -> int:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -197,12 +159,6 @@ class _ClassModel:
         self.last_generate_s = time.perf_counter() - t0
         return torch.cat(out).clamp(-1, 1)
 
-    def describe(self) -> dict:
-        return {"path": self.path, "kind": self.kind, "class_names": self.class_names,
-                "image_shape": list(self.image_shape), "params": self.num_params(),
-                "prediction_type": self.meta.prediction_type}
-
-
 class TeacherModel(_ClassModel):
     """A many-step teacher sampled with a stock diffusers scheduler and classifier-free guidance."""
 
@@ -230,9 +186,6 @@ class TeacherModel(_ClassModel):
     def uses_cfg(self, guidance_scale: float | None) -> bool:
         gs = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
         return bool(self.num_classes) and self.meta.null_class is not None and gs != 1.0
-
-    def nfe_per_sample(self, steps=None, guidance_scale=None) -> int:
-        return self.resolve_steps(steps) * (2 if self.uses_cfg(guidance_scale) else 1)
 
     def _sample(self, noise, labels, steps, guidance_scale, generator):
         from ..pipelines.sampling import make_scheduler, scheduler_sample

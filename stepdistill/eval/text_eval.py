@@ -24,15 +24,15 @@ from ..config import ConfigError
 from ..denoiser import sample_shape
 from ..text import caption_set
 from ..text_models import text_meta
+from .model import EvalModel
 
 DEFAULT_TEXT_GUIDANCE = 3.0
 
 
-class TextModel:
+class TextModel(EvalModel):
     """A text teacher or student behind the eval interface (``generate(prompts=..., n=...)``)."""
 
     is_text = True
-    hybrid = None
 
     def __init__(self, path: str, meta, device):
         from ..pipelines.text import StepDistillTextPipeline, load_text_pipeline
@@ -53,7 +53,7 @@ class TextModel:
 
     # -- shape / conditions -------------------------------------------------------------------------
     @property
-    def unet(self):
+    def network(self):
         return self.pipe.unet
 
     @property
@@ -63,14 +63,6 @@ class TextModel:
             f = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
             return (int(self.pipe.vae.config.out_channels), s * f, s * f)
         return (C, s, s)
-
-    @property
-    def channels(self) -> int:
-        return self.image_shape[0]
-
-    @property
-    def resolution(self) -> int:
-        return self.image_shape[-1]
 
     @property
     def class_names(self) -> list[str]:
@@ -94,9 +86,6 @@ class TextModel:
             out.append(hits[0])
         return torch.tensor(out, dtype=torch.long)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.unet.parameters())
-
     # -- generation ----------------------------------------------------------------------------------
     def resolve_steps(self, steps: int | None) -> int:
         if self.kind == "teacher":
@@ -112,9 +101,6 @@ class TextModel:
 
     def uses_cfg(self, guidance_scale: float | None) -> bool:
         return self.kind == "teacher" and (guidance_scale is None or guidance_scale != 1.0)
-
-    def nfe_per_sample(self, steps=None, guidance_scale=None) -> int:
-        return self.resolve_steps(steps) * (2 if self.uses_cfg(guidance_scale) else 1)
 
     @torch.no_grad()
     def generate(self, labels=None, n: int | None = None, steps: int | None = None,
@@ -150,9 +136,7 @@ class TextModel:
         return torch.cat(out).clamp(-1, 1)
 
     def describe(self) -> dict:
-        return {"path": self.path, "kind": self.kind, "conditioning": "text", "class_names": self.class_names,
-                "image_shape": list(self.image_shape), "params": self.num_params(),
-                "prediction_type": self.meta.prediction_type}
+        return {**super().describe(), "conditioning": "text"}
 
 
 def load_text_model(path, meta, device) -> TextModel:
