@@ -2,7 +2,8 @@
 
 DMD-style trainers draw a condition ``c`` for every generator sample (DMD2, Yin et al. 2024: the
 student is trained on the prompt distribution it will serve; data-free apart from the GAN term).
-Class-conditional teachers use :class:`~stepdistill.trainers.dmd.CondSampler` (uniform labels).
+Class-conditional teachers use :class:`ClassLabels` (uniform over all classes, or over one student's
+part of them in MSD, or over a tuning target's classes in PSO).
 Text-conditional teachers (SD3, Flux, ``UNet2DConditionModel``, PixArt, custom) use a
 :class:`TextEmbeddingBank`: a fixed set of N prompt embeddings computed once with the teacher's
 own text encoder(s) (the encoders are not needed during training), drawn uniformly by index.
@@ -23,6 +24,34 @@ from __future__ import annotations
 import torch
 
 GRID_CONDITIONS = 10  # sample grids cycle over the first 10 prompts (a column per prompt, as classes)
+
+
+class ClassLabels:
+    """Class labels as conditions (the protocol above): uniform over ``classes`` (default: all
+    ``num_classes``), grids cycling over them, real data conditioned on its own labels.
+    ``num_classes = 0`` is an unconditional model (every condition None)."""
+
+    def __init__(self, num_classes: int, classes: list[int] | None = None):
+        self.num_classes = int(num_classes)
+        self.classes = torch.tensor(classes, dtype=torch.long) if classes is not None else None
+
+    def __call__(self, ctx):
+        if self.num_classes <= 0:
+            return None
+        if self.classes is None:
+            return ctx.randint(0, self.num_classes)
+        return self.classes.to(ctx.device)[ctx.randint(0, len(self.classes))]
+
+    def grid(self, n: int, device):
+        if self.num_classes <= 0:
+            return None
+        if self.classes is None:
+            return (torch.arange(n) % self.num_classes).to(device)
+        return self.classes[torch.arange(n) % len(self.classes)].to(device)
+
+    def real_cond(self, labels: torch.Tensor):
+        """Condition of real data (GAN real branch): its labels, or None when unconditional."""
+        return labels if self.num_classes > 0 else None
 
 
 def class_index(c, names) -> int:

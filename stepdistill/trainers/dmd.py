@@ -43,10 +43,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..conditioning import ClassLabels
 from ..config import DMDConfig
 from ..denoiser import Denoiser, _cat_cond
 from ..pipelines.sampling import grid_sample
-from ..utils import class_balanced_labels
 from .core import Ctx, Player
 from .divergences import f_weights
 
@@ -184,23 +184,6 @@ def gan_d_loss(head, f_fake: torch.Tensor, f_real: torch.Tensor) -> tuple[torch.
                  "d_fake_acc": (logit_fake < 0).float().mean().item()}
 
 
-class CondSampler:
-    """Draws generator conditions: class labels uniform over classes, or None (unconditional)."""
-
-    def __init__(self, num_classes: int):
-        self.num_classes = num_classes
-
-    def __call__(self, ctx: Ctx):
-        return ctx.randint(0, self.num_classes) if self.num_classes > 0 else None
-
-    def grid(self, n: int, device):
-        return class_balanced_labels(n, self.num_classes).to(device) if self.num_classes > 0 else None
-
-    def real_cond(self, labels: torch.Tensor):
-        """Condition of real data (GAN real branch): its labels, or None when unconditional."""
-        return labels if self.num_classes > 0 else None
-
-
 class DMDObjective:
     """DMD / DMD2 as an Objective for :class:`~stepdistill.trainers.core.Trainer`.
 
@@ -211,7 +194,7 @@ class DMDObjective:
         cfg:     :class:`~stepdistill.config.DMDConfig`.
         num_classes: class count (0 for unconditional).
         regression_pairs: (noise, labels, teacher_x0) for the DMD regression loss, or None.
-        conds: condition sampler (default :class:`CondSampler` over ``num_classes``; text teachers:
+        conds: condition sampler (default :class:`~stepdistill.conditioning.ClassLabels` over ``num_classes``; text teachers:
             :class:`~stepdistill.conditioning.TextEmbeddingBank`).
     """
 
@@ -220,7 +203,7 @@ class DMDObjective:
         self.teacher, self.student, self.critic, self.cfg = teacher, student, critic, cfg
         self.teacher.requires_grad_(False).eval()
         self.shape = tuple(sample_shape)
-        self.conds = conds if conds is not None else CondSampler(num_classes)
+        self.conds = conds if conds is not None else ClassLabels(num_classes)
         self.timesteps = [float(t) for t in cfg.student_timesteps]
         critic_mod = nn.ModuleDict({"fake": critic.backbone})
         if cfg.gan:

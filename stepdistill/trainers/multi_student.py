@@ -32,7 +32,8 @@ TSM-trained (raw, not EMA) weights: the same player and optimizer continue (Adam
 only the loss changes. TSM also works for same-size students (they start at the teacher, so its loss
 starts near 0); the shipped same-size config skips it.
 
-Conditions per part. Each student's generator conditions come from :class:`PartCondSampler` (uniform
+Conditions per part. Each student's generator conditions come from a part's
+:class:`~stepdistill.conditioning.ClassLabels` (uniform
 over its classes) and every real batch it touches from :class:`PartCtx` (a :class:`Ctx` whose
 ``real_batch`` draws from the part's row list with the same global-batch / rank-slice convention and
 the same ``ctx.gen`` stream), so a student never sees another part's classes.
@@ -81,7 +82,8 @@ from ..partitions import even_split, kmeans_partition, partition_classes, routin
 from ..pipelines.multi_student import (PIPELINE_CLASS, multi_student_sample, student_rows,
                                        student_subfolder)
 from .core import Ctx
-from .dmd import CondSampler, DMDObjective
+from ..conditioning import ClassLabels
+from .dmd import DMDObjective
 
 
 # -- partitions -----------------------------------------------------------------------------------
@@ -112,20 +114,6 @@ def build_student_backbone(teacher_backbone, msd: MSDConfig, seed: int):
 
 
 # -- one part's view of conditions and data ------------------------------------------------------
-class PartCondSampler(CondSampler):
-    """Generator conditions of one student: labels uniform over its classes (DMD2's law on the part)."""
-
-    def __init__(self, num_classes: int, classes: list[int]):
-        super().__init__(num_classes)
-        self.classes = torch.tensor(classes, dtype=torch.long)
-
-    def __call__(self, ctx: Ctx):
-        return self.classes.to(ctx.device)[ctx.randint(0, len(self.classes))]
-
-    def grid(self, n: int, device):
-        return self.classes[torch.arange(n) % len(self.classes)].to(device)
-
-
 @dataclass
 class PartCtx(Ctx):
     """A :class:`Ctx` (same generator, step, rank) whose real batches come from one part only."""
@@ -183,7 +171,7 @@ class MultiStudentObjective:
         self.table = routing_table(self.groups, num_classes)
         self.shape = tuple(sample_shape)
         self.timesteps = [float(t) for t in cfg.student_timesteps]
-        self.conds = CondSampler(num_classes)  # all classes: grids, guards, the shared critic
+        self.conds = ClassLabels(num_classes)  # all classes: grids, guards, the shared critic
         self.part_index = None
         if data_labels is not None:
             self.part_index = [torch.isin(data_labels, torch.tensor(g)).nonzero().flatten() for g in self.groups]
@@ -193,7 +181,7 @@ class MultiStudentObjective:
                                   "(the GAN and TSM need real data of every part)")
         # one DMD2 objective per part: DMD2's losses, unchanged, on the part's conditions and data
         self.subs = [DMDObjective(teacher, s, critics[0 if msd.shared_critic else k], cfg, num_classes, self.shape,
-                                  seed=seed, conds=PartCondSampler(num_classes, self.groups[k]))
+                                  seed=seed, conds=ClassLabels(num_classes, self.groups[k]))
                      for k, s in enumerate(students)]
         self.players = {f"student_{k}": sub.players["generator"] for k, sub in enumerate(self.subs)}
         self.mixed = None

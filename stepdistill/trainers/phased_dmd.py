@@ -97,7 +97,8 @@ from ..partitions import even_split  # noqa: F401 (re-exported)
 from ..pipelines.phased import MAX_EXPERTS, expert_step, expert_subfolder, phased_sample, route
 from ..schedules import NoiseSchedule, _bcast
 from .core import Ctx, Player
-from .dmd import CondSampler, GANHead, dm_loss, gan_d_loss, nonfinite_frac, scores_and_gan_g
+from ..conditioning import ClassLabels
+from .dmd import GANHead, dm_loss, gan_d_loss, nonfinite_frac, scores_and_gan_g
 
 PHASED_PIPELINE = "PhasedDMDPipeline"
 
@@ -187,7 +188,7 @@ class PhasedDMDObjective:
                                  "(check phased.boundaries / phased.margin / dmd.t_min / dmd.t_max)")
         self.steps_per_phase = [int(n) for n in steps_per_phase]
         self.shape = tuple(sample_shape)
-        self.conds = CondSampler(num_classes)
+        self.conds = ClassLabels(num_classes)
         betas = (cfg.beta1, cfg.beta2)
         self.players: dict[str, Player] = {}
         for k, e in enumerate(experts):

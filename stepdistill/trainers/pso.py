@@ -83,7 +83,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..conditioning import class_index
+from ..conditioning import ClassLabels, class_index
 from ..config import DistillConfig, PSOConfig
 from ..data import ArrayDataset, DataError, IMAGE_EXTS, _to_tensor_images, load_dataset
 from ..denoiser import Denoiser
@@ -350,21 +350,6 @@ class ReferencePool:
         return self.images[idx]
 
 
-class PSOConds:
-    """Grid conditions (sample grids, collapse guards): cycles over the target's classes."""
-
-    def __init__(self, classes: list[int] | None, num_model_classes: int):
-        self.classes, self.num_classes = classes, num_model_classes
-
-    def grid(self, n: int, device):
-        if not self.classes:
-            return None
-        return torch.tensor(self.classes, dtype=torch.long)[torch.arange(n) % len(self.classes)].to(device)
-
-    def real_cond(self, labels):
-        return labels if self.classes else None
-
-
 # -- objectives ----------------------------------------------------------------------------
 class _TuneObjective:
     """Shared by PSO and the naive baseline: one player ``generator`` (the tuned model, EMA), targets."""
@@ -390,7 +375,8 @@ class _TuneObjective:
         self.shape = tuple(target.images.shape[1:])
         classes = sorted(set(target.labels.tolist())) if conditional else None
         self.classes = classes
-        self.conds = PSOConds(classes, target.num_classes if conditional else 0)
+        # grid conditions (sample grids, collapse guards) cycle over the target's classes; none without classes
+        self.conds = ClassLabels(target.num_classes if conditional and classes else 0, classes or None)
         self.data_std = float(target.images[:2048].float().std())
         model.backbone.train()
         self.players = {"generator": Player(model.backbone, cfg.lr, (0.9, 0.999), cfg.weight_decay, cfg.grad_clip,

@@ -19,7 +19,7 @@ class Setup:
     teacher: Denoiser
     meta: ModelMeta
     data: object                 # ArrayDataset (images in [-1, 1] / latents, labels)
-    conds: object | None         # None: class labels (CondSampler); text teachers: a TextEmbeddingBank
+    conds: object | None         # None: class labels (conditioning.ClassLabels); text teachers: a TextEmbeddingBank
     num_classes: int
     shared: object | None        # LoRA: the shared base (stepdistill.lora); None: full networks
     T: int                       # the teacher schedule's num_train_timesteps
