@@ -170,5 +170,14 @@ def test_rcm_trains_exports_and_samples(tiny_teacher, tmp_path):
     assert "rCM" in (folder / "README.md").read_text()
     x = StepDistillPipeline.from_pretrained(folder)(class_labels=[1, 2], seed=0, output_type="pt").images
     assert x.shape == (2, 1, 16, 16) and torch.isfinite(x).all()
+    # eval / bench / report load it like any student, the demo reads it as a 2-step student
+    from stepdistill.demo import read_model_info
+    from stepdistill.eval.generate import load_any
+
+    m = load_any(folder, device="cpu")
+    assert m.kind == "student" and m.nfe_per_sample() == 2 and m.nfe_per_sample(1) == 1
+    assert m.generate(n=4, steps=2, seed=0).shape == (4, 1, 16, 16)
+    info = read_model_info(str(folder), "student")
+    assert info.max_student_steps == 2 and info.method == "rcm"
     with pytest.raises(Exception, match="dmd.gan"):
         load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path, method="rcm"))
