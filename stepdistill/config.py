@@ -328,8 +328,17 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
         # keep the raw text: _coerce parses it by the field's type (YAML would read `no` as False)
         _set_dotted(data, k.strip(), v)
     cfg = _build(cls, data)
+    normalise(cfg)
     validate(cfg)
     return cfg
+
+
+def normalise(cfg) -> None:
+    """The one place a loaded config is rewritten (``validate`` only reads): two spellings of one setting become
+    one. ``pso.naive: true`` and ``method: pso_naive`` both mean the naive baseline; exports record ``pso_naive``."""
+    if isinstance(cfg, DistillConfig) and (cfg.pso.naive or cfg.method == "pso_naive") \
+            and cfg.method in ("pso", "pso_naive"):
+        cfg.method, cfg.pso.naive = "pso_naive", True
 
 
 def _merge(base: dict, new: dict, prefix: str) -> None:
@@ -482,10 +491,8 @@ def _validate_msd(cfg: DistillConfig, check) -> None:
 
 
 def _validate_pso(cfg: DistillConfig, check) -> None:
-    """``method: pso | pso_naive`` (trainers/pso.py); ``pso.naive: true`` is normalised to ``method: pso_naive``."""
+    """``method: pso | pso_naive`` (trainers/pso.py; :func:`normalise` has made the two spellings one)."""
     p = cfg.pso
-    if p.naive or cfg.method == "pso_naive":  # one switch, two spellings: exports record pso_naive
-        cfg.method, p.naive = "pso_naive", True
     check(bool(p.model), "pso.model", "needs the distilled model to tune (folder, hub id or builtin:animal_mnist_dmd2)")
     check(p.mode in ("offline", "online"), "pso.mode", "must be offline | online")
     check(p.refresh_every >= 1, "pso.refresh_every", "must be >= 1")

@@ -219,3 +219,21 @@ def test_yaml_words_stay_strings_for_str_fields(tmp_path):
 def test_str_values_with_yaml_syntax_are_kept():
     cfg = load_config(DistillConfig, None, ["output_dir=runs/a: b", "dmd.teacher=[weird"])
     assert cfg.output_dir == "runs/a: b" and cfg.dmd.teacher == "[weird"
+
+
+def test_validate_only_reads_and_normalise_makes_pso_spellings_one():
+    """config.validate never rewrites the config; the one rewrite (pso.naive <-> method pso_naive) is normalise."""
+    import copy
+
+    from stepdistill.config import DistillConfig, load_config, normalise, validate
+
+    a = load_config(DistillConfig, "configs/pso_animal_mnist.yaml", ["pso.naive=true"])
+    b = load_config(DistillConfig, "configs/pso_animal_mnist.yaml", ["method=pso_naive"])
+    assert (a.method, a.pso.naive) == (b.method, b.pso.naive) == ("pso_naive", True)
+    c = load_config(DistillConfig, "configs/pso_animal_mnist.yaml", [])
+    c.pso.naive = True
+    before = copy.deepcopy(c)
+    validate(c)
+    assert c == before          # validate read it, changed nothing
+    normalise(c)
+    assert c.method == "pso_naive"
