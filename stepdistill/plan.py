@@ -66,6 +66,14 @@ class PlanRequest:
     ema: bool = True
     gpu_gib: float = 80.0          # per-GPU memory to compare against
 
+    @classmethod
+    def from_measurement(cls, m: dict) -> "PlanRequest":
+        """The request describing one ``python -m stepdistill.eval.memory --arch`` measurement (for validation)."""
+        return cls(teacher=m["arch"], mode="lora" if m["lora_rank"] > 0 else "full",
+                   dtype="bf16" if m["teacher_dtype"] == "bfloat16" else "fp32", batch=m["batch_size"],
+                   resolution=LATENT_FACTOR[m["arch"]] * m["latent_side"], lora_rank=max(m["lora_rank"], 1),
+                   gradient_checkpointing=m["gradient_checkpointing"], gpu_gib=1e9)
+
     def validate(self) -> None:
         if self.mode not in ("full", "lora"):
             raise ConfigError(f"--mode must be full | lora, got {self.mode!r}")

@@ -131,11 +131,7 @@ def test_the_planner_is_within_15_percent_of_every_real_size_measurement():
     assert {"sd15_64_lora", "sd15_64_lora_bf16_ckpt", "sd15_64_full", "sd15_32_lora", "sd15_32_lora_bf16_ckpt"} \
         <= set(measured)
     for name, m in measured.items():
-        req = PlanRequest(teacher=m["arch"], mode="lora" if m["lora_rank"] > 0 else "full",
-                          dtype="bf16" if m["teacher_dtype"] == "bfloat16" else "fp32", batch=m["batch_size"],
-                          resolution=8 * m["latent_side"], lora_rank=max(m["lora_rank"], 1),
-                          gradient_checkpointing=m["gradient_checkpointing"], gpu_gib=1e9)
-        p = plan(req, cal)
+        p = plan(PlanRequest.from_measurement(m), cal)
         if not m["fits"]:
             assert p["total_gib"] > m["available_gib"], name
             continue

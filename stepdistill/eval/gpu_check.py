@@ -88,11 +88,7 @@ def _planner_for(modes: dict) -> dict:
     for name, m in modes.items():
         if not m.get("fits", True):
             continue
-        req = PlanRequest(teacher=m["arch"], mode="lora" if m["lora_rank"] > 0 else "full",
-                          dtype="bf16" if m["teacher_dtype"] == "bfloat16" else "fp32", batch=m["batch_size"],
-                          resolution=8 * m["latent_side"], lora_rank=max(m["lora_rank"], 1),
-                          gradient_checkpointing=m["gradient_checkpointing"], gpu_gib=1e9)
-        p = plan(req)
+        p = plan(PlanRequest.from_measurement(m))
         measured = m.get("peak_cuda_mb", m.get("train_rss_mb"))
         out[name] = {"planned_gib": p["total_gib"], "measured_gib": round(measured / 1024, 3) if measured else None}
     return out
