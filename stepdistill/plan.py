@@ -249,14 +249,19 @@ def count_parameters(teacher: str, lora_rank: int = 0, lora_targets=("to_q", "to
     net, factor, tokens = meta_network(teacher)
     out = {"backbone": sum(p.numel() for p in net.parameters())}
     if lora_rank > 0:
-        from .lora import SharedLoRA
-
-        shared = SharedLoRA(net, lora_rank, targets=tuple(lora_targets))
-        shared.add_adapter("student")
-        out["lora"] = sum(p.numel() for p in shared.adapter_params("student").values())
+        out["lora"] = _lora_params(net, lora_rank, tuple(lora_targets))
     den = _denoiser(net)
     out["feature_channels"] = den.feature_channels if den._hook_module is not None else 0
     return out
+
+
+def _lora_params(net: nn.Module, rank: int, targets: tuple) -> int:
+    """Parameters of one LoRA role on ``net`` (peft injects it in place, on the meta device: exact, no memory)."""
+    from .lora import SharedLoRA
+
+    shared = SharedLoRA(net, rank, targets=targets)
+    shared.add_adapter("student")
+    return sum(p.numel() for p in shared.adapter_params("student").values())
 
 
 def _denoiser(net: nn.Module):
@@ -272,19 +277,13 @@ def _measure_architecture(teacher: str, dtype: str, mode: str, rank: int, target
                           resolution: int) -> tuple[int, int, int, int, int]:
     """(P, P_l, GAN head params, latent side, traced bytes per sample): everything the plan takes from the
     architecture (cached: the GPU count and sharding do not change it)."""
-    from .lora import SharedLoRA
-
     dt = DTYPES[dtype]
     net, factor, tokens = meta_network(teacher, dt)
     if resolution % factor:
         raise ConfigError(f"--resolution {resolution} is not a multiple of the VAE factor {factor}")
     side = resolution // factor
     P = sum(p.numel() for p in net.parameters())
-    P_l = 0
-    if mode == "lora":
-        shared = SharedLoRA(net, rank, targets=targets)
-        shared.add_adapter("student")
-        P_l = sum(p.numel() for p in shared.adapter_params("student").values())
+    P_l = _lora_params(net, rank, targets) if mode == "lora" else 0
     tr = trace_activations(_denoiser(net), 1, side, tokens, dt, ckpt, mode)
     fshape = tr["feature_shape"]
     head = 0
