@@ -63,14 +63,56 @@ def cmd_export(a):
     cfg = load_config(DistillConfig, a.config, a.overrides)
     out = Path(a.out or Path(cfg.output_dir) / "student")
     refuse_non_empty(out, a.overwrite)  # before any loading
-    modules, obj, meta = load_trained(cfg, a.checkpoint)
+    modules, obj, meta = load_trained(cfg, a.checkpoint, a.weights)
     with atomic_folder(out, overwrite=a.overwrite) as tmp:
         get_method(cfg.method).export(modules, obj, cfg, meta, tmp)
     print(json.dumps({"exported": str(out)}))
 
 
+def sample_text(a) -> None:
+    """Write a grid: ``--num`` images split evenly over the prompts (one column per prompt with --nrow)."""
+    import torch
+
+    from .config import ConfigError
+    from .text_models import default_prompts
+    from .pipelines.text import StepDistillTextPipeline, load_text_pipeline
+    from .utils import save_labeled_grid
+
+    pipe = load_text_pipeline(a.model, allow_pickle=a.allow_pickle)
+    if getattr(a, "compile", False):
+        pipe.unet.compile()
+    prompts = [s for p in (a.prompt or []) for s in p.split("|")] or default_prompts(pipe.meta)
+    if a.classes:
+        raise ConfigError("--classes is for class-conditional models; give text models --prompt")
+    reps = max(1, a.num // len(prompts))
+    if reps * len(prompts) != a.num:
+        print(f"note: --num {a.num} over {len(prompts)} prompt(s) gives {reps * len(prompts)} images "
+              f"({reps} per prompt); each prompt gets the same number", file=sys.stderr)
+    g = torch.Generator().manual_seed(a.seed)
+    if isinstance(pipe, StepDistillTextPipeline):
+        if a.negative_prompt:
+            raise ConfigError("--negative-prompt: a distilled student has its guidance built in (the teacher's "
+                              "negative prompt was the empty prompt); sample the teacher to use one")
+        if a.steps is not None and not 1 <= a.steps <= len(pipe.config.student_timesteps):
+            raise ConfigError(f"--steps must be in 1..{len(pipe.config.student_timesteps)} for this student")
+        ignored = [f for f, v in (("--scheduler", a.scheduler), ("--guidance-scale", a.guidance_scale)) if v is not None]
+        if ignored:
+            print(f"warning: {' and '.join(ignored)} ignored: a distilled student samples with its own chain, "
+                  f"guidance built in", file=sys.stderr)
+        x = pipe(prompts, num_images_per_prompt=reps, num_inference_steps=a.steps, generator=g, output_type="pt").images
+    else:
+        x = pipe(prompts, negative_prompt=a.negative_prompt, num_images_per_prompt=reps,
+                 num_inference_steps=a.steps or 50, guidance_scale=2.0 if a.guidance_scale is None else a.guidance_scale, sampler=a.scheduler or "ddim",
+                 generator=g, output_type="pt", progress=True).images
+    # prompt-major batch -> grid with one column per prompt: reorder to (rep, prompt)
+    x = x.reshape(len(prompts), reps, *x.shape[1:]).transpose(0, 1).reshape(-1, *x.shape[1:])
+    captions = [p for _ in range(reps) for p in prompts]
+    path = save_labeled_grid(x.clamp(-1, 1), a.out, nrow=a.nrow or len(prompts), scale=a.scale, captions=captions)
+    print(json.dumps({"grid": str(path), "n": int(x.shape[0]), "prompts": prompts}))
+
+
 def cmd_sample(a):
-    from .text_cli import is_text_model, sample_text
+    from .text_models import is_text_model
 
     check_sample_args(a)
     if is_text_model(a.model):  # text-to-image teachers and students: --prompt / --negative-prompt
@@ -218,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     _config_arg(p, _default_config("dmd2_animal_mnist.yaml"), train=False)
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: latest)")
     p.add_argument("--out", default=None, help="output folder (default: <output_dir>/student)")
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"],
+                   help="the EMA weights (default) or the raw, un-averaged ones (to measure the EMA's effect)")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("sample", help="sample a PNG grid from a teacher or student folder")

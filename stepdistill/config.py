@@ -52,12 +52,19 @@ class TeacherModelConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW settings of one trained network: the one optimizer section of every config (``optim`` of the
+    teacher, ``dmd.optim`` / ``dmd.critic_optim`` of the DMD family, ``pso.optim``)."""
     lr: float = 2e-4
     beta1: float = 0.9
     beta2: float = 0.999
     weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
+    warmup_steps: int = 0          # linear learning-rate warm-up over the first N updates
+    grad_clip: float = 1.0         # global gradient-norm clip (0 = off)
+
+
+def _dmd_optim() -> OptimConfig:
+    """DMD2's AdamW: beta1 = 0 (GAN practice), weight decay 0.01, clip 10 (Yin et al. 2024, their code)."""
+    return OptimConfig(lr=2e-5, beta1=0.0, beta2=0.999, weight_decay=0.01, warmup_steps=0, grad_clip=10.0)
 
 
 @dataclass
@@ -103,6 +110,7 @@ class DMDConfig:
     allow_pickle: bool = False
     allow_student_teacher: bool = False  # a distilled student as dmd.teacher is refused unless this is set
     student_timesteps: list[float] = field(default_factory=lambda: [999.0])  # one-step default
+    student_init: str = ""         # a trained student (folder / builtin:) to start the generator from; "" = the teacher
     backward_simulation: bool = True
     real_guidance_scale: float = 2.0
     fake_guidance_scale: float = 1.0
@@ -121,13 +129,8 @@ class DMDConfig:
     gan_fresh_t: bool = False      # generator GAN term at its own t ~ U[0, T) (DMD2's code) instead of the DM step's t
     divergence: str = "reverse_kl"  # reverse_kl (DMD) | forward_kl | js: f-distill's h(r) weights (needs dmd.gan)
     divergence_logit_clip: float = 10.0  # the discriminator logit log r is clipped to +-this before h(r)
-    student_lr: float = 2e-5
-    critic_lr: float = 2e-5
-    beta1: float = 0.0
-    beta2: float = 0.999
-    weight_decay: float = 0.01
-    grad_clip: float = 10.0
-    warmup_steps: int = 0
+    optim: OptimConfig = field(default_factory=_dmd_optim)         # the generator (student, experts)
+    critic_optim: OptimConfig = field(default_factory=_dmd_optim)  # the fake score and its GAN head
     lora_rank: int = 0             # > 0: student, critic = LoRA adapters on the frozen teacher (stepdistill/lora.py)
     lora_alpha: float = 0.0        # LoRA scale alpha / rank; 0 means alpha = rank (scale 1)
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
@@ -158,7 +161,8 @@ class MSDConfig:
     """Multi-student distillation (Song et al. 2024; method: msd): K one-step students, each distilled
     with DMD2 (the ``dmd`` section) on its own part of the classes. See trainers/multi_student.py."""
     num_students: int = 4
-    groups: list[list[int]] = field(default_factory=list)  # class indices per student; [] = balanced contiguous split
+    groups: list[list[int]] = field(default_factory=list)  # class indices per student; [] = msd.partition decides
+    partition: str = "contiguous"  # groups = []: contiguous (balanced split) | kmeans (classes by their mean real image)
     shared_critic: bool = False    # one fake score for all students (else one per student)
     schedule: str = "round_robin"  # round_robin: one student per step | all: every student every step
     steps_per_student: int = 0     # DM generator updates per student; 0 = what train.max_steps leaves after TSM
@@ -189,10 +193,7 @@ class PSOConfig:
     beta: float = 10.0             # DPO temperature; the loss saturates once the margin reaches ~5 / beta
     timesteps: list[float] = field(default_factory=list)  # likelihood timesteps; [] = the model's own
     weights: list[float] = field(default_factory=list)    # w_k per timestep; [] = uniform 1/K
-    lr: float = 2.0e-5
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, weight_decay=0.0, grad_clip=1.0))
     naive: bool = False            # the naive baseline (denoising loss on the targets) = method: pso_naive
     likelihood: str = "auto"       # pure-noise first step: kde (the model's own posterior over its input noise) |
     #                                forward (Diffusion-DPO's forward-process surrogate) | auto (kde when t_0 is pure noise)
@@ -310,8 +311,41 @@ def _set_dotted(d: dict, dotted: str, value) -> None:
     d[parts[-1]] = value
 
 
+#: keys of earlier releases -> the keys that replaced them; configs, run folders and checkpoints written with
+#: the old spelling still load (the optimizer keys of the ``dmd`` and ``pso`` sections became ``OptimConfig``s)
+_OPTIM_KEYS = ("beta1", "beta2", "weight_decay", "grad_clip", "warmup_steps")
+LEGACY_KEYS: dict[type, dict[str, tuple[str, ...]]] = {
+    DistillConfig: {
+        "dmd.student_lr": ("dmd.optim.lr",), "dmd.critic_lr": ("dmd.critic_optim.lr",),
+        **{f"dmd.{k}": (f"dmd.optim.{k}", f"dmd.critic_optim.{k}") for k in _OPTIM_KEYS},
+        **{f"pso.{k}": (f"pso.optim.{k}",) for k in ("lr", "weight_decay", "grad_clip", "warmup_steps")},
+    },
+}
+
+
+def upgrade_keys(cls, data: dict) -> dict:
+    """``data`` (a nested config mapping) with the old spellings of :data:`LEGACY_KEYS` renamed; where both
+    spellings are given, the new key wins. A copy: ``data`` is not changed."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for old, targets in LEGACY_KEYS.get(cls, {}).items():
+        section, key = old.split(".")
+        sec = out.get(section)
+        if not isinstance(sec, dict) or key not in sec:
+            continue
+        value = sec.pop(key)
+        for target in targets:
+            _, sub, leaf = target.split(".")
+            dest = sec.setdefault(sub, {})
+            if isinstance(dest, dict):
+                dest.setdefault(leaf, value)
+    return out
+
+
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
-    """Defaults <- YAML file <- ``key.sub=value`` overrides; validated into ``cls``."""
+    """Defaults <- YAML file <- ``key.sub=value`` overrides; validated into ``cls``. Old key spellings
+    (:data:`LEGACY_KEYS`, e.g. ``dmd.student_lr`` for ``dmd.optim.lr``) are accepted."""
     data = to_dict(cls())
     if path:  # None or "" means defaults only
         p = Path(path)
@@ -320,17 +354,37 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
         loaded = yaml.safe_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping")
-        _merge(data, loaded, "")
+        _merge(data, upgrade_keys(cls, loaded), "")
     for o in overrides or []:
         if "=" not in o:
             raise ConfigError(f"override {o!r} must look like key.sub=value")
         k, v = o.split("=", 1)
         # keep the raw text: _coerce parses it by the field's type (YAML would read `no` as False)
-        _set_dotted(data, k.strip(), v)
-    cfg = _build(cls, data)
-    normalise(cfg)
-    validate(cfg)
+        for key in LEGACY_KEYS.get(cls, {}).get(k.strip(), (k.strip(),)):
+            _set_dotted(data, key, v)
+    try:
+        cfg = _build(cls, data)
+        normalise(cfg)
+        validate(cfg)
+    except ConfigError as e:  # a bad value given under an old spelling: name the key as the user wrote it
+        msg = str(e)
+        for old, targets in LEGACY_KEYS.get(cls, {}).items():
+            hit = next((t for t in targets if msg.startswith(t + ":")), None)
+            if hit and _mentions(path, overrides, old):
+                raise ConfigError(f"{msg} (given as {old}, the old spelling of {hit})") from None
+        raise
     return cfg
+
+
+def _mentions(path, overrides, old: str) -> bool:
+    """Whether the overrides or the YAML file set the old key ``old`` (``section.key``)."""
+    if any(o.split("=", 1)[0].strip() == old for o in overrides or []):
+        return True
+    if path and Path(path).exists():
+        section, key = old.split(".")
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        return isinstance(loaded, dict) and isinstance(loaded.get(section), dict) and key in loaded[section]
+    return False
 
 
 def normalise(cfg) -> None:
@@ -407,30 +461,9 @@ def validate(cfg) -> None:
               "every template needs the placeholder {name}, e.g. 'a photo of a {name}'")
     if isinstance(cfg, DistillConfig):
         d = cfg.dmd
-        from .methods import method_names
+        from .methods import method_checks, method_names
 
         check(cfg.method in method_names(), "method", f"must be {' | '.join(method_names())}")
-        if cfg.method == "rcm":
-            rc = cfg.rcm
-            check(not d.gan, "dmd.gan", "must be false with method rcm (rCM needs no GAN)")
-            check(not d.decoupled, "dmd.decoupled", "is not supported by method rcm")
-            check(rc.tangent in ("auto", "jvp", "fd"), "rcm.tangent", "must be auto | jvp | fd")
-            check(rc.fd_size > 0, "rcm.fd_size", "must be > 0")
-            check(rc.tangent_warmup_steps >= 0, "rcm.tangent_warmup_steps", "must be >= 0")
-            check(rc.p_std > 0, "rcm.p_std", "must be > 0")
-            check(rc.norm_eps > 0, "rcm.norm_eps", "must be > 0")
-        if cfg.method in ("pso", "pso_naive"):
-            _validate_pso(cfg, check)
-        if cfg.method == "msd":
-            _validate_msd(cfg, check)
-        if cfg.method == "phased_dmd":
-            b, n, K = cfg.phased.boundaries, cfg.phased.steps_per_phase, len(cfg.phased.boundaries) - 1
-            check(K >= 1 and all(x > y for x, y in zip(b, b[1:])) and b[-1] == 0, "phased.boundaries",
-                  "needs >= 2 strictly decreasing entries ending at 0, e.g. [999, 500, 0]")
-            check((len(n) == K and min(n) >= 1 and sum(n) == tr.max_steps) if n else tr.max_steps >= K,
-                  "phased.steps_per_phase", f"needs {K} entries >= 1 summing to train.max_steps ({tr.max_steps}), "
-                  f"or [] for an even split of train.max_steps (>= {K})")
-            check(cfg.phased.margin > 0, "phased.margin", "must be > 0")
         check(len(d.student_timesteps) >= 1, "dmd.student_timesteps", "needs at least one timestep")
         check(all(a > b for a, b in zip(d.student_timesteps, d.student_timesteps[1:])),
               "dmd.student_timesteps", "must be strictly decreasing")
@@ -440,33 +473,73 @@ def validate(cfg) -> None:
         check(d.regression_warmup_steps >= 0, "dmd.regression_warmup_steps", "must be >= 0")
         check(d.divergence in ("reverse_kl", "forward_kl", "js"), "dmd.divergence",
               "must be reverse_kl | forward_kl | js")
-        check(d.divergence == "reverse_kl" or (d.gan and cfg.method in ("dmd", "dmd2") and not d.decoupled),
-              "dmd.divergence", "forward_kl / js need dmd.gan=true (the discriminator gives the density ratio), "
-              "method dmd / dmd2 and no dmd.decoupled")
         check(d.divergence_logit_clip > 0, "dmd.divergence_logit_clip", "must be > 0")
         check(d.regression_pairs >= 1, "dmd.regression_pairs", "must be >= 1")
-        check(d.student_lr > 0 and d.critic_lr > 0, "dmd.student_lr", "learning rates must be > 0")
+        check(d.optim.lr > 0, "dmd.optim.lr", "must be > 0")
+        check(d.critic_optim.lr > 0, "dmd.critic_optim.lr", "must be > 0")
         check(d.lora_rank >= 0, "dmd.lora_rank", "must be >= 0 (0 = full fine-tuning)")
         check(d.lora_alpha >= 0, "dmd.lora_alpha", "must be >= 0 (0 = lora_rank)")
         check(d.lora_rank == 0 or len(d.lora_targets) > 0, "dmd.lora_targets", "needs at least one module name")
         check(d.teacher_dtype in ("float32", "bfloat16"), "dmd.teacher_dtype", "must be float32 | bfloat16")
-        if d.decoupled:
-            check(cfg.method in ("dmd", "dmd2"), "dmd.decoupled",
-                  f"is supported by method dmd / dmd2 only, not {cfg.method}")
-            check(d.ca_schedule in ("shared", "uniform", "above_student"), "dmd.ca_schedule",
-                  "must be shared | uniform | above_student")
-            check(0 <= d.ca_t_min <= d.ca_t_max, "dmd.ca_t_min", "must satisfy 0 <= ca_t_min <= ca_t_max")
-            check(d.ca_weight >= 0 and d.dm_term_weight >= 0, "dmd.ca_weight", "term weights must be >= 0")
-            check(d.dm_weight > 0, "dmd.dm_weight", "must be > 0 with dmd.decoupled (it scales both terms)")
         check(not (d.offload_teacher and d.lora_rank > 0), "dmd.offload_teacher",
               "cannot be combined with dmd.lora_rank > 0 (the LoRA teacher is the shared base of student and critic)")
+        (method_checks(cfg.method) or check_no_dmd_extras)(cfg, check)  # the method's own sections (methods.py)
 
 
-def _validate_msd(cfg: DistillConfig, check) -> None:
+def check_no_dmd_extras(cfg: DistillConfig, check) -> None:
+    """Methods other than DMD / DMD2 use the plain reverse-KL DM term: f-distill weights and Decoupled DMD are
+    options of the DMD objective only."""
+    check(cfg.dmd.divergence == "reverse_kl", "dmd.divergence",
+          f"forward_kl / js are supported by method dmd / dmd2 only, not {cfg.method}")
+    check(not cfg.dmd.decoupled, "dmd.decoupled", f"is supported by method dmd / dmd2 only, not {cfg.method}")
+
+
+def check_dmd(cfg: DistillConfig, check) -> None:
+    """``method: dmd | dmd2``: f-distill's divergence and Decoupled DMD's terms."""
+    d = cfg.dmd
+    check(d.divergence == "reverse_kl" or (d.gan and not d.decoupled), "dmd.divergence",
+          "forward_kl / js need dmd.gan=true (the discriminator gives the density ratio) and no dmd.decoupled")
+    if d.decoupled:
+        check(d.ca_schedule in ("shared", "uniform", "above_student"), "dmd.ca_schedule",
+              "must be shared | uniform | above_student")
+        check(0 <= d.ca_t_min <= d.ca_t_max, "dmd.ca_t_min", "must satisfy 0 <= ca_t_min <= ca_t_max")
+        check(d.ca_weight >= 0 and d.dm_term_weight >= 0, "dmd.ca_weight", "term weights must be >= 0")
+        check(d.dm_weight > 0, "dmd.dm_weight", "must be > 0 with dmd.decoupled (it scales both terms)")
+
+
+def check_rcm(cfg: DistillConfig, check) -> None:
+    """``method: rcm`` (trainers/rcm.py)."""
+    d, rc = cfg.dmd, cfg.rcm
+    check_no_dmd_extras(cfg, check)
+    check(not d.gan, "dmd.gan", "must be false with method rcm (rCM needs no GAN)")
+    check(rc.tangent in ("auto", "jvp", "fd"), "rcm.tangent", "must be auto | jvp | fd")
+    check(rc.fd_size > 0, "rcm.fd_size", "must be > 0")
+    check(rc.tangent_warmup_steps >= 0, "rcm.tangent_warmup_steps", "must be >= 0")
+    check(rc.p_std > 0, "rcm.p_std", "must be > 0")
+    check(rc.norm_eps > 0, "rcm.norm_eps", "must be > 0")
+
+
+def check_phased(cfg: DistillConfig, check) -> None:
+    """``method: phased_dmd`` (trainers/phased_dmd.py)."""
+    check_no_dmd_extras(cfg, check)
+    b, n, K, tr = cfg.phased.boundaries, cfg.phased.steps_per_phase, len(cfg.phased.boundaries) - 1, cfg.train
+    check(K >= 1 and all(x > y for x, y in zip(b, b[1:])) and b[-1] == 0, "phased.boundaries",
+          "needs >= 2 strictly decreasing entries ending at 0, e.g. [999, 500, 0]")
+    check((len(n) == K and min(n) >= 1 and sum(n) == tr.max_steps) if n else tr.max_steps >= K,
+          "phased.steps_per_phase", f"needs {K} entries >= 1 summing to train.max_steps ({tr.max_steps}), "
+          f"or [] for an even split of train.max_steps (>= {K})")
+    check(cfg.phased.margin > 0, "phased.margin", "must be > 0")
+
+
+def check_msd(cfg: DistillConfig, check) -> None:
     """``method: msd``: student count, schedule, per-student budget, architecture, groups (structure)."""
+    check_no_dmd_extras(cfg, check)
     m, K, tr, d = cfg.msd, cfg.msd.num_students, cfg.train, cfg.dmd
     check(1 <= K <= 8, "msd.num_students", "must be in 1..8 (MultiStudentPipeline holds at most 8 students)")
     check(m.schedule in ("round_robin", "all"), "msd.schedule", "must be round_robin | all")
+    check(m.partition in ("contiguous", "kmeans"), "msd.partition", "must be contiguous | kmeans")
+    check(not (m.groups and m.partition != "contiguous"), "msd.partition",
+          "applies when msd.groups is [] (explicit groups are the partition)")
     check(m.tsm_steps >= 0, "msd.tsm_steps", "must be >= 0")
     check(m.steps_per_student >= 0, "msd.steps_per_student", "must be >= 0 (0 = split train.max_steps)")
     per = m.round_steps
@@ -490,15 +563,16 @@ def _validate_msd(cfg: DistillConfig, check) -> None:
         partition_classes(1 + max((c for g in m.groups for c in g), default=-1), K, m.groups)
 
 
-def _validate_pso(cfg: DistillConfig, check) -> None:
+def check_pso(cfg: DistillConfig, check) -> None:
     """``method: pso | pso_naive`` (trainers/pso.py; :func:`normalise` has made the two spellings one)."""
+    check_no_dmd_extras(cfg, check)
     p = cfg.pso
     check(bool(p.model), "pso.model", "needs the distilled model to tune (folder, hub id or builtin:animal_mnist_dmd2)")
     check(p.mode in ("offline", "online"), "pso.mode", "must be offline | online")
     check(p.refresh_every >= 1, "pso.refresh_every", "must be >= 1")
     check(p.num_reference >= 1, "pso.num_reference", "must be >= 1")
     check(p.beta > 0, "pso.beta", "must be > 0")
-    check(p.lr > 0, "pso.lr", "must be > 0")
+    check(p.optim.lr > 0, "pso.optim.lr", "must be > 0")
     check(p.target_transform in ("none", "invert", "bold"), "pso.target_transform", "must be none | invert | bold")
     check(p.likelihood in ("auto", "kde", "forward"), "pso.likelihood", "must be auto | kde | forward")
     check(p.kde_samples >= 1, "pso.kde_samples", "must be >= 1")

@@ -9,7 +9,11 @@ A method is an objective builder plus how to export what it trained::
 * ``ema_modules(objective) -> {player name: network}``: the EMA networks a checkpoint restores for export;
 * ``export(ema_modules, objective, cfg, meta, out) -> out``: writes the diffusers folder;
 * ``pipeline``: the pipeline class named in ``model_index.json``; ``curve``: ``stepdistill curve`` can score
-  its checkpoints (one student network).
+  its checkpoints (one student network);
+* ``checks(cfg, check)``: value checks of the method's own config sections, called by ``config.validate``
+  (``check(condition, key, message)`` raises a ConfigError naming the key). ``None``: the DMD options only
+  the DMD objective implements (``dmd.divergence``, ``dmd.decoupled``) are refused. The built-in methods'
+  checks live in ``config.py`` (:data:`BUILTIN_CHECKS`), so validating a config imports no trainer.
 
 ``stepdistill distill`` / ``export`` / ``curve`` look the method up here and never branch on its name.
 The built-in methods are named by ``module:attribute`` and imported on first use (this module sits at the
@@ -37,6 +41,7 @@ class Method:
     pipeline: str = "StepDistillPipeline"
     curve: bool = False
     description: str = ""
+    checks: Callable | None = None
 
 
 BUILTIN = {
@@ -47,6 +52,15 @@ BUILTIN = {
     "pso": "stepdistill.trainers.pso:PSO_METHOD",
     "pso_naive": "stepdistill.trainers.pso:PSO_NAIVE_METHOD",
     "rcm": "stepdistill.trainers.rcm:METHOD",
+}
+BUILTIN_CHECKS = {
+    "dmd": "stepdistill.config:check_dmd",
+    "dmd2": "stepdistill.config:check_dmd",
+    "phased_dmd": "stepdistill.config:check_phased",
+    "msd": "stepdistill.config:check_msd",
+    "pso": "stepdistill.config:check_pso",
+    "pso_naive": "stepdistill.config:check_pso",
+    "rcm": "stepdistill.config:check_rcm",
 }
 _REGISTERED: dict[str, Method] = {}
 
@@ -75,3 +89,13 @@ def get_method(name: str) -> Method:
         raise ConfigError(f"method: unknown method {name!r}; known: {' | '.join(method_names())}")
     module, attr = BUILTIN[name].split(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def method_checks(name: str) -> Callable | None:
+    """The config checks of method ``name`` (see :class:`Method`), without importing its trainer."""
+    if name in _REGISTERED:
+        return _REGISTERED[name].checks
+    if name in BUILTIN_CHECKS:
+        module, attr = BUILTIN_CHECKS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+    return None

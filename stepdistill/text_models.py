@@ -1,4 +1,6 @@
-"""Text-conditional model folders: build the teacher UNet, save / load text encoder, tokenizer and VAE.
+"""Text-conditional model folders (the folder-I/O half of the text pair; :mod:`stepdistill.text` is the encoder
+half): build the teacher UNet, save / load text encoder, tokenizer and VAE, VAE latents, what a folder says
+about its prompts.
 
 A text model folder is a diffusers pipeline folder::
 
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import torch
 
 from .config import TeacherModelConfig
 from .models import ModelMeta, _resolve, save_model_folder
@@ -137,3 +141,25 @@ def reference_text_encoder(src: str | Path, dst: str | Path, encoder_ref: str = 
         index.pop(k, None)
     (dst / "model_index.json").write_text(json.dumps(index, indent=2))
     return dst
+
+
+def is_text_model(path: str) -> bool:
+    """True when the folder's ``stepdistill.json`` says ``conditioning: text`` (reads no weights)."""
+    p = Path(_resolve(str(path)))
+    meta = ModelMeta.load(p) if p.is_dir() else None
+    return meta is not None and meta.conditioning == "text"
+
+
+def default_prompts(meta: ModelMeta) -> list[str]:
+    """The model's caption set, first template of every class ("a cat", ...) or ``["" ]`` without one."""
+    names = ((meta.extra or {}).get("text") or {}).get("class_names") or []
+    templates = ((meta.extra or {}).get("text") or {}).get("templates") or ["{name}"]
+    return [templates[0].format(name=n) for n in names] or [""]
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Images in [-1, 1] (N, C, H, W) -> scaled VAE latents (the mean of the posterior)."""
+    out = [vae.encode(images[i:i + batch_size].to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).float()

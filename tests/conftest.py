@@ -41,7 +41,7 @@ def tiny_distill_overrides(teacher, out, **extra) -> list[str]:
         "output_dir": str(out), "data.name": "digits", "data.resolution": 16, "dmd.teacher": str(teacher),
         "train.batch_size": 8, "train.max_steps": 4, "train.sample_every": 4, "train.checkpoint_every": 2,
         "train.log_every": 1, "train.threads": 1, "train.cpu": "true", "dmd.critic_updates": 2,
-        "dmd.student_lr": 1e-4, "dmd.critic_lr": 1e-4,
+        "dmd.optim.lr": 1e-4, "dmd.critic_optim.lr": 1e-4,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -1,6 +1,7 @@
 """Typed configs: YAML + dotted overrides, and errors that name the offending key."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ data: {name: digits, resolution: 16}
 dmd:
   student_timesteps: [999, 749, 499, 249]
   real_guidance_scale: 3.5
-  student_lr: 1e-4     # PyYAML reads this as a string; it must still become a float
+  optim: {lr: 1e-4}    # PyYAML reads this as a string; it must still become a float
 train:
   batch_size: 8
   cpu: true
@@ -46,7 +47,9 @@ train:
     assert cfg.data.channels == 1 and cfg.data.split == "train"  # untouched defaults survive a partial section
     assert cfg.dmd.student_timesteps == [999.0, 500.0] and all(isinstance(v, float) for v in cfg.dmd.student_timesteps)
     assert cfg.dmd.real_guidance_scale == 3.5
-    assert cfg.dmd.student_lr == pytest.approx(1e-4) and isinstance(cfg.dmd.student_lr, float)
+    assert cfg.dmd.optim.lr == pytest.approx(1e-4) and isinstance(cfg.dmd.optim.lr, float)
+    assert cfg.dmd.optim.beta1 == 0.0 and cfg.dmd.optim.grad_clip == 10.0  # DMD2's AdamW defaults kept beside it
+    assert cfg.dmd.critic_optim.lr == pytest.approx(2e-5)
     assert cfg.dmd.gan is False and cfg.dmd.critic_updates == 3
     assert cfg.train.batch_size == 16 and cfg.train.cpu is True and cfg.train.mixed_precision == "bf16"
     # defaults of the Distill-specific train section are kept where not overridden
@@ -60,7 +63,7 @@ def test_override_value_types():
     assert cfg.dmd.t_min == 10.0 and isinstance(cfg.dmd.t_min, float)
     assert cfg.train.cpu is True
     assert cfg.dmd.teacher == "builtin:animal_mnist"
-    assert cfg.dmd.student_lr == pytest.approx(3e-5)
+    assert cfg.dmd.optim.lr == pytest.approx(3e-5)  # the old spelling dmd.student_lr still works
     assert cfg.train.max_steps == 2 and isinstance(cfg.train.max_steps, int)
 
 
@@ -237,3 +240,51 @@ def test_validate_only_reads_and_normalise_makes_pso_spellings_one():
     assert c == before          # validate read it, changed nothing
     normalise(c)
     assert c.method == "pso_naive"
+
+
+# -- one OptimConfig in every section; the old optimizer keys still load ---------------------------------------
+LEGACY_DMD_YAML = """
+method: pso
+dmd:
+  student_lr: 3.0e-4
+  critic_lr: 1.0e-4
+  beta1: 0.5
+  grad_clip: 2.0
+  warmup_steps: 7
+pso:
+  lr: 5.0e-5
+  weight_decay: 0.1
+"""
+
+
+def test_every_section_trains_with_one_optimconfig():
+    from stepdistill.config import OptimConfig
+
+    d, t = DistillConfig(), TeacherConfig()
+    for o in (d.dmd.optim, d.dmd.critic_optim, d.pso.optim, t.optim):
+        assert type(o) is OptimConfig
+    assert {f.name for f in dataclasses.fields(d.dmd)}.isdisjoint({"student_lr", "critic_lr", "beta1", "lr"})
+    assert {f.name for f in dataclasses.fields(d.pso)}.isdisjoint({"lr", "weight_decay", "grad_clip"})
+
+
+def test_old_optimizer_keys_load_into_the_optim_sections(tmp_path):
+    old = load_config(DistillConfig, _yaml(tmp_path, LEGACY_DMD_YAML))
+    new = load_config(DistillConfig, _yaml(tmp_path, """
+method: pso
+dmd:
+  optim: {lr: 3.0e-4, beta1: 0.5, grad_clip: 2.0, warmup_steps: 7}
+  critic_optim: {lr: 1.0e-4, beta1: 0.5, grad_clip: 2.0, warmup_steps: 7}
+pso:
+  optim: {lr: 5.0e-5, weight_decay: 0.1}
+"""))
+    assert to_dict(old) == to_dict(new)
+    assert old.dmd.optim.lr == 3e-4 and old.dmd.critic_optim.lr == 1e-4 and old.dmd.critic_optim.beta1 == 0.5
+    assert old.pso.optim.weight_decay == 0.1 and old.pso.optim.beta1 == 0.9   # PSO's AdamW betas unchanged
+    # overrides in the old spelling too; where both spellings are given in one file, the new key wins
+    cfg = load_config(DistillConfig, None, ["dmd.critic_lr=5e-4", "dmd.weight_decay=0.2"])
+    assert cfg.dmd.critic_optim.lr == 5e-4 and cfg.dmd.optim.lr == 2e-5
+    assert cfg.dmd.optim.weight_decay == cfg.dmd.critic_optim.weight_decay == 0.2
+    both = load_config(DistillConfig, _yaml(tmp_path, "dmd:\n  student_lr: 1.0e-3\n  optim: {lr: 4.0e-4}\n"))
+    assert both.dmd.optim.lr == 4e-4
+    with pytest.raises(ConfigError, match=r"^dmd\.critic_optim\.lr: must be > 0 \(given as dmd\.critic_lr"):
+        load_config(DistillConfig, _yaml(tmp_path, "dmd:\n  critic_lr: 0\n"))

@@ -77,6 +77,36 @@ def test_export_cli_from_checkpoint_matches_final_export(tiny_teacher, tmp_path)
     assert meta["method"] == "dmd2" and meta["student_timesteps"] == [999.0]
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "StepDistillPipeline" and index["unet"] == ["diffusers", "UNet2DModel"]
+    # --weights raw: the generator's own (un-averaged) weights of the same checkpoint, not the EMA
+    assert main(["export", "--config", "", *overrides, "--weights", "raw", "--out", str(tmp_path / "raw")]) == 0
+    raw = load_file(tmp_path / "raw" / "unet" / "diffusion_pytorch_model.safetensors")
+    ckpt = load_file(tmp_path / "checkpoints" / "step_000004" / "models.safetensors")
+    assert all(torch.equal(raw[k], ckpt[f"player.generator.{k}"]) for k in raw)
+    assert any(not torch.equal(raw[k], w1[k]) for k in raw)      # EMA 0.95 over 4 steps differs from raw
+
+
+def test_student_init_starts_the_generator_from_a_trained_student(tiny_teacher, tmp_path):
+    """dmd.student_init: the generator starts from an exported student, the critic from the teacher; a
+    student of another architecture is refused with the key named."""
+    import pytest
+
+    from stepdistill.errors import ConfigError
+    from stepdistill.models import load_denoiser
+    from stepdistill.trainers.distill import build_dmd
+
+    folder, _ = _student(tiny_teacher, tmp_path / "first")
+    cfg = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path / "second",
+                                                                  **{"dmd.student_init": folder}))
+    obj, _, _ = build_dmd(cfg)
+    trained, _ = load_denoiser(folder)
+    teacher, _ = load_denoiser(tiny_teacher)
+    for got, want in ((obj.student, trained), (obj.critic, teacher), (obj.teacher, teacher)):
+        sd, ref = got.backbone.state_dict(), want.backbone.state_dict()
+        assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)
+    bad = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path / "third",
+                                                                  **{"dmd.student_init": "builtin:animal_mnist_dmd2"}))
+    with pytest.raises(ConfigError, match="dmd.student_init builtin:animal_mnist_dmd2: its network does not match"):
+        build_dmd(bad)
 
 
 def test_sample_cli_grids_and_errors(tiny_teacher, tmp_path, capsys):

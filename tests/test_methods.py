@@ -64,7 +64,7 @@ def build_toy(cfg, teacher=None, meta=None, data=None, text_bank=None):
 
     s = prepare(cfg, teacher, meta, data, text_bank)
     student, _ = student_and_critic(s)
-    obj = ToyObjective(s.teacher, student, s.num_classes, tuple(s.data.images.shape[1:]), cfg.dmd.student_lr)
+    obj = ToyObjective(s.teacher, student, s.num_classes, tuple(s.data.images.shape[1:]), cfg.dmd.optim.lr)
     return obj, s.data, s.meta
 
 
@@ -97,6 +97,40 @@ def test_a_method_registered_from_a_test_runs_through_the_cli(toy, tiny_teacher,
     capsys.readouterr()
     assert main(["sample", "--model", str(out), "--num", "4", "--out", str(tmp_path / "g.png")]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 4
+
+
+def test_a_registered_method_brings_its_own_config_checks(tiny_teacher, tmp_path):
+    """Method.checks runs in config validation (a ConfigError naming the key); without checks the DMD-only
+    options are refused; the built-in methods' checks are looked up without importing their trainers."""
+    import subprocess
+    import sys
+
+    from stepdistill.config import ConfigError, DistillConfig, load_config
+    from stepdistill.trainers.dmd import export_generator
+
+    def checks(cfg, check):
+        check(cfg.dmd.critic_updates == 1, "dmd.critic_updates", "must be 1 for this method")
+
+    common = dict(build=build_toy, ema_modules=lambda obj: {"generator": obj.student.backbone}, export=export_generator)
+    register(Method("toy_checked", checks=checks, **common))
+    register(Method("toy_plain", **common))
+    try:
+        over = tiny_distill_overrides(tiny_teacher, tmp_path, method="toy_checked")
+        with pytest.raises(ConfigError, match=r"^dmd\.critic_updates: must be 1 for this method"):
+            load_config(DistillConfig, None, over)
+        assert load_config(DistillConfig, None, over + ["dmd.critic_updates=1"]).method == "toy_checked"
+        plain = tiny_distill_overrides(tiny_teacher, tmp_path, method="toy_plain")
+        with pytest.raises(ConfigError, match=r"^dmd\.divergence: forward_kl / js are supported by method dmd"):
+            load_config(DistillConfig, None, plain + ["dmd.divergence=js"])
+    finally:
+        unregister("toy_checked")
+        unregister("toy_plain")
+    code = ("import sys; from stepdistill.config import DistillConfig, load_config\n"
+            "for m in ('dmd2', 'rcm', 'msd', 'pso', 'phased_dmd'):\n"
+            "    load_config(DistillConfig, None, [f'method={m}'] + (['dmd.gan=false'] if m == 'rcm' else []))\n"
+            "print(sorted(k for k in sys.modules if k.startswith('stepdistill.trainers')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
 
 
 def test_unknown_method_in_a_config_names_the_known_ones(tiny_teacher, tmp_path, capsys):

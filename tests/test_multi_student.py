@@ -106,6 +106,30 @@ def test_kmeans_partition_is_deterministic_and_total():
     assert sorted(len(gr) for gr in kmeans_partition(dup, 3, seed=0)) == [1, 1, 3]
 
 
+def test_kmeans_partition_of_classes_by_their_mean_image(tiny_teacher, tmp_path):
+    """msd.partition: kmeans groups the digits by their mean real image: a total, disjoint, deterministic cover
+    whose within-group spread (the k-means objective) is below the contiguous split's; the objective routes
+    by it; explicit groups and unknown values are refused with the key named."""
+    from stepdistill.partitions import class_groups_by_mean_image
+
+    obj, data, cfg = _objective(tiny_teacher, tmp_path, **{"msd.num_students": 3, "msd.partition": "kmeans",
+                                                          "train.max_steps": 3})
+    groups = class_groups_by_mean_image(data.images, data.labels, 10, 3, seed=cfg.train.seed)
+    assert obj.groups == groups and sorted(c for g in groups for c in g) == list(range(10))
+    assert groups != partition_classes(10, 3)
+    means = torch.stack([data.images[data.labels == c].double().mean(0).flatten() for c in range(10)])
+
+    def spread(gs):
+        return sum(float(((means[g] - means[g].mean(0)) ** 2).sum()) for g in gs)
+
+    assert spread(groups) < spread(partition_classes(10, 3))
+    assert [obj.table[c] for c in range(10)] == [next(k for k, g in enumerate(groups) if c in g) for c in range(10)]
+    with pytest.raises(ConfigError, match=r"^msd\.partition: must be contiguous \| kmeans"):
+        _cfg(tiny_teacher, tmp_path, **{"msd.partition": "spectral"})
+    with pytest.raises(ConfigError, match=r"^msd\.partition: applies when msd\.groups is \[\]"):
+        _cfg(tiny_teacher, tmp_path, **{"msd.partition": "kmeans", "msd.groups": "[[0,1,2,3,4],[5,6,7,8,9]]"})
+
+
 def test_part_ctx_keeps_the_global_batch_rank_slice_convention(tiny_teacher, tmp_path):
     from stepdistill.data import load_dataset
 

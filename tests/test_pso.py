@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from conftest import tiny_distill_overrides
-from stepdistill.config import ConfigError, DistillConfig, PSOConfig, load_config
+from stepdistill.config import ConfigError, DistillConfig, OptimConfig, PSOConfig, load_config
 from stepdistill.data import ArrayDataset, DataError
 from stepdistill.denoiser import Denoiser
 from stepdistill.schedules import VPSchedule
@@ -51,7 +51,7 @@ def _toy_pso(beta=4.0, n=8, timesteps=(), weights=()):
     g = torch.Generator().manual_seed(0)
     x_tgt = torch.tensor([1.0, -0.5]).view(1, 2, 1, 1) + 0.3 * torch.randn(n, 2, 1, 1, generator=g)
     x_rej = torch.tensor([-1.0, 0.5]).view(1, 2, 1, 1) + 0.3 * torch.randn(n, 2, 1, 1, generator=g)
-    cfg = PSOConfig(beta=beta, timesteps=list(timesteps), weights=list(weights), lr=0.1)
+    cfg = PSOConfig(beta=beta, timesteps=list(timesteps), weights=list(weights), optim=OptimConfig(lr=0.1))
     model = _toy_model([0.0, 0.0])
     obj = pso.PSOObjective(model, cfg, [999.0], ArrayDataset(x_tgt, torch.zeros(n, dtype=torch.long), ["all"]),
                            conditional=False, rejected=x_rej)
@@ -299,11 +299,12 @@ def test_end_to_end_tune_export_reload(tiny_student, tmp_path, method):
     base, _ = load_denoiser(str(tiny_student))
     assert any(not torch.equal(p, q) for p, q in zip(tuned.backbone.parameters(), base.backbone.parameters()))
     # `stepdistill export` path: EMA weights from the checkpoint, the base model's scheduler and timesteps
-    from stepdistill.trainers.distill import export_student, load_trained_generator
+    from stepdistill.methods import get_method
+    from stepdistill.trainers.distill import load_trained_generator
 
     g = load_trained_generator(cfg)
-    _, _, meta2 = build_dmd(cfg)
-    again = export_student(g, cfg, meta2, tmp_path / "exported")
+    obj2, _, meta2 = build_dmd(cfg)
+    again = get_method(cfg.method).export({"generator": g}, obj2, cfg, meta2, tmp_path / "exported")
     assert json.loads((again / "stepdistill.json").read_text())["student_timesteps"] == [999.0, 499.0]
     re, _ = load_denoiser(again)
     assert all(torch.equal(p, q) for p, q in zip(re.backbone.parameters(), tuned.backbone.parameters()))

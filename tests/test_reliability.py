@@ -92,13 +92,31 @@ def test_resume_with_another_config_names_the_keys(tiny_teacher, done_run, tmp_p
     before = _snapshot(run / "checkpoints")
     rc, _, err = _run(capsys, _argv(tiny_teacher, run, **{"train.seed": 7, "dmd.student_lr": 3e-4,
                                                           "train.max_steps": 6}) + ["--resume"])
-    assert rc == 2 and "another config" in err and "train.seed" in err and "dmd.student_lr" in err
+    assert rc == 2 and "another config" in err and "train.seed" in err and "dmd.optim.lr" in err
     assert "train.max_steps" not in err               # may change on resume
     assert _snapshot(run / "checkpoints") == before
 
 
 def test_resume_may_extend_max_steps(tiny_teacher, done_run, tmp_path):
     run = _copy_run(done_run, tmp_path / "run")
+    distill(_cfg(tiny_teacher, run, **{"train.max_steps": 6}), resume=True)
+    assert (run / "checkpoints" / "step_000006").is_dir()
+
+
+def test_resume_a_checkpoint_written_with_the_old_optimizer_keys(tiny_teacher, done_run, tmp_path):
+    """Checkpoints of earlier releases record dmd.student_lr / critic_lr / beta1 ...: they still resume (the
+    config comparison reads them through config.upgrade_keys), and a real change is still refused."""
+    run = _copy_run(done_run, tmp_path / "run")
+    meta_p = run / "checkpoints" / "step_000004" / "meta.json"
+    meta = json.loads(meta_p.read_text())
+    d = meta["config"]["dmd"]
+    o, c = d.pop("optim"), d.pop("critic_optim")
+    assert o == {**c, "lr": o["lr"]}
+    d.update(student_lr=o["lr"], critic_lr=c["lr"], **{k: o[k] for k in ("beta1", "beta2", "weight_decay",
+                                                                         "grad_clip", "warmup_steps")})
+    meta_p.write_text(json.dumps(meta))                # meta.json is not among its own hashed files
+    with pytest.raises(CheckpointError, match=r"another config: dmd\.critic_optim\.lr"):
+        distill(_cfg(tiny_teacher, run, **{"train.max_steps": 6, "dmd.critic_lr": 3e-4}), resume=True)
     distill(_cfg(tiny_teacher, run, **{"train.max_steps": 6}), resume=True)
     assert (run / "checkpoints" / "step_000006").is_dir()
 
@@ -236,7 +254,8 @@ def test_nan_teacher_stops_instead_of_training_on_zeroed_gradients(tiny_teacher,
     ("dmd.real_guidance_scale=inf", "dmd.real_guidance_scale: must be a finite number"),
     ("dmd.real_guidance_scale=-1", "dmd.real_guidance_scale: must be >= 0"),
     ("dmd.gan_g_weight=nan", "dmd.gan_g_weight: must be a finite number"),
-    ("dmd.student_lr=-1e-4", "dmd.student_lr: must be >= 0"),
+    ("dmd.optim.lr=-1e-4", "dmd.optim.lr: must be >= 0"),
+    ("dmd.student_lr=-1e-4", "dmd.optim.lr: must be >= 0, got -0.0001 (given as dmd.student_lr"),
     ("data.resolution=0", "data.resolution: must be > 0"),
 ])
 def test_config_refuses_non_finite_and_negative_values(override, key):

@@ -33,7 +33,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..config import to_dict
+from ..config import to_dict, upgrade_keys
 from ..utils import atomic_write_text, plot_losses, save_grid, sha256_file
 
 
@@ -55,6 +55,12 @@ class Player:
     grad_clip: float = 0.0
     warmup_steps: int = 0
     ema: bool = False
+
+    @classmethod
+    def from_optim(cls, module: nn.Module, optim, ema: bool = False) -> "Player":
+        """A player trained with an :class:`~stepdistill.config.OptimConfig` (every config's optimizer section)."""
+        return cls(module, optim.lr, (optim.beta1, optim.beta2), optim.weight_decay, optim.grad_clip,
+                   optim.warmup_steps, ema=ema)
 
 
 @dataclass
@@ -489,7 +495,8 @@ class Trainer:
         meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
         if "config" not in meta:
             return []
-        old, new = _flatten(meta["config"]), _flatten(json.loads(json.dumps(to_dict(self.cfg))))
+        old = _flatten(upgrade_keys(type(self.cfg), meta["config"]))  # a checkpoint of an earlier release
+        new = _flatten(json.loads(json.dumps(to_dict(self.cfg))))
         defaults = _flatten(json.loads(json.dumps(to_dict(type(self.cfg)()))))
         for k in new.keys() - old.keys():
             if k in defaults:
@@ -573,9 +580,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def load_ema_weights(output_dir: str | Path, modules: dict[str, nn.Module], checkpoint: str | Path | None = None) -> Path:
+def load_ema_weights(output_dir: str | Path, modules: dict[str, nn.Module], checkpoint: str | Path | None = None,
+                     weights: str = "ema") -> Path:
     """Load the EMA weights of the named players (``{"generator": module}``) from a run's checkpoint
-    (the latest by default) into ``modules``, for ``stepdistill export``. Returns the checkpoint path."""
+    (the latest by default) into ``modules``, for ``stepdistill export``. ``weights="raw"`` loads the
+    players' own (un-averaged) weights instead, to measure what the EMA buys. Returns the checkpoint path."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     ckpt_dir = Path(output_dir) / "checkpoints"
     if checkpoint:
         path = Path(checkpoint)
@@ -586,7 +597,7 @@ def load_ema_weights(output_dir: str | Path, modules: dict[str, nn.Module], chec
     verify_checkpoint(path)  # a tampered or truncated checkpoint never reaches an export
     tensors = load_file(path / "models.safetensors")
     for name, m in modules.items():
-        pre = f"ema.{name}."
+        pre = f"ema.{name}." if weights == "ema" else f"player.{name}."
         m.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
     return path
 

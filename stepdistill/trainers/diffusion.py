@@ -17,11 +17,10 @@ class DiffusionObjective:
     """L = E_{x0, c, t, eps} || net(alpha_t x0 + sigma_t eps, t, c~) - target ||^2,
     target by prediction type (eps, v or x0), c~ = null class with probability ``cfg_dropout``."""
 
-    def __init__(self, den: Denoiser, scheduler_config: dict, num_classes: int, lr: float, betas, weight_decay,
-                 grad_clip: float, warmup: int, cfg_dropout: float, sample_steps: int, guidance_scale: float,
-                 conds=None):
+    def __init__(self, den: Denoiser, scheduler_config: dict, num_classes: int, optim, cfg_dropout: float,
+                 sample_steps: int, guidance_scale: float, conds=None):
         self.den = den
-        self.players = {"model": Player(den.backbone, lr, tuple(betas), weight_decay, grad_clip, warmup, ema=True)}
+        self.players = {"model": Player.from_optim(den.backbone, optim, ema=True)}  # optim: config.OptimConfig
         self.scheduler_config = scheduler_config
         self.num_classes, self.cfg_dropout = num_classes, cfg_dropout
         self.sample_steps, self.guidance_scale = sample_steps, guidance_scale

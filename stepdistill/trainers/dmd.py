@@ -212,11 +212,9 @@ class DMDObjective:
                 torch.manual_seed(seed)
                 self.head = GANHead(critic.feature_channels, res)
             critic_mod["head"] = self.head
-        betas = (cfg.beta1, cfg.beta2)
         self.players = {
-            "generator": Player(student.backbone, cfg.student_lr, betas, cfg.weight_decay, cfg.grad_clip,
-                                cfg.warmup_steps, ema=True),
-            "critic": Player(critic_mod, cfg.critic_lr, betas, cfg.weight_decay, cfg.grad_clip, cfg.warmup_steps),
+            "generator": Player.from_optim(student.backbone, cfg.optim, ema=True),
+            "critic": Player.from_optim(critic_mod, cfg.critic_optim),
         }
         self.pairs = regression_pairs
 
@@ -460,7 +458,7 @@ def build_dmd_family(cfg, teacher: Denoiser | None = None, meta=None, data=None,
 
     s = prepare(cfg, teacher, meta, data, text_bank)
     check_student_timesteps(cfg, s)
-    student, critic = student_and_critic(s)
+    student, critic = student_and_critic(s, cfg.dmd.student_init, cfg.dmd.allow_pickle)
     apply_teacher_options(s.teacher, cfg.dmd, s.shared)  # after the copies: student and critic stay float32
     shape = tuple(s.data.images.shape[1:])
     pairs = None

@@ -14,8 +14,14 @@ from ..models import ModelMeta, load_scheduler_config, save_model_folder
 STUDENT_PIPELINE = "StepDistillPipeline"
 
 
-def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, schedule=None) -> Path:
+def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, schedule=None, base: str | None = None,
+                   timesteps: list[float] | None = None, extra: dict | None = None) -> Path:
     """EMA student -> diffusers folder (safetensors unet + stock DDPMScheduler config + pipeline index).
+
+    ``base``: the model it was trained from (default ``dmd.teacher``; its scheduler config when ``schedule`` is
+    None, and its text components for a text student); ``timesteps``: its sampling chain (default
+    ``dmd.student_timesteps``); ``extra``: ``stepdistill.json`` provenance (default ``{"teacher": base}``).
+    A tuned distilled model (PSO) passes all three: see :func:`export_tuned`.
 
     A custom ``nn.Module`` student (no ``save_pretrained``) is written as
     ``unet/model.safetensors`` + ``unet/config.json`` naming its class; rebuild the module
@@ -23,8 +29,8 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
     """
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    pso = cfg.method in ("pso", "pso_naive")  # a tuned distilled model (trainers/pso.py) keeps meta's timesteps
-    base = cfg.pso.model if pso else cfg.dmd.teacher
+    tuned = base is not None  # a tuned distilled model keeps its own chain and provenance
+    base = base if tuned else cfg.dmd.teacher
     if schedule is not None and hasattr(schedule, "config") and schedule.config:
         sched_cfg = dict(schedule.config)
     elif schedule is not None and schedule.kind == "flow":
@@ -45,8 +51,8 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
     if sched_cls is DDPMScheduler:  # a stock loop's set_timesteps(K) lands on 999, ... (as LCM / TCD / Turbo students),
         # and its step() must not clip x0 mid-chain: the student chain never does
         scheduler.register_to_config(timestep_spacing="trailing", clip_sample=False)
-    ts = meta.student_timesteps if pso else cfg.dmd.student_timesteps
-    extra = {"teacher": (meta.extra or {}).get("teacher", base), "base_model": base} if pso else {"teacher": base}
+    ts = cfg.dmd.student_timesteps if timesteps is None else timesteps
+    extra = {"teacher": base} if extra is None else extra
     smeta = ModelMeta(prediction_type=meta.prediction_type, conditioning=meta.conditioning,
                       class_names=list(meta.class_names), null_class=meta.null_class,
                       student_timesteps=[float(t) for t in ts], method=cfg.method,
@@ -56,11 +62,8 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
         backbone = lora_view.merged()
         smeta.extra["lora"] = {"rank": cfg.dmd.lora_rank, "alpha": cfg.dmd.lora_alpha or cfg.dmd.lora_rank,
                                "targets": list(cfg.dmd.lora_targets), "adapter": "lora/"}
-    if smeta.conditioning == "text" and not pso and "text" in (meta.extra or {}):  # teacher from a text folder:
-        # + text encoder, tokenizer, VAE, LCMScheduler (text_distill.py)
-        from .text_distill import save_text_student
-
-        save_text_student(out, backbone, scheduler, smeta, base, meta)
+    if smeta.conditioning == "text" and not tuned and "text" in (meta.extra or {}):  # teacher from a text folder:
+        save_text_student(out, backbone, scheduler, smeta, base, meta)  # + text encoder, tokenizer, VAE
     else:
         save_model_folder(out, backbone, scheduler, smeta, STUDENT_PIPELINE)
     if lora_view is not None:
@@ -74,6 +77,41 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
     write_model_card(out, method=cfg.method, teacher=base, steps=smeta.student_timesteps,
                      config=_cfg_dict(cfg), metrics=None, class_names=smeta.class_names)
     return out
+
+
+def export_tuned(ema: dict, obj, cfg: DistillConfig, meta: ModelMeta, out: Path) -> Path:
+    """A tuned distilled model (PSO: ``pso.model`` fine-tuned): its own chain, its teacher and its base model
+    recorded in ``stepdistill.json``."""
+    base = cfg.pso.model
+    extra = {"teacher": (meta.extra or {}).get("teacher", base), "base_model": base}
+    return export_student(ema["generator"], cfg, meta, out, schedule=obj.student.schedule, base=base,
+                          timesteps=list(meta.student_timesteps), extra=extra)
+
+
+def save_text_student(out: Path, backbone, scheduler, smeta, teacher_src: str, teacher_meta) -> Path:
+    """The student folder with the teacher's text encoder / tokenizer (and VAE) and an ``LCMScheduler`` whose
+    boundary condition is off (``timestep_scaling`` 1e3: c_skip < 1e-9 at t >= 1), so its step with explicit
+    ``timesteps`` is the student chain. SD-family components give a stock ``StableDiffusionPipeline`` folder."""
+    import inspect
+
+    from diffusers import LCMScheduler
+
+    from ..text_models import (SD_PIPELINE, TEXT_PIPELINE, is_sd_family, load_text_components, save_text_folder,
+                               text_meta)
+
+    encoder, vae = load_text_components(teacher_src, teacher_meta)
+    smeta.extra = {**(smeta.extra or {}), "text": text_meta(teacher_meta)}
+    cls = SD_PIPELINE if is_sd_family(encoder.text_encoder, vae) else TEXT_PIPELINE
+    if "FlowMatch" in type(scheduler).__name__:  # flow teachers keep the stochastic flow scheduler (see above)
+        return save_text_folder(out, backbone, scheduler, smeta, TEXT_PIPELINE, encoder, vae=vae)
+    T = scheduler.config.num_train_timesteps
+    keep = set(inspect.signature(LCMScheduler.__init__).parameters)  # DDPM-only keys (variance_type) dropped
+    lcm = LCMScheduler.from_config({k: v for k, v in scheduler.config.items() if k in keep},
+                                   timestep_scaling=1000.0, original_inference_steps=T,
+                                   clip_sample=False, thresholding=False, steps_offset=1)
+    if cls == SD_PIPELINE:  # the stock pipeline pads prompts to tokenizer.model_max_length: make it ours
+        encoder.tokenizer.model_max_length = encoder.max_length
+    return save_text_folder(out, backbone, lcm, smeta, cls, encoder, vae=vae)
 
 
 def _cfg_dict(cfg) -> dict:

@@ -4,9 +4,9 @@ One-step Generators") as an Objective for :class:`~stepdistill.trainers.core.Tra
 The algorithm, with the losses of each stage and the player each loss updates::
 
     Input: frozen teacher mu_real over classes 0..C-1; K students (msd.num_students)
-    1. Partition the classes into K disjoint groups P_0..P_{K-1}: msd.groups, or a balanced contiguous
-       split (partition_classes). route(c) = k for c in P_k (text prompts, later: kmeans_partition of
-       their embeddings).
+    1. Partition the classes into K disjoint groups P_0..P_{K-1}: msd.groups, a balanced contiguous
+       split (partition_classes), or k-means of the classes' mean real images (msd.partition: kmeans,
+       class_groups_by_mean_image). route(c) = k for c in P_k.
     2. Students G_k (players student_k, EMA). Same size: copies of the teacher. Smaller
        (msd.student_channels / msd.student_layers_per_block): a fresh UNet2DModel with the teacher's
        sample size, channels and class embeddings (build_student_backbone), random init (seed + k).
@@ -57,7 +57,7 @@ early (a prefix of the same schedule, warned: unequal budgets; resuming with the
 it exactly), a larger one is refused; ``steps_per_student: 0`` derives it from ``train.max_steps``
 (which must then be a multiple of P).
 EMA (``train.ema_decay``) runs on every student every global step, so under round_robin a student's
-EMA decays by ``ema_decay^K`` per own update. ``dmd.warmup_steps`` counts global steps.
+EMA decays by ``ema_decay^K`` per own update. ``dmd.optim.warmup_steps`` counts global steps.
 
 Logs carry the student / critic index as a suffix (``dm_loss_2``, ``tsm_loss_0``, ``critic_loss_1``).
 """
@@ -78,7 +78,8 @@ import torch.nn.functional as F
 from ..config import ConfigError, DistillConfig, DMDConfig, MSDConfig, TeacherModelConfig
 from ..denoiser import Denoiser
 from ..models import build_teacher_unet, count_params
-from ..partitions import even_split, kmeans_partition, partition_classes, routing_table  # noqa: F401 (re-exported)
+from ..partitions import (class_groups_by_mean_image, even_split, kmeans_partition,  # noqa: F401 (re-exported)
+                          partition_classes, routing_table)
 from ..pipelines.multi_student import (PIPELINE_CLASS, multi_student_sample, student_rows,
                                        student_subfolder)
 from .core import Ctx
@@ -272,9 +273,11 @@ def build_multi_student(cfg: DistillConfig, teacher: Denoiser, num_classes: int,
 
     m = cfg.msd
     if num_classes == 0:
-        raise ConfigError("method: msd partitions the classes and needs a class-conditional teacher "
-                          "(text prompts: kmeans_partition, not wired yet)")
-    groups = partition_classes(num_classes, m.num_students, m.groups or None)
+        raise ConfigError("method: msd partitions the classes and needs a class-conditional teacher")
+    if m.partition == "kmeans" and not m.groups:
+        groups = class_groups_by_mean_image(data.images, data.labels, num_classes, m.num_students, cfg.train.seed)
+    else:
+        groups = partition_classes(num_classes, m.num_students, m.groups or None)
     full = m.round_steps * (m.tsm_steps + m.steps_per_student)
     if m.steps_per_student and cfg.train.max_steps < full:
         warnings.warn(f"train.max_steps={cfg.train.max_steps} stops before the end of the msd schedule "

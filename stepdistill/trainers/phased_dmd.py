@@ -27,7 +27,7 @@ experts 0..k-1 (no grad) from pure noise. The core sets ``requires_grad`` per up
 earlier experts get no gradient and AdamW leaves them unchanged. Each phase has its own fake
 score ``critic_k`` (initialised from the teacher): subintervals are disjoint and each phase has
 its own fake distribution, and separate players keep resume exact (no optimizer resets); the cost
-is K critic copies in memory (K experts + K critics + teacher). Warm-up (``dmd.warmup_steps``)
+is K critic copies in memory (K experts + K critics + teacher). Warm-up (``dmd.optim.warmup_steps``)
 counts global steps, so it acts on phase 0 only. EMA (``train.ema_decay``) runs on every expert
 every step; a finished expert's weights are constant, so its EMA converges to the frozen weights
 that produced the later phases' inputs (decay^steps: 0.95^120 ~ 2e-3 in the shipped config), and
@@ -189,11 +189,9 @@ class PhasedDMDObjective:
         self.steps_per_phase = [int(n) for n in steps_per_phase]
         self.shape = tuple(sample_shape)
         self.conds = ClassLabels(num_classes)
-        betas = (cfg.beta1, cfg.beta2)
         self.players: dict[str, Player] = {}
         for k, e in enumerate(experts):
-            self.players[f"expert_{k}"] = Player(e.backbone, cfg.student_lr, betas, cfg.weight_decay, cfg.grad_clip,
-                                                 cfg.warmup_steps, ema=True)
+            self.players[f"expert_{k}"] = Player.from_optim(e.backbone, cfg.optim, ema=True)
         self.head = None
         for k, c in enumerate(critics):
             mod = nn.ModuleDict({"fake": c.backbone})
@@ -202,8 +200,7 @@ class PhasedDMDObjective:
                     torch.manual_seed(seed)
                     self.head = GANHead(c.feature_channels, self._feature_spatial(c))
                 mod["head"] = self.head
-            self.players[f"critic_{k}"] = Player(mod, cfg.critic_lr, betas, cfg.weight_decay, cfg.grad_clip,
-                                                 cfg.warmup_steps)
+            self.players[f"critic_{k}"] = Player.from_optim(mod, cfg.critic_optim)
 
     def to(self, device):
         self.teacher.to(device)

@@ -84,7 +84,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..conditioning import ClassLabels, class_index
-from ..config import DistillConfig, PSOConfig
+from ..config import DistillConfig, PSOConfig, normalise
 from ..data import ArrayDataset, DataError, IMAGE_EXTS, _to_tensor_images, load_dataset
 from ..denoiser import Denoiser
 from ..models import ModelMeta, load_denoiser
@@ -93,7 +93,6 @@ from ..pipelines.sampling import grid_sample, student_sample
 from ..tensor_cache import cached_tensors
 from .core import Ctx, Player, update_seed
 
-PSO_METHODS = ("pso", "pso_naive")
 REF_CHUNK = 64              # reference sampling batch (fixed: the draws do not depend on it changing)
 REF_SEED_OFFSET = 7_770_001  # reference draws use their own generators, apart from the training batches
 ONLINE_REF_FILE = "pso_reference.safetensors"
@@ -379,8 +378,7 @@ class _TuneObjective:
         self.conds = ClassLabels(target.num_classes if conditional and classes else 0, classes or None)
         self.data_std = float(target.images[:2048].float().std())
         model.backbone.train()
-        self.players = {"generator": Player(model.backbone, cfg.lr, (0.9, 0.999), cfg.weight_decay, cfg.grad_clip,
-                                            cfg.warmup_steps, ema=True)}
+        self.players = {"generator": Player.from_optim(model.backbone, cfg.optim, ema=True)}
 
     def updates(self, step: int) -> list[str]:
         return ["generator"]
@@ -562,20 +560,14 @@ class NaiveFinetuneObjective(_TuneObjective):
 
 
 # -- building from a config ------------------------------------------------------------------
-def normalise_method(cfg: DistillConfig) -> bool:
-    """``pso.naive: true`` means ``method: pso_naive`` (and vice versa); returns naive."""
-    if cfg.method in PSO_METHODS and (cfg.pso.naive or cfg.method == "pso_naive"):
-        cfg.method, cfg.pso.naive = "pso_naive", True
-    return cfg.method == "pso_naive"
-
-
 def build_pso(cfg: DistillConfig, model: Denoiser | None = None, meta: ModelMeta | None = None, data=None):
     """(objective, target data, meta) for ``method: pso | pso_naive`` (called by :func:`build`).
 
     ``model``/``meta``: bring a loaded few-step :class:`Denoiser` instead of ``pso.model``; ``data``: a
     target ArrayDataset instead of ``pso.target`` / ``data.name``. The returned ``meta`` carries the
     model's ``student_timesteps`` (exported unchanged)."""
-    naive = normalise_method(cfg)
+    normalise(cfg)  # a config built in Python: pso.naive: true means method: pso_naive (as load_config does)
+    naive = cfg.method == "pso_naive"
     p = cfg.pso
     if model is None:
         model, meta = load_denoiser(p.model, allow_pickle=p.allow_pickle)
@@ -636,9 +628,10 @@ def build(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMeta |
 
 def _methods():
     from ..methods import Method
-    from .dmd import export_generator, generator_ema
+    from .dmd import generator_ema
+    from .export import export_tuned
 
-    kw = dict(build=build, ema_modules=generator_ema, export=export_generator)
+    kw = dict(build=build, ema_modules=generator_ema, export=export_tuned)
     return (Method("pso", description="PSO (Miao et al. 2024): tune a distilled model with pairwise preferences", **kw),
             Method("pso_naive", description="naive tuning baseline: a denoising loss on the targets", **kw))
 

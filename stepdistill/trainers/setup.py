@@ -1,5 +1,6 @@
 """What every teacher-distilling method starts from (DMD, DMD2, rCM, Phased DMD, MSD): the teacher (loaded, or
-a Python ``Denoiser``), its metadata, the data, the condition sampler, and with ``dmd.lora_rank > 0`` the
+a Python ``Denoiser``), its metadata, the data, the condition sampler (a text teacher's prompt bank:
+:func:`text_distill_setup`), and with ``dmd.lora_rank > 0`` the
 teacher as the adapters-disabled view of a shared LoRA base. :func:`student_and_critic` copies it into the
 two trainable players of the DMD family."""
 from __future__ import annotations
@@ -46,9 +47,7 @@ def prepare(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMeta
         if text_bank is None and teacher_given:
             raise ValueError("a text-conditional teacher passed in Python needs text_bank=TextEmbeddingBank(...) "
                              "(stepdistill.conditioning): the prompt embeddings to distill on")
-        if text_bank is None:  # from the config: the teacher's caption set + bank-aligned real data (text_distill.py)
-            from .text_distill import text_distill_setup
-
+        if text_bank is None:  # from the config: the teacher's caption set + bank-aligned real data
             text_bank, data = text_distill_setup(cfg, meta, data if data_given else None)
         elif data is None:
             data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
@@ -67,13 +66,64 @@ def prepare(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMeta
     return Setup(teacher, meta, data, conds, num_classes, shared, T)
 
 
+def text_distill_setup(cfg, meta, data=None):
+    """(TextEmbeddingBank, real data) for ``build_dmd`` from ``cfg.dmd.teacher`` and ``cfg.text``: distilling a
+    text teacher from a config alone.
+
+    DMD2 trains the student on the prompt distribution it will serve (Yin et al. 2024): by default the
+    teacher's own caption set (``stepdistill.json`` ``extra.text``: class names x templates), encoded once with
+    the teacher's text encoder into a :class:`~stepdistill.conditioning.TextEmbeddingBank` whose "" embedding
+    is the CFG null input. The GAN real branch needs (image, prompt) pairs: every real image gets one caption
+    of its class (:func:`stepdistill.text.bank_aligned`). Latent teachers (a ``vae/``) see VAE latents of the
+    real images (``vae.encode(x).latent_dist.mean * scaling_factor``). ``text.prompts: <file>`` distills on a
+    prompt file instead (no pairs: ``dmd.gan=false``).
+    """
+    import torch
+
+    from ..data import ArrayDataset
+    from ..text import CAPTION_TEMPLATES, bank_aligned, caption_bank, prompt_bank, read_prompts
+    from ..text_models import encode_latents, load_text_components, text_meta
+
+    encoder, vae = load_text_components(cfg.dmd.teacher, meta, cfg.text.max_length or None)
+    t = text_meta(meta)
+    meta.extra = {**(meta.extra or {}), "text": {**t, "max_length": encoder.max_length}}  # export copies the encoder
+    if cfg.text.prompts:
+        if cfg.dmd.gan:
+            raise ConfigError("text.prompts: a prompt file gives no (image, prompt) pairs for the GAN real branch; "
+                              "set dmd.gan=false (or text.prompts='' for the teacher's caption set)")
+        bank = prompt_bank(encoder, read_prompts(cfg.text.prompts))
+        if data is None:
+            data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
+            data = ArrayDataset(data.images, torch.zeros_like(data.labels), list(data.class_names))
+    else:
+        names = t.get("class_names")
+        if not names:
+            raise ConfigError("text.prompts: the teacher has no caption set (stepdistill.json extra.text.class_names); "
+                              "give a prompt file")
+        templates = list(cfg.text.templates or t.get("templates") or CAPTION_TEMPLATES)
+        bank = caption_bank(encoder, names, templates)
+        if data is None:
+            raw = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
+            if list(raw.class_names) != list(names):
+                raise ConfigError(f"data.name: {cfg.data.name} has classes {raw.class_names}, the teacher's captions "
+                                  f"name {names}")
+            data = bank_aligned(raw, len(templates), seed=cfg.train.seed)
+    if vae is not None and data.images.shape[1] != vae.config.latent_channels:
+        data = ArrayDataset(encode_latents(vae, data.images), data.labels, list(data.class_names))
+    return bank, data
+
+
 def check_student_timesteps(cfg: DistillConfig, s: Setup) -> None:
     if any(not 0 <= t < s.T for t in cfg.dmd.student_timesteps):
         raise ValueError(f"dmd.student_timesteps {cfg.dmd.student_timesteps} must lie in [0, {s.T})")
 
 
-def student_and_critic(s: Setup) -> tuple[Denoiser, Denoiser]:
-    """Two trainable copies of the teacher (LoRA: two adapter roles on the shared base), in train mode."""
+def student_and_critic(s: Setup, student_init: str = "", allow_pickle: bool = False) -> tuple[Denoiser, Denoiser]:
+    """Two trainable copies of the teacher (LoRA: two adapter roles on the shared base), in train mode.
+
+    ``student_init`` (``dmd.student_init``): a trained student of the same architecture (an exported folder
+    or ``builtin:``) whose weights replace the student's copy of the teacher, to continue distilling an
+    exported student with a new recipe. The critic still starts from the teacher (DMD2 Sec. 4.1)."""
     teacher = s.teacher
     if s.shared is not None:
         from ..lora import lora_roles
@@ -84,6 +134,21 @@ def student_and_critic(s: Setup) -> tuple[Denoiser, Denoiser]:
                            teacher.null_class, teacher.null_cond)
         critic = Denoiser(copy.deepcopy(teacher.backbone), teacher.schedule, teacher.prediction_type,
                           teacher.null_class, teacher.null_cond)
+    if student_init:
+        _load_student_weights(student, student_init, allow_pickle, lora=s.shared is not None)
     student.backbone.train()
     critic.backbone.train()
     return student, critic
+
+
+def _load_student_weights(student: Denoiser, source: str, allow_pickle: bool, lora: bool) -> None:
+    if lora:
+        raise ConfigError("dmd.student_init: not supported with dmd.lora_rank > 0 (the student is an adapter on "
+                          "the teacher); export a merged student or train full networks")
+    init, _ = load_denoiser(source, allow_pickle=allow_pickle)
+    want, got = student.backbone.state_dict(), init.backbone.state_dict()
+    bad = sorted(set(want) ^ set(got)) or [k for k in want if want[k].shape != got[k].shape]
+    if bad:
+        raise ConfigError(f"dmd.student_init {source}: its network does not match the teacher's architecture "
+                          f"(first differing weight: {bad[0]})")
+    student.backbone.load_state_dict(got)

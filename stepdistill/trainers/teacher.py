@@ -1,4 +1,11 @@
-"""``stepdistill teacher``: train a class-conditional diffusers UNet2DModel and save it as a folder."""
+"""``stepdistill teacher``: train a teacher and save it as a diffusers folder.
+
+* ``model.conditioning: class``: a class-conditional ``UNet2DModel`` (null class = num_classes, for CFG);
+* ``model.conditioning: text``: a pixel-space ``UNet2DConditionModel`` on a captioned labelled dataset (every
+  class name under several caption templates, :mod:`stepdistill.text`), with caption dropout to "" for
+  classifier-free guidance (Ho & Salimans 2022, Sec. 3.2).
+
+Both train the one denoising objective (:mod:`stepdistill.trainers.diffusion`) in the one trainer core."""
 from __future__ import annotations
 
 import json
@@ -17,29 +24,46 @@ TEACHER_PIPELINE = "StepDistillTeacherPipeline"
 
 
 def train_teacher(cfg: TeacherConfig, resume: bool | str = False, accelerator=None, overwrite: bool = False) -> Path:
-    if cfg.model.conditioning == "text":  # UNet2DConditionModel on captions (trainers/text_teacher.py)
-        from .text_teacher import train_text_teacher
-
-        return train_text_teacher(cfg, resume=resume, accelerator=accelerator, overwrite=overwrite)
     data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
-    unet = build_teacher_unet(cfg.model, data.num_classes, data.channels, data.resolution)
     scheduler = build_scheduler(cfg.model)
     schedule = VPSchedule(scheduler.alphas_cumprod.clone(), dict(scheduler.config))
-    den = Denoiser(unet, schedule, cfg.model.prediction_type, null_class=data.num_classes)
-    o = cfg.optim
-    obj = DiffusionObjective(den, dict(scheduler.config), data.num_classes, o.lr, (o.beta1, o.beta2), o.weight_decay,
-                             o.grad_clip, o.warmup_steps, cfg.cfg_dropout, cfg.sample_steps, cfg.guidance_scale)
+    text = cfg.model.conditioning == "text"
+    if text:
+        from ..text import CAPTION_TEMPLATES, CaptionConditioner, PromptEncoder, caption_bank
+        from ..text_models import build_text_unet
+
+        templates = list(cfg.text.templates or CAPTION_TEMPLATES)
+        encoder = PromptEncoder.load(cfg.text.encoder, cfg.text.max_length or 16)
+        bank = caption_bank(encoder, list(data.class_names), templates)       # (C*T, L, D), null = ""
+        unet = build_text_unet(cfg.model, encoder.dim, data.channels, data.resolution)
+        den = Denoiser(unet, schedule, cfg.model.prediction_type, null_cond=bank.null_cond)
+        obj = DiffusionObjective(den, dict(scheduler.config), 0, cfg.optim, cfg.cfg_dropout, cfg.sample_steps,
+                                 cfg.guidance_scale, conds=CaptionConditioner(bank, len(templates)))
+    else:
+        unet = build_teacher_unet(cfg.model, data.num_classes, data.channels, data.resolution)
+        den = Denoiser(unet, schedule, cfg.model.prediction_type, null_class=data.num_classes)
+        obj = DiffusionObjective(den, dict(scheduler.config), data.num_classes, cfg.optim, cfg.cfg_dropout,
+                                 cfg.sample_steps, cfg.guidance_scale)
     trainer = Trainer(obj, cfg, accelerator=accelerator, data=data)
     trainer.command = "teacher"
     result = trainer.train(resume=resume, overwrite=overwrite)
     raise_if_interrupted(trainer, result)
     out = Path(cfg.output_dir) / "model"
     if trainer.acc.is_main_process:
-        meta = ModelMeta(prediction_type=cfg.model.prediction_type, conditioning="class",
-                         class_names=list(data.class_names), null_class=data.num_classes,
-                         extra={"dataset": cfg.data.name, "steps": trainer.step})
+        extra = {"dataset": cfg.data.name, "steps": trainer.step}
         with atomic_folder(out, overwrite=True) as tmp:  # the run's own folder: replaced as a whole
-            save_model_folder(tmp, trainer.ema["model"], scheduler, meta, TEACHER_PIPELINE)
+            if text:
+                from ..text_models import TEXT_TEACHER_PIPELINE, save_text_folder
+
+                extra["text"] = {"class_names": list(data.class_names), "templates": templates,
+                                 "source_encoder": cfg.text.encoder}
+                meta = ModelMeta(prediction_type=cfg.model.prediction_type, conditioning="text", class_names=[],
+                                 extra=extra)
+                save_text_folder(tmp, trainer.ema["model"], scheduler, meta, TEXT_TEACHER_PIPELINE, encoder)
+            else:
+                meta = ModelMeta(prediction_type=cfg.model.prediction_type, conditioning="class",
+                                 class_names=list(data.class_names), null_class=data.num_classes, extra=extra)
+                save_model_folder(tmp, trainer.ema["model"], scheduler, meta, TEACHER_PIPELINE)
             (tmp / "training_result.json").write_text(json.dumps(result, indent=2, default=str))
-        print(f"teacher saved to {out}")
+        print(f"{'text teacher' if text else 'teacher'} saved to {out}")
     return out
