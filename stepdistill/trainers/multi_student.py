@@ -76,7 +76,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, DistillConfig, DMDConfig, MSDConfig, TeacherModelConfig
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, backbone_kind
 from ..models import build_teacher_unet, count_params
 from ..partitions import (class_groups_by_mean_image, even_split, kmeans_partition,  # noqa: F401 (re-exported)
                           partition_classes, routing_table)
@@ -96,7 +96,7 @@ def build_student_backbone(teacher_backbone, msd: MSDConfig, seed: int):
     ``msd.student_layers_per_block`` (0 = the teacher's); built with
     :func:`~stepdistill.models.build_teacher_unet`, weights from ``torch.manual_seed(seed)``."""
     c = getattr(teacher_backbone, "config", None)
-    if type(teacher_backbone).__name__ != "UNet2DModel" or not getattr(c, "num_class_embeds", None):
+    if backbone_kind(teacher_backbone) != "unet2d" or not getattr(c, "num_class_embeds", None):
         raise ConfigError(f"msd.student_channels: smaller students are class-conditional UNet2DModels and need "
                           f"one as teacher, got {type(teacher_backbone).__name__}")
     levels = [t.startswith("Attn") for t in c.down_block_types]
