@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
     from stepdistill.eval.fid import feature_statistics, features, frechet_distance
     from stepdistill.models import load_denoiser
     from stepdistill.pipelines.sampling import student_sample
-    from stepdistill.trainers.pso import apply_transform
+    from stepdistill.trainers.pso_data import apply_transform
     from stepdistill.utils import class_balanced_labels, save_grid
 
     test = load_dataset("animal_mnist", 32, "test", 1)

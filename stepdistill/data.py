@@ -151,8 +151,6 @@ def image_folder(root: str | Path, resolution: int = 32, channels: int = 1) -> A
     Raises :class:`DataError` for a missing or empty folder, an unreadable image or an image
     whose channel count cannot be converted to ``channels`` (1 or 3).
     """
-    from PIL import Image, UnidentifiedImageError
-
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist or is not a folder")
@@ -165,24 +163,30 @@ def image_folder(root: str | Path, resolution: int = 32, channels: int = 1) -> A
         groups = [("images", sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_EXTS))]
     if not any(fs for _, fs in groups):
         raise DataError(f"image folder {root} contains no images ({', '.join(sorted(IMAGE_EXTS))})")
-    mode = "L" if channels == 1 else "RGB"
-    images, labels = [], []
-    for label, (_, files) in enumerate(groups):
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    im.load()
-                    if im.mode not in ("L", "RGB", "RGBA", "P", "1", "LA", "I", "I;16"):
-                        raise DataError(f"{f}: unsupported image mode {im.mode}")
-                    if channels == 1 and im.mode in ("RGB", "RGBA") and not _is_gray(im):
-                        raise DataError(f"{f}: colour image but channels=1 was requested")
-                    arr = np.asarray(im.convert(mode).resize((resolution, resolution), Image.BICUBIC))
-            except (UnidentifiedImageError, OSError) as e:
-                raise DataError(f"{f}: unreadable image ({e})") from e
-            images.append(arr)
-            labels.append(label)
-    x = _to_tensor_images(np.stack(images), resolution, pad=False)
+    x = read_images([f for _, files in groups for f in files], resolution, channels)
+    labels = [label for label, (_, files) in enumerate(groups) for _ in files]
     return ArrayDataset(x, torch.tensor(labels, dtype=torch.long), [n for n, _ in groups])
+
+
+def read_images(paths: list[Path], resolution: int, channels: int) -> torch.Tensor:
+    """Image files -> (N, channels, resolution, resolution) in [-1, 1] (bicubic resize). :class:`DataError`
+    for an unreadable image, an unsupported mode, or a colour image when ``channels=1``."""
+    from PIL import Image, UnidentifiedImageError
+
+    mode = "L" if channels == 1 else "RGB"
+    images = []
+    for f in paths:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                if im.mode not in ("L", "RGB", "RGBA", "P", "1", "LA", "I", "I;16"):
+                    raise DataError(f"{f}: unsupported image mode {im.mode}")
+                if channels == 1 and im.mode in ("RGB", "RGBA") and not _is_gray(im):
+                    raise DataError(f"{f}: colour image but channels=1 was requested")
+                images.append(np.asarray(im.convert(mode).resize((resolution, resolution), Image.BICUBIC)))
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{f}: unreadable image ({e})") from e
+    return _to_tensor_images(np.stack(images), resolution, pad=False)
 
 
 def _is_gray(im) -> bool:

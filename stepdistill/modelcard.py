@@ -319,3 +319,150 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# -- cards of multi-network students (Phased DMD experts, MSD students) ----------------------------------------
+def splice_sections(text: str, start: str, end: str | None, section: str, keep: str | None = None) -> str:
+    """``text`` with the sections from heading ``start`` up to heading ``end`` (None: the next heading) replaced
+    by ``section``; a ``keep`` heading inside the replaced span survives after it. Appended when ``start`` is
+    missing."""
+    i = text.find(start)
+    j = (text.find(end) if end else text.find("\n## ", i + 1) + 1) if i >= 0 else -1
+    if i < 0:
+        return text.rstrip("\n") + "\n\n" + section.rstrip() + "\n"
+    if j <= i:  # the replaced span runs to the end
+        j = len(text)
+    kept = ""
+    if keep:
+        k = text.find(keep, i, j)
+        if k >= 0:
+            nxt = text.find("\n## ", k + 1)
+            kept = text[k:(nxt + 1 if 0 <= nxt < j else j)].rstrip() + "\n\n"
+    return text[:i] + section.rstrip() + "\n\n" + kept + text[j:]
+
+
+def phased_card(out: Path, ts: list[float], meta) -> None:
+    """Replace the card's StepDistill-specific sampling/usage sections (fresh-noise chain) with the
+    phased chain (experts by timestep, DDIM transport)."""
+    p = out / "README.md"
+    if not p.exists():
+        return
+    text = p.read_text()
+    names = ["unet" if k == 0 else f"expert_{k}" for k in range(len(ts))]  # pipelines/phased.expert_subfolder
+    _, net_cls, call = _network(out)
+    tlist = ", ".join(f"{t:g}" for t in ts)
+    label = (f"class_labels=[{meta.class_names[0]!r}] * 4, " if meta.class_names else "batch_size=4, ")
+    section = f"""## Sampling steps
+
+{len(ts)} steps at timesteps `[{tlist}]`, one expert network per phase ({', '.join(f'`{n}/`' for n in names)},
+in order). Step k runs the expert that owns timestep t_k, predicts a clean image x0_k and moves to the next
+timestep with a deterministic DDIM step on the expert's own predicted noise
+(`x = alpha(t_k+1) x0_k + sigma(t_k+1) eps_k`); the chain uses no randomness after the starting noise.
+
+## Usage
+
+```python
+from stepdistill.pipelines.phased import PhasedDMDPipeline
+
+pipe = PhasedDMDPipeline.from_pretrained("{out.name}")
+images = pipe({label}num_inference_steps={len(ts)}, seed=0).images  # PIL images
+print(pipe.last_experts)  # the expert that ran each step
+```
+
+With stock diffusers only (DDPM-family schedule; `x0, eps` from the prediction type as usual):
+
+```python
+import torch
+from diffusers import DDPMScheduler, {net_cls}
+
+folder = "{out.name}"
+experts = [{net_cls}.from_pretrained(folder, subfolder=s).eval() for s in {names!r}]
+ac = DDPMScheduler.from_pretrained(folder, subfolder="scheduler").alphas_cumprod.double()
+prediction_type = {meta.prediction_type!r}
+timesteps = {[int(t) if float(t).is_integer() else t for t in ts]!r}
+x = torch.randn(4, experts[0].config.in_channels, experts[0].config.sample_size, experts[0].config.sample_size,
+                generator=torch.Generator().manual_seed(0))
+labels = {"torch.tensor([0] * 4)" if meta.class_names else "None"}
+with torch.no_grad():
+    for k, step in enumerate(timesteps):
+        net, t = experts[k], torch.tensor([float(step)])
+        a, s = ac[int(step)].sqrt().float(), (1 - ac[int(step)]).sqrt().float()
+        pred = {call}
+        if prediction_type == "epsilon":
+            x0, eps = (x - s * pred) / a, pred
+        elif prediction_type == "v_prediction":
+            x0, eps = a * x - s * pred, s * x + a * pred
+        else:  # "sample"
+            x0, eps = pred, (x - a * pred) / s
+        if k + 1 < len(timesteps):
+            t1 = int(timesteps[k + 1])
+            x = ac[t1].sqrt().float() * x0 + (1 - ac[t1]).sqrt().float() * eps
+images = x0.clamp(-1, 1)
+```
+"""
+    p.write_text(splice_sections(text, "## Sampling steps", "## Training configuration", section, keep="## Classes"))
+
+
+def msd_card(out: Path, students_meta: list[dict], meta, timesteps: list[float]) -> None:
+    """Add a students table and replace the card's single-student usage with routed usage."""
+    p = out / "README.md"
+    if not p.exists():
+        return
+    text = p.read_text()
+    names = list(meta.class_names)
+    rows = "\n".join(f"| `{s['name']}` | `{s['subfolder']}/` | "
+                     f"{', '.join(f'`{names[c]}`' if names else str(c) for c in s['classes'])} | {s['params']:,} |"
+                     for s in students_meta)
+    first = names[students_meta[-1]["classes"][0]] if names else students_meta[-1]["classes"][0]
+    ts = [int(t) if float(t).is_integer() else t for t in timesteps]
+    _, net_cls, call = _network(out)
+    section = f"""## Students
+
+{len(students_meta)} students, each distilled on its own classes only (multi-student distillation); a request
+is served by the student that owns its class.
+
+| student | folder | classes | parameters |
+|---|---|---|---|
+{rows}
+
+## Usage
+
+```python
+from stepdistill.pipelines.multi_student import MultiStudentPipeline
+
+pipe = MultiStudentPipeline.from_pretrained("{out.name}")
+images = pipe(class_labels=[{first!r}, 0], seed=0).images  # PIL images, in request order
+print(pipe.last_students)  # the student that made each image
+```
+
+With stock diffusers only: look the class up in `model_index.json`'s `student_classes`, then run that
+student as a plain {len(ts)}-step student:
+
+```python
+import json
+import torch
+from diffusers import DDPMScheduler, {net_cls}
+
+folder = "{out.name}"
+groups = json.load(open(f"{{folder}}/model_index.json"))["student_classes"]
+label = 0
+k = next(i for i, g in enumerate(groups) if label in g)
+net = {net_cls}.from_pretrained(folder, subfolder="unet" if k == 0 else f"student_{{k}}").eval()
+ac = DDPMScheduler.from_pretrained(folder, subfolder="scheduler").alphas_cumprod.double()
+prediction_type = {meta.prediction_type!r}
+timesteps = {ts!r}
+g = torch.Generator().manual_seed(0)
+x = torch.randn(1, net.config.in_channels, net.config.sample_size, net.config.sample_size, generator=g)
+labels = torch.tensor([label])
+with torch.no_grad():
+    for i, step in enumerate(timesteps):
+        t = torch.tensor([float(step)])
+        a, s = ac[int(step)].sqrt().float(), (1 - ac[int(step)]).sqrt().float()
+        pred = {call}
+        x0 = {{"epsilon": (x - s * pred) / a, "v_prediction": a * x - s * pred}}.get(prediction_type, pred)
+        if i + 1 < len(timesteps):  # re-noise to the next timestep with fresh noise
+            t1 = int(timesteps[i + 1])
+            x = ac[t1].sqrt().float() * x0 + (1 - ac[t1]).sqrt().float() * torch.randn(x.shape, generator=g)
+image = x0.clamp(-1, 1)
+```"""
+    p.write_text(splice_sections(text, "## Usage", None, section))

@@ -305,7 +305,7 @@ def test_one_class_label_parser_for_every_entry_point():
     """conditioning.class_index: names, indices and index strings; the pipelines, the CLI, the demo and PSO
     all call it (each wraps its ValueError), so they accept and refuse the same labels."""
     from stepdistill.conditioning import class_index
-    from stepdistill.trainers.pso import resolve_classes
+    from stepdistill.trainers.pso_data import resolve_classes
 
     names = ["cat", "dog", "owl"]
     assert [class_index(c, names) for c in ("dog", 2, "0", " owl ")] == [1, 2, 0, 2]

@@ -279,6 +279,21 @@ def test_export_reload_routes_and_matches_each_student(msd_student):
 
     pipe = MultiStudentPipeline.from_pretrained(folder)
     assert pipe.num_students == 3
+    # the card's stock-diffusers snippet routes class 0 to its student and gives the pipeline's image
+    import os
+
+    from test_modelcard import _code_blocks
+
+    snippet = next(b for b in _code_blocks((folder / "README.md").read_text(), "python") if "student_classes" in b)
+    cwd, ns = os.getcwd(), {}
+    os.chdir(folder.parent)
+    try:
+        exec(compile(snippet, "README.md", "exec"), ns)  # noqa: S102 - our own generated code
+    finally:
+        os.chdir(cwd)
+    assert ns["k"] == 0
+    torch.testing.assert_close(ns["image"], pipe(class_labels=[0], seed=0, output_type="pt").images,
+                               atol=1e-5, rtol=1e-5)
     assert [pipe.route(c) for c in range(10)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
     assert pipe.route("7") == 2                                       # class names route too (digits: "0".."9")
     with pytest.raises(ValueError, match="out of range"):

@@ -273,6 +273,23 @@ def test_distill_exports_phased_folder_that_matches_training_sampler(tiny_teache
             x = ac[500].sqrt() * x0 + (1 - ac[500]).sqrt() * eps
     torch.testing.assert_close(out, x0.clamp(-1, 1), atol=1e-5, rtol=1e-5)
 
+    # the model card's stock-diffusers snippet (written by stepdistill/modelcard.py) runs and gives the pipeline's
+    # images on the same starting noise
+    import os
+
+    from test_modelcard import _code_blocks
+
+    snippet = next(b for b in _code_blocks((folder / "README.md").read_text(), "python") if "DDPMScheduler" in b)
+    assert "UNet2DModel.from_pretrained" in snippet
+    cwd, ns = os.getcwd(), {}
+    os.chdir(folder.parent)  # the snippet loads the folder by its name
+    try:
+        exec(compile(snippet, "README.md", "exec"), ns)  # noqa: S102 - our own generated code
+    finally:
+        os.chdir(cwd)
+    ref = pipe(class_labels=[0] * 4, seed=0, output_type="pt").images
+    torch.testing.assert_close(ns["images"], ref, atol=1e-5, rtol=1e-5)
+
 
 def test_resume_across_the_phase_switch_is_exact(tiny_teacher, tmp_path):
     """2 steps (phase 0, then phase 1's first) + resume for the last step == 3 steps in one go."""

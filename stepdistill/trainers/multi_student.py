@@ -77,6 +77,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, DistillConfig, DMDConfig, MSDConfig, TeacherModelConfig
 from ..denoiser import Denoiser, backbone_kind
+from ..modelcard import msd_card
 from ..models import build_teacher_unet, count_params
 from ..partitions import (class_groups_by_mean_image, even_split, kmeans_partition,  # noqa: F401 (re-exported)
                           partition_classes, routing_table)
@@ -333,76 +334,8 @@ def export_multi_student(students: list[nn.Module], cfg: DistillConfig, meta, ou
         "partition": {"by": "class", "groups": [list(g) for g in groups],
                       "source": "msd.groups" if cfg.msd.groups else "balanced contiguous split"}})
     (out / "stepdistill.json").write_text(json.dumps(smeta, indent=2))
-    _msd_model_card(out, students_meta, meta, smeta["student_timesteps"])
+    msd_card(out, students_meta, meta, smeta["student_timesteps"])
     return out
-
-
-def _msd_model_card(out: Path, students_meta: list[dict], meta, timesteps: list[float]) -> None:
-    """Add a students table and replace the card's single-student usage with routed usage."""
-    p = out / "README.md"
-    if not p.exists():
-        return
-    text = p.read_text()
-    names = list(meta.class_names)
-    rows = "\n".join(f"| `{s['name']}` | `{s['subfolder']}/` | "
-                     f"{', '.join(f'`{names[c]}`' if names else str(c) for c in s['classes'])} | {s['params']:,} |"
-                     for s in students_meta)
-    first = names[students_meta[-1]["classes"][0]] if names else students_meta[-1]["classes"][0]
-    ts = [int(t) if float(t).is_integer() else t for t in timesteps]
-    section = f"""## Students
-
-{len(students_meta)} students, each distilled on its own classes only (multi-student distillation); a request
-is served by the student that owns its class.
-
-| student | folder | classes | parameters |
-|---|---|---|---|
-{rows}
-
-## Usage
-
-```python
-from stepdistill.pipelines.multi_student import MultiStudentPipeline
-
-pipe = MultiStudentPipeline.from_pretrained("{out.name}")
-images = pipe(class_labels=[{first!r}, 0], seed=0).images  # PIL images, in request order
-print(pipe.last_students)  # the student that made each image
-```
-
-With stock diffusers only: look the class up in `model_index.json`'s `student_classes`, then run that
-student as a plain {len(ts)}-step student:
-
-```python
-import json
-import torch
-from diffusers import DDPMScheduler, UNet2DModel
-
-folder = "{out.name}"
-groups = json.load(open(f"{{folder}}/model_index.json"))["student_classes"]
-label = 0
-k = next(i for i, g in enumerate(groups) if label in g)
-unet = UNet2DModel.from_pretrained(folder, subfolder="unet" if k == 0 else f"student_{{k}}").eval()
-ac = DDPMScheduler.from_pretrained(folder, subfolder="scheduler").alphas_cumprod.double()
-prediction_type = {meta.prediction_type!r}
-timesteps = {ts!r}
-g = torch.Generator().manual_seed(0)
-x = torch.randn(1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, generator=g)
-with torch.no_grad():
-    for i, t in enumerate(timesteps):
-        a, s = ac[int(t)].sqrt().float(), (1 - ac[int(t)]).sqrt().float()
-        pred = unet(x, torch.full((1,), float(t)), class_labels=torch.tensor([label])).sample
-        x0 = {{"epsilon": (x - s * pred) / a, "v_prediction": a * x - s * pred}}.get(prediction_type, pred)
-        if i + 1 < len(timesteps):  # re-noise to the next timestep with fresh noise
-            t1 = int(timesteps[i + 1])
-            x = ac[t1].sqrt().float() * x0 + (1 - ac[t1]).sqrt().float() * torch.randn(x.shape, generator=g)
-image = x0.clamp(-1, 1)
-```"""
-    i = text.find("## Usage")
-    if i >= 0:
-        j = text.find("\n## ", i + 1)
-        text = text[:i] + section + ("\n\n" + text[j + 1:] if j >= 0 else "\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    p.write_text(text)
 
 
 def load_trained_students(cfg: DistillConfig, checkpoint: str | Path | None = None):

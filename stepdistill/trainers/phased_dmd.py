@@ -93,6 +93,7 @@ import torch.nn.functional as F
 
 from ..config import DistillConfig, DMDConfig, PhasedConfig
 from ..denoiser import Denoiser
+from ..modelcard import phased_card
 from ..partitions import even_split  # noqa: F401 (re-exported)
 from ..pipelines.phased import MAX_EXPERTS, expert_step, expert_subfolder, phased_sample, route
 from ..schedules import NoiseSchedule, _bcast
@@ -395,75 +396,8 @@ def export_phased(experts: list[nn.Module], cfg: DistillConfig, meta, out: Path,
     smeta.setdefault("extra", {}).update({"experts": experts_meta, "phase_boundaries": bounds,
                                           "pipeline": PHASED_PIPELINE, "transport": "ddim"})
     (out / "stepdistill.json").write_text(json.dumps(smeta, indent=2))
-    _phased_model_card(out, ts, meta)
+    phased_card(out, ts, meta)
     return out
-
-
-def _phased_model_card(out: Path, ts: list[float], meta) -> None:
-    """Replace the card's StepDistill-specific sampling/usage sections (fresh-noise chain) with the
-    phased chain (experts by timestep, DDIM transport)."""
-    p = out / "README.md"
-    if not p.exists():
-        return
-    text = p.read_text()
-    names = [expert_subfolder(k) for k in range(len(ts))]
-    tlist = ", ".join(f"{t:g}" for t in ts)
-    label = (f"class_labels=[{meta.class_names[0]!r}] * 4, " if meta.class_names else "batch_size=4, ")
-    section = f"""## Sampling steps
-
-{len(ts)} steps at timesteps `[{tlist}]`, one expert network per phase ({', '.join(f'`{n}/`' for n in names)},
-in order). Step k runs the expert that owns timestep t_k, predicts a clean image x0_k and moves to the next
-timestep with a deterministic DDIM step on the expert's own predicted noise
-(`x = alpha(t_k+1) x0_k + sigma(t_k+1) eps_k`); the chain uses no randomness after the starting noise.
-
-## Usage
-
-```python
-from stepdistill.pipelines.phased import PhasedDMDPipeline
-
-pipe = PhasedDMDPipeline.from_pretrained("{out.name}")
-images = pipe({label}num_inference_steps={len(ts)}, seed=0).images  # PIL images
-print(pipe.last_experts)  # the expert that ran each step
-```
-
-With stock diffusers only (DDPM-family schedule; `x0, eps` from the prediction type as usual):
-
-```python
-import torch
-from diffusers import DDPMScheduler, UNet2DModel
-
-folder = "{out.name}"
-experts = [UNet2DModel.from_pretrained(folder, subfolder=s).eval() for s in {names!r}]
-ac = DDPMScheduler.from_pretrained(folder, subfolder="scheduler").alphas_cumprod.double()
-prediction_type = {meta.prediction_type!r}
-timesteps = {[int(t) if float(t).is_integer() else t for t in ts]!r}
-x = torch.randn(4, experts[0].config.in_channels, experts[0].config.sample_size, experts[0].config.sample_size,
-                generator=torch.Generator().manual_seed(0))
-labels = {"torch.tensor([0] * 4)" if meta.class_names else "None"}
-with torch.no_grad():
-    for k, t in enumerate(timesteps):
-        a, s = ac[int(t)].sqrt().float(), (1 - ac[int(t)]).sqrt().float()
-        pred = experts[k](x, torch.full((x.shape[0],), float(t)), class_labels=labels).sample
-        if prediction_type == "epsilon":
-            x0, eps = (x - s * pred) / a, pred
-        elif prediction_type == "v_prediction":
-            x0, eps = a * x - s * pred, s * x + a * pred
-        else:  # "sample"
-            x0, eps = pred, (x - a * pred) / s
-        if k + 1 < len(timesteps):
-            t1 = int(timesteps[k + 1])
-            x = ac[t1].sqrt().float() * x0 + (1 - ac[t1]).sqrt().float() * eps
-images = x0.clamp(-1, 1)
-```
-"""
-    i, j = text.find("## Sampling steps"), text.find("## Training configuration")
-    if i >= 0 and j > i:
-        classes = text.find("## Classes", i, j)
-        keep = text[classes:text.find("## Usage", classes, j)] if classes >= 0 else ""
-        text = text[:i] + section.rstrip() + "\n\n" + (keep.rstrip() + "\n\n" if keep else "") + text[j:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    p.write_text(text)
 
 
 def load_trained_experts(cfg: DistillConfig, checkpoint: str | Path | None = None):
