@@ -370,14 +370,16 @@ def hybrid_settings(student_steps: int, hybrid_steps, hybrid_substeps, hybrid_ha
                     full_chain: bool = True) -> tuple[int, int, str, float, str | None]:
     """Validated ``(n, m, handoff, w, note)``; ``full_chain=False`` (Phased DMD / multi-student) falls
     back to n = 1 with ``renoise`` and says so in ``note``."""
+    from .pipelines.hybrid import check_hybrid
+
     handoff = str(hybrid_handoff or "").strip()
-    if handoff not in HYBRID_HANDOFFS:
-        raise DemoInputError(f"hybrid hand-off must be {' or '.join(HYBRID_HANDOFFS)}, got {hybrid_handoff!r}")
-    n = _int_in(hybrid_steps, "hybrid teacher steps", 1, MAX_TEACHER_STEPS)
-    if n > student_steps:
-        raise DemoInputError(f"hybrid teacher steps must be in 1..{student_steps} (at most the student steps), got {n}; "
-                             f"lower the hybrid teacher steps or raise the student steps")
+    n = _int_in(hybrid_steps, "hybrid teacher steps", 1, MAX_TEACHER_STEPS)   # the boxes' own limits
     m = _int_in(hybrid_substeps, "hybrid teacher sub-steps", 1, MAX_HYBRID_SUBSTEPS)
+    try:
+        check_hybrid(student_steps, n, m, handoff)                             # the pipelines' rule
+    except ValueError as e:
+        hint = "; lower the hybrid teacher steps or raise the student steps" if n > student_steps else ""
+        raise DemoInputError(f"{e}{hint}") from None
     w = _float_in(hybrid_guidance, "hybrid teacher guidance scale", 0.0, MAX_GUIDANCE)
     note = None
     if not full_chain and (n != 1 or handoff != "renoise"):

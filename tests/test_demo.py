@@ -84,8 +84,8 @@ def test_generate_plain(models):
     (dict(sampler="nope"), "unknown sampler"),
     (dict(teacher_path="/no/such/folder"), "does not exist"),
     (dict(hybrid=True, student_steps=K, hybrid_steps=K + 1),
-     f"hybrid teacher steps must be in 1..{K} (at most the student steps), got {K + 1}"),
-    (dict(hybrid=True, student_steps=1, hybrid_steps=2), "hybrid teacher steps must be in 1..1 (at most the student steps), got 2"),
+     f"hybrid steps must be in 1..{K} (the student's steps), got {K + 1}; lower the hybrid teacher steps"),
+    (dict(hybrid=True, student_steps=1, hybrid_steps=2), "hybrid steps must be in 1..1 (the student's steps), got 2; lower the hybrid teacher steps"),
     (dict(hybrid=True, hybrid_steps=0), "hybrid teacher steps must be in 1..200, got 0"),
     (dict(hybrid=True, hybrid_substeps=0), "hybrid teacher sub-steps must be in 1..50, got 0"),
     (dict(hybrid=True, hybrid_substeps=2.5), "hybrid teacher sub-steps must be a whole number"),
@@ -190,7 +190,7 @@ def test_hybrid_nfe_caption_and_ui_defaults(models):
     assert U.hybrid_nfe_caption(4, True, 1, 4, 1.0) == "Hybrid NFE per image = 1·4·1 + (4 − 1) = 7 (plain student: 4)"
     assert U.hybrid_nfe_caption(4, True, 1, 1, 2.0).endswith("= 5 (plain student: 4)")  # the old demo setting
     assert U.hybrid_nfe_caption(4, False, 1, 4, 1.0).endswith("tick Hybrid to use it")
-    assert U.hybrid_nfe_caption(2, True, 3, 4, 1.0).startswith("⚠️ hybrid teacher steps must be in 1..2")
+    assert U.hybrid_nfe_caption(2, True, 3, 4, 1.0).startswith("⚠️ hybrid steps must be in 1..2 (the student's steps)")
     for txt in ("0.160", "0.122", "ode", "4 sub-steps", "no CFG", "n·m·(2 with CFG, else 1) + (K − n)"):
         assert txt in D.HYBRID_CAPTION
     st = U._ui_state(*models)
@@ -236,7 +236,7 @@ def test_hybrid_phased_student_falls_back_to_one_renoise_step(models, phased_stu
     r3 = D.generate(t, phased_student, "4", seed=3, batch_size=2, student_steps=K, teacher_steps=1, hybrid=True,
                     hybrid_steps=2, hybrid_substeps=1, hybrid_handoff="ode", hybrid_guidance=2.0)
     assert "instead of n=2, ode" in r3.student.summary and r3.student.nfe == 2 + (K - 1)
-    with pytest.raises(D.DemoInputError, match=re.escape(f"hybrid teacher steps must be in 1..{K}")):
+    with pytest.raises(D.DemoInputError, match=re.escape(f"hybrid steps must be in 1..{K} (the student's steps)")):
         D.generate(t, phased_student, "4", seed=3, batch_size=1, student_steps=K, teacher_steps=1, hybrid=True,
                    hybrid_steps=K + 1)
 
@@ -369,7 +369,7 @@ def test_served_generate(client, models):
     (dict(batch=0), "batch size must be in 1..16, got 0"),
     (dict(sstep=K + 1), f"student steps must be in 1..{K}, got {K + 1}"),
     (dict(cls="cat"), "unknown class 'cat'"),
-    (dict(hybrid=True, hn=K + 1), f"hybrid teacher steps must be in 1..{K} (at most the student steps), got {K + 1}"),
+    (dict(hybrid=True, hn=K + 1), f"hybrid steps must be in 1..{K} (the student's steps), got {K + 1}"),
     (dict(hybrid=True, hm=0), "hybrid teacher sub-steps must be in 1..50, got 0"),
     (dict(hybrid=True, hh="euler"), "hybrid hand-off must be ode or renoise"),
 ])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ConfigError
-from ..pipelines.hybrid import HANDOFFS, TeacherSteps, check_hybrid, hybrid_nfe
+from ..pipelines.hybrid import TeacherSteps, check_hybrid, hybrid_nfe
 
 
 @dataclass
@@ -42,11 +42,9 @@ class Hybrid:
     def check(self, student, student_steps: int) -> None:
         """Validate the step counts and that teacher and student share images, classes and schedule."""
         try:
-            check_hybrid(student_steps, self.steps, self.substeps)
+            check_hybrid(student_steps, self.steps, self.substeps, self.handoff)
         except ValueError as e:
-            raise ConfigError(f"--hybrid-steps / --hybrid-substeps: {e}") from None
-        if self.handoff not in HANDOFFS:
-            raise ConfigError(f"--hybrid-handoff must be {' | '.join(HANDOFFS)}, got {self.handoff!r}")
+            raise ConfigError(f"--hybrid-steps / --hybrid-substeps / --hybrid-handoff: {e}") from None
         if (self.steps > 1 or self.handoff != "renoise") and (getattr(student, "phased", False)
                                                                or getattr(student, "multi_student", False)):
             raise ConfigError("--hybrid-steps > 1 and --hybrid-handoff ode need a plain student (StepDistillPipeline); "

@@ -52,11 +52,16 @@ def hybrid_nfe(student_steps: int, hybrid_steps: int, substeps: int = 1, cfg: bo
     return hybrid_steps * substeps * (2 if cfg else 1) + (student_steps - hybrid_steps)
 
 
-def check_hybrid(student_steps: int, hybrid_steps: int, substeps: int = 1) -> None:
+def check_hybrid(student_steps: int, hybrid_steps: int, substeps: int = 1, handoff: str = "renoise") -> None:
+    """The one rule set of a hybrid chain (pipelines, ``stepdistill eval/bench --hybrid-*``, the demo): the
+    teacher takes 1..K of the student's K steps, each with >= 1 DDIM sub-steps, handing over by ``renoise``
+    or ``ode``. ValueError otherwise; the front ends re-raise it in their own error type."""
     if not 1 <= int(hybrid_steps) <= int(student_steps):
         raise ValueError(f"hybrid steps must be in 1..{student_steps} (the student's steps), got {hybrid_steps}")
     if int(substeps) < 1:
         raise ValueError(f"hybrid teacher sub-steps must be >= 1, got {substeps}")
+    if handoff not in HANDOFFS:
+        raise ValueError(f"hybrid hand-off must be {' or '.join(sorted(HANDOFFS))}, got {handoff!r}")
 
 
 class TeacherSteps:
@@ -76,10 +81,7 @@ class TeacherSteps:
 
     def __init__(self, teacher: Denoiser, cond, guidance_scale: float = 1.0, timesteps=None, substeps: int = 1,
                  handoff: str = "renoise"):
-        if substeps < 1:
-            raise ValueError(f"hybrid teacher sub-steps must be >= 1, got {substeps}")
-        if handoff not in HANDOFFS:
-            raise ValueError(f"hybrid hand-off must be {' | '.join(HANDOFFS)}, got {handoff!r}")
+        check_hybrid(max(1, len(timesteps or [])), 1, substeps, handoff)
         if (substeps > 1 or handoff == "ode") and not timesteps:
             raise ValueError("hybrid teacher sub-steps > 1 and hand-off 'ode' need the student's timesteps")
         self.handoff = handoff
