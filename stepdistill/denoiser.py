@@ -54,6 +54,18 @@ def backbone_kind(module: nn.Module) -> str:
     return next((BACKBONE_KINDS[c.__name__] for c in type(module).__mro__ if c.__name__ in BACKBONE_KINDS), "custom")
 
 
+TRANSFORMER_KINDS = ("dit", "pixart", "sd3", "flux")
+
+
+def component_name(backbone: nn.Module) -> str:
+    """diffusers' component (and subfolder) name of a backbone: ``transformer`` for transformer backbones (SD3,
+    Flux, DiT, PixArt), else ``unet``; a custom module named like a transformer counts as one."""
+    kind = backbone_kind(backbone)
+    if kind == "custom":
+        return "transformer" if "Transformer" in type(backbone).__name__ else "unet"
+    return "transformer" if kind in TRANSFORMER_KINDS else "unet"
+
+
 def sample_shape(backbone: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) of one sample ``backbone`` denoises: from a diffusers config (``in_channels``, ``sample_size``),
     or a custom module's own ``sample_shape`` attribute. The one place pipelines, samplers and exporters read

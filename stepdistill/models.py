@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import TeacherModelConfig
-from .denoiser import BACKBONE_KINDS, Denoiser
+from .denoiser import BACKBONE_KINDS, Denoiser, component_name
 from .schedules import NoiseSchedule, schedule_from_config
 from .shipped import BUILTIN_STUDENTS, BUILTIN_TEACHERS, missing_folder_hint, resolve_shipped  # noqa: E402,F401 (re-exported)
 WEIGHT_SAFE = "diffusion_pytorch_model.safetensors"
@@ -192,8 +192,8 @@ def load_denoiser(path_or_id: str | Path, allow_pickle: bool = False) -> tuple[D
 
 
 def backbone_subfolder(backbone) -> str:
-    """diffusers' component name: ``transformer`` for transformer backbones (SD3, Flux, DiT, PixArt), else ``unet``."""
-    return "transformer" if "Transformer" in type(backbone).__name__ else "unet"
+    """diffusers' component name of ``backbone``: the adapter's :func:`~stepdistill.denoiser.component_name`."""
+    return component_name(backbone)
 
 
 def save_model_folder(folder: str | Path, backbone, scheduler, meta: ModelMeta, pipeline_class: str) -> Path:

@@ -259,9 +259,9 @@ class StudentModel(_ClassModel):
 
 def _network_kwargs(backbone) -> dict:
     """``unet=...`` or ``unet=None, transformer=...`` (diffusers' component name for the backbone)."""
-    from ..models import backbone_subfolder
+    from ..denoiser import component_name
 
-    if backbone_subfolder(backbone) == "transformer":
+    if component_name(backbone) == "transformer":
         return {"unet": None, "transformer": backbone}
     return {"unet": backbone}
 

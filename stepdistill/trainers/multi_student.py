@@ -323,9 +323,9 @@ def export_multi_student(students: list[nn.Module], cfg: DistillConfig, meta, ou
         index[student_subfolder(k)] = ["diffusers", type(m).__name__]
     index.update({"_class_name": PIPELINE_CLASS, "student_classes": [list(g) for g in groups]})
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    from ..models import backbone_subfolder
+    from ..denoiser import component_name
 
-    sub0 = backbone_subfolder(students[0])  # "transformer" for a DiT student
+    sub0 = component_name(students[0])  # "transformer" for a DiT student
     students_meta = [{"name": f"student_{k}", "subfolder": student_subfolder(k) if k else sub0, "classes": list(g),
                       "params": count_params(m)} for k, (g, m) in enumerate(zip(groups, students))]
     smeta = json.loads((out / "stepdistill.json").read_text())

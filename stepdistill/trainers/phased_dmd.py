@@ -387,9 +387,9 @@ def export_phased(experts: list[nn.Module], cfg: DistillConfig, meta, out: Path,
         index[expert_subfolder(k)] = ["diffusers", type(m).__name__]
     index.update({"_class_name": PHASED_PIPELINE, "phase_boundaries": bounds})
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    from ..models import backbone_subfolder
+    from ..denoiser import component_name
 
-    sub0 = backbone_subfolder(experts[0])  # "transformer" for SD3 / Flux / DiT experts
+    sub0 = component_name(experts[0])  # "transformer" for SD3 / Flux / DiT experts
     experts_meta = [{"name": f"expert_{k}", "subfolder": expert_subfolder(k) if k else sub0, "timesteps": [ts[k]],
                      "phase": [bounds[k], bounds[k + 1]]} for k in range(len(ts))]
     smeta = json.loads((out / "stepdistill.json").read_text())
