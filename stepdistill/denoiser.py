@@ -146,6 +146,13 @@ class Denoiser(nn.Module):
         return sample_shape(self.backbone)
 
     @property
+    def text_dim(self) -> int | None:
+        """Width D of the text embeddings (B, L, D) a text-conditional backbone takes; None for others."""
+        c = getattr(self.backbone, "config", None)
+        return next((int(v) for k in ("cross_attention_dim", "joint_attention_dim", "caption_channels")
+                     if (v := getattr(c, k, None))), None)
+
+    @property
     def feature_channels(self) -> int:
         """Channels of the bottleneck features (runs nothing: reads the module config)."""
         if self._hook_module is None:

@@ -73,7 +73,7 @@ def export_onnx(model: str | Path, out: str | Path, steps: int | None = None, op
         args.append(torch.zeros(b, dtype=torch.long))
         axes["class_labels"] = {0: "batch"}
     elif meta.conditioning == "text":
-        dim = den.backbone.config.cross_attention_dim
+        dim = den.text_dim
         length = ((meta.extra or {}).get("text") or {}).get("max_length") or 16
         names.append("text_embeds")
         args.append(torch.zeros(b, int(length), int(dim)))
