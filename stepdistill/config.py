@@ -127,6 +127,11 @@ class DMDConfig:
     regression_distance: str = "mse"  # mse | lpips
     regression_warmup_steps: int = 0  # first N generator steps: regression on teacher ODE pairs only (no critic)
     gan_fresh_t: bool = False      # generator GAN term at its own t ~ U[0, T) (DMD2's code) instead of the DM step's t
+    pixel_gan_g_weight: float = 0.0  # > 0: a pixel-space patch discriminator on clean samples (trainers/pixel_gan.py)
+    pixel_gan_d_weight: float = 1.0  # its loss weight in the critic update
+    pixel_gan_r1: float = 0.0        # R1 penalty gamma on real images (0 = off)
+    pixel_gan_width: int = 32        # first conv width (doubles at each of its two stride-2 convs)
+    pixel_gan_lr: float = 0.0        # its learning rate (own param group of the critic's AdamW); 0 = dmd.critic_optim.lr
     divergence: str = "reverse_kl"  # reverse_kl (DMD) | forward_kl | js: f-distill's h(r) weights (needs dmd.gan)
     divergence_logit_clip: float = 10.0  # the discriminator logit log r is clipped to +-this before h(r)
     optim: OptimConfig = field(default_factory=_dmd_optim)         # the generator (student, experts)
@@ -475,6 +480,8 @@ def validate(cfg) -> None:
               "must be reverse_kl | forward_kl | js")
         check(d.divergence_logit_clip > 0, "dmd.divergence_logit_clip", "must be > 0")
         check(d.regression_pairs >= 1, "dmd.regression_pairs", "must be >= 1")
+        check(d.pixel_gan_width >= 1, "dmd.pixel_gan_width", "must be >= 1")
+        check(d.pixel_gan_r1 >= 0, "dmd.pixel_gan_r1", "must be >= 0")
         check(d.optim.lr > 0, "dmd.optim.lr", "must be > 0")
         check(d.critic_optim.lr > 0, "dmd.critic_optim.lr", "must be > 0")
         check(d.lora_rank >= 0, "dmd.lora_rank", "must be >= 0 (0 = full fine-tuning)")
@@ -487,11 +494,13 @@ def validate(cfg) -> None:
 
 
 def check_no_dmd_extras(cfg: DistillConfig, check) -> None:
-    """Methods other than DMD / DMD2 use the plain reverse-KL DM term: f-distill weights and Decoupled DMD are
-    options of the DMD objective only."""
+    """Methods other than DMD / DMD2 use the plain reverse-KL DM term: f-distill weights, Decoupled DMD and the
+    pixel discriminator are options of the DMD objective only."""
     check(cfg.dmd.divergence == "reverse_kl", "dmd.divergence",
           f"forward_kl / js are supported by method dmd / dmd2 only, not {cfg.method}")
     check(not cfg.dmd.decoupled, "dmd.decoupled", f"is supported by method dmd / dmd2 only, not {cfg.method}")
+    check(cfg.dmd.pixel_gan_g_weight == 0, "dmd.pixel_gan_g_weight",
+          f"the pixel discriminator is supported by method dmd / dmd2 only, not {cfg.method}")
 
 
 def check_dmd(cfg: DistillConfig, check) -> None:

@@ -55,12 +55,26 @@ class Player:
     grad_clip: float = 0.0
     warmup_steps: int = 0
     ema: bool = False
+    lr_scales: dict = field(default_factory=dict)  # child module name -> lr multiplier (its own param group)
 
     @classmethod
     def from_optim(cls, module: nn.Module, optim, ema: bool = False) -> "Player":
         """A player trained with an :class:`~stepdistill.config.OptimConfig` (every config's optimizer section)."""
         return cls(module, optim.lr, (optim.beta1, optim.beta2), optim.weight_decay, optim.grad_clip,
                    optim.warmup_steps, ema=ema)
+
+
+def _param_groups(p: "Player") -> list:
+    """The optimizer's parameters: one group, or with ``lr_scales`` one group per scaled child module (its
+    ``lr_scale`` is kept in the group) and one for the rest."""
+    trainable = [q for q in p.module.parameters() if q.requires_grad]
+    if not p.lr_scales:
+        return trainable
+    scaled = {name: [q for q in p.module.get_submodule(name).parameters() if q.requires_grad] for name in p.lr_scales}
+    ids = {id(q) for qs in scaled.values() for q in qs}
+    groups = [{"params": [q for q in trainable if id(q) not in ids]}]
+    groups += [{"params": qs, "lr": p.lr * p.lr_scales[name], "lr_scale": p.lr_scales[name]} for name, qs in scaled.items()]
+    return groups
 
 
 @dataclass
@@ -173,8 +187,7 @@ class Trainer:
             self.ema = {n: _ema_copy(p.module) for n, p in self.obj.players.items() if p.ema}
             self._ema_templates = shard_objective(self.obj, self.ema, device_mesh(dev, world),
                                                   shard_teacher=getattr(self.tcfg, "fsdp_shard_teacher", False))
-        self.opts = {n: torch.optim.AdamW([q for q in p.module.parameters() if q.requires_grad], lr=p.lr,
-                                          betas=p.betas, weight_decay=p.weight_decay)
+        self.opts = {n: torch.optim.AdamW(_param_groups(p), lr=p.lr, betas=p.betas, weight_decay=p.weight_decay)
                      for n, p in self.obj.players.items()}
         if not self.fsdp:
             self.ema = {n: _ema_copy(p.module) for n, p in self.obj.players.items() if p.ema}
@@ -313,7 +326,8 @@ class Trainer:
                 norm = torch.nn.utils.clip_grad_norm_(params, player.grad_clip)
                 parts[f"{name}_grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             for g in self.opts[name].param_groups:
-                g["lr"] = player.lr * min(1.0, (self.step + 1) / player.warmup_steps) if player.warmup_steps else player.lr
+                lr = player.lr * min(1.0, (self.step + 1) / player.warmup_steps) if player.warmup_steps else player.lr
+                g["lr"] = lr * g["lr_scale"] if "lr_scale" in g else lr
             with self._timed("optimizer"):
                 self.opts[name].step()
             self.opts[name].zero_grad(set_to_none=True)

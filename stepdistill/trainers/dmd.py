@@ -49,6 +49,7 @@ from ..denoiser import Denoiser, _cat_cond
 from ..pipelines.sampling import grid_sample
 from .core import Ctx, Player
 from .divergences import f_weights
+from .pixel_gan import PixelDiscriminator, labels_of, pixel_d_loss, pixel_g_loss
 
 
 class GANHead(nn.Module):
@@ -212,10 +213,19 @@ class DMDObjective:
                 torch.manual_seed(seed)
                 self.head = GANHead(critic.feature_channels, res)
             critic_mod["head"] = self.head
+        self.pixel_disc = None
+        if cfg.pixel_gan_g_weight > 0:  # trainers/pixel_gan.py; trained with the critic
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + 1)
+                self.pixel_disc = PixelDiscriminator(self.shape[0], cfg.pixel_gan_width,
+                                                     num_classes=max(self.conds.num_classes, 0))
+            critic_mod["pixel_disc"] = self.pixel_disc
         self.players = {
             "generator": Player.from_optim(student.backbone, cfg.optim, ema=True),
             "critic": Player.from_optim(critic_mod, cfg.critic_optim),
         }
+        if self.pixel_disc is not None and cfg.pixel_gan_lr > 0:  # a fresh D learns faster than the fake score
+            self.players["critic"].lr_scales = {"pixel_disc": cfg.pixel_gan_lr / cfg.critic_optim.lr}
         self.pairs = regression_pairs
 
     def to(self, device):
@@ -318,6 +328,10 @@ class DMDObjective:
             logs["dm_nonfinite_frac"] = nonfinite_frac(real_x0, fake_x0)
             logs["dm_loss"] = l_dm.item()
             logs["dm_grad_abs"] = grad.abs().mean().item()
+        if self.pixel_disc is not None:  # texture signal on the clean sample (trainers/pixel_gan.py)
+            l_pg = pixel_g_loss(self.pixel_disc, x, labels_of(cond))
+            total = total + c.pixel_gan_g_weight * l_pg
+            logs["pixel_gan_g_loss"] = l_pg.item()
         if c.regression_weight > 0 and self.pairs is not None:
             l_reg = self.regression_loss(ctx)
             total = total + c.regression_weight * l_reg
@@ -401,6 +415,7 @@ class DMDObjective:
             pred = self.critic.raw(x_t, t, cond)
         l_fake = F.mse_loss(pred.float(), target.float())
         total, logs = l_fake, {"fake_loss": l_fake.item()}
+        real = None
         if c.gan:
             real, real_labels = ctx.real_batch()
             t_r = ctx.sample_t(sched, 0, T - 1)
@@ -409,6 +424,13 @@ class DMDObjective:
             l_d, d_logs = gan_d_loss(self.head, f_fake, f_real)
             total = total + c.gan_d_weight * l_d
             logs.update(d_logs)
+        if self.pixel_disc is not None:  # the pixel discriminator on clean samples: the same real batch as the head's
+            if real is None:
+                real, real_labels = ctx.real_batch()
+            l_pd, p_logs = pixel_d_loss(self.pixel_disc, x, labels_of(cond), real,
+                                        labels_of(self.conds.real_cond(real_labels)), c.pixel_gan_r1)
+            total = total + c.pixel_gan_d_weight * l_pd
+            logs.update(p_logs)
         logs["critic_loss"] = total.item()
         return total, logs
 
