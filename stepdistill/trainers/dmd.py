@@ -218,7 +218,7 @@ class DMDObjective:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + 1)
                 self.pixel_disc = PixelDiscriminator(self.shape[0], cfg.pixel_gan_width,
-                                                     num_classes=max(self.conds.num_classes, 0))
+                                                     num_classes=self.conds.num_classes)
             critic_mod["pixel_disc"] = self.pixel_disc
         self.players = {
             "generator": Player.from_optim(student.backbone, cfg.optim, ema=True),

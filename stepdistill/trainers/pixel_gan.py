@@ -10,8 +10,9 @@ al. 2017), so its signal is local texture:
     L_D = softplus(D(sg G(z))) + softplus(-D(x_real)) + r1 / 2 * E ||grad_x D(x_real)||^2   (R1: Mescheder 2018)
     L_G = softplus(-D(G(z)))                                         (non-saturating, as DMD2 Eq. 3)
 
-It is trained with the critic (same optimiser, ``dmd.critic_optim``, in every critic update) and enters the
-generator loss with weight ``dmd.pixel_gan_g_weight``; the critic's with ``dmd.pixel_gan_d_weight``. The
+It is trained in every critic update (a module of the critic player: the critic's AdamW, in its own param group
+at ``dmd.pixel_gan_lr`` when that is > 0) and enters the generator loss with weight ``dmd.pixel_gan_g_weight``;
+the critic's with ``dmd.pixel_gan_d_weight``. The
 projection term is used for class-conditional teachers (integer labels); text teachers get the unconditional D.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ class PixelDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # -> (B,)
         h = self.body(x.float())                                  # (B, c, H / 2^downs, W / 2^downs)
         out = self.logit(h).flatten(1).mean(1)                   # (B,) mean patch logit
-        if self.embed is not None and labels is not None and not labels.is_floating_point():
+        if self.embed is not None and labels is not None:  # integer labels (:func:`labels_of`)
             out = out + (self.embed(labels.long()) * h.mean((2, 3))).sum(1)
         return out
 
