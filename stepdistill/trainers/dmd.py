@@ -49,7 +49,7 @@ from ..denoiser import Denoiser, _cat_cond
 from ..pipelines.sampling import grid_sample
 from .core import Ctx, Player
 from .divergences import f_weights
-from .pixel_gan import PixelDiscriminator, labels_of, pixel_d_loss, pixel_g_loss
+from .pixel_gan import PixelDiscriminator, labels_of, nonsaturating_d_loss, pixel_d_loss, pixel_g_loss
 
 
 class GANHead(nn.Module):
@@ -179,10 +179,7 @@ def scores_gan_logits(teacher: Denoiser, critic: Denoiser, head, x_t, t, cond, c
 def gan_d_loss(head, f_fake: torch.Tensor, f_real: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """Discriminator loss softplus(D(fake)) + softplus(-D(real)) (DMD2 Eq. 3) on bottleneck features,
     plus the head's accuracy on each side for the logs."""
-    logit_fake, logit_real = head(f_fake.float()), head(f_real.float())
-    l_d = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
-    return l_d, {"gan_d_loss": l_d.item(), "d_real_acc": (logit_real > 0).float().mean().item(),
-                 "d_fake_acc": (logit_fake < 0).float().mean().item()}
+    return nonsaturating_d_loss(head(f_fake.float()), head(f_real.float()), "gan_d_loss")
 
 
 class DMDObjective:
