@@ -56,6 +56,21 @@ class StepDistillPipelineBase(DiffusionPipeline):
             class_labels = [class_labels] * batch_size
         return torch.tensor([self.class_index(c) for c in class_labels], dtype=torch.long, device=device)
 
+    def conditions(self, class_labels=None, batch_size: int = 1, prompt_embeds=None, pooled_prompt_embeds=None):
+        """The network's conditioning and the batch size it implies: class names / indices (:meth:`label_tensor`,
+        one sample per entry), or text embeddings (B, L, D) (+ pooled (B, P), a dict as the Denoiser takes it),
+        or None (unconditional, ``batch_size`` samples). On the network's device (and dtype for embeddings)."""
+        net = self.network
+        if class_labels is not None:
+            labels = self.label_tensor(class_labels, batch_size, net.device)
+            return labels, len(labels)
+        if prompt_embeds is None:
+            return None, batch_size
+        labels = prompt_embeds.to(net.device, net.dtype)
+        if pooled_prompt_embeds is not None:
+            labels = {"emb": labels, "pooled": pooled_prompt_embeds.to(net.device, net.dtype)}
+        return labels, prompt_embeds.shape[0]
+
     def _cached(self, name: str, key: tuple, build):
         """``build()``, kept until ``key`` changes: the pipelines' denoisers (a schedule built from the scheduler
         config costs about a third of a one-step call at batch 1). The key holds the network and scheduler

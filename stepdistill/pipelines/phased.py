@@ -193,15 +193,7 @@ class PhasedDMDPipeline(StepDistillPipelineBase):
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
         steps = self.timesteps_for(num_inference_steps)  # validate before drawing noise
-        labels = None
-        if class_labels is not None:
-            labels = self.label_tensor(class_labels, batch_size, dev)
-            batch_size = len(labels)
-        elif prompt_embeds is not None:
-            labels = prompt_embeds.to(dev, net.dtype)
-            if pooled_prompt_embeds is not None:
-                labels = {"emb": labels, "pooled": pooled_prompt_embeds.to(dev, net.dtype)}
-            batch_size = prompt_embeds.shape[0]
+        labels, batch_size = self.conditions(class_labels, batch_size, prompt_embeds, pooled_prompt_embeds)
         noise = torch.randn(batch_size, *sample_shape(net), generator=generator).to(dev)
         t0 = time.perf_counter()
         x = self.sample(noise, labels, len(steps), first_step=first_step)

@@ -70,15 +70,7 @@ class StepDistillPipeline(StepDistillPipelineBase):
         dev = self.network.device
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
-        labels = None
-        if class_labels is not None:
-            labels = self.label_tensor(class_labels, batch_size, dev)
-            batch_size = len(labels)
-        elif prompt_embeds is not None:
-            labels = prompt_embeds.to(dev, self.network.dtype)
-            if pooled_prompt_embeds is not None:
-                labels = {"emb": labels, "pooled": pooled_prompt_embeds.to(dev, self.network.dtype)}
-            batch_size = prompt_embeds.shape[0]
+        labels, batch_size = self.conditions(class_labels, batch_size, prompt_embeds, pooled_prompt_embeds)
         noise = torch.randn(batch_size, *sample_shape(self.network), generator=generator).to(dev)
         t0 = time.perf_counter()
         x = student_sample(self.denoiser(), self.timesteps_for(num_inference_steps), labels, noise,

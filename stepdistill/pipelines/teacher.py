@@ -57,10 +57,7 @@ class StepDistillTeacherPipeline(StepDistillPipelineBase):
         dev = self.network.device
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
-        labels = None
-        if class_labels is not None:
-            labels = self.label_tensor(class_labels, batch_size, dev)
-            batch_size = len(labels)
+        labels, batch_size = self.conditions(class_labels, batch_size)
         noise = torch.randn(batch_size, *sample_shape(self.network), generator=generator).to(dev)
         sched = make_scheduler(sampler, dict(self.scheduler.config))
         t0 = time.perf_counter()
