@@ -17,7 +17,9 @@ def _config_arg(p: argparse.ArgumentParser, default: str | None, train: bool = T
                        help="continue the run in output_dir: from the newest checkpoint that passes its hash check "
                             "(default), last_good (after a NaN stop) or a named checkpoint folder")
     p.add_argument("--overwrite", action="store_true",
-                   help="delete what output_dir (train) or --out (export) already holds instead of refusing")
+                   help=("export: replace an existing --out folder that an earlier export wrote" if not train else
+                         "start afresh in an output_dir that holds a run: delete that run's own files (checkpoints, "
+                         "logs, samples, model); only in a folder stepdistill created, never other files"))
 
 
 def _resume_value(a) -> None:
@@ -57,14 +59,16 @@ def cmd_export(a):
     written to a temporary folder and renamed into place; a non-empty --out needs --overwrite."""
     from .config import DistillConfig, load_config
     from .methods import get_method
+    from .outputs import check_replace_folder
     from .trainers.loading import load_trained
-    from .utils import atomic_folder, refuse_non_empty
+    from .utils import atomic_folder
 
     cfg = load_config(DistillConfig, a.config, a.overrides)
     out = Path(a.out or Path(cfg.output_dir) / "student")
-    refuse_non_empty(out, a.overwrite)  # before any loading
+    inputs = [cfg.output_dir + "/checkpoints", a.checkpoint, a.config]  # never replaced by the export
+    check_replace_folder(out, a.overwrite, "export", inputs)  # before any loading
     modules, obj, meta = load_trained(cfg, a.checkpoint, a.weights)
-    with atomic_folder(out, overwrite=a.overwrite) as tmp:
+    with atomic_folder(out, overwrite=a.overwrite, inputs=inputs) as tmp:
         get_method(cfg.method).export(modules, obj, cfg, meta, tmp)
     print(json.dumps({"exported": str(out)}))
 
@@ -184,6 +188,11 @@ def check_sample_args(a) -> None:
         raise ConfigError(f"--seed must be in 0..2**63-1, got {a.seed}")
     if a.scale < 1 or (a.nrow is not None and a.nrow < 1):
         raise ConfigError(f"--scale and --nrow must be >= 1, got {a.scale} and {a.nrow}")
+    if Path(a.out).suffix.lower() != ".png":
+        raise ConfigError(f"--out must name a .png file, got {a.out}")
+    from .outputs import check_replace_file
+
+    check_replace_file(Path(a.out), a.overwrite)  # a file stepdistill did not write needs --overwrite
 
 
 def check_grid_size(n: int, shape: tuple[int, int, int], scale: int) -> None:
@@ -289,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load pickle (.bin) weights; only for folders you trust (default: safetensors only)")
     p.add_argument("--out", default="samples.png", help="output PNG grid (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that stepdistill did not write (its own grids are replaced anyway)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network first (opt-in: compiling takes minutes on a CPU)")
     p.set_defaults(fn=cmd_sample)

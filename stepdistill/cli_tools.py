@@ -70,14 +70,17 @@ def cmd_bench(a):
 
 def cmd_report(a):
     from .eval.report import make_report
+    from .outputs import check_report_dir, write_marker
 
     _set_threads(a)
+    check_report_dir(Path(a.out), a.overwrite)
     res = make_report(a.student, a.out, teacher=a.teacher, num=a.num, teacher_steps=a.teacher_steps,
                       guidance_scale=a.guidance_scale, fid=a.fid, fid_num=a.fid_num, ref=a.ref, ref_split=a.ref_split,
                       ref_num=a.ref_num, seed=a.seed, batch_size=a.batch_size, grid_rows=a.grid_rows,
                       diversity_extractor=a.diversity_extractor, device=a.device, allow_pickle=a.allow_pickle,
                       progress=not a.no_progress, teacher_metrics=a.teacher_metrics)
     out = Path(a.out)
+    write_marker(out, "report")
     keys = ("steps", "nfe_per_sample", "fid", "precision", "recall", "min_class_recall", "class_accuracy", "diversity")
     print(json.dumps({"report": str(out / "report.md"), "json": str(out / "report.json"),
                       "files": {k: str(out / v) for k, v in res["files"].items()},
@@ -129,8 +132,9 @@ def _common(p, device=True):
 def _ref_args(p):
     p.add_argument("--ref", default=None,
                    help="FID reference: animal_mnist | digits | an image folder (default: the model's training dataset)")
-    p.add_argument("--ref-split", default="test", choices=["all", "train", "test"],
-                   help="split of animal_mnist / digits used as the reference (default: test)")
+    p.add_argument("--ref-split", default="test", choices=["all", "train", "fit", "val", "test"],
+                   help="split of animal_mnist / digits used as the reference (default: test). Pick checkpoints and "
+                        "settings on val (held out of train: data.split=fit trains without it), report test once")
     p.add_argument("--ref-num", type=int, default=None,
                    help="use a class-balanced subset of this many reference images (default: the whole split)")
     p.add_argument("--diversity-extractor", default="auto", choices=["auto", "classifier", "inception", "pixel"],
@@ -278,6 +282,9 @@ def add_commands(sub) -> None:
     p.add_argument("--student", required=True, help="distilled student folder")
     p.add_argument("--teacher", default=None, help="teacher folder (default: the one recorded in the student)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing folder that an earlier report did not create (files of the same "
+                        "names are replaced; nothing else is touched)")
     p.add_argument("--num", type=int, default=100, help="class-balanced samples per model (>= 2)")
     p.add_argument("--teacher-steps", type=int, default=25, help="teacher sampling steps (default %(default)s)")
     p.add_argument("--guidance-scale", type=float, default=2.0,

@@ -16,6 +16,7 @@ import yaml
 
 
 from .errors import ConfigError  # noqa: F401  (re-exported: stepdistill.config.ConfigError)
+from .recipe import ScheduleEntry, check_schedule
 
 
 @dataclass
@@ -234,6 +235,7 @@ class DistillConfig:
     text: TextConfig = field(default_factory=TextConfig)  # text teachers: the prompt set to distill on
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32, max_steps=300, ema_decay=0.95,
                                                                    sample_every=50, checkpoint_every=50))
+    schedule: list[ScheduleEntry] = field(default_factory=list)  # settings that change at given steps (recipe.py)
 
 
 # -- loading / overriding ------------------------------------------------------------------
@@ -247,6 +249,12 @@ def _parse(text: str, key: str):
 
 def _coerce(value, tp, key: str):
     origin = typing.get_origin(tp)
+    if origin is dict:
+        if isinstance(value, str):
+            value = _parse(value, key)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, str):
             value = _parse(value, key)
@@ -371,6 +379,8 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
         cfg = _build(cls, data)
         normalise(cfg)
         validate(cfg)
+        if path:  # not a field: the file a run reads, which --overwrite must never delete (outputs.run_inputs)
+            cfg.source_path = str(path)
     except ConfigError as e:  # a bad value given under an old spelling: name the key as the user wrote it
         msg = str(e)
         for old, targets in LEGACY_KEYS.get(cls, {}).items():
@@ -491,6 +501,10 @@ def validate(cfg) -> None:
         check(not (d.offload_teacher and d.lora_rank > 0), "dmd.offload_teacher",
               "cannot be combined with dmd.lora_rank > 0 (the LoRA teacher is the shared base of student and critic)")
         (method_checks(cfg.method) or check_no_dmd_extras)(cfg, check)  # the method's own sections (methods.py)
+        if cfg.schedule:
+            def error(msg):
+                raise ConfigError(msg)
+            check_schedule(cfg, _coerce, validate, error)
 
 
 def check_no_dmd_extras(cfg: DistillConfig, check) -> None:

@@ -115,7 +115,8 @@ class ArrayDataset(TensorDataset):
 
 
 def animal_mnist(resolution: int = 32, split: str = "all") -> ArrayDataset:
-    """Animal-MNIST silhouettes, padded 28 -> 32. ``split``: all | train (first 90% per class) | test."""
+    """Animal-MNIST silhouettes, padded 28 -> 32. ``split``: all | train (first 90% per class) | test | fit | val
+    (``train`` = ``fit`` + ``val``; ``val`` holds 100 images per class, like ``test``)."""
     images, labels = load_animal_mnist_arrays()
     idx = _split_indices(labels, split)
     return ArrayDataset(_to_tensor_images(images[idx], resolution), torch.from_numpy(labels[idx]), ANIMAL_CLASSES)
@@ -132,16 +133,27 @@ def digits(resolution: int = 16, split: str = "all") -> ArrayDataset:
     return ArrayDataset(_to_tensor_images(images[idx], resolution, pad=False), torch.from_numpy(labels[idx]), DIGIT_CLASSES)
 
 
+#: the splits of the built-in datasets, per class in file order: ``train`` the first 90 %, ``test`` the rest;
+#: ``train`` itself splits into ``fit`` (its first 8/9) and ``val`` (its last 1/9, as large as ``test``), so a
+#: checkpoint or setting can be picked on ``val`` without ever looking at ``test``.
+SPLITS = ("all", "train", "fit", "val", "test")
+
+
 def _split_indices(labels: np.ndarray, split: str) -> np.ndarray:
+    """Indices of ``split`` (:data:`SPLITS`): per class, ``fit`` + ``val`` = ``train``; ``val`` and ``test`` are
+    disjoint, and so are ``train`` and ``test``."""
     if split == "all":
         return np.arange(len(labels))
-    if split not in ("train", "test"):
-        raise DataError(f"split must be all | train | test, got {split!r}")
+    if split not in SPLITS:
+        raise DataError(f"split must be {' | '.join(SPLITS)}, got {split!r}")
     out = []
     for c in np.unique(labels):
         idx = np.where(labels == c)[0]
         cut = int(round(len(idx) * 0.9))
-        out.append(idx[:cut] if split == "train" else idx[cut:])
+        n_val = len(idx) - cut
+        train, test = idx[:cut], idx[cut:]
+        part = {"train": train, "test": test, "fit": train[:cut - n_val], "val": train[cut - n_val:]}[split]
+        out.append(part)
     return np.sort(np.concatenate(out))
 
 

@@ -15,6 +15,7 @@ pipeline draws ``step_noise`` from its generator after ``noise``, in chain order
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -45,8 +46,8 @@ def export_onnx(model: str | Path, out: str | Path, steps: int | None = None, op
                 allow_pickle: bool = False, overwrite: bool = False) -> dict:
     """Write ``out`` (.onnx) and ``out.json`` (inputs, timesteps, class names) for a student folder or builtin."""
     from .models import load_denoiser
+    from .outputs import check_replace_file
     from .pipelines.sampling import subset_timesteps
-    from .utils import refuse_non_empty
 
     den, meta = load_denoiser(str(model), allow_pickle=allow_pickle)
     if not meta.student_timesteps:
@@ -61,7 +62,8 @@ def export_onnx(model: str | Path, out: str | Path, steps: int | None = None, op
     out = Path(out)
     if out.suffix != ".onnx":
         raise ConfigError(f"--out must end in .onnx, got {out}")
-    refuse_non_empty(out, overwrite)
+    check_replace_file(out, overwrite)                       # the .onnx and the .json beside it: ours, or
+    check_replace_file(out.with_suffix(".json"), overwrite)  # --overwrite
     den.eval()
     graph = StudentGraph(den, ts).eval()
     shape = sample_shape(den)
@@ -85,18 +87,47 @@ def export_onnx(model: str | Path, out: str | Path, steps: int | None = None, op
         args.append(torch.randn(len(ts) - 1, b, *shape))
         axes["step_noise"] = {1: "batch"}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp, tmp_json = out.with_name(f".{out.name}.{os.getpid()}.tmp"), out.with_name(f".{out.stem}.{os.getpid()}.json.tmp")
     import warnings
 
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape asserts and the fixed-t table look-up
-        torch.onnx.export(graph, tuple(args), str(tmp), input_names=names, output_names=["image"],
-                          dynamic_axes=axes, opset_version=opset, dynamo=False)
-    tmp.replace(out)
-    info = {"onnx": str(out), "inputs": names, "outputs": ["image"], "sample_shape": list(shape),
-            "student_timesteps": ts, "class_names": list(meta.class_names), "conditioning": meta.conditioning,
-            "opset": opset, "bytes": out.stat().st_size}
-    out.with_suffix(".json").write_text(json.dumps(info, indent=2))
+    from .outputs import JSON_TAG
+    from .utils import sha256_file
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape asserts and the fixed-t table look-up
+            torch.onnx.export(graph, tuple(args), str(tmp), input_names=names, output_names=["image"],
+                              dynamic_axes=axes, opset_version=opset, dynamo=False)
+        info = {"onnx": str(out), "inputs": names, "outputs": ["image"], "sample_shape": list(shape),
+                "student_timesteps": ts, "class_names": list(meta.class_names), "conditioning": meta.conditioning,
+                "opset": opset, "bytes": tmp.stat().st_size,
+                "onnx_sha256": sha256_file(tmp),  # pairs the two files: read_onnx_info refuses a mismatch
+                JSON_TAG: "onnx"}
+        tmp_json.write_text(json.dumps(info, indent=2))
+        # the pair is replaced together: the .json first (its hash names the new graph), then the .onnx. A kill
+        # between the two renames leaves a .json whose onnx_sha256 does not match, which read_onnx_info refuses.
+        os.replace(tmp_json, out.with_suffix(".json"))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_json.unlink(missing_ok=True)
+    return info
+
+
+def read_onnx_info(onnx_path: str | Path) -> dict:
+    """The ``.json`` beside an ONNX export, checked against the graph it describes (:func:`export_onnx`)."""
+    from .utils import sha256_file
+
+    onnx_path = Path(onnx_path)
+    side = onnx_path.with_suffix(".json")
+    if not onnx_path.exists() or not side.exists():
+        raise ModelLoadError(f"{onnx_path}: an ONNX export needs both {onnx_path.name} and {side.name}; re-export it "
+                             f"with stepdistill onnx")
+    info = json.loads(side.read_text())
+    want = info.get("onnx_sha256")
+    if want and sha256_file(onnx_path) != want:
+        raise ModelLoadError(f"{onnx_path} and {side.name} do not belong together (an interrupted export?); re-export "
+                             f"with stepdistill onnx --overwrite")
     return info
 
 
@@ -134,7 +165,7 @@ def check_onnx(model: str | Path, onnx_path: str | Path, batch: int = 4, seed: i
     (x_{t_0}, then one (B, C, H, W) draw per re-noising), so both see the same numbers."""
     from .pipelines.student import StepDistillPipeline
 
-    info = json.loads(Path(onnx_path).with_suffix(".json").read_text())
+    info = read_onnx_info(onnx_path)
     if info["conditioning"] == "text":
         raise ConfigError("check_onnx compares class and unconditional students with StepDistillPipeline")
     pipe = StepDistillPipeline.from_pretrained(str(model), use_safetensors=not allow_pickle)

@@ -48,9 +48,23 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int, scale: int = 2) -> P
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(make_grid(x, nrow, scale)).save(tmp)
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(make_grid(x, nrow, scale)).save(tmp, pnginfo=_png_tag())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _png_tag():
+    """PNG metadata that marks a file as written by stepdistill (outputs.is_our_file: replaced without asking)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from .outputs import PNG_TAG
+
+    info = PngInfo()
+    info.add_text(PNG_TAG, "1")
+    return info
 
 
 def save_labeled_grid(x: torch.Tensor, path: str | Path, nrow: int, scale: int = 2,
@@ -87,8 +101,11 @@ def save_labeled_grid(x: torch.Tensor, path: str | Path, nrow: int, scale: int =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
-    out.save(tmp)
-    os.replace(tmp, path)
+    try:
+        out.save(tmp, pnginfo=_png_tag())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -166,13 +183,19 @@ def refuse_non_empty(out: str | Path, overwrite: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(out: str | Path, overwrite: bool = False):
+def atomic_folder(out: str | Path, overwrite: bool = False, kind: str = "export", inputs=(), own: bool = False):
     """Write a folder all at once: yields a temporary sibling folder that replaces ``out`` on success (and is
-    removed on failure), so readers never see a half-written or mixed folder. A non-empty ``out`` is
-    refused unless ``overwrite``. The temporary folder has ``out``'s name (inside a hidden sibling), so what
-    is written there by name (a model card's title and snippets) names the final folder."""
+    removed on failure), so readers never see a half-written or mixed folder. The folder gets our marker
+    (:mod:`stepdistill.outputs`) listing its files. A non-empty ``out`` is replaced only with ``overwrite``, and
+    only when it is a marked folder of the same ``kind`` holding nothing else (:func:`outputs.check_replace_folder`;
+    ``own=True``: a part of a run folder we hold, e.g. the run's ``student/``). The temporary folder has ``out``'s
+    name (inside a hidden sibling), so what is written there by name (a model card's title and snippets) names
+    the final folder."""
+    from .outputs import check_replace_folder, mark_folder
+
     out = Path(out)
-    refuse_non_empty(out, overwrite)
+    if not own:
+        check_replace_folder(out, overwrite, kind, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     box = out.parent / f".tmp_{out.name}_{os.getpid()}"
     shutil.rmtree(box, ignore_errors=True)
@@ -180,6 +203,7 @@ def atomic_folder(out: str | Path, overwrite: bool = False):
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        mark_folder(tmp, kind)
     except BaseException:
         shutil.rmtree(box, ignore_errors=True)
         raise

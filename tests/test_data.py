@@ -227,3 +227,25 @@ def test_load_dataset(tmp_path, fresh_cache):
     assert "imagenet_please" in str(e.value) and "unknown dataset" in str(e.value)
     with pytest.raises(DataError, match="does not exist"):
         load_dataset(str(tmp_path / "nope" / "x"), 32)
+
+
+@pytest.mark.parametrize("name", ["animal_mnist", "digits"])
+def test_validation_split_is_drawn_from_train_and_disjoint_from_test(name):
+    """Checkpoints are picked on ``val`` (inside ``train``), never on ``test``; ``fit`` trains without ``val``."""
+    from stepdistill.data import _split_indices, load_animal_mnist_arrays
+
+    if name == "animal_mnist":
+        labels = load_animal_mnist_arrays()[1]
+    else:
+        from sklearn.datasets import load_digits
+
+        labels = load_digits().target
+    idx = {s: set(_split_indices(labels, s).tolist()) for s in ("train", "fit", "val", "test")}
+    assert not idx["val"] & idx["test"] and not idx["train"] & idx["test"] and not idx["fit"] & idx["val"]
+    assert idx["fit"] | idx["val"] == idx["train"]
+    assert len(idx["train"]) + len(idx["test"]) == len(labels)
+    for c in set(labels.tolist()):  # per class, val is as large as test (100 each for Animal-MNIST)
+        n_val = sum(1 for i in idx["val"] if labels[i] == c)
+        assert n_val == sum(1 for i in idx["test"] if labels[i] == c) > 0
+    if name == "animal_mnist":
+        assert len(idx["val"]) == len(idx["test"]) == 1000

@@ -27,8 +27,24 @@ def test_onnx_matches_the_pytorch_pipeline(name, inputs, tmp_path, capsys):
     assert info["inputs"] == inputs and info["sample_shape"] == [1, 32, 32]
     assert info["max_abs_diff_vs_pytorch"] <= 1e-4  # the bound; measured ~4e-6
     assert json.loads(out.with_suffix(".json").read_text())["class_names"][2] == "cat"
-    assert main(["onnx", "--model", name, "--out", str(out)]) == 2  # an existing file needs --overwrite
-    assert "--overwrite" in capsys.readouterr().err
+    if name.endswith("4step"):
+        return
+    # our own pair is replaced without asking; a user's file of the same name needs --overwrite, and is kept
+    assert main(["onnx", "--model", name, "--out", str(out)]) == 0
+    capsys.readouterr()
+    mine = tmp_path / "mine.onnx"
+    mine.with_suffix(".json").write_text('{"my": "notes"}')
+    assert main(["onnx", "--model", name, "--out", str(mine)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and not mine.exists()
+    assert mine.with_suffix(".json").read_text() == '{"my": "notes"}'
+    # a pair that does not belong together (a kill between the two renames) is refused by its readers
+    from stepdistill.errors import ModelLoadError
+    from stepdistill.onnx_export import read_onnx_info
+
+    assert read_onnx_info(out)["onnx_sha256"]
+    out.write_bytes(out.read_bytes() + b"x")
+    with pytest.raises(ModelLoadError, match="do not belong together"):
+        read_onnx_info(out)
 
 
 def test_onnx_refuses_teachers_and_bad_names(tmp_path, capsys):

@@ -229,10 +229,14 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite(tiny_teacher, done_r
     rc, _, err = _run(capsys, ["export", "--config", done_run / "config.yaml", "--out", target])
     assert rc == 2 and "not empty" in err and "--overwrite" in err
     assert _snapshot(target) == before
-    (target / "stale.txt").write_text("old")
+    (target / "notes.txt").write_text("the user's")  # a file stepdistill did not write: never deleted
+    rc, _, err = _run(capsys, ["export", "--config", done_run / "config.yaml", "--out", target, "--overwrite"])
+    assert rc == 2 and "did not write (notes.txt)" in err and (target / "notes.txt").read_text() == "the user's"
+    (target / "notes.txt").unlink()  # an earlier export (marked, every file listed) is replaced as a whole
+    (target / "scheduler" / "scheduler_config.json").unlink()
     rc, out, _ = _run(capsys, ["export", "--config", done_run / "config.yaml", "--out", target, "--overwrite"])
     assert rc == 0 and json.loads(out)["exported"] == str(target)
-    assert not (target / "stale.txt").exists()       # replaced as a whole, not mixed
+    assert (target / "scheduler" / "scheduler_config.json").exists()
     assert json.loads((target / "model_index.json").read_text())["_class_name"] == "StepDistillPipeline"
     assert not list(tmp_path.glob(".tmp_*")) and not list(tmp_path.glob(".old_*"))
     card = (target / "README.md").read_text()  # written in the temporary folder, it names the final one

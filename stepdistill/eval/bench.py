@@ -412,15 +412,13 @@ class _OnnxStudent:
     """The student exported once to a temporary ONNX file, timed under onnxruntime against the pipeline."""
 
     def __init__(self, student: str, steps: int, allow_pickle: bool):
-        import json
         import tempfile
 
         from ..onnx_export import export_onnx, onnx_session
 
         self.dir = tempfile.TemporaryDirectory(prefix="stepdistill_onnx_")
         path = Path(self.dir.name) / "student.onnx"
-        export_onnx(student, path, steps=steps, allow_pickle=allow_pickle)
-        self.info = json.loads(path.with_suffix(".json").read_text())
+        self.info = export_onnx(student, path, steps=steps, allow_pickle=allow_pickle)
         self.session = onnx_session(path, threads=torch.get_num_threads())
 
     def time(self, b: int, labels, seed: int, ref: torch.Tensor, one: dict, dev, repeats: int, warmup: int) -> dict:

@@ -51,12 +51,26 @@ def passes_per_step(cfg) -> int:
 def sample_passes(cfg, step: int) -> int:
     """Training budget after ``step`` generator steps in forward passes of one sample (backward passes not
     counted): DMD2 steps x batch x :func:`passes_per_step`, plus the regression warm-up (one student pass
-    per sample) and the teacher ODE pairs it needs (pairs x sampler steps x 2 for CFG), when used."""
+    per sample) and the teacher ODE pairs it needs (pairs x sampler steps x 2 for CFG), when used. With a
+    ``schedule`` (stepdistill/recipe.py) each step is counted with the critic ratio and weights in force then."""
+    import copy
+
+    from ..recipe import Schedule
+
     d, B = cfg.dmd, cfg.train.batch_size
     warm = min(step, d.regression_warmup_steps)
-    pairs = d.regression_pairs * d.regression_steps * (2 if d.real_guidance_scale != 1.0 else 1) \
-        if (d.regression_warmup_steps or d.regression_weight) else 0
-    return (step - warm) * B * passes_per_step(cfg) + warm * B + pairs
+    uses_pairs = d.regression_warmup_steps or d.regression_weight or any(
+        float(e.set.get("dmd.regression_weight", 0)) > 0 for e in cfg.schedule)
+    pairs = d.regression_pairs * d.regression_steps * (2 if d.real_guidance_scale != 1.0 else 1) if uses_pairs else 0
+    if not cfg.schedule:
+        return (step - warm) * B * passes_per_step(cfg) + warm * B + pairs
+    trial = copy.deepcopy(cfg)
+    sched = Schedule(trial)
+    dmd_passes = 0
+    for s in range(warm, step):
+        sched.apply(s)
+        dmd_passes += passes_per_step(trial)
+    return dmd_passes * B + warm * B + pairs
 
 
 def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | None = None,
@@ -93,7 +107,8 @@ def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | N
         with tempfile.TemporaryDirectory() as tmp:
             folder = method.export(modules, obj, cfg, meta, Path(tmp) / "student")
             r = evaluate_model(str(folder), steps=steps, num=num, seed=seed, progress=progress, **eval_kwargs)
-        r.update(step=step, dmd_steps=max(step - warm, 0), sample_passes=sample_passes(cfg, step))
+        r.update(step=step, dmd_steps=max(step - warm, 0), sample_passes=sample_passes(cfg, step),
+                 wall_seconds=json.loads((ckpt / "meta.json").read_text()).get("wall_seconds"))
         r.pop("model", None)
         curve["points"] = sorted(curve["points"] + [r], key=lambda p: p["step"])
         atomic_write_text(path, json.dumps(curve, indent=2) + "\n")   # nothing lost if stopped mid-way
@@ -115,7 +130,9 @@ def plot_curve(curve: dict, path: Path) -> Path:
 
     pts, teacher = curve["points"], curve.get("teacher") or {}
     keys = [(k, label) for k, label in PLOTTED if any(p.get(k) is not None for p in pts)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.0), squeeze=False)
+    timed = [p for p in pts if p.get("wall_seconds") is not None and p.get("fid") is not None]
+    ncol = len(keys) + (1 if timed else 0)
+    fig, axes = plt.subplots(1, ncol, figsize=(3.4 * ncol, 3.0), squeeze=False)
     for ax, (k, label) in zip(axes[0], keys):
         xs = [p["step"] for p in pts if p.get(k) is not None]
         ax.plot(xs, [p[k] for p in pts if p.get(k) is not None], "o-", ms=3, label="student")
@@ -125,6 +142,14 @@ def plot_curve(curve: dict, path: Path) -> Path:
             ax.axvline(curve["regression_warmup_steps"], color="grey", ls=":", lw=0.8, label="end of warm-up")
         ax.set_xlabel("generator steps")
         ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    if timed:  # FID against wall-clock minutes of training (setup included, summed over resumes)
+        ax = axes[0][-1]
+        ax.plot([p["wall_seconds"] / 60 for p in timed], [p["fid"] for p in timed], "o-", ms=3, label="student")
+        if teacher.get("fid") is not None:
+            ax.axhline(teacher["fid"], color="C3", ls="--", lw=0.9, label="teacher")
+        ax.set_xlabel("wall-clock minutes of training")
+        ax.set_title("FID against wall time", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     return save_figure(fig, path, dpi=90)

@@ -34,6 +34,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import to_dict, upgrade_keys
+from ..recipe import Schedule
+from ..outputs import mark_run_dir, prepare_run_dir, run_inputs, run_lock
 from ..utils import atomic_write_text, plot_losses, save_grid, sha256_file
 
 
@@ -55,13 +57,25 @@ class Player:
     grad_clip: float = 0.0
     warmup_steps: int = 0
     ema: bool = False
-    lr_scales: dict = field(default_factory=dict)  # child module name -> lr multiplier (its own param group)
+    # child module name -> lr multiplier (its own param group): a number, or a function of no arguments that gives
+    # it (read at every update, so a scheduled learning rate moves it: stepdistill/recipe.py)
+    lr_scales: dict = field(default_factory=dict)
+    optim: object = None  # the OptimConfig this player was made from: its lr is read live (a schedule may change it)
 
     @classmethod
     def from_optim(cls, module: nn.Module, optim, ema: bool = False) -> "Player":
         """A player trained with an :class:`~stepdistill.config.OptimConfig` (every config's optimizer section)."""
         return cls(module, optim.lr, (optim.beta1, optim.beta2), optim.weight_decay, optim.grad_clip,
-                   optim.warmup_steps, ema=ema)
+                   optim.warmup_steps, ema=ema, optim=optim)
+
+    def current_lr(self) -> float:
+        """The base learning rate now: the OptimConfig's (live) or the fixed ``lr``."""
+        return float(self.optim.lr) if self.optim is not None else self.lr
+
+    def group_scales(self) -> list:
+        """One entry per optimizer param group (see :func:`_param_groups`): None for the main group, then each
+        ``lr_scales`` multiplier, evaluated now."""
+        return [None] + [s() if callable(s) else s for s in self.lr_scales.values()]
 
 
 def _param_groups(p: "Player") -> list:
@@ -73,7 +87,8 @@ def _param_groups(p: "Player") -> list:
     scaled = {name: [q for q in p.module.get_submodule(name).parameters() if q.requires_grad] for name in p.lr_scales}
     ids = {id(q) for qs in scaled.values() for q in qs}
     groups = [{"params": [q for q in trainable if id(q) not in ids]}]
-    groups += [{"params": qs, "lr": p.lr * p.lr_scales[name], "lr_scale": p.lr_scales[name]} for name, qs in scaled.items()]
+    scales = dict(zip(p.lr_scales, p.group_scales()[1:]))
+    groups += [{"params": qs, "lr": p.lr * scales[name], "lr_scale": scales[name]} for name, qs in scaled.items()]
     return groups
 
 
@@ -160,6 +175,11 @@ class Trainer:
         from accelerate import Accelerator
 
         self.obj, self.cfg, self.tcfg = objective, cfg, cfg.train
+        # the config as loaded: what config.yaml and checkpoints record, whatever a schedule has set meanwhile
+        self.base_config = json.loads(json.dumps(to_dict(cfg)))
+        self.schedule = Schedule(cfg)  # settings that change at given steps (stepdistill/recipe.py)
+        self.setup_seconds = 0.0  # building the objective (teacher ODE pairs, ...): set by the caller, recorded
+        self._wall_before = 0.0   # wall seconds of earlier processes of this run (from the resumed checkpoint)
         if self.tcfg.threads > 0:
             torch.set_num_threads(self.tcfg.threads)
         self.acc = accelerator or Accelerator(cpu=self.tcfg.cpu, mixed_precision=self.tcfg.mixed_precision)
@@ -211,9 +231,20 @@ class Trainer:
         run's checkpoint (weights, optimizer states, step) under a config that may differ, e.g. an ablation
         branching off a shared warm-up; the differences are printed."""
         acc, tc = self.acc, self.tcfg
-        if not resume:
-            check_fresh_output(self.out, overwrite, acc.is_main_process)
+        with contextlib.ExitStack() as stack:
+            if acc.is_main_process:  # one writer per run folder (outputs.run_lock)
+                inputs = run_inputs(self.cfg, fork)
+                if not resume:  # refuse before anything is written, the lock file included
+                    prepare_run_dir(self.out, overwrite, inputs, delete=False)
+                stack.enter_context(run_lock(self.out))
+                if not resume:
+                    prepare_run_dir(self.out, overwrite, inputs)
+                mark_run_dir(self.out)
             acc.wait_for_everyone()
+            return self._train(resume, fork)
+
+    def _train(self, resume, fork) -> dict:
+        acc, tc = self.acc, self.tcfg
         if fork:
             diff = self._config_diff(Path(fork))
             skipped = self.load_checkpoint(fork, strict=False)
@@ -225,14 +256,17 @@ class Trainer:
             self.load_resume_point(resume)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "config.yaml", _yaml(to_dict(self.cfg)))
+            atomic_write_text(self.out / "config.yaml", _yaml(self.base_config))
         acc.wait_for_everyone()
         old_handler = _install_sigterm(self)
         bar = tqdm(total=tc.max_steps, initial=self.step, desc=f"{type(self.obj).__name__}",
                    disable=not acc.is_main_process, dynamic_ncols=True)
         t0, history = time.time(), []
+        self._t0 = t0
         try:
             while self.step < tc.max_steps:
+                if self.schedule:
+                    self.schedule.apply(self.step)  # before updates(step): the critic ratio may change
                 logs = self._run_step()
                 if logs is None:  # interrupted at an update boundary
                     break
@@ -261,6 +295,8 @@ class Trainer:
             self.stop_signal = self.stop_signal or signal.SIGINT
         finally:
             bar.close()
+            if self.schedule:
+                self.schedule.restore()
             if old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler[0])
                 signal.signal(signal.SIGINT, old_handler[1])
@@ -325,9 +361,12 @@ class Trainer:
             if player.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, player.grad_clip)
                 parts[f"{name}_grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            for g in self.opts[name].param_groups:
-                lr = player.lr * min(1.0, (self.step + 1) / player.warmup_steps) if player.warmup_steps else player.lr
-                g["lr"] = lr * g["lr_scale"] if "lr_scale" in g else lr
+            base_lr = player.current_lr()
+            lr = base_lr * min(1.0, (self.step + 1) / player.warmup_steps) if player.warmup_steps else base_lr
+            for g, scale in zip(self.opts[name].param_groups, player.group_scales()):
+                if scale is not None:
+                    g["lr_scale"] = scale
+                g["lr"] = lr * scale if scale is not None else lr
             with self._timed("optimizer"):
                 self.opts[name].step()
             self.opts[name].zero_grad(set_to_none=True)
@@ -390,16 +429,16 @@ class Trainer:
         final = self.ckpt_dir / name
         tmp = self.ckpt_dir / f".tmp_{name}_{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        tensors, optim = gathered if gathered is not None else (self.state_tensors(),
-                                                                 {n: o.state_dict() for n, o in self.opts.items()})
-        save_file(tensors, tmp / "models.safetensors")
-        torch.save(optim, tmp / "optim.pt")
-        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-        meta = {"step": self.step, "update": self.update, "seed": self.tcfg.seed,
-                "config": json.loads(json.dumps(to_dict(self.cfg))),  # resume checks it (_check_same_config)
-                "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            self._write_checkpoint(tmp, gathered)
+        except OSError as e:  # disk full, quota, permissions: leave no partial folder behind to fill the disk
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not write checkpoint {final} ({e.strerror or e}); the previous checkpoint "
+                                  f"is intact. Free disk space in {self.ckpt_dir.parent}, then resume with "
+                                  f"--resume") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final.exists():
             old = self.ckpt_dir / f".old_{name}_{os.getpid()}"
             os.replace(final, old)
@@ -412,6 +451,32 @@ class Trainer:
             if self.on_checkpoint is not None:
                 self.on_checkpoint(self, final)
         return final
+
+    def _write_checkpoint(self, tmp: Path, gathered) -> None:
+        tmp.mkdir(parents=True)
+        tensors, optim = gathered if gathered is not None else (self.state_tensors(),
+                                                                 {n: o.state_dict() for n, o in self.opts.items()})
+        save_file(tensors, tmp / "models.safetensors")
+        torch.save(optim, tmp / "optim.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        meta = {"step": self.step, "update": self.update, "seed": self.tcfg.seed,
+                "config": self.base_config,  # resume checks it (_check_same_config)
+                "teacher_sha256": self.teacher_digest(),  # resume checks it: the same frozen teacher
+                "wall_seconds": round(self.wall_seconds(), 3),  # setup + training, summed over resumes
+                "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}}
+        if self.schedule:  # the values in force for the next step (recipe.py): what a resume applies
+            meta["schedule"] = {"step": self.step, "values": self.schedule.values(self.step)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    def teacher_digest(self) -> str | None:
+        """sha256 (16 hex) of the frozen teacher's weights, or None for methods without one (teacher training)."""
+        if not hasattr(self, "_teacher_digest"):
+            from ..pairs import weights_digest
+
+            teacher = getattr(self.obj, "teacher", None)
+            self._teacher_digest = weights_digest(teacher.backbone) if teacher is not None and hasattr(
+                teacher, "backbone") else None
+        return self._teacher_digest
 
     def load_checkpoint(self, path: str | Path, strict: bool = True) -> list[str]:
         """Load a (hash-checked) checkpoint. ``strict=False`` (``--fork``) tolerates modules added or removed by a
@@ -442,7 +507,13 @@ class Trainer:
                 skipped.append(f"optimizer {n}: started afresh")
         torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
         self.step, self.update = int(meta["step"]), int(meta["update"])
+        self._wall_before = float(meta.get("wall_seconds", 0.0))
         return skipped
+
+    def wall_seconds(self) -> float:
+        """Wall seconds this run has cost so far: earlier processes (resumed from) + this one's setup and loop."""
+        loop = time.time() - self._t0 if getattr(self, "_t0", None) else 0.0
+        return self._wall_before + self.setup_seconds + loop
 
     def _gathered_state(self) -> tuple[dict, dict]:
         """(models, optimizer states) in the single-process checkpoint format, gathered from the FSDP
@@ -507,19 +578,19 @@ class Trainer:
         RESUME_MAY_CHANGE; [] for checkpoints written before configs were recorded. A key the checkpoint does
         not record (added by a later stepdistill) counts as its default value: the run used the default behaviour."""
         meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
-        if "config" not in meta:
-            return []
-        old = _flatten(upgrade_keys(type(self.cfg), meta["config"]))  # a checkpoint of an earlier release
-        new = _flatten(json.loads(json.dumps(to_dict(self.cfg))))
-        defaults = _flatten(json.loads(json.dumps(to_dict(type(self.cfg)()))))
-        for k in new.keys() - old.keys():
-            if k in defaults:
-                old[k] = defaults[k]
-        return [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
-                if old.get(k) != new.get(k) and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE)]
+        return config_diff(type(self.cfg), meta.get("config"), self.base_config)
 
     def _check_same_config(self, path: Path) -> None:
-        """A checkpoint resumes only the run it came from: same config apart from RESUME_MAY_CHANGE."""
+        """A checkpoint resumes only the run it came from: same config apart from RESUME_MAY_CHANGE, and the same
+        teacher weights (a teacher retrained at the same path is another teacher)."""
+        meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+        had, now = meta.get("teacher_sha256"), self.teacher_digest()
+        if had and now and had != now:
+            raise CheckpointError(
+                f"checkpoint {path} was trained against other teacher weights (sha256 {had}, now {now}): the teacher "
+                f"at {getattr(getattr(self.cfg, 'dmd', None), 'teacher', 'its path')} changed since. Resume needs the "
+                f"same teacher: restore it, or start a new run (another output_dir, or --fork {path} to keep the "
+                f"student's weights)")
         diff = self._config_diff(path)
         if diff:
             shown = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in diff[:6])
@@ -549,22 +620,20 @@ RESUME_MAY_CHANGE = ("output_dir", "train.max_steps", "train.log_every", "train.
                      "train.guard_action", "train.guard_min_diversity", "train.guard_max_saturation",
                      "train.nonfinite_tolerance", "train.fsdp", "train.fsdp_shard_teacher", "train.cpu",
                      "train.gradient_checkpointing", "dmd.offload_teacher")
-#: what makes an output folder a run that a fresh start would clobber
-RUN_MARKERS = ("checkpoints", "log.jsonl", "student", "model", "config.yaml")
-
-
-def check_fresh_output(out: Path, overwrite: bool, main_process: bool = True) -> None:
-    """A fresh run needs an unused ``output_dir``; ``overwrite`` clears a used one (its whole contents)."""
-    used = [m for m in RUN_MARKERS if (out / m).exists()]
-    if not used:
-        return
-    if not overwrite:
-        raise OutputExistsError(
-            f"{out} already holds a run ({', '.join(used)}); pass --overwrite to delete it and start afresh, "
-            f"--resume to continue it, or choose another output_dir")
-    if main_process:
-        for p in out.iterdir():
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+def config_diff(cls, old_config: dict | None, new_config: dict) -> list[tuple[str, object, object]]:
+    """(key, old value, new value) for every key of two config mappings of ``cls`` that differs, apart from
+    RESUME_MAY_CHANGE; [] when ``old_config`` is None (checkpoints written before configs were recorded). Old key
+    spellings are upgraded; a key ``old_config`` lacks (added by a later stepdistill) counts as its default."""
+    if old_config is None:
+        return []
+    old = _flatten(upgrade_keys(cls, old_config))
+    new = _flatten(json.loads(json.dumps(new_config)))
+    defaults = _flatten(json.loads(json.dumps(to_dict(cls()))))
+    for k in new.keys() - old.keys():
+        if k in defaults:
+            old[k] = defaults[k]
+    return [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k) and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE)]
 
 
 def verify_checkpoint(path: str | Path) -> dict:

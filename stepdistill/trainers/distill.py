@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -35,15 +36,17 @@ def distill(cfg: DistillConfig, resume: bool | str = False, accelerator=None, te
     :class:`~stepdistill.errors.TrainingInterrupted` after saving its checkpoint."""
     if cfg.train.threads > 0:  # before the build: teacher ODE pairs are sampled there
         torch.set_num_threads(cfg.train.threads)
+    t_build = time.time()
     obj, data, meta = build_dmd(cfg, teacher=teacher, meta=meta, data=data, text_bank=text_bank)
     trainer = Trainer(obj, cfg, accelerator=accelerator, data=data,
                       on_checkpoint=getattr(obj, "on_checkpoint", None))  # PSO keeps its online references
+    trainer.setup_seconds = time.time() - t_build  # teacher ODE pairs etc.: counted in the run's wall time
     result = trainer.train(resume=resume, overwrite=overwrite, fork=fork)
     raise_if_interrupted(trainer, result)
     out = Path(cfg.output_dir) / "student"
     ema = trainer.plain_ema()  # FSDP: gathered copies (collective)
     if trainer.acc.is_main_process:
-        with atomic_folder(out, overwrite=True) as tmp:  # the run's own student: replaced as a whole
+        with atomic_folder(out, own=True) as tmp:  # the run's own student (inside our run folder): replaced whole
             get_method(cfg.method).export(ema, obj, cfg, meta, tmp)  # merges LoRA networks
         atomic_write_text(Path(cfg.output_dir) / "training_result.json", json.dumps(result, indent=2, default=str))
         print(f"student exported to {out}")

@@ -222,7 +222,8 @@ class DMDObjective:
             "critic": Player.from_optim(critic_mod, cfg.critic_optim),
         }
         if self.pixel_disc is not None and cfg.pixel_gan_lr > 0:  # a fresh D learns faster than the fake score
-            self.players["critic"].lr_scales = {"pixel_disc": cfg.pixel_gan_lr / cfg.critic_optim.lr}
+            # read at every update: a schedule may change either learning rate (stepdistill/recipe.py)
+            self.players["critic"].lr_scales = {"pixel_disc": lambda: cfg.pixel_gan_lr / cfg.critic_optim.lr}
         self.pairs = regression_pairs
 
     def to(self, device):

@@ -51,7 +51,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool | str = False, accelerator=No
     out = Path(cfg.output_dir) / "model"
     if trainer.acc.is_main_process:
         extra = {"dataset": cfg.data.name, "steps": trainer.step}
-        with atomic_folder(out, overwrite=True) as tmp:  # the run's own folder: replaced as a whole
+        with atomic_folder(out, own=True) as tmp:  # the run's own model (inside our run folder): replaced whole
             if text:
                 from ..text_models import TEXT_TEACHER_PIPELINE, save_text_folder
 
