@@ -6,11 +6,14 @@ import json
 import sys
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: the shipped configs: package data (the repo's configs/ is a link to this folder), so a wheel has them too
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def _config_arg(p: argparse.ArgumentParser, default: str | None, train: bool = True):
-    p.add_argument("--config", default=default, help="YAML config (defaults to the shipped one)")
+    p.add_argument("--config", default=default,
+                   help="YAML config (default: " + ("the shipped one)" if train else "the run's own "
+                                                     "<output_dir>/config.yaml, output_dir from the overrides)"))
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     if train:
         p.add_argument("--resume", nargs="?", const="latest", default=False, metavar="CHECKPOINT",
@@ -29,9 +32,19 @@ def _resume_value(a) -> None:
         a.resume = "latest"
 
 
-def _default_config(name: str) -> str | None:
-    p = CONFIG_DIR / name
-    return str(p) if p.exists() else None
+def _default_config(name: str) -> str:
+    """The shipped config ``name`` (checked when the command runs: :func:`_check_default_config`)."""
+    return str(CONFIG_DIR / name)
+
+
+def _check_default_config(path: str | None) -> None:
+    """A shipped default config that is missing (a broken install) is said in one line, never replaced by the
+    dataclass defaults in silence; ``--config ''`` asks for those explicitly."""
+    from .config import ConfigError
+
+    if path and Path(path).parent == CONFIG_DIR and not Path(path).exists():
+        raise ConfigError(f"the shipped config {path} is missing from this install (reinstall stepdistill); pass "
+                          f"--config FILE, or --config '' for the built-in defaults")
 
 
 def cmd_teacher(a):
@@ -39,6 +52,7 @@ def cmd_teacher(a):
     from .trainers.teacher import train_teacher
 
     _resume_value(a)
+    _check_default_config(a.config)
     cfg = load_config(TeacherConfig, a.config, a.overrides)
     train_teacher(cfg, resume=a.resume, overwrite=a.overwrite)
 
@@ -48,6 +62,7 @@ def cmd_distill(a):
     from .trainers.distill import distill
 
     _resume_value(a)
+    _check_default_config(a.config)
     cfg = load_config(DistillConfig, a.config, a.overrides)
     if a.fork and a.resume:
         raise ConfigError("--fork starts a new run from another run's checkpoint; it cannot be combined with --resume")
@@ -57,13 +72,12 @@ def cmd_distill(a):
 def cmd_export(a):
     """Export the EMA student of a run (latest or given checkpoint, hash-checked) as a diffusers folder,
     written to a temporary folder and renamed into place; a non-empty --out needs --overwrite."""
-    from .config import DistillConfig, load_config
     from .methods import get_method
     from .outputs import check_replace_folder
     from .trainers.loading import load_trained
     from .utils import atomic_folder
 
-    cfg = load_config(DistillConfig, a.config, a.overrides)
+    cfg = export_config(a)
     out = Path(a.out or Path(cfg.output_dir) / "student")
     inputs = [cfg.output_dir + "/checkpoints", a.checkpoint, a.config]  # never replaced by the export
     check_replace_folder(out, a.overwrite, "export", inputs)  # before any loading
@@ -71,6 +85,32 @@ def cmd_export(a):
     with atomic_folder(out, overwrite=a.overwrite, inputs=inputs) as tmp:
         get_method(cfg.method).export(modules, obj, cfg, meta, tmp)
     print(json.dumps({"exported": str(out)}))
+
+
+def export_config(a):
+    """The config ``export`` uses: ``--config`` when given; else the run's own ``<output_dir>/config.yaml`` (the
+    output_dir from the overrides, or the shipped config's), so ``export output_dir=run1`` exports run1 as it was
+    trained. A teacher run is refused with what to do instead."""
+    import yaml
+
+    from .config import ConfigError, DistillConfig, load_config
+
+    path = a.config
+    if path is None:
+        base = load_config(DistillConfig, _default_config("dmd2_animal_mnist.yaml"), a.overrides)
+        own = Path(base.output_dir) / "config.yaml"
+        if not own.exists():
+            raise ConfigError(f"{base.output_dir} holds no run (no config.yaml); give the run folder with "
+                              f"output_dir=RUN or its config with --config RUN/config.yaml")
+        path = str(own)
+    _check_default_config(path)
+    if Path(path).is_file():
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if isinstance(raw, dict) and "cfg_dropout" in raw and "model" in raw:
+            run = Path(path).parent
+            raise ConfigError(f"{path} is a teacher run (stepdistill teacher): its model is already a diffusers folder, "
+                              f"{run / 'model'}; sample or eval it directly, or distill it with dmd.teacher={run / 'model'}")
+    return load_config(DistillConfig, path, a.overrides)
 
 
 def sample_text(a) -> None:
@@ -139,7 +179,8 @@ def cmd_sample(a):
     labels = _parse_labels(a.classes, meta, a.num)
     g = torch.Generator().manual_seed(a.seed)
     shape = den.sample_shape  # (C, H, W): the adapter knows the model family
-    check_grid_size(len(labels), shape, a.scale)
+    n = a.num
+    check_grid_size(n, shape, a.scale)
     if meta.student_timesteps:
         ignored = [f for f, v in (("--scheduler", a.scheduler), ("--guidance-scale", a.guidance_scale)) if v is not None]
         if ignored:
@@ -151,23 +192,29 @@ def cmd_sample(a):
         sched_cfg = load_scheduler_config(a.model, None)
         make_scheduler(a.scheduler or "ddim", sched_cfg)  # an unknown --scheduler fails before any sampling
         w = TEACHER_GUIDANCE if a.guidance_scale is None else a.guidance_scale
+        if labels is None:
+            w = 1.0  # unconditional: nothing to guide
+            if a.guidance_scale not in (None, 1.0):
+                print("warning: --guidance-scale ignored: the model is unconditional", file=sys.stderr)
         run = lambda y, noise: scheduler_sample(  # noqa: E731
             den, make_scheduler(a.scheduler or "ddim", sched_cfg), y, a.steps or 50, w, noise,
-            progress=len(labels) <= SAMPLE_BATCH)
+            progress=n <= SAMPLE_BATCH)
     # batches of SAMPLE_BATCH (one batch draws its noise exactly as before), converted to uint8 as they come
     chunks = []
-    for i in range(0, len(labels), SAMPLE_BATCH):
-        y = labels[i:i + SAMPLE_BATCH]
-        chunks.append(quantize(run(y, torch.randn(len(y), *shape, generator=g))))
+    for i in range(0, n, SAMPLE_BATCH):
+        y = labels[i:i + SAMPLE_BATCH] if labels is not None else None
+        chunks.append(quantize(run(y, torch.randn(min(SAMPLE_BATCH, n - i), *shape, generator=g))))
     names = meta.class_names
-    k = len(set(labels.tolist()))
+    k = len(set(labels.tolist())) if labels is not None else 1
     nrow = a.nrow or (k if names and k > 1 else 10)
-    captions = [names[int(i)] for i in labels] if names else None
+    captions = [names[int(i)] for i in labels] if names and labels is not None else None
     path = save_labeled_grid(torch.cat(chunks), a.out, nrow=nrow, scale=a.scale, captions=captions)
-    print(json.dumps({"grid": str(path), "n": len(labels), "columns": nrow}))
+    print(json.dumps({"grid": str(path), "n": n, "columns": nrow}))
 
 
 SAMPLE_BATCH = 256
+MAX_ERROR_CHARS = 1000
+MAX_SAMPLE_ELEMENTS = 4096 * 4096 * 4  # one sample larger than a 4096^2 RGBA latent is a broken config
 TEACHER_GUIDANCE = 2.0
 MAX_GRID_BYTES = 512 * 2**20
 
@@ -201,6 +248,10 @@ def check_grid_size(n: int, shape: tuple[int, int, int], scale: int) -> None:
 
     c, h, w = shape
     nbytes = n * 3 * (h * scale + 1) * (w * scale + 1)
+    one = 3 * (h * scale + 1) * (w * scale + 1)
+    if one > MAX_GRID_BYTES or c * h * w > MAX_SAMPLE_ELEMENTS:
+        raise ConfigError(f"one {c}x{h}x{w} sample is too large to draw here (the model's sample_size is {h}); "
+                          f"check the model's config (unet/config.json sample_size)")
     if nbytes > MAX_GRID_BYTES:
         raise ConfigError(f"a grid of {n} images at --scale {scale} needs {nbytes / 2**30:.1f} GiB; lower --num "
                           f"(at most {MAX_GRID_BYTES * n // nbytes} here) or --scale")
@@ -227,8 +278,10 @@ def _parse_labels(classes: str | None, meta, n: int):
     from .config import ConfigError
 
     names = meta.class_names
-    if not names:
-        return torch.zeros(n, dtype=torch.long)
+    if not names:  # an unconditional model takes no labels at all (None: no class embedding, no CFG)
+        if classes:
+            raise ConfigError(f"--classes: this model is unconditional (it has no classes)")
+        return None
     if not classes:
         chosen = list(range(len(names)))
     else:
@@ -266,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_distill)
 
     p = sub.add_parser("export", help="export a run's EMA student as a diffusers folder")
-    _config_arg(p, _default_config("dmd2_animal_mnist.yaml"), train=False)
+    _config_arg(p, None, train=False)  # default: the run's own config.yaml (cli.export_config)
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: latest)")
     p.add_argument("--out", default=None, help="output folder (default: <output_dir>/student)")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"],
@@ -318,10 +371,18 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:  # the checkpoint is saved; the message says how to resume
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside training (eval, sample, export): nothing half-written is kept
+        if a.debug:
+            raise
+        print("\ninterrupted (Ctrl-C); outputs are written atomically, so nothing half-written was left", file=sys.stderr)
+        return 130
     except Exception as e:  # one line for the user; the traceback with --debug (or for a real bug)
         line = user_error(e)
         if line is None or a.debug:
             raise
+        line = " ".join(line.split("\n"))
+        if len(line) > MAX_ERROR_CHARS:  # a YAML alias bomb or a huge value must not print megabytes
+            line = line[:MAX_ERROR_CHARS] + f" ... ({len(line) - MAX_ERROR_CHARS} more characters)"
         print(f"error: {line}", file=sys.stderr)
         return 2
     return rc if isinstance(rc, int) else 0

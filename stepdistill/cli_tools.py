@@ -166,8 +166,14 @@ def cmd_onnx(a):
 def cmd_plan(a):
     import sys
 
+    from .config import ConfigError
     from .plan import PlanRequest, fit_grid, format_table, plan
 
+    if not (math.isfinite(a.gpu_gib) and a.gpu_gib > 0):
+        raise ConfigError(f"--gpu-gib must be a finite number of GiB > 0, got {a.gpu_gib}")
+    for flag, v in (("--batch", a.batch), ("--resolution", a.resolution), ("--gpus", getattr(a, "gpus", 1))):
+        if v is not None and v < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {v}")
     if a.fit_grid:
         gpus = tuple(int(g) for g in a.fit_grid.split(","))
         res = {"teacher": a.teacher, "resolution": a.resolution, "batch": a.batch, "gpu_gib": a.gpu_gib,
@@ -243,7 +249,7 @@ def add_commands(sub) -> None:
     p.add_argument("--student", default=None, help="distilled student folder (required unless --train)")
     p.add_argument("--train", action="store_true",
                    help="profile training steps instead: per-network forward and backward time vs the whole step")
-    p.add_argument("--config", default="configs/dmd2_animal_mnist.yaml",
+    p.add_argument("--config", default=str(Path(__file__).resolve().parent / "configs" / "dmd2_animal_mnist.yaml"),
                    help="--train: the distill config to profile (default: the main job's)")
     p.add_argument("--tiny", action="store_true", help="--train: a tiny custom nn.Module teacher on 16x16 digits")
     p.add_argument("overrides", nargs="*", help="--train: config overrides key=value, e.g. train.batch_size=16")

@@ -247,36 +247,53 @@ def _parse(text: str, key: str):
         raise ConfigError(f"{key}: cannot parse {text!r} ({type(e).__name__})") from None
 
 
+def _short(value, limit: int = 120) -> str:
+    """``repr(value)`` clipped: a YAML alias bomb's value must not become a megabyte error line (nor be built
+    as one: nested containers are described by their length)."""
+    if isinstance(value, (list, tuple, dict)) and len(value) > 20:
+        return f"<a {type(value).__name__} of {len(value)} items>"
+    r = repr(value) if not isinstance(value, (list, tuple, dict)) else reprlib_repr(value)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def reprlib_repr(value) -> str:
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring = 3, 8, 8, 60
+    return r.repr(value)
+
+
 def _coerce(value, tp, key: str):
     origin = typing.get_origin(tp)
     if origin is dict:
         if isinstance(value, str):
             value = _parse(value, key)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_short(value)}")
         return dict(value)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, str):
             value = _parse(value, key)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_short(value)}")
         return _build(tp, value, key + ".")
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):
             value = _parse(value, key)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_short(value)}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
             return value.lower() in ("true", "1", "yes", "on")
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"{key}: expected true/false, got {_short(value)}")
     if tp in (int, float):
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {_short(value)}")
         try:
             v = _parse(value, key) if isinstance(value, str) else value
             if isinstance(v, bool):
@@ -285,7 +302,7 @@ def _coerce(value, tp, key: str):
                 raise ValueError
             return tp(v)
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {_short(value)}") from None
     if tp is str:
         if isinstance(value, str):
             # overrides arrive as raw text: drop YAML quoting ('no' -> no) but never let YAML turn
@@ -296,7 +313,7 @@ def _coerce(value, tp, key: str):
                 parsed = value
             return parsed if isinstance(parsed, str) else value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a string, got {value!r} (quote it in YAML, e.g. 'no')")
+            raise ConfigError(f"{key}: expected a string, got {_short(value)} (quote it in YAML, e.g. 'no')")
         return str(value)
     return value
 
@@ -408,6 +425,14 @@ def normalise(cfg) -> None:
     if isinstance(cfg, DistillConfig) and (cfg.pso.naive or cfg.method == "pso_naive") \
             and cfg.method in ("pso", "pso_naive"):
         cfg.method, cfg.pso.naive = "pso_naive", True
+    # a path written with ~ means the home folder, from YAML as from the shell (never a literal ./~)
+    if isinstance(getattr(cfg, "output_dir", None), str) and cfg.output_dir.startswith("~"):
+        cfg.output_dir = str(Path(cfg.output_dir).expanduser())
+    for section, key in (("dmd", "teacher"), ("dmd", "student_init"), ("data", "name"), ("pso", "model")):
+        sec = getattr(cfg, section, None)
+        v = getattr(sec, key, None)
+        if isinstance(v, str) and v.startswith("~"):
+            setattr(sec, key, str(Path(v).expanduser()))
 
 
 def _merge(base: dict, new: dict, prefix: str) -> None:
@@ -461,6 +486,9 @@ def validate(cfg) -> None:
         check(tr.guard_min_diversity >= 0, "train.guard_min_diversity", "must be >= 0")
         check(0.0 <= tr.guard_max_saturation <= 1.0, "train.guard_max_saturation", "must be in [0, 1]")
         check(tr.guard_action in ("warn", "stop"), "train.guard_action", "must be warn | stop")
+        check(0 <= tr.seed < 2**63, "train.seed", f"must be an integer in 0..2**63-1, got {tr.seed}")
+        check(tr.threads >= 0, "train.threads", f"must be >= 0 (0 = all cores), got {tr.threads}")
+        check(tr.num_workers >= 0, "train.num_workers", f"must be >= 0, got {tr.num_workers}")
     if isinstance(cfg, TeacherConfig):
         m = cfg.model
         check(m.prediction_type in ("epsilon", "v_prediction", "sample"), "model.prediction_type",
@@ -469,6 +497,15 @@ def validate(cfg) -> None:
               "needs one entry per block_out_channels")
         check(0.0 <= cfg.cfg_dropout < 1.0, "cfg_dropout", "must be in [0, 1)")
         check(m.conditioning in ("class", "text"), "model.conditioning", "must be class | text")
+        check(len(m.block_out_channels) >= 1 and all(c > 0 for c in m.block_out_channels), "model.block_out_channels",
+              f"needs at least one channel count > 0, e.g. [32, 64, 64], got {m.block_out_channels}")
+        check(m.norm_num_groups > 0 and all(c % m.norm_num_groups == 0 for c in m.block_out_channels),
+              "model.norm_num_groups", f"must divide every entry of model.block_out_channels {m.block_out_channels}")
+        down = 2 ** (len(m.block_out_channels) - 1)
+        check(cfg.data.resolution % down == 0, "data.resolution",
+              f"must be a multiple of {down} (the UNet halves it {len(m.block_out_channels) - 1} times), got "
+              f"{cfg.data.resolution}")
+        check(m.layers_per_block >= 1, "model.layers_per_block", "must be >= 1")
     text = getattr(cfg, "text", None)
     if text is not None:
         check(0 <= text.max_length <= 512, "text.max_length", "must be in 0..512 (0 = default)")

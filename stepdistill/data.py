@@ -196,6 +196,9 @@ def read_images(paths: list[Path], resolution: int, channels: int) -> torch.Tens
                 if channels == 1 and im.mode in ("RGB", "RGBA") and not _is_gray(im):
                     raise DataError(f"{f}: colour image but channels=1 was requested")
                 images.append(np.asarray(im.convert(mode).resize((resolution, resolution), Image.BICUBIC)))
+        except Image.DecompressionBombError as e:  # a tiny file that decodes to gigapixels
+            raise DataError(f"{f}: refused, the image is too large to decode safely ({e}); remove it from the "
+                            f"folder") from None
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"{f}: unreadable image ({e})") from e
     return _to_tensor_images(np.stack(images), resolution, pad=False)

@@ -103,8 +103,12 @@ def hub_snapshot(repo_id: str, allow_pickle: bool = False) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001 - offline without a cached snapshot, unknown repo, no network ...
-        raise ModelLoadError(f"could not get {repo_id!r} from the Hugging Face hub or its cache "
-                             f"({type(e).__name__}: {e}); check the id, your network, or pre-download it") from e
+        first = repo_id.split("/")[0]
+        local = (f"there is no local folder {repo_id!r} either (and {first!r} " +
+                 ("exists here: a typo in the folder name?); " if Path(first).exists() else "does not exist here); "))
+        raise ModelLoadError(f"{repo_id}: {local}as a Hugging Face hub id it could not be fetched or found in the "
+                             f"cache ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Check the path, or the id and "
+                             f"your network") from None
 
 
 def _looks_like_hub_id(s: str) -> bool:
@@ -159,7 +163,11 @@ def load_scheduler_config(path_or_id: str | Path, model_folder: Path | None) -> 
                  (model_folder.parent / "scheduler" / "scheduler_config.json") if model_folder else None):
         if cand is not None and cand.exists():
             return json.loads(cand.read_text())
-    raise ModelLoadError(f"{p}: no scheduler/scheduler_config.json; the noise schedule is unknown")
+    raise ModelLoadError(
+        f"{p}: no scheduler/scheduler_config.json, so the noise schedule the model was trained with is unknown. Save "
+        f"the training scheduler beside the network, e.g. DDPMScheduler(num_train_timesteps=1000, beta_schedule="
+        f"'linear', prediction_type='epsilon').save_pretrained('{p}/scheduler') with your training values "
+        f"(docs/your_teacher.md)")
 
 
 def load_denoiser(path_or_id: str | Path, allow_pickle: bool = False) -> tuple[Denoiser, ModelMeta]:

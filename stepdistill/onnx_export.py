@@ -87,6 +87,9 @@ def export_onnx(model: str | Path, out: str | Path, steps: int | None = None, op
         args.append(torch.randn(len(ts) - 1, b, *shape))
         axes["step_noise"] = {1: "batch"}
     out.parent.mkdir(parents=True, exist_ok=True)
+    from .outputs import clean_stale_temps
+
+    clean_stale_temps(out.parent)  # what a killed earlier export left
     tmp, tmp_json = out.with_name(f".{out.name}.{os.getpid()}.tmp"), out.with_name(f".{out.stem}.{os.getpid()}.json.tmp")
     import warnings
 

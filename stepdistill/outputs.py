@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -215,6 +216,38 @@ def check_report_dir(out: Path, overwrite: bool) -> None:
         if marker is None or marker.get("kind") != "report":
             _refuse(f"--out {out} already holds files that no stepdistill report wrote; pass --overwrite to write "
                     f"the report's files (report.md, report.json, PNGs) beside them, or choose another folder")
+
+
+_TEMP = re.compile(r"^\.(?:tmp|old)_.+_(\d+)$|^\..+\.(\d+)\.(?:json\.)?tmp(?:\.png)?$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(folder: Path) -> list[str]:
+    """Remove the temporary files and folders our atomic writes leave when a process is killed (their names carry
+    the writer's pid; only those of processes that no longer run are removed). Returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TEMP.match(p.name)
+        if not m:
+            continue
+        pid = int(m.group(1) or m.group(2))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        removed.append(p.name)
+    return removed
 
 
 def mark_folder(folder: Path, kind: str) -> None:

@@ -47,7 +47,7 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int, scale: int = 2) -> P
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     try:
         Image.fromarray(make_grid(x, nrow, scale)).save(tmp, pnginfo=_png_tag())
         os.replace(tmp, path)
@@ -100,7 +100,7 @@ def save_labeled_grid(x: torch.Tensor, path: str | Path, nrow: int, scale: int =
                               fill=(0, 0, 0), font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     try:
         out.save(tmp, pnginfo=_png_tag())
         os.replace(tmp, path)
@@ -162,9 +162,12 @@ def sha256_file(path: str | Path) -> str:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def class_balanced_labels(n: int, num_classes: int) -> torch.Tensor:
@@ -193,9 +196,12 @@ def atomic_folder(out: str | Path, overwrite: bool = False, kind: str = "export"
     the final folder."""
     from .outputs import check_replace_folder, mark_folder
 
+    from .outputs import clean_stale_temps
+
     out = Path(out)
     if not own:
         check_replace_folder(out, overwrite, kind, inputs)
+    clean_stale_temps(out.parent)  # what a killed earlier export left
     out.parent.mkdir(parents=True, exist_ok=True)
     box = out.parent / f".tmp_{out.name}_{os.getpid()}"
     shutil.rmtree(box, ignore_errors=True)

@@ -316,7 +316,7 @@ def compare_memory(overrides: list[str] | None = None, steps: int = 2, config: s
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stepdistill.eval.memory", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/dmd2_animal_mnist.yaml")
+    p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "dmd2_animal_mnist.yaml"))
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--modes", default="full,lora", help=f"comma-separated: {', '.join(MODES)}")
     p.add_argument("--arch", default="", help="a real-size architecture (sd15, sdxl, sd3, flux) with random "

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..config import to_dict, upgrade_keys
 from ..recipe import Schedule
-from ..outputs import mark_run_dir, prepare_run_dir, run_inputs, run_lock
+from ..outputs import clean_stale_temps, mark_run_dir, prepare_run_dir, run_inputs, run_lock
 from ..utils import atomic_write_text, plot_losses, save_grid, sha256_file
 
 
@@ -240,6 +240,8 @@ class Trainer:
                 if not resume:
                     prepare_run_dir(self.out, overwrite, inputs)
                 mark_run_dir(self.out)
+                for folder in (self.out, self.ckpt_dir, self.out / "samples"):  # litter of a killed earlier process
+                    clean_stale_temps(folder)
             acc.wait_for_everyone()
             return self._train(resume, fork)
 

@@ -13,8 +13,10 @@ def load_trained(cfg: DistillConfig, checkpoint: str | Path | None = None, weigh
     """``(ema modules {player: network}, objective, meta)`` of a run's checkpoint (latest by default);
     ``weights="raw"``: the players' own weights instead of their EMA."""
     method = get_method(cfg.method)
-    if checkpoint:
-        check_checkpoint_matches(cfg, Path(checkpoint))
+    ptr = Path(cfg.output_dir) / "checkpoints" / "latest"
+    path = Path(checkpoint) if checkpoint else (ptr.parent / ptr.read_text().strip() if ptr.exists() else None)
+    if path is not None:  # before building anything: another run's checkpoint is refused in one line
+        check_checkpoint_matches(cfg, path)
     obj, _, meta = method.build(cfg)
     modules = method.ema_modules(obj)
     load_ema_weights(cfg.output_dir, modules, checkpoint, weights)
@@ -33,6 +35,6 @@ def check_checkpoint_matches(cfg: DistillConfig, checkpoint: Path) -> None:
     diff = config_diff(type(cfg), meta.get("config"), to_dict(cfg))
     if diff:
         shown = ", ".join(f"{k} ({a!r} in the checkpoint, {b!r} here)" for k, a, b in diff[:4])
-        raise CheckpointError(f"--checkpoint {checkpoint} belongs to a run with another config: {shown}"
+        raise CheckpointError(f"checkpoint {checkpoint} belongs to a run with another config: {shown}"
                               f"{' ...' if len(diff) > 4 else ''}. Export it with its own run's config "
                               f"(--config <its output_dir>/config.yaml)")

@@ -41,7 +41,11 @@ def prepare(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMeta
         data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
     num_classes = len(meta.class_names) if meta.conditioning == "class" else 0
     if num_classes and data.num_classes != num_classes:
-        raise ValueError(f"teacher has {num_classes} classes but dataset {cfg.data.name} has {data.num_classes}")
+        raise ConfigError(
+            f"teacher {cfg.dmd.teacher} has {num_classes} classes (its class embedding holds {num_classes + 1} rows: "
+            f"one per class plus the null class that classifier-free guidance uses) but dataset {cfg.data.name} has "
+            f"{data.num_classes}; distill on the dataset the teacher was trained on, or use a teacher with "
+            f"{data.num_classes} classes (num_class_embeds={data.num_classes + 1})")
     conds = None
     if meta.conditioning == "text":
         if text_bank is None and teacher_given:
@@ -57,6 +61,7 @@ def prepare(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMeta
         conds = text_bank
         if teacher.null_cond is None:
             teacher.null_cond = text_bank.null_cond
+    check_shapes(cfg, teacher, data)
     T = teacher.schedule.num_train_timesteps
     shared = None
     if cfg.dmd.lora_rank > 0:  # the teacher becomes the adapters-disabled view of its own backbone
@@ -64,6 +69,25 @@ def prepare(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMeta
 
         teacher, shared = lora_teacher(teacher, cfg.dmd, seed=cfg.train.seed)
     return Setup(teacher, meta, data, conds, num_classes, shared, T)
+
+
+def check_shapes(cfg: DistillConfig, teacher: Denoiser, data) -> None:
+    """The real data (GAN branch, pixel discriminator) must have the teacher's sample shape: a 16x16 teacher
+    distilled at 32x32, or a 32x32 teacher on 16x16 digits, would train and export a student whose config and
+    metadata disagree."""
+    if data is None:
+        return
+    try:
+        want = tuple(int(v) for v in teacher.sample_shape)
+    except (ValueError, TypeError):  # a custom backbone that does not declare its sample shape: nothing to check
+        return
+    got = tuple(int(v) for v in data.images.shape[1:])
+    if want != got:
+        c, h, w = want
+        raise ConfigError(
+            f"dmd.teacher {cfg.dmd.teacher} makes {c}x{h}x{w} samples but data {cfg.data.name} gives "
+            f"{got[0]}x{got[1]}x{got[2]} images (data.resolution={cfg.data.resolution}, data.channels="
+            f"{cfg.data.channels}); set data.resolution={h} data.channels={c}, or use a teacher of that size")
 
 
 def text_distill_setup(cfg, meta, data=None):

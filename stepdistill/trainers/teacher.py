@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from ..config import TeacherConfig
 from ..data import load_dataset
 from ..denoiser import Denoiser
@@ -28,22 +30,24 @@ def train_teacher(cfg: TeacherConfig, resume: bool | str = False, accelerator=No
     scheduler = build_scheduler(cfg.model)
     schedule = VPSchedule(scheduler.alphas_cumprod.clone(), dict(scheduler.config))
     text = cfg.model.conditioning == "text"
-    if text:
-        from ..text import CAPTION_TEMPLATES, CaptionConditioner, PromptEncoder, caption_bank
-        from ..text_models import build_text_unet
+    with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed alone
+        torch.manual_seed(cfg.train.seed)
+        if text:
+            from ..text import CAPTION_TEMPLATES, CaptionConditioner, PromptEncoder, caption_bank
+            from ..text_models import build_text_unet
 
-        templates = list(cfg.text.templates or CAPTION_TEMPLATES)
-        encoder = PromptEncoder.load(cfg.text.encoder, cfg.text.max_length or 16)
-        bank = caption_bank(encoder, list(data.class_names), templates)       # (C*T, L, D), null = ""
-        unet = build_text_unet(cfg.model, encoder.dim, data.channels, data.resolution)
-        den = Denoiser(unet, schedule, cfg.model.prediction_type, null_cond=bank.null_cond)
-        obj = DiffusionObjective(den, dict(scheduler.config), 0, cfg.optim, cfg.cfg_dropout, cfg.sample_steps,
-                                 cfg.guidance_scale, conds=CaptionConditioner(bank, len(templates)))
-    else:
-        unet = build_teacher_unet(cfg.model, data.num_classes, data.channels, data.resolution)
-        den = Denoiser(unet, schedule, cfg.model.prediction_type, null_class=data.num_classes)
-        obj = DiffusionObjective(den, dict(scheduler.config), data.num_classes, cfg.optim, cfg.cfg_dropout,
-                                 cfg.sample_steps, cfg.guidance_scale)
+            templates = list(cfg.text.templates or CAPTION_TEMPLATES)
+            encoder = PromptEncoder.load(cfg.text.encoder, cfg.text.max_length or 16)
+            bank = caption_bank(encoder, list(data.class_names), templates)       # (C*T, L, D), null = ""
+            unet = build_text_unet(cfg.model, encoder.dim, data.channels, data.resolution)
+            den = Denoiser(unet, schedule, cfg.model.prediction_type, null_cond=bank.null_cond)
+            obj = DiffusionObjective(den, dict(scheduler.config), 0, cfg.optim, cfg.cfg_dropout, cfg.sample_steps,
+                                     cfg.guidance_scale, conds=CaptionConditioner(bank, len(templates)))
+        else:
+            unet = build_teacher_unet(cfg.model, data.num_classes, data.channels, data.resolution)
+            den = Denoiser(unet, schedule, cfg.model.prediction_type, null_class=data.num_classes)
+            obj = DiffusionObjective(den, dict(scheduler.config), data.num_classes, cfg.optim, cfg.cfg_dropout,
+                                     cfg.sample_steps, cfg.guidance_scale)
     trainer = Trainer(obj, cfg, accelerator=accelerator, data=data)
     trainer.command = "teacher"
     result = trainer.train(resume=resume, overwrite=overwrite)
