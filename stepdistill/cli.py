@@ -1,4 +1,4 @@
-"""stepdistill command line: teacher | distill | export | sample | eval | bench | curve | report | onnx | demo."""
+"""stepdistill command line: teacher | distill | export | sample | eval | bench | curve | report | onnx | plan | demo."""
 from __future__ import annotations
 
 import argparse
@@ -139,14 +139,14 @@ def sample_text(a) -> None:
                               "negative prompt was the empty prompt); sample the teacher to use one")
         if a.steps is not None and not 1 <= a.steps <= len(pipe.config.student_timesteps):
             raise ConfigError(f"--steps must be in 1..{len(pipe.config.student_timesteps)} for this student")
-        ignored = [f for f, v in (("--scheduler", a.scheduler), ("--guidance-scale", a.guidance_scale)) if v is not None]
+        ignored = [f for f, v in (("--sampler", a.sampler), ("--guidance-scale", a.guidance_scale)) if v is not None]
         if ignored:
             print(f"warning: {' and '.join(ignored)} ignored: a distilled student samples with its own chain, "
                   f"guidance built in", file=sys.stderr)
         x = pipe(prompts, num_images_per_prompt=reps, num_inference_steps=a.steps, generator=g, output_type="pt").images
     else:
         x = pipe(prompts, negative_prompt=a.negative_prompt, num_images_per_prompt=reps,
-                 num_inference_steps=a.steps or 50, guidance_scale=2.0 if a.guidance_scale is None else a.guidance_scale, sampler=a.scheduler or "ddim",
+                 num_inference_steps=a.steps or 50, guidance_scale=2.0 if a.guidance_scale is None else a.guidance_scale, sampler=a.sampler or "ddim",
                  generator=g, output_type="pt", progress=True).images
     # prompt-major batch -> grid with one column per prompt: reorder to (rep, prompt)
     x = x.reshape(len(prompts), reps, *x.shape[1:]).transpose(0, 1).reshape(-1, *x.shape[1:])
@@ -159,6 +159,9 @@ def cmd_sample(a):
     from .text_models import is_text_model
 
     check_sample_args(a)
+    from .cli_tools import _set_threads
+
+    _set_threads(a)
     if is_text_model(a.model):  # text-to-image teachers and students: --prompt / --negative-prompt
         return sample_text(a)
     if a.prompt or a.negative_prompt:
@@ -182,7 +185,7 @@ def cmd_sample(a):
     n = a.num
     check_grid_size(n, shape, a.scale)
     if meta.student_timesteps:
-        ignored = [f for f, v in (("--scheduler", a.scheduler), ("--guidance-scale", a.guidance_scale)) if v is not None]
+        ignored = [f for f, v in (("--sampler", a.sampler), ("--guidance-scale", a.guidance_scale)) if v is not None]
         if ignored:
             print(f"warning: {' and '.join(ignored)} ignored: a distilled student samples with its own "
                   f"{len(meta.student_timesteps)}-step chain, guidance built in", file=sys.stderr)
@@ -190,14 +193,14 @@ def cmd_sample(a):
         run = lambda y, noise: student_sample(den, ts, y, noise, generator=g)  # noqa: E731
     else:
         sched_cfg = load_scheduler_config(a.model, None)
-        make_scheduler(a.scheduler or "ddim", sched_cfg)  # an unknown --scheduler fails before any sampling
+        make_scheduler(a.sampler or "ddim", sched_cfg)  # an unknown --sampler fails before any sampling
         w = TEACHER_GUIDANCE if a.guidance_scale is None else a.guidance_scale
         if labels is None:
             w = 1.0  # unconditional: nothing to guide
             if a.guidance_scale not in (None, 1.0):
                 print("warning: --guidance-scale ignored: the model is unconditional", file=sys.stderr)
         run = lambda y, noise: scheduler_sample(  # noqa: E731
-            den, make_scheduler(a.scheduler or "ddim", sched_cfg), y, a.steps or 50, w, noise,
+            den, make_scheduler(a.sampler or "ddim", sched_cfg), y, a.steps or 50, w, noise,
             progress=n <= SAMPLE_BATCH)
     # batches of SAMPLE_BATCH (one batch draws its noise exactly as before), converted to uint8 as they come
     chunks = []
@@ -214,7 +217,6 @@ def cmd_sample(a):
 
 SAMPLE_BATCH = 256
 MAX_ERROR_CHARS = 1000
-MAX_SAMPLE_ELEMENTS = 4096 * 4096 * 4  # one sample larger than a 4096^2 RGBA latent is a broken config
 TEACHER_GUIDANCE = 2.0
 MAX_GRID_BYTES = 512 * 2**20
 
@@ -231,8 +233,10 @@ def check_sample_args(a) -> None:
         raise ConfigError(f"--steps must be >= 1, got {a.steps}")
     if a.guidance_scale is not None and (not math.isfinite(a.guidance_scale) or a.guidance_scale < 0):
         raise ConfigError(f"--guidance-scale must be a finite number >= 0, got {a.guidance_scale}")
-    if not 0 <= a.seed < 2**63:
-        raise ConfigError(f"--seed must be in 0..2**63-1, got {a.seed}")
+    from .config import MAX_SEED
+
+    if not 0 <= a.seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be in 0..{MAX_SEED}, got {a.seed}")
     if a.scale < 1 or (a.nrow is not None and a.nrow < 1):
         raise ConfigError(f"--scale and --nrow must be >= 1, got {a.scale} and {a.nrow}")
     if Path(a.out).suffix.lower() != ".png":
@@ -248,10 +252,9 @@ def check_grid_size(n: int, shape: tuple[int, int, int], scale: int) -> None:
 
     c, h, w = shape
     nbytes = n * 3 * (h * scale + 1) * (w * scale + 1)
-    one = 3 * (h * scale + 1) * (w * scale + 1)
-    if one > MAX_GRID_BYTES or c * h * w > MAX_SAMPLE_ELEMENTS:
-        raise ConfigError(f"one {c}x{h}x{w} sample is too large to draw here (the model's sample_size is {h}); "
-                          f"check the model's config (unet/config.json sample_size)")
+    from .denoiser import check_sample_shape
+
+    check_sample_shape(shape)
     if nbytes > MAX_GRID_BYTES:
         raise ConfigError(f"a grid of {n} images at --scale {scale} needs {nbytes / 2**30:.1f} GiB; lower --num "
                           f"(at most {MAX_GRID_BYTES * n // nbytes} here) or --scale")
@@ -330,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="builtin:animal_mnist",
                    help="model folder, hub id or shipped name (builtin:animal_mnist teacher, builtin:animal_mnist_dmd2 "
                         "1-step and builtin:animal_mnist_dmd2_4step students; default %(default)s)")
-    p.add_argument("--scheduler", default=None,
+    p.add_argument("--sampler", "--scheduler", dest="sampler", default=None,  # --scheduler: the old spelling
                    help="teachers: ddim | euler | dpm++ | ddpm (default ddim); a student ignores it (its own chain)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps: teachers default 50; students default all their trained steps (fewer: a subset)")
@@ -347,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nrow", type=int, default=None,
                    help="images per grid row (default: one column per class or prompt; 10 for unconditional models)")
     p.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling of the grid (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    from .cli_tools import seed_arg, threads_arg
+
+    p.add_argument("--seed", type=seed_arg, default=0, help="random seed, 0..2**31-1 (default 0)")
+    threads_arg(p)
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load pickle (.bin) weights; only for folders you trust (default: safetensors only)")
     p.add_argument("--out", default="samples.png", help="output PNG grid (default %(default)s)")

@@ -1,6 +1,7 @@
 """The tool sub-commands beyond training and sampling: eval, bench, curve, report, onnx, plan."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -94,22 +95,39 @@ def cmd_curve(a):
     _set_threads(a)
     res = quality_curve(a.run, num=a.num, seed=a.seed, steps=a.steps, teacher_eval=a.teacher_eval, every=a.every,
                         out=a.out, progress=not a.no_progress, ref=a.ref, ref_split=a.ref_split, ref_num=a.ref_num,
-                        diversity_extractor=a.diversity_extractor)
-    keys = ("step", "fid", "precision", "recall", "min_class_recall", "class_accuracy", "diversity")
+                        diversity_extractor=a.diversity_extractor, min_step=a.min_step)
+    keys = ("step", "wall_seconds", "fid", "precision", "recall", "min_class_recall", "class_accuracy", "diversity")
     print(json.dumps({"curve": str(Path(a.out or Path(a.run) / "curve") / "curve.json"),
                       "points": [{k: p.get(k) for k in keys} for p in res["points"]]}, indent=1))
 
 
 def seed_arg(text: str) -> int:
-    """argparse type for --seed: an integer torch can seed with (0..2**63-1); anything else exits 2 with a line."""
-    import argparse
-
+    """argparse type for --seed: an integer in the one seed range (config.MAX_SEED); anything else exits 2 with a
+    line."""
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if not 0 <= v < 2**63:
-        raise argparse.ArgumentTypeError(f"must be in 0..2**63-1, got {v}")
+    from .config import MAX_SEED
+
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED}, got {v}")
+    return v
+
+
+def threads_arg(p) -> None:
+    """The one ``--threads`` flag of every command that runs a network (and ``train.threads`` in configs)."""
+    p.add_argument("--threads", type=threads_type, default=None,
+                   help="torch CPU threads, >= 1 (default: torch's choice)")
+
+
+def threads_type(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
 
 
@@ -121,10 +139,10 @@ def _set_threads(a):
 
 
 def _common(p, device=True):
-    p.add_argument("--seed", type=seed_arg, default=0, help="random seed, 0..2**63-1 (default 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="random seed, 0..2**31-1 (default 0)")
     if device:
         p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    threads_arg(p)
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
@@ -219,7 +237,7 @@ def add_commands(sub) -> None:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default %(default)s)")
     p.add_argument("--check", action="store_true",
                    help="run the graph under onnxruntime and print its max abs difference from the PyTorch pipeline")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    threads_arg(p)
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(fn=cmd_onnx)
@@ -278,6 +296,7 @@ def add_commands(sub) -> None:
     p.add_argument("--num", type=int, default=500, help="class-balanced samples per checkpoint (default 500)")
     p.add_argument("--steps", type=int, default=None, help="student sampling steps (default: all of its steps)")
     p.add_argument("--every", type=int, default=1, help="only checkpoints whose step is a multiple of this")
+    p.add_argument("--min-step", type=int, default=0, help="only checkpoints from this step on (e.g. after a warm-up)")
     p.add_argument("--teacher-eval", default=None, help="a teacher's `stepdistill eval` JSON, drawn as dashed lines")
     p.add_argument("--out", default=None, help="output folder (default RUN/curve): curve.json, curve.png")
     _ref_args(p)
@@ -292,7 +311,7 @@ def add_commands(sub) -> None:
                    help="write into an existing folder that an earlier report did not create (files of the same "
                         "names are replaced; nothing else is touched)")
     p.add_argument("--num", type=int, default=100, help="class-balanced samples per model (>= 2)")
-    p.add_argument("--teacher-steps", type=int, default=25, help="teacher sampling steps (default %(default)s)")
+    p.add_argument("--teacher-steps", type=int, default=50, help="teacher sampling steps (default %(default)s)")
     p.add_argument("--guidance-scale", type=float, default=2.0,
                    help="teacher classifier-free guidance scale (default %(default)s; 1 = no CFG)")
     p.add_argument("--fid", action="store_true", help="also compute FID (student 1..K steps and teacher)")

@@ -18,6 +18,10 @@ import yaml
 from .errors import ConfigError  # noqa: F401  (re-exported: stepdistill.config.ConfigError)
 from .recipe import ScheduleEntry, check_schedule
 
+#: the one seed range of every entry point (train.seed, every --seed, the demo's seed box): 0..2**31-1, exact in
+#: JSON and in a browser's number field
+MAX_SEED = 2**31 - 1
+
 
 @dataclass
 class DataConfig:
@@ -486,15 +490,13 @@ def validate(cfg) -> None:
         check(tr.guard_min_diversity >= 0, "train.guard_min_diversity", "must be >= 0")
         check(0.0 <= tr.guard_max_saturation <= 1.0, "train.guard_max_saturation", "must be in [0, 1]")
         check(tr.guard_action in ("warn", "stop"), "train.guard_action", "must be warn | stop")
-        check(0 <= tr.seed < 2**63, "train.seed", f"must be an integer in 0..2**63-1, got {tr.seed}")
+        check(0 <= tr.seed <= MAX_SEED, "train.seed", f"must be an integer in 0..{MAX_SEED}, got {tr.seed}")
         check(tr.threads >= 0, "train.threads", f"must be >= 0 (0 = all cores), got {tr.threads}")
         check(tr.num_workers >= 0, "train.num_workers", f"must be >= 0, got {tr.num_workers}")
     if isinstance(cfg, TeacherConfig):
         m = cfg.model
         check(m.prediction_type in ("epsilon", "v_prediction", "sample"), "model.prediction_type",
               "must be epsilon | v_prediction | sample")
-        check(len(m.attention_levels) == len(m.block_out_channels), "model.attention_levels",
-              "needs one entry per block_out_channels")
         check(0.0 <= cfg.cfg_dropout < 1.0, "cfg_dropout", "must be in [0, 1)")
         check(m.conditioning in ("class", "text"), "model.conditioning", "must be class | text")
         check(len(m.block_out_channels) >= 1 and all(c > 0 for c in m.block_out_channels), "model.block_out_channels",
@@ -506,6 +508,8 @@ def validate(cfg) -> None:
               f"must be a multiple of {down} (the UNet halves it {len(m.block_out_channels) - 1} times), got "
               f"{cfg.data.resolution}")
         check(m.layers_per_block >= 1, "model.layers_per_block", "must be >= 1")
+        check(len(m.attention_levels) == len(m.block_out_channels), "model.attention_levels",
+              "needs one entry per block_out_channels")
     text = getattr(cfg, "text", None)
     if text is not None:
         check(0 <= text.max_length <= 512, "text.max_length", "must be in 0..512 (0 = default)")

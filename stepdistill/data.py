@@ -211,6 +211,9 @@ def _is_gray(im) -> bool:
 
 def load_dataset(name: str, resolution: int, split: str = "all", channels: int = 1) -> ArrayDataset:
     """``animal_mnist`` | ``digits`` | a path to an image folder."""
+    if name in ("animal_mnist", "digits") and channels != 1:
+        raise DataError(f"data.channels={channels}: {name} is grayscale (1 channel); set data.channels=1 or use an "
+                        f"image folder with colour images")
     if name == "animal_mnist":
         return animal_mnist(resolution, split)
     if name == "digits":

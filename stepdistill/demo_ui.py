@@ -185,11 +185,25 @@ def offline_theme():
                              font_mono=["ui-monospace", "Consolas", "monospace"])
 
 
+#: a new Generate click closes the error toasts of the previous one (they would otherwise stay up for 10 s, over a
+#: valid run's results)
+CLEAR_TOASTS_JS = """<script>
+document.addEventListener('click', (e) => {
+  if (!e.target.closest || !e.target.closest('#generate')) return;
+  document.querySelectorAll('.toast-body').forEach((t) => {
+    const c = t.querySelector('.toast-close');
+    if (c) { c.click(); } else { t.remove(); }
+  });
+}, true);
+</script>"""
+
+
 def launch(host: str = "127.0.0.1", port: int | None = None, teacher: str = DEFAULT_TEACHER,
            student: str = DEFAULT_STUDENT, **launch_kwargs):
     """Build and serve the demo (blocks unless ``prevent_thread_lock=True``); returns the Blocks."""
     demo = build_demo(teacher, student)
-    kw = dict(server_name=host, server_port=port, share=False, ssr_mode=False, theme=offline_theme())
+    kw = dict(server_name=host, server_port=port, share=False, ssr_mode=False, theme=offline_theme(),
+              head=CLEAR_TOASTS_JS)
     kw.update(launch_kwargs)
     demo.launch(**kw)
     return demo
@@ -205,6 +219,9 @@ def add_demo_args(p) -> None:
                    help="torch.compile each loaded network (opt-in: the first Generate per model compiles)")
     p.add_argument("--share", action="store_true",
                    help="also serve on a public *.gradio.live link for 72 hours (needs internet; off by default)")
+    from .cli_tools import threads_arg
+
+    threads_arg(p)
 
 
 def cmd_demo(a) -> None:
@@ -212,6 +229,9 @@ def cmd_demo(a) -> None:
         import gradio  # noqa: F401
     except ImportError:
         raise SystemExit("the demo needs gradio: pip install 'stepdistill[demo]'") from None
+    from .cli_tools import _set_threads
+
+    _set_threads(a)
     COMPILE["on"] = bool(getattr(a, "compile", False))
     for line in _ui_state(a.teacher, a.student)["message"].splitlines():
         if "⚠️" in line:  # still start: other folders can be entered in the UI

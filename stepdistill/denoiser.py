@@ -66,6 +66,21 @@ def component_name(backbone: nn.Module) -> str:
     return "transformer" if kind in TRANSFORMER_KINDS else "unet"
 
 
+#: one sample larger than this many elements (a 4096^2 RGBA latent) is a broken config (``sample_size: 100000``),
+#: refused before anything is allocated
+MAX_SAMPLE_ELEMENTS = 4096 * 4096 * 4
+
+
+def check_sample_shape(shape: tuple[int, int, int], where: str = "the model") -> None:
+    """:class:`~stepdistill.errors.ModelLoadError` for a sample shape no one means (see MAX_SAMPLE_ELEMENTS)."""
+    from .errors import ModelLoadError
+
+    c, h, w = shape
+    if c * h * w > MAX_SAMPLE_ELEMENTS or min(shape) < 1:
+        raise ModelLoadError(f"{where} samples {c}x{h}x{w} tensors (its config's sample_size is {h}): too large to "
+                             f"draw; check sample_size in its config.json")
+
+
 def sample_shape(backbone: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) of one sample ``backbone`` denoises: from a diffusers config (``in_channels``, ``sample_size``),
     or a custom module's own ``sample_shape`` attribute. The one place pipelines, samplers and exporters read

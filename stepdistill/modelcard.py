@@ -30,8 +30,9 @@ METHODS = {
             "*real* score (the frozen teacher with classifier-free guidance), plus a regression loss on "
             "teacher-generated noise/image pairs."),
     "dmd2": ("DMD2 (Improved Distribution Matching Distillation; Yin et al., NeurIPS 2024)",
-             "Distribution matching without the regression loss: a two-time-scale update rule (several critic "
-             "updates per student update) keeps the fake score accurate, a GAN head on the critic's bottleneck "
+             "Distribution matching (the paper drops DMD's regression loss; what this run used is listed under "
+             "\"This run\"): a two-time-scale update rule (several critic updates per student update) keeps the "
+             "fake score accurate, a GAN head on the critic's bottleneck "
              "features adds a real-data loss, and multi-step students are trained on their own backward-simulated "
              "inputs so that training matches few-step inference."),
     "phased_dmd": ("Phased DMD (distribution matching per SNR phase)",
@@ -49,6 +50,51 @@ METHODS = {
                   "An already distilled few-step model is fine-tuned with the plain denoising loss on target images "
                   "at its own timesteps (Miao et al., 2025 report that this blurs few-step samples)."),
 }
+
+
+def _is_portable_id(teacher: str) -> bool:
+    """A name that means the same model on another machine: ``builtin:...`` or a hub id ``owner/name`` that is not a
+    local path."""
+    if teacher.startswith("builtin:"):
+        return True
+    return (teacher.count("/") == 1 and not teacher.startswith((".", "/", "~")) and not Path(teacher).exists())
+
+
+def recipe_text(method: str, config: dict) -> str:
+    """What this run actually used, read from its config (never the method's textbook description): the
+    regression loss and warm-up, the GAN terms, the pixel discriminator, the critic ratio, learning rates and
+    the ``schedule`` of changes (stepdistill/recipe.py)."""
+    d = config.get("dmd") or {}
+    if method not in ("dmd", "dmd2") or not d:
+        return ""
+    out = []
+    warm, rw = d.get("regression_warmup_steps", 0), d.get("regression_weight", 0)
+    if warm:
+        out.append(f"a regression warm-up of {warm} generator steps on {d.get('regression_pairs')} teacher ODE pairs")
+    if rw:
+        out.append(f"DMD's regression loss at weight {rw:g} beside the distribution-matching term")
+    else:
+        out.append("no regression loss after the warm-up" if warm else "no regression loss")
+    if d.get("gan"):
+        out.append(f"the GAN head on the critic (generator weight {d.get('gan_g_weight', 0):g})")
+    if d.get("pixel_gan_g_weight"):
+        out.append(f"a pixel-space patch discriminator at weight {d['pixel_gan_g_weight']:g}")
+    out.append(f"{d.get('critic_updates')} critic update(s) per generator step, noise levels t in "
+               f"[{d.get('t_min', 0):g}, {d.get('t_max', 0):g}]")
+    lr = (d.get("optim") or {}).get("lr")
+    if lr is not None:
+        out.append(f"learning rate {lr:g}")
+    text = "This student was trained with " + "; ".join(out) + "."
+    sched = config.get("schedule") or []
+    if sched:
+        changes = "; ".join(f"from step {e.get('at')}: " + ", ".join(f"{k} = {v:g}" if isinstance(v, (int, float))
+                                                                   else f"{k} = {v}" for k, v in (e.get("set") or {}).items())
+                            for e in sched)
+        text += f" The settings then changed during the run ({changes})."
+    tr = config.get("train") or {}
+    if tr:
+        text += f" {tr.get('max_steps')} generator steps at batch {tr.get('batch_size')}, seed {tr.get('seed')}."
+    return text
 
 
 def _method_text(method: str) -> tuple[str, str]:
@@ -264,15 +310,18 @@ def write_model_card(folder: str | os.PathLike, *, method: str, teacher: str, st
     front = {
         "library_name": "diffusers",
         "tags": ["stepdistill", "distillation", method.lower()],
-        "base_model": str(teacher),
     }
+    if _is_portable_id(str(teacher)):  # a hub id or a shipped model; a local path means nothing elsewhere
+        front["base_model"] = str(teacher)
     step_list = ", ".join(f"{t:g}" for t in steps)
     n = len(steps)
     parts = [
         "---\n" + yaml.safe_dump(front, sort_keys=False).rstrip() + "\n---",
         f"# {folder.name}: {n}-step student distilled with {method}",
         f"## Method\n\n**{title}.** {description}",
-        f"## Teacher\n\n`{teacher}` (sampled with many steps and classifier-free guidance; the student needs "
+        *([f"## This run\n\n{run_text}"] if (run_text := recipe_text(method, config or {})) else []),
+        f"## Teacher\n\n`{teacher if _is_portable_id(str(teacher)) else Path(str(teacher)).name}`"
+        f"{'' if _is_portable_id(str(teacher)) else ' (a local folder of the machine that trained it)'} (sampled with many steps and classifier-free guidance; the student needs "
         f"neither: guidance is distilled in).",
         f"## Sampling steps\n\n{n} step(s) at timesteps `[{step_list}]` (of the teacher's discrete "
         f"DDPM schedule; each step predicts a clean image, which is re-noised with fresh noise to the next "

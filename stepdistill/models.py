@@ -147,6 +147,8 @@ def load_backbone(path_or_id: str | Path, allow_pickle: bool = False, subfolder:
                 raise ModelLoadError(f"{p} is not a diffusers model folder (no config.json, unet/ or transformer/)")
         config = json.loads((folder / "config.json").read_text())
         cls_name = config.get("_class_name")
+        if cls_name == "custom":  # a user's own nn.Module (save_model_folder): its class, init kwargs, weights
+            return load_custom_backbone(folder, config), folder
         if cls_name not in BACKBONE_KINDS:
             raise ModelLoadError(
                 f"{folder}: model class {cls_name!r} is not supported; supported: {', '.join(BACKBONE_KINDS)}")
@@ -155,6 +157,39 @@ def load_backbone(path_or_id: str | Path, allow_pickle: bool = False, subfolder:
         return cls.from_pretrained(folder, use_safetensors=safe), folder
     raise ModelLoadError(f"{path_or_id}: no such folder (and not a hub id of the form owner/name); "
                          f"{missing_folder_hint(path_or_id)}")
+
+
+def load_custom_backbone(folder: Path, config: dict):
+    """A custom ``nn.Module`` saved by :func:`save_model_folder`: ``config.json`` names its class
+    (``module.path.ClassName``, importable where it is loaded: the user's installed package) and the keyword
+    arguments it was built with (the module's ``init_kwargs`` attribute); ``model.safetensors`` holds its weights.
+    Only an ``nn.Module`` subclass is ever called, with JSON values, and weights are safetensors only."""
+    import importlib
+
+    from safetensors.torch import load_file
+
+    target = str(config.get("module", ""))
+    mod_name, _, cls_name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(mod_name), cls_name)
+    except (ImportError, AttributeError, ValueError):
+        raise ModelLoadError(f"{folder}: its network class {target!r} cannot be imported here; install the package "
+                             f"that defines it (docs/your_teacher.md)") from None
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise ModelLoadError(f"{folder}: {target!r} is not a torch.nn.Module class; refusing to call it")
+    init = config.get("init") or {}
+    if not isinstance(init, dict):
+        raise ModelLoadError(f"{folder}: config.json 'init' must be a mapping of keyword arguments")
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise ModelLoadError(f"{folder}: no model.safetensors beside config.json")
+    if not (hasattr(cls, "device") and hasattr(cls, "dtype")):  # what diffusers pipelines ask of a network
+        cls = type(cls.__name__, (cls,), {"device": property(lambda m: next(m.parameters()).device),
+                                          "dtype": property(lambda m: next(m.parameters()).dtype),
+                                          "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    net = cls(**init)
+    net.load_state_dict(load_file(str(weights)))
+    return net.eval()
 
 
 def load_scheduler_config(path_or_id: str | Path, model_folder: Path | None) -> dict:
@@ -218,7 +253,8 @@ def save_model_folder(folder: str | Path, backbone, scheduler, meta: ModelMeta, 
         save_file({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()},
                   str(folder / sub / "model.safetensors"))
         (folder / sub / "config.json").write_text(json.dumps(
-            {"_class_name": "custom", "module": f"{type(backbone).__module__}.{type(backbone).__qualname__}"}))
+            {"_class_name": "custom", "module": f"{type(backbone).__module__}.{type(backbone).__qualname__}",
+             "init": dict(getattr(backbone, "init_kwargs", {}) or {})}))  # models.load_custom_backbone
     scheduler.save_pretrained(folder / "scheduler")
     meta.save(folder)
     index = {

@@ -135,4 +135,5 @@ def test_demo_in_a_real_browser(browser, app_url, tmp_path):
     drv.find_element("css selector", "#generate").click()
     _wait(lambda: len(_images(drv, "teacher-gallery")) >= BATCH and "NFE 4 ·" in _text(drv, "teacher-text"), 120,
           "images after the error")
+    assert "seed must be in" not in drv.find_element("tag name", "body").text  # the old error toast was closed
     assert len(_images(drv, "student-gallery")) >= BATCH

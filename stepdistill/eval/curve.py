@@ -75,7 +75,7 @@ def sample_passes(cfg, step: int) -> int:
 
 def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | None = None,
                   teacher_eval: str | None = None, every: int = 1, out: str | Path | None = None,
-                  progress: bool = False, **eval_kwargs) -> dict:
+                  progress: bool = False, min_step: int = 0, **eval_kwargs) -> dict:
     """Score every ``every``-th checkpoint of ``run`` (see module docstring); returns the curve dict.
     ``eval_kwargs`` go to :func:`~stepdistill.eval.generate.evaluate_model` (``ref``, ``ref_num``, ...)."""
     from ..config import DistillConfig, load_config
@@ -101,7 +101,8 @@ def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | N
                  regression_warmup_steps=warm, passes_per_generator_step=passes_per_step(cfg),
                  batch_size=cfg.train.batch_size)
     done = {p["step"] for p in curve["points"]}
-    ckpts = [(s, p) for s, p in checkpoints(run) if s not in done and (s // max(every, 1)) * max(every, 1) == s]
+    ckpts = [(s, p) for s, p in checkpoints(run)
+             if s not in done and s >= min_step and (s // max(every, 1)) * max(every, 1) == s]
     for step, ckpt in ckpts:
         modules, obj, meta = load_trained(cfg, ckpt)
         with tempfile.TemporaryDirectory() as tmp:
