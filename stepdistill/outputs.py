@@ -44,10 +44,12 @@ def read_marker(folder: Path) -> dict | None:
     return m if isinstance(m, dict) and "kind" in m else None
 
 
-def write_marker(folder: Path, kind: str, files: list[str] | None = None) -> None:
+def write_marker(folder: Path, kind: str, files: list[str] | None = None, run_id: str | None = None) -> None:
     from . import __version__
 
     body = {"kind": kind, "written_by": f"stepdistill {__version__}"}
+    if run_id:
+        body["run_id"] = run_id
     if files is not None:
         body["files"] = sorted(files)
     (Path(folder) / MARKER).write_text(json.dumps(body, indent=1) + "\n")
@@ -138,11 +140,18 @@ def prepare_run_dir(out: Path, overwrite: bool, inputs: list | tuple = (), delet
             p.unlink()
 
 
-def mark_run_dir(out: Path) -> None:
+def mark_run_dir(out: Path) -> str:
+    """Mark ``out`` as a run folder (once; a fresh start after ``--overwrite`` gets a new one) and return the run's
+    identity, which its checkpoints record and ``--resume`` checks."""
+    import uuid
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if read_marker(out) is None:
-        write_marker(out, "run")
+    marker = read_marker(out)
+    if marker is None or marker.get("kind") != "run" or not marker.get("run_id"):
+        write_marker(out, "run", run_id=uuid.uuid4().hex[:16])
+        marker = read_marker(out)
+    return marker["run_id"]
 
 
 @contextlib.contextmanager

@@ -236,3 +236,14 @@ def test_output_exists_error_is_one_line_with_exit_2(tmp_path):
     with pytest.raises(OutputExistsError, match="is a file"):
         prepare_run_dir(f, overwrite=True)
     assert f.read_text() == "x" and os.path.exists(f)
+
+
+def test_checkpoints_record_their_run_and_resume_only_it(tiny_teacher, done_run, tmp_path, capsys):
+    other = tmp_path / "other"
+    distill(_cfg(tiny_teacher, other, **{"train.max_steps": 2}))
+    a = json.loads((done_run / "checkpoints" / "step_000002" / "meta.json").read_text())["run_id"]
+    b = json.loads((other / "checkpoints" / "step_000002" / "meta.json").read_text())["run_id"]
+    assert a and b and a != b and json.loads((other / MARKER).read_text())["run_id"] == b
+    rc, _, err = _run(capsys, _argv(tiny_teacher, other, **{"train.max_steps": 6})
+                      + ["--resume", done_run / "checkpoints" / "step_000002"])
+    assert rc == 2 and "written by another run" in err and "--fork" in err

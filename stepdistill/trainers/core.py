@@ -180,6 +180,7 @@ class Trainer:
         self.schedule = Schedule(cfg)  # settings that change at given steps (stepdistill/recipe.py)
         self.setup_seconds = 0.0  # building the objective (teacher ODE pairs, ...): set by the caller, recorded
         self._wall_before = 0.0   # wall seconds of earlier processes of this run (from the resumed checkpoint)
+        self.run_id: str | None = None  # the run folder's identity (outputs.mark_run_dir), recorded in checkpoints
         if self.tcfg.threads > 0:
             torch.set_num_threads(self.tcfg.threads)
         self.acc = accelerator or Accelerator(cpu=self.tcfg.cpu, mixed_precision=self.tcfg.mixed_precision)
@@ -239,7 +240,7 @@ class Trainer:
                 stack.enter_context(run_lock(self.out))
                 if not resume:
                     prepare_run_dir(self.out, overwrite, inputs)
-                mark_run_dir(self.out)
+                self.run_id = mark_run_dir(self.out)
                 for folder in (self.out, self.ckpt_dir, self.out / "samples"):  # litter of a killed earlier process
                     clean_stale_temps(folder)
             acc.wait_for_everyone()
@@ -464,6 +465,7 @@ class Trainer:
         meta = {"step": self.step, "update": self.update, "seed": self.tcfg.seed,
                 "config": self.base_config,  # resume checks it (_check_same_config)
                 "teacher_sha256": self.teacher_digest(),  # resume checks it: the same frozen teacher
+                "run_id": self.run_id,  # resume checks it: a checkpoint continues only the run that wrote it
                 "wall_seconds": round(self.wall_seconds(), 3),  # setup + training, summed over resumes
                 "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}}
         if self.schedule:  # the values in force for the next step (recipe.py): what a resume applies
@@ -586,6 +588,10 @@ class Trainer:
         """A checkpoint resumes only the run it came from: same config apart from RESUME_MAY_CHANGE, and the same
         teacher weights (a teacher retrained at the same path is another teacher)."""
         meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+        if meta.get("run_id") and self.run_id and meta["run_id"] != self.run_id:
+            raise CheckpointError(
+                f"checkpoint {path} was written by another run (run {meta['run_id']}, this folder holds run "
+                f"{self.run_id}); --resume continues only its own run. Branch off it with --fork {path}")
         had, now = meta.get("teacher_sha256"), self.teacher_digest()
         if had and now and had != now:
             raise CheckpointError(
