@@ -283,7 +283,7 @@ def _parse_labels(classes: str | None, meta, n: int):
     names = meta.class_names
     if not names:  # an unconditional model takes no labels at all (None: no class embedding, no CFG)
         if classes:
-            raise ConfigError(f"--classes: this model is unconditional (it has no classes)")
+            raise ConfigError("--classes: this model is unconditional (it has no classes)")
         return None
     if not classes:
         chosen = list(range(len(names)))

@@ -45,3 +45,32 @@ def tiny_distill_overrides(teacher, out, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def tiny_cfg(teacher, out, **extra):
+    """A tiny distill config (``tiny_distill_overrides``) loaded as a DistillConfig."""
+    from stepdistill.config import DistillConfig, load_config
+
+    return load_config(DistillConfig, None, tiny_distill_overrides(teacher, out, **extra))
+
+
+def distill_argv(teacher, out, **extra) -> list:
+    """``stepdistill distill`` arguments of a tiny run (no config file: dataclass defaults + overrides)."""
+    return ["distill", "--config", "", *tiny_distill_overrides(teacher, out, **extra)]
+
+
+def run_cli(capsys, argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``stepdistill ARGV`` run in-process."""
+    from stepdistill.cli import main
+
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def snapshot(folder) -> dict:
+    """Every file below ``folder`` -> its bytes (to check that nothing was touched)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -10,30 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_distill_overrides
-from stepdistill.cli import main
-from stepdistill.config import DistillConfig, load_config
+from conftest import distill_argv, run_cli, snapshot, tiny_cfg
 from stepdistill.errors import CheckpointError, OutputExistsError
 from stepdistill.outputs import MARKER, protected_reason, run_lock
 from stepdistill.trainers.distill import distill
 
 
-def _cfg(teacher, out, **extra):
-    return load_config(DistillConfig, None, tiny_distill_overrides(teacher, out, **extra))
+_cfg, _argv, _run = tiny_cfg, distill_argv, run_cli
 
 
-def _argv(teacher, out, **extra):
-    return ["distill", "--config", "", *tiny_distill_overrides(teacher, out, **extra)]
-
-
-def _run(capsys, argv):
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
-def _snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+_snapshot = snapshot
 
 
 def _canaries(folder: Path) -> dict:

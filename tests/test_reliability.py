@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_distill_overrides
+from conftest import distill_argv, run_cli, snapshot, tiny_cfg, tiny_distill_overrides
 from stepdistill.cli import main
 from stepdistill.config import ConfigError, DistillConfig, load_config
 from stepdistill.errors import CheckpointError, StepDistillError
@@ -21,18 +21,7 @@ from stepdistill.trainers.core import NonFiniteLossError, Trainer
 from stepdistill.trainers.distill import build_dmd, distill
 
 
-def _cfg(teacher, out, **extra):
-    return load_config(DistillConfig, None, tiny_distill_overrides(teacher, out, **extra))
-
-
-def _argv(teacher, out, **extra):
-    return ["distill", "--config", "", *tiny_distill_overrides(teacher, out, **extra)]
-
-
-def _run(capsys, argv):
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
+_cfg, _argv, _run = tiny_cfg, distill_argv, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +37,7 @@ def _copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+_snapshot = snapshot
 
 
 # ----------------------------------------------------------------------------- used output_dir, resume

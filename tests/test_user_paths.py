@@ -11,15 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_TEACHER_OVERRIDES, tiny_distill_overrides
-from stepdistill.cli import main
+from conftest import TINY_TEACHER_OVERRIDES, run_cli, tiny_distill_overrides
 from stepdistill.config import ConfigError, DistillConfig, TeacherConfig, load_config
 
 
-def _run(capsys, argv):
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
+_run = run_cli
 
 
 def _last(err: str) -> str:

@@ -231,7 +231,7 @@ class Trainer:
         from the same config, apart from :data:`RESUME_MAY_CHANGE`. ``fork``: a fresh run that starts from another
         run's checkpoint (weights, optimizer states, step) under a config that may differ, e.g. an ablation
         branching off a shared warm-up; the differences are printed."""
-        acc, tc = self.acc, self.tcfg
+        acc = self.acc
         with contextlib.ExitStack() as stack:
             if acc.is_main_process:  # one writer per run folder (outputs.run_lock)
                 inputs = run_inputs(self.cfg, fork)
