@@ -382,13 +382,7 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     (:data:`LEGACY_KEYS`, e.g. ``dmd.student_lr`` for ``dmd.optim.lr``) are accepted."""
     data = to_dict(cls())
     if path:  # None or "" means defaults only
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping")
-        _merge(data, upgrade_keys(cls, loaded), "")
+        _merge(data, upgrade_keys(cls, read_yaml_chain(Path(path))), "")
     for o in overrides or []:
         if "=" not in o:
             raise ConfigError(f"override {o!r} must look like key.sub=value")
@@ -412,13 +406,33 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     return cfg
 
 
+def read_yaml_chain(p: Path, seen: tuple = ()) -> dict:
+    """A config file as one mapping: ``base: other.yaml`` (relative to this file) loads that file first and this
+    file's keys are merged over it, section by section, so a config can be written as the diff of another."""
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist" + (f" (the base of {seen[-1]})" if seen else ""))
+    if p.resolve() in seen:
+        raise ConfigError(f"config file {p}: base: chain loops ({' -> '.join(str(x) for x in (*seen, p))})")
+    loaded = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must hold a mapping")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {p}: base must name another YAML file, got {base!r}")
+    merged = read_yaml_chain(p.parent / base, (*seen, p.resolve()))
+    _merge(merged, loaded, "")
+    return merged
+
+
 def _mentions(path, overrides, old: str) -> bool:
     """Whether the overrides or the YAML file set the old key ``old`` (``section.key``)."""
     if any(o.split("=", 1)[0].strip() == old for o in overrides or []):
         return True
     if path and Path(path).exists():
         section, key = old.split(".")
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = read_yaml_chain(Path(path))
         return isinstance(loaded, dict) and isinstance(loaded.get(section), dict) and key in loaded[section]
     return False
 

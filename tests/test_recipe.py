@@ -140,3 +140,20 @@ def test_sample_passes_follow_the_scheduled_critic_ratio():
     one = load_config(DistillConfig, None, ["dmd.critic_updates=1"])
     assert sample_passes(cfg, 10) == 10 * 32 * passes_per_step(cfg)
     assert sample_passes(cfg, 15) == 10 * 32 * passes_per_step(cfg) + 5 * 32 * passes_per_step(one)
+
+
+def test_a_config_can_extend_another_with_base(tmp_path):
+    """``base: other.yaml``: the other file first, this file's keys merged over it section by section."""
+    root = Path(__file__).parents[1] / "configs"
+    js = load_config(DistillConfig, str(root / "fdistill_js_animal_mnist.yaml"), [])
+    main_job = load_config(DistillConfig, str(root / "dmd2_animal_mnist.yaml"), [])
+    assert js.dmd.divergence == "js" and js.output_dir == "runs/fdistill_js_animal_mnist"
+    assert js.dmd.regression_warmup_steps == main_job.dmd.regression_warmup_steps == 300   # inherited
+    assert js.train == main_job.train
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntrain: {seed: 3}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="base: chain loops"):
+        load_config(DistillConfig, str(tmp_path / "a.yaml"), [])
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist \\(the base of"):
+        load_config(DistillConfig, str(tmp_path / "c.yaml"), [])
