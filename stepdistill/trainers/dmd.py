@@ -49,7 +49,16 @@ from ..denoiser import Denoiser, _cat_cond
 from ..pipelines.sampling import grid_sample
 from .core import Ctx, Player
 from .divergences import f_weights
-from .pixel_gan import PixelDiscriminator, labels_of, nonsaturating_d_loss, pixel_d_loss, pixel_g_loss
+from .losses import (  # noqa: F401  (dm_loss, decoupled_dm_loss, nonfinite_frac, gan_d_loss: importable from here too)
+    decoupled_dm_loss,
+    dm_loss,
+    gan_d_loss,
+    lpips_distance,
+    nonfinite_frac,
+    pixel_d_loss,
+    pixel_g_loss,
+)
+from .pixel_gan import PixelDiscriminator, labels_of
 
 
 class GANHead(nn.Module):
@@ -77,71 +86,6 @@ def _groups(c: int) -> int:
         if c % g == 0 and c // g >= 4:
             return g
     return 1
-
-
-def _dmd2_norm(x32: torch.Tensor, real_x0: torch.Tensor) -> torch.Tensor:
-    """(B, 1, 1, 1): DMD2's per-sample normaliser ``mean_{C,H,W} |x - mu_real|`` (floored at 1e-8)."""
-    return (x32.detach() - real_x0.float()).abs().mean(dim=tuple(range(1, x32.ndim)), keepdim=True).clamp_min(1e-8)
-
-
-def _finite(g: torch.Tensor) -> torch.Tensor:
-    """x == mu_real exactly gives 0/0: no signal, so a zero gradient rather than inf/NaN. Non-finite *scores*
-    are another matter: :func:`nonfinite_frac` counts them and the trainer stops past a tolerance."""
-    return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def nonfinite_frac(*scores: torch.Tensor) -> float:
-    """Fraction of NaN / inf elements over the score tensors (teacher / critic x0) of a DM gradient. Logged
-    as ``dm_nonfinite_frac``; the trainer stops past ``train.nonfinite_tolerance`` (a NaN teacher or an
-    infinite guidance scale would otherwise train on zeroed gradients)."""
-    bad = sum(int((~torch.isfinite(s)).sum()) for s in scores)
-    return bad / max(sum(s.numel() for s in scores), 1)
-
-
-def _grad_surrogate(x32: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``0.5 ||x - sg(x - grad)||^2`` (mean): its gradient w.r.t. x is ``grad / numel``."""
-    return 0.5 * F.mse_loss(x32, (x32 - grad).detach(), reduction="mean")
-
-
-def dm_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor,
-            weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_DM and the (detached) gradient direction, in fp32, NaN-safe (see module docstring). ``weight`` (B,)
-    scales each sample's direction: f-distill's h(r) (:mod:`stepdistill.trainers.divergences`); None = DMD."""
-    x32 = x.float()
-    p_real = x32.detach() - real_x0.float()
-    p_fake = x32.detach() - fake_x0.float()
-    grad = _finite((p_real - p_fake) / _dmd2_norm(x32, real_x0))
-    if weight is not None:
-        grad = grad * weight.to(grad).view(-1, *([1] * (grad.ndim - 1)))
-    return _grad_surrogate(x32, grad), grad
-
-
-def decoupled_dm_loss(x: torch.Tensor, dm_real: tuple[torch.Tensor, torch.Tensor], fake_x0: torch.Tensor,
-                      ca_real: tuple[torch.Tensor, torch.Tensor], w: float, dm_term_weight: float = 1.0,
-                      ca_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Decoupled DMD loss (module docstring), fp32, NaN-safe.
-
-    ``dm_real = (mu_c, mu_u)`` and ``fake_x0`` at the DM term's noised sample, ``ca_real = (mu_c', mu_u')``
-    at the CA term's (all (B, C, H, W), detached)::
-
-        g_dm = (mu_fake - mu_c) / n_dm,            n_dm = mean_CHW |x - (mu_u + w (mu_c - mu_u))|
-        g_ca = -(w - 1)(mu_c' - mu_u') / n_ca,     n_ca = mean_CHW |x - (mu_u' + w (mu_c' - mu_u'))|
-        L    = dm_term_weight * 0.5 ||x - sg(x - g_dm)||^2 + ca_weight * 0.5 ||x - sg(x - g_ca)||^2   (means)
-
-    so d L / d x = (dm_term_weight g_dm + ca_weight g_ca) / numel. Same sample, unit weights:
-    g_dm + g_ca = (mu_fake - mu_real) / n, DMD2's ``grad`` of :func:`dm_loss`.
-    Returns ``(L, {"dm_term_loss", "ca_loss", "g_dm", "g_ca"})`` (gradients detached).
-    """
-    x32 = x.float()
-
-    def norm(c, u):  # DMD2's normaliser with the guided teacher at this sample
-        return _dmd2_norm(x32, u.float() + w * (c.float() - u.float()))
-
-    (dc, du), (cc, cu) = dm_real, ca_real
-    g_dm = _finite((fake_x0.float() - dc.float()) / norm(dc, du))
-    g_ca = _finite(-(w - 1.0) * (cc.float() - cu.float()) / norm(cc, cu))
-    l_dm, l_ca = _grad_surrogate(x32, g_dm), _grad_surrogate(x32, g_ca)
-    return dm_term_weight * l_dm + ca_weight * l_ca, {"dm_term_loss": l_dm, "ca_loss": l_ca, "g_dm": g_dm, "g_ca": g_ca}
 
 
 def scores_and_gan_g(teacher: Denoiser, critic: Denoiser, head, x_t, t, cond, c: DMDConfig, real: bool = True):
@@ -174,12 +118,6 @@ def scores_gan_logits(teacher: Denoiser, critic: Denoiser, head, x_t, t, cond, c
                 fake_x0 = critic(x_t.detach(), t, cond, guidance_scale=c.fake_guidance_scale)
         fake_x0 = fake_x0.detach()
     return l_g, logits, real_x0, fake_x0
-
-
-def gan_d_loss(head, f_fake: torch.Tensor, f_real: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Discriminator loss softplus(D(fake)) + softplus(-D(real)) (DMD2 Eq. 3) on bottleneck features,
-    plus the head's accuracy on each side for the logs."""
-    return nonsaturating_d_loss(head(f_fake.float()), head(f_real.float()), "gan_d_loss")
 
 
 class DMDObjective:
@@ -387,7 +325,7 @@ class DMDObjective:
         cond = labels[idx].to(ctx.device) if self.conds.num_classes else None
         pred = self.student(z, self._tt(self.timesteps[0], z), cond)
         if self.cfg.regression_distance == "lpips":
-            return _lpips(pred, y)
+            return lpips_distance(pred, y)
         return F.mse_loss(pred.float(), y.float())
 
     def critic_loss(self, ctx: Ctx):
@@ -444,20 +382,6 @@ class DMDObjective:
         from .guards import sample_guard_stats
 
         return sample_guard_stats(self, ema)
-
-
-def _lpips(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    try:
-        import lpips  # optional dependency
-    except ImportError as e:
-        raise RuntimeError("dmd.regression_distance=lpips needs the 'lpips' package (pip install lpips)") from e
-    global _LPIPS
-    if "_LPIPS" not in globals():
-        _LPIPS = lpips.LPIPS(net="vgg").eval().requires_grad_(False)
-    net = _LPIPS.to(a.device)
-    rep = (lambda x: x.repeat(1, 3, 1, 1)) if a.shape[1] == 1 else (lambda x: x)
-    up = (lambda x: F.interpolate(x, size=224, mode="bilinear")) if a.shape[-1] < 64 else (lambda x: x)
-    return net(up(rep(a.float())), up(rep(b.float()))).mean()
 
 
 # -- the method (stepdistill/methods.py) -------------------------------------------------------------------

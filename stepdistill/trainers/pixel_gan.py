@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from .losses import nonsaturating_d_loss, pixel_d_loss, pixel_g_loss  # noqa: F401  (the losses live in losses.py)
 
 
 class PixelDiscriminator(nn.Module):
@@ -56,32 +57,3 @@ def labels_of(cond) -> torch.Tensor | None:
         return cond
     return None
 
-
-def nonsaturating_d_loss(logit_fake: torch.Tensor, logit_real: torch.Tensor, loss_key: str,
-                         acc_prefix: str = "") -> tuple[torch.Tensor, dict[str, float]]:
-    """Non-saturating discriminator loss softplus(D(fake)) + softplus(-D(real)) (Goodfellow et al. 2014;
-    DMD2 Eq. 3) from logits, with the loss and each side's accuracy for the logs (``loss_key``,
-    ``{acc_prefix}d_real_acc``, ``{acc_prefix}d_fake_acc``). Shared by the critic's head and the pixel D."""
-    loss = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
-    return loss, {loss_key: loss.item(), f"{acc_prefix}d_real_acc": (logit_real > 0).float().mean().item(),
-                  f"{acc_prefix}d_fake_acc": (logit_fake < 0).float().mean().item()}
-
-
-def pixel_d_loss(disc: PixelDiscriminator, fake: torch.Tensor, fake_labels, real: torch.Tensor, real_labels,
-                 r1: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_D (module docstring) on detached generator samples and real images, plus logs."""
-    real = real.detach().float().requires_grad_(r1 > 0)
-    logit_fake = disc(fake.detach(), fake_labels)
-    logit_real = disc(real, real_labels)
-    loss, logs = nonsaturating_d_loss(logit_fake, logit_real, "pixel_d_loss", "pixel_")
-    if r1 > 0:  # R1 on real data (Mescheder et al. 2018, Eq. 9): (gamma / 2) E ||grad_x D(x)||^2
-        (g,) = torch.autograd.grad(logit_real.sum(), real, create_graph=True)
-        pen = g.pow(2).flatten(1).sum(1).mean()
-        loss = loss + 0.5 * r1 * pen
-        logs["pixel_d_r1"] = pen.item()
-    return loss, logs
-
-
-def pixel_g_loss(disc: PixelDiscriminator, x: torch.Tensor, labels) -> torch.Tensor:
-    """L_G = softplus(-D(x)) (mean), differentiable w.r.t. the generator sample x."""
-    return F.softplus(-disc(x, labels)).mean()

@@ -79,7 +79,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..conditioning import ClassLabels
@@ -91,6 +90,7 @@ from ..pairs import weights_digest
 from ..pipelines.sampling import grid_sample, student_sample
 from ..tensor_cache import cached_tensors
 from .core import Ctx, Player, update_seed
+from .losses import pso_loss  # noqa: F401  (importable from here too)
 from .pso_data import (TRANSFORMS, apply_transform, build_target, load_preference_pairs,  # noqa: F401 (re-exported)
                        resolve_classes)
 
@@ -100,7 +100,7 @@ ONLINE_REF_FILE = "pso_reference.safetensors"
 PURE_NOISE_SNR = 1e-3       # alpha_t^2 below this: x_t carries (almost) no information about x
 
 
-# -- the loss ------------------------------------------------------------------------------
+# -- the likelihood terms (the loss itself: losses.pso_loss) ---------------------------------------
 def squared_errors(den: Denoiser, x: torch.Tensor, cond, timesteps: list[float], eps: torch.Tensor) -> torch.Tensor:
     """(B, K): ``||den(add_noise(x, eps[:, k], t_k), t_k, c) - x||^2`` (mean over dims), one batched call.
 
@@ -135,20 +135,6 @@ def softmin_errors(den: Denoiser, x: torch.Tensor, cond, t0: float, z: torch.Ten
     ``x`` (B, C, H, W); ``z`` (B, m, C, H, W) noise draws (the same for every model and for target and
     reference of a pair); ``cond`` None or (B,) labels. See "The pure-noise step" in the module docstring."""
     return softmin_distance(model_samples(den, cond, t0, z), x, tau)
-
-
-def pso_loss(err_theta_tgt: torch.Tensor, err_ref_tgt: torch.Tensor, err_theta_ref: torch.Tensor,
-             err_ref_ref: torch.Tensor, weights: torch.Tensor, beta: float, anchor: float = 0.0
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PSO / Diffusion-DPO loss (module docstring) from (B, K) errors; returns (loss, margin (B,)).
-
-    ``margin = Delta(x^tgt) - Delta(x^ref) - anchor * sum_k w_k max(0, err_theta_tgt - err_ref_tgt)`` with
-    ``Delta(x) = sum_k w_k (err_ref - err_theta)`` (the last term: DPO-Positive, 0 by default)."""
-    w = weights.to(err_theta_tgt)
-    margin = ((err_ref_tgt - err_theta_tgt) - (err_ref_ref - err_theta_ref)) @ w
-    if anchor > 0:
-        margin = margin - anchor * (F.relu(err_theta_tgt - err_ref_tgt) @ w)
-    return -F.logsigmoid(beta * margin).mean(), margin
 
 
 # -- reference samples ---------------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""Every loss of the trainers, as pure functions with their equations and papers.
+
+Distribution matching (DMD, Yin et al. CVPR 2024, Eq. 7; DMD2's per-sample normaliser, Yin et al. NeurIPS 2024,
+authors' code)::
+
+    p_real = x - mu_real(x_t, t, c; w),  p_fake = x - mu_fake(x_t, t, c)
+    grad   = (p_real - p_fake) / mean_{C,H,W} |p_real|
+    L_DM   = 0.5 ||x - sg(x - grad)||^2 (mean)            # d L_DM / d x = grad / numel
+
+Decoupled DMD (Liu et al. 2025, Sec. 3): the guided direction split into a DM and a CFG-augmentation term, each
+normalised at its own sample (:func:`decoupled_dm_loss`).
+
+GAN (DMD2 Eq. 3; Goodfellow et al. 2014): the non-saturating pair ``L_D = softplus(D(fake)) + softplus(-D(real))``,
+``L_G = softplus(-D(G(z)))``, for the critic's bottleneck head and the pixel-space discriminator, with R1 on real
+data (Mescheder et al. 2018, Eq. 9).
+
+PSO (Miao et al. ICLR 2025; Diffusion-DPO, Wallace et al. 2024): ``-log sigmoid(beta * margin)`` over pairs
+(:func:`pso_loss`). LPIPS (Zhang et al. 2018) for DMD's regression loss (Eq. 9) when asked for.
+
+The objectives (dmd.py, pixel_gan.py, pso.py, rcm.py) compute their inputs and call these; the names stay
+importable from those modules.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -- distribution matching (DMD / DMD2, Decoupled DMD) ------------------------------------------------
+def _dmd2_norm(x32: torch.Tensor, real_x0: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 1, 1): DMD2's per-sample normaliser ``mean_{C,H,W} |x - mu_real|`` (floored at 1e-8)."""
+    return (x32.detach() - real_x0.float()).abs().mean(dim=tuple(range(1, x32.ndim)), keepdim=True).clamp_min(1e-8)
+
+
+def _finite(g: torch.Tensor) -> torch.Tensor:
+    """x == mu_real exactly gives 0/0: no signal, so a zero gradient rather than inf/NaN. Non-finite *scores*
+    are another matter: :func:`nonfinite_frac` counts them and the trainer stops past a tolerance."""
+    return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def nonfinite_frac(*scores: torch.Tensor) -> float:
+    """Fraction of NaN / inf elements over the score tensors (teacher / critic x0) of a DM gradient. Logged
+    as ``dm_nonfinite_frac``; the trainer stops past ``train.nonfinite_tolerance`` (a NaN teacher or an
+    infinite guidance scale would otherwise train on zeroed gradients)."""
+    bad = sum(int((~torch.isfinite(s)).sum()) for s in scores)
+    return bad / max(sum(s.numel() for s in scores), 1)
+
+
+def _grad_surrogate(x32: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``0.5 ||x - sg(x - grad)||^2`` (mean): its gradient w.r.t. x is ``grad / numel``."""
+    return 0.5 * F.mse_loss(x32, (x32 - grad).detach(), reduction="mean")
+
+
+def dm_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor,
+            weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_DM and the (detached) gradient direction, in fp32, NaN-safe (see module docstring). ``weight`` (B,)
+    scales each sample's direction: f-distill's h(r) (:mod:`stepdistill.trainers.divergences`); None = DMD."""
+    x32 = x.float()
+    p_real = x32.detach() - real_x0.float()
+    p_fake = x32.detach() - fake_x0.float()
+    grad = _finite((p_real - p_fake) / _dmd2_norm(x32, real_x0))
+    if weight is not None:
+        grad = grad * weight.to(grad).view(-1, *([1] * (grad.ndim - 1)))
+    return _grad_surrogate(x32, grad), grad
+
+
+def decoupled_dm_loss(x: torch.Tensor, dm_real: tuple[torch.Tensor, torch.Tensor], fake_x0: torch.Tensor,
+                      ca_real: tuple[torch.Tensor, torch.Tensor], w: float, dm_term_weight: float = 1.0,
+                      ca_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Decoupled DMD loss (module docstring), fp32, NaN-safe.
+
+    ``dm_real = (mu_c, mu_u)`` and ``fake_x0`` at the DM term's noised sample, ``ca_real = (mu_c', mu_u')``
+    at the CA term's (all (B, C, H, W), detached)::
+
+        g_dm = (mu_fake - mu_c) / n_dm,            n_dm = mean_CHW |x - (mu_u + w (mu_c - mu_u))|
+        g_ca = -(w - 1)(mu_c' - mu_u') / n_ca,     n_ca = mean_CHW |x - (mu_u' + w (mu_c' - mu_u'))|
+        L    = dm_term_weight * 0.5 ||x - sg(x - g_dm)||^2 + ca_weight * 0.5 ||x - sg(x - g_ca)||^2   (means)
+
+    so d L / d x = (dm_term_weight g_dm + ca_weight g_ca) / numel. Same sample, unit weights:
+    g_dm + g_ca = (mu_fake - mu_real) / n, DMD2's ``grad`` of :func:`dm_loss`.
+    Returns ``(L, {"dm_term_loss", "ca_loss", "g_dm", "g_ca"})`` (gradients detached).
+    """
+    x32 = x.float()
+
+    def norm(c, u):  # DMD2's normaliser with the guided teacher at this sample
+        return _dmd2_norm(x32, u.float() + w * (c.float() - u.float()))
+
+    (dc, du), (cc, cu) = dm_real, ca_real
+    g_dm = _finite((fake_x0.float() - dc.float()) / norm(dc, du))
+    g_ca = _finite(-(w - 1.0) * (cc.float() - cu.float()) / norm(cc, cu))
+    l_dm, l_ca = _grad_surrogate(x32, g_dm), _grad_surrogate(x32, g_ca)
+    return dm_term_weight * l_dm + ca_weight * l_ca, {"dm_term_loss": l_dm, "ca_loss": l_ca, "g_dm": g_dm, "g_ca": g_ca}
+
+
+# -- GAN terms (DMD2 Eq. 3): the critic's head and the pixel discriminator ---------------------------
+def nonsaturating_d_loss(logit_fake: torch.Tensor, logit_real: torch.Tensor, loss_key: str,
+                         acc_prefix: str = "") -> tuple[torch.Tensor, dict[str, float]]:
+    """Non-saturating discriminator loss softplus(D(fake)) + softplus(-D(real)) (Goodfellow et al. 2014;
+    DMD2 Eq. 3) from logits, with the loss and each side's accuracy for the logs (``loss_key``,
+    ``{acc_prefix}d_real_acc``, ``{acc_prefix}d_fake_acc``). Shared by the critic's head and the pixel D."""
+    loss = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
+    return loss, {loss_key: loss.item(), f"{acc_prefix}d_real_acc": (logit_real > 0).float().mean().item(),
+                  f"{acc_prefix}d_fake_acc": (logit_fake < 0).float().mean().item()}
+
+
+def gan_d_loss(head, f_fake: torch.Tensor, f_real: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Discriminator loss softplus(D(fake)) + softplus(-D(real)) (DMD2 Eq. 3) on bottleneck features,
+    plus the head's accuracy on each side for the logs."""
+    return nonsaturating_d_loss(head(f_fake.float()), head(f_real.float()), "gan_d_loss")
+
+
+def pixel_d_loss(disc: nn.Module, fake: torch.Tensor, fake_labels, real: torch.Tensor, real_labels,
+                 r1: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """The pixel discriminator's L_D (trainers/pixel_gan.py) on detached generator samples and real images, plus
+    R1 ``(gamma / 2) E ||grad_x D(x)||^2`` on real data when ``r1`` > 0, and logs."""
+    real = real.detach().float().requires_grad_(r1 > 0)
+    logit_fake = disc(fake.detach(), fake_labels)
+    logit_real = disc(real, real_labels)
+    loss, logs = nonsaturating_d_loss(logit_fake, logit_real, "pixel_d_loss", "pixel_")
+    if r1 > 0:  # R1 on real data (Mescheder et al. 2018, Eq. 9): (gamma / 2) E ||grad_x D(x)||^2
+        (g,) = torch.autograd.grad(logit_real.sum(), real, create_graph=True)
+        pen = g.pow(2).flatten(1).sum(1).mean()
+        loss = loss + 0.5 * r1 * pen
+        logs["pixel_d_r1"] = pen.item()
+    return loss, logs
+
+
+def pixel_g_loss(disc: nn.Module, x: torch.Tensor, labels) -> torch.Tensor:
+    """L_G = softplus(-D(x)) (mean), differentiable w.r.t. the generator sample x."""
+    return F.softplus(-disc(x, labels)).mean()
+
+
+# -- PSO (pairwise sample optimisation) ---------------------------------------------------------------
+def pso_loss(err_theta_tgt: torch.Tensor, err_ref_tgt: torch.Tensor, err_theta_ref: torch.Tensor,
+             err_ref_ref: torch.Tensor, weights: torch.Tensor, beta: float, anchor: float = 0.0
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PSO / Diffusion-DPO loss (module docstring) from (B, K) errors; returns (loss, margin (B,)).
+
+    ``margin = Delta(x^tgt) - Delta(x^ref) - anchor * sum_k w_k max(0, err_theta_tgt - err_ref_tgt)`` with
+    ``Delta(x) = sum_k w_k (err_ref - err_theta)`` (the last term: DPO-Positive, 0 by default)."""
+    w = weights.to(err_theta_tgt)
+    margin = ((err_ref_tgt - err_theta_tgt) - (err_ref_ref - err_theta_ref)) @ w
+    if anchor > 0:
+        margin = margin - anchor * (F.relu(err_theta_tgt - err_ref_tgt) @ w)
+    return -F.logsigmoid(beta * margin).mean(), margin
+
+
+# -- perceptual distance -----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _lpips_net():
+    """The LPIPS VGG network (Zhang et al. 2018), built once on first use (optional dependency)."""
+    try:
+        import lpips
+    except ImportError as e:
+        raise RuntimeError("dmd.regression_distance=lpips needs the 'lpips' package (pip install lpips)") from e
+    return lpips.LPIPS(net="vgg").eval().requires_grad_(False)
+
+
+def lpips_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """LPIPS(a, b) (mean over the batch; Zhang et al. 2018), for DMD's regression loss with
+    ``dmd.regression_distance=lpips`` (DMD Eq. 9 uses LPIPS). Grey images are repeated to 3 channels and small
+    ones upsampled to 224 px, the network's training size."""
+    net = _lpips_net().to(a.device)
+    rep = (lambda x: x.repeat(1, 3, 1, 1)) if a.shape[1] == 1 else (lambda x: x)
+    up = (lambda x: F.interpolate(x, size=224, mode="bilinear")) if a.shape[-1] < 64 else (lambda x: x)
+    return net(up(rep(a.float())), up(rep(b.float()))).mean()
