@@ -62,7 +62,7 @@ def test_animal_mnist_split(fresh_cache):
     # note: the split is disjoint by index, but Animal-MNIST itself holds 284 pairs of pixel-identical
     # images (same label), so ~77 test images have an exact copy in train; not checked by content here
     with pytest.raises(DataError, match="split"):
-        animal_mnist(32, "val")
+        animal_mnist(32, "validation")
 
 
 def test_animal_mnist_other_resolution(fresh_cache):
