@@ -502,7 +502,8 @@ def _warm_up(pipe, plan: Plan, role: str) -> None:
 
     if id(pipe) in _WARM:
         return
-    kw = dict(num_inference_steps=1, seed=0, output_type="pt")
+    # a teacher warms up on one sampler step; a student on its own chain (a phased student takes exactly K steps)
+    kw = dict(num_inference_steps=1 if role == "teacher" else plan.student_steps, seed=0, output_type="pt")
     with torch.inference_mode():
         if plan.prompts is not None:
             pipe(plan.prompts[:1], **kw)
