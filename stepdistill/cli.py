@@ -350,9 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nrow", type=int, default=None,
                    help="images per grid row (default: one column per class or prompt; 10 for unconditional models)")
     p.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling of the grid (default %(default)s)")
-    from .cli_tools import seed_arg, threads_arg
+    from .cli_tools import threads_arg
 
-    p.add_argument("--seed", type=seed_arg, default=0, help="random seed, 0..2**31-1 (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, 0..2**31-1 (default 0)")  # checked: one line
     threads_arg(p)
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load pickle (.bin) weights; only for folders you trust (default: safetensors only)")

@@ -87,9 +87,17 @@ def resolve_model_path(path_or_name: str | os.PathLike, role: str = "model") -> 
             raise DemoInputError(f"{role} folder {name!r} does not exist")
     if not p.is_dir():
         raise DemoInputError(f"{role} path {str(p)!r} is a file; expected a diffusers pipeline folder")
-    if not (p / "model_index.json").exists():
-        raise DemoInputError(f"{role} folder {str(p)!r} has no model_index.json (not a diffusers pipeline folder)")
+    if not (p / "model_index.json").exists() and not _bare_model_folder(p):
+        raise DemoInputError(f"{role} folder {str(p)!r} has no model_index.json (not a diffusers pipeline folder) "
+                             f"and no unet/ (or transformer/) with scheduler/ (docs/your_teacher.md)")
     return p
+
+
+def _bare_model_folder(p: Path) -> bool:
+    """A stock diffusers network saved with ``save_pretrained`` beside its scheduler, without a pipeline index: a
+    teacher as users bring it (docs/your_teacher.md)."""
+    return any((p / sub / "config.json").exists() for sub in ("unet", "transformer")) and \
+        (p / "scheduler" / "scheduler_config.json").exists()
 
 
 @dataclass
@@ -124,6 +132,8 @@ def read_model_info(path_or_name: str | os.PathLike, role: str = "model") -> Mod
     cond = meta.get("conditioning")
     if cond is None:
         cond = "class" if unet.get("num_class_embeds") else ("text" if unet.get("cross_attention_dim") else "none")
+    if not meta and unet.get("num_class_embeds"):  # a stock folder: classes + the null class, named by index
+        meta = {"class_names": [str(i) for i in range(int(unet["num_class_embeds"]) - 1)]}
     ts = meta.get("student_timesteps") or index.get("student_timesteps")
     res = unet.get("sample_size")
     return ModelInfo(path=p, pipeline_class=index.get("_class_name"), conditioning=cond,
@@ -232,8 +242,24 @@ def load_teacher(info: ModelInfo):
         from .pipelines.text import load_text_pipeline
 
         return _cached(("teacher", _stamp(info.path)), info.path, lambda: load_text_pipeline(info.path))
+    if not (info.path / "model_index.json").exists():  # a bare network + scheduler (docs/your_teacher.md)
+        return _cached(("teacher", _stamp(info.path)), info.path, lambda: _bare_teacher_pipeline(info.path))
     return _cached(("teacher", _stamp(info.path)), info.path,
                    lambda: StepDistillTeacherPipeline.from_folder(info.path, use_safetensors=True))  # never pickle
+
+
+def _bare_teacher_pipeline(path: Path):
+    """A teacher pipeline around a stock network folder (safetensors only), with the loader's metadata."""
+    from diffusers import DDPMScheduler
+
+    from .models import load_denoiser, load_scheduler_config
+    from .pipelines.teacher import StepDistillTeacherPipeline
+
+    den, meta = load_denoiser(path)
+    scheduler = DDPMScheduler.from_config(load_scheduler_config(path, None))
+    nets = {"unet": None, "transformer": den.backbone} if (path / "transformer").is_dir() else {"unet": den.backbone}
+    return StepDistillTeacherPipeline(scheduler=scheduler, class_names=meta.class_names, null_class=meta.null_class,
+                                      prediction_type=meta.prediction_type, **nets)
 
 
 def load_student(info: ModelInfo):

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..config import to_dict, upgrade_keys
 from ..recipe import Schedule
-from ..outputs import clean_stale_temps, mark_run_dir, prepare_run_dir, run_inputs, run_lock
+from ..outputs import clean_stale_temps, mark_run_dir, prepare_run_dir, read_marker, run_inputs, run_lock, write_marker
 from ..utils import atomic_write_text, plot_losses, save_grid, sha256_file
 
 
@@ -200,6 +200,7 @@ class Trainer:
                 enable_gradient_checkpointing(p.module)
         if hasattr(self.obj, "to"):
             self.obj.to(dev)
+        self.teacher_digest()  # hashed before FSDP shards the teacher: every process holds the same digest
         self.fsdp = _wants_fsdp(self.acc, self.tcfg)
         self._ema_templates = {}
         if self.fsdp:  # shard players, EMA copies (and the teacher) before the optimizers see the parameters
@@ -240,6 +241,7 @@ class Trainer:
                 stack.enter_context(run_lock(self.out))
                 if not resume:
                     prepare_run_dir(self.out, overwrite, inputs)
+                self._marker_is_new = read_marker(self.out) is None  # checkpoints copied into a new folder
                 self.run_id = mark_run_dir(self.out)
                 for folder in (self.out, self.ckpt_dir, self.out / "samples"):  # litter of a killed earlier process
                     clean_stale_temps(folder)
@@ -478,8 +480,11 @@ class Trainer:
             from ..pairs import weights_digest
 
             teacher = getattr(self.obj, "teacher", None)
-            self._teacher_digest = weights_digest(teacher.backbone) if teacher is not None and hasattr(
-                teacher, "backbone") else None
+            try:
+                self._teacher_digest = weights_digest(teacher.backbone) if teacher is not None and hasattr(
+                    teacher, "backbone") else None
+            except (RuntimeError, NotImplementedError, TypeError):  # weights without data (meta tensors): no hash
+                self._teacher_digest = None
         return self._teacher_digest
 
     def load_checkpoint(self, path: str | Path, strict: bool = True) -> list[str]:
@@ -588,6 +593,10 @@ class Trainer:
         """A checkpoint resumes only the run it came from: same config apart from RESUME_MAY_CHANGE, and the same
         teacher weights (a teacher retrained at the same path is another teacher)."""
         meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+        self._check_config_diff(path)  # the most telling difference first
+        if meta.get("run_id") and self.run_id and meta["run_id"] != self.run_id and getattr(self, "_marker_is_new", False):
+            write_marker(self.out, "run", run_id=meta["run_id"])  # a folder the run's checkpoints were moved into
+            self.run_id = meta["run_id"]
         if meta.get("run_id") and self.run_id and meta["run_id"] != self.run_id:
             raise CheckpointError(
                 f"checkpoint {path} was written by another run (run {meta['run_id']}, this folder holds run "
@@ -599,6 +608,8 @@ class Trainer:
                 f"at {getattr(getattr(self.cfg, 'dmd', None), 'teacher', 'its path')} changed since. Resume needs the "
                 f"same teacher: restore it, or start a new run (another output_dir, or --fork {path} to keep the "
                 f"student's weights)")
+
+    def _check_config_diff(self, path: Path) -> None:
         diff = self._config_diff(path)
         if diff:
             shown = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in diff[:6])
