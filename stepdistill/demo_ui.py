@@ -188,6 +188,7 @@ def offline_theme():
 #: a new Generate click closes the error toasts of the previous one (they would otherwise stay up for 10 s, over a
 #: valid run's results)
 CLEAR_TOASTS_JS = """<script>
+window.__stepdistillToasts = true;
 document.addEventListener('click', (e) => {
   if (!e.target.closest || !e.target.closest('#generate')) return;
   document.querySelectorAll('.toast-body').forEach((t) => {

@@ -61,7 +61,7 @@ def app_url():
         port = s.getsockname()[1]
     app = D.build_demo()
     app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, ssr_mode=False,
-               theme=D.offline_theme())
+               theme=D.offline_theme(), head=D.CLEAR_TOASTS_JS)  # as demo_ui.launch serves it
     yield f"http://127.0.0.1:{port}/"
     app.close()
 
