@@ -148,10 +148,11 @@ def mark_run_dir(out: Path) -> str:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     marker = read_marker(out)
-    if marker is None or marker.get("kind") != "run" or not marker.get("run_id"):
-        write_marker(out, "run", run_id=uuid.uuid4().hex[:16])
-        marker = read_marker(out)
-    return marker["run_id"]
+    if marker is not None and marker.get("kind") == "run" and marker.get("run_id"):
+        return marker["run_id"]
+    run_id = uuid.uuid4().hex[:16]
+    write_marker(out, "run", run_id=run_id)
+    return run_id
 
 
 @contextlib.contextmanager
@@ -193,8 +194,9 @@ def check_replace_folder(out: Path, overwrite: bool, kind: str, inputs: list | t
     if out.exists() and not out.is_dir():
         _refuse(f"{out} is a file, not a folder; choose another --out")
     if not out.exists() or not any(out.iterdir()):
-        if out.exists() and protected_reason(out, inputs):
-            _refuse(f"refused: {protected_reason(out, inputs)}; choose another --out")
+        why = protected_reason(out, inputs) if out.exists() else None
+        if why:
+            _refuse(f"refused: {why}; choose another --out")
         return
     if not overwrite:
         _refuse(f"{out} already exists and is not empty; pass --overwrite to replace it or choose another folder")

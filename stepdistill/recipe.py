@@ -144,14 +144,15 @@ def check_schedule(cfg, coerce, validate, error) -> None:
     method = getattr(cfg, "method", "")
     trial = copy.deepcopy(cfg)
     trial.schedule = []
-    for i, e in enumerate(sorted(entries, key=lambda e: e.at)):
-        where = f"schedule[{entries.index(e)}]"
+    for i, e in sorted(enumerate(entries), key=lambda ie: ie[1].at):
+        where = f"schedule[{i}]"
         if e.at < 0:
             error(f"{where}.at: must be >= 0 (a generator step), got {e.at}")
         if e.ramp < 0:
             error(f"{where}.ramp: must be >= 0, got {e.ramp}")
         if not isinstance(e.set, dict) or not e.set:
             error(f"{where}.set: needs a mapping of config keys to values, e.g. {{dmd.regression_weight: 0.05}}")
+        coerced = {}
         for key, value in flatten_set(e.set).items():
             name = f"{where}.set.{key}"
             tp = field_type(cfg, key)
@@ -167,8 +168,9 @@ def check_schedule(cfg, coerce, validate, error) -> None:
             if key in ("dmd.pixel_gan_g_weight", "dmd.pixel_gan_lr") and get_dotted(cfg, key) == 0:
                 error(f"{name}: the pixel discriminator is built only when {key} > 0 at the start; give it a base "
                       f"value > 0 (its weight can start small) and schedule the change")
-            e.set = {**{k: v2 for k, v2 in flatten_set(e.set).items()}, key: v}
+            coerced[key] = v
             set_dotted(trial, key, v)
+        e.set = coerced  # flat dotted keys, values of the keys' types
         try:
             validate(trial)
         except Exception as ex:  # the config's own message, placed at the entry that caused it

@@ -175,16 +175,6 @@ def class_balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n) % max(num_classes, 1)
 
 
-def refuse_non_empty(out: str | Path, overwrite: bool = False) -> None:
-    """:class:`~stepdistill.errors.OutputExistsError` for an existing non-empty ``out`` unless ``overwrite``."""
-    from .errors import OutputExistsError
-
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutputExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it "
-                                "or choose another folder")
-
-
 @contextlib.contextmanager
 def atomic_folder(out: str | Path, overwrite: bool = False, kind: str = "export", inputs=(), own: bool = False):
     """Write a folder all at once: yields a temporary sibling folder that replaces ``out`` on success (and is
