@@ -13,6 +13,7 @@ A sampler implements::
     __call__(ctx) -> cond          # (B,) labels | (B, L, D) | {"emb": (B, L, D), "pooled": (B, P)}
     grid(n, device) -> cond        # fixed conditions for the periodic sample grids
     real_cond(labels) -> cond      # condition of real data for the GAN's real branch
+    index(idx, device) -> cond     # conditions of stored indices (DMD's ODE pairs: class labels / prompt indices)
     num_classes: int               # 0 for text banks
 
 Real data for a text teacher is a set of (latent, prompt) pairs: give ``build_dmd`` an
@@ -48,6 +49,10 @@ class ClassLabels:
         if self.classes is None:
             return (torch.arange(n) % self.num_classes).to(device)
         return self.classes[torch.arange(n) % len(self.classes)].to(device)
+
+    def index(self, idx: torch.Tensor, device=None):
+        """Conditions of stored indices (DMD's ODE pairs): the labels themselves, or None when unconditional."""
+        return idx.to(device) if self.num_classes > 0 else None
 
     def real_cond(self, labels: torch.Tensor):
         """Condition of real data (GAN real branch): its labels, or None when unconditional."""

@@ -310,3 +310,44 @@ def test_shipped_text_teacher_draws_the_prompted_animals():
                output_type="pt").images
     cat_rate, _ = class_accuracy(load_default_classifier(), neg, torch.full((10,), ANIMAL_CLASSES.index("cat")))
     assert cat_rate <= 0.2
+
+
+# ----------------------------------------------------------------------------- DMD's ODE pairs on prompts
+def test_text_teacher_ode_pairs_are_prompt_conditioned_and_feed_the_regression_loss(text_teacher, tmp_path,
+                                                                                     monkeypatch):
+    """Text teachers get DMD's regression warm-up / loss: each pair stores a prompt index into the bank, its
+    x0 is the teacher's DDIM sample *for that prompt* (recomputed here), and another prompt set gets other pairs."""
+    from stepdistill.conditioning import TextEmbeddingBank
+    from stepdistill.pairs import teacher_ode_pairs
+    from stepdistill.pipelines.sampling import make_scheduler, scheduler_sample
+    from stepdistill.trainers.distill import build_dmd
+
+    cache = tmp_path / "cache"
+    over = tiny_distill_overrides(text_teacher, tmp_path, **{"dmd.regression_pairs": 6, "dmd.regression_steps": 2,
+                                                            "dmd.regression_warmup_steps": 1,
+                                                            "dmd.regression_weight": 0.5})
+    monkeypatch.setenv("STEPDISTILL_CACHE", str(cache))
+    cfg = load_config(DistillConfig, None, over)
+    obj, data, meta = build_dmd(cfg)
+    noise, idx, x0 = obj.pairs
+    bank = obj.conds
+    assert noise.shape == (6, 1, 16, 16) and x0.shape == noise.shape
+    assert idx.dtype == torch.long and 0 <= int(idx.min()) and int(idx.max()) < len(bank)
+    assert len(set(idx.tolist())) > 1  # drawn over the prompt set, not one prompt
+    sched_cfg = dict(obj.teacher.schedule.config)
+    with torch.no_grad():
+        one = scheduler_sample(obj.teacher, make_scheduler("ddim", sched_cfg), bank.index(idx[:2]), 2,
+                               cfg.dmd.real_guidance_scale, noise[:2])
+        other = scheduler_sample(obj.teacher, make_scheduler("ddim", sched_cfg),
+                                 bank.index((idx[:2] + 1) % len(bank)), 2, cfg.dmd.real_guidance_scale, noise[:2])
+    assert torch.allclose(one, x0[:2], atol=1e-5)
+    assert not torch.allclose(other, x0[:2], atol=1e-3)  # the prompt matters
+    # the warm-up step is the regression loss alone; later steps add it beside DM + GAN
+    from stepdistill.trainers.core import Ctx
+    loss, logs = obj.generator_loss(Ctx(torch.Generator().manual_seed(0), 0, 1, 4, torch.device("cpu"), 0, data))
+    assert logs["regression_loss"] > 0 and loss.item() == pytest.approx(logs["regression_loss"])
+    # another prompt set -> another cache entry, not the first set's pairs
+    other_bank = TextEmbeddingBank(bank.emb[:3] * 2, null_emb=bank.null_emb)
+    again = teacher_ode_pairs(obj.teacher, cfg.dmd, 0, (1, 16, 16), seed=cfg.train.seed, conds=other_bank)
+    assert int(again[1].max()) < 3 and not torch.equal(again[2], x0)
+    assert len(list((cache / "pairs").glob("pairs_*"))) == 2

@@ -129,7 +129,8 @@ class DMDObjective:
         critic:  fake score mu_fake (a Denoiser; trainable, usually initialised from the teacher).
         cfg:     :class:`~stepdistill.config.DMDConfig`.
         num_classes: class count (0 for unconditional).
-        regression_pairs: (noise, labels, teacher_x0) for the DMD regression loss, or None.
+        regression_pairs: (noise, condition indices, teacher_x0) for the DMD regression loss
+            (:func:`stepdistill.pairs.teacher_ode_pairs`), or None.
         conds: condition sampler (default :class:`~stepdistill.conditioning.ClassLabels` over ``num_classes``; text teachers:
             :class:`~stepdistill.conditioning.TextEmbeddingBank`).
     """
@@ -322,7 +323,7 @@ class DMDObjective:
         noise, labels, target = self.pairs
         idx = ctx.randint(0, noise.shape[0]).cpu()
         z, y = noise[idx].to(ctx.device), target[idx].to(ctx.device)
-        cond = labels[idx].to(ctx.device) if self.conds.num_classes else None
+        cond = self.conds.index(labels[idx], ctx.device)  # class labels, prompt embeddings or None
         pred = self.student(z, self._tt(self.timesteps[0], z), cond)
         if self.cfg.regression_distance == "lpips":
             return lpips_distance(pred, y)
@@ -407,7 +408,7 @@ def build_dmd_family(cfg, teacher: Denoiser | None = None, meta=None, data=None,
     shape = tuple(s.data.images.shape[1:])
     pairs = None
     if cfg.dmd.regression_weight > 0 or cfg.dmd.regression_warmup_steps > 0:
-        pairs = teacher_ode_pairs(s.teacher, cfg.dmd, s.num_classes, shape, seed=cfg.train.seed)
+        pairs = teacher_ode_pairs(s.teacher, cfg.dmd, s.num_classes, shape, seed=cfg.train.seed, conds=s.conds)
     make = make_objective or (lambda *a, **k: DMDObjective(*a, **k))
     obj = make(s.teacher, student, critic, cfg.dmd, s.num_classes, shape, regression_pairs=pairs,
                seed=cfg.train.seed, conds=s.conds)

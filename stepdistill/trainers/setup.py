@@ -55,9 +55,6 @@ def prepare(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMeta
             text_bank, data = text_distill_setup(cfg, meta, data if data_given else None)
         elif data is None:
             data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
-        if cfg.dmd.regression_weight > 0 or cfg.dmd.regression_warmup_steps > 0:
-            raise ValueError("dmd.regression_weight / dmd.regression_warmup_steps (DMD's ODE pairs) are not supported "
-                             "for text teachers")
         conds = text_bank
         if teacher.null_cond is None:
             teacher.null_cond = text_bank.null_cond
