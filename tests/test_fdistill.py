@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_distill_overrides
 from stepdistill.config import ConfigError, DistillConfig, load_config
-from stepdistill.trainers.core import Ctx
+from stepdistill.trainers.objective import Ctx
 from stepdistill.trainers.distill import build_dmd
 from stepdistill.trainers.divergences import DIVERGENCES, f_of_r, f_weights, h_of_r
 

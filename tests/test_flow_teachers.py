@@ -13,7 +13,8 @@ from stepdistill.data import ArrayDataset
 from stepdistill.denoiser import Denoiser
 from stepdistill.models import ModelMeta
 from stepdistill.schedules import FlowMatchSchedule
-from stepdistill.trainers.core import Ctx, Trainer
+from stepdistill.trainers.core import Trainer
+from stepdistill.trainers.objective import Ctx
 from stepdistill.trainers.distill import build_dmd, distill
 
 torch.set_num_threads(1)

@@ -9,7 +9,8 @@ import torch
 
 from conftest import tiny_distill_overrides
 from stepdistill.config import ConfigError, DistillConfig, load_config
-from stepdistill.trainers.core import Ctx, Trainer
+from stepdistill.trainers.core import Trainer
+from stepdistill.trainers.objective import Ctx
 from stepdistill.trainers.distill import build_dmd, distill
 
 pytest.importorskip("peft")

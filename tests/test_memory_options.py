@@ -7,7 +7,8 @@ import torch
 
 from conftest import tiny_distill_overrides
 from stepdistill.config import ConfigError, DistillConfig, load_config
-from stepdistill.trainers.core import Ctx, Trainer
+from stepdistill.trainers.core import Trainer
+from stepdistill.trainers.objective import Ctx
 from stepdistill.trainers.distill import build_dmd
 
 torch.set_num_threads(1)

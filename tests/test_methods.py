@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import tiny_distill_overrides
 from stepdistill.cli import main
 from stepdistill.methods import BUILTIN, Method, get_method, method_names, register, unregister
+from stepdistill.trainers.objective import ObjectiveBase, Player
 
 
 def test_builtin_methods_resolve():
@@ -27,13 +28,11 @@ def test_builtin_methods_resolve():
         register(get_method("dmd2"))
 
 
-class ToyObjective:
+class ToyObjective(ObjectiveBase):
     """Guidance distillation: regress the student's x0 onto the teacher's CFG (w = 2) x0 at random noise levels
     (one player, EMA)."""
 
     def __init__(self, teacher, student, num_classes, shape, lr):
-        from stepdistill.trainers.core import Player
-
         self.teacher, self.student, self.shape, self.num_classes = teacher, student, shape, num_classes
         self.teacher.requires_grad_(False).eval()
         self.players = {"generator": Player(student.backbone, lr, (0.0, 0.999), 0.0, 10.0, 0, ema=True)}

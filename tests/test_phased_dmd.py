@@ -10,7 +10,8 @@ from conftest import tiny_distill_overrides
 from stepdistill.config import DistillConfig, load_config
 from stepdistill.pipelines.phased import PhasedDMDPipeline, route
 from stepdistill.schedules import FlowMatchSchedule, VPSchedule
-from stepdistill.trainers.core import Ctx, Trainer, update_seed
+from stepdistill.trainers.core import Trainer
+from stepdistill.trainers.objective import Ctx, update_seed
 from stepdistill.trainers.phased_dmd import even_split, subinterval_targets, subinterval_weight
 
 VP = VPSchedule.from_scheduler_config({"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from conftest import tiny_distill_overrides
 from stepdistill.config import ConfigError, DistillConfig, load_config
-from stepdistill.trainers.core import Ctx, Trainer
+from stepdistill.trainers.core import Trainer
+from stepdistill.trainers.objective import Ctx
 from stepdistill.trainers.distill import build_dmd
 from stepdistill.trainers.pixel_gan import PixelDiscriminator, labels_of, pixel_d_loss, pixel_g_loss
 

@@ -16,7 +16,8 @@ from stepdistill.data import ArrayDataset, DataError
 from stepdistill.denoiser import Denoiser
 from stepdistill.schedules import VPSchedule
 from stepdistill.trainers import pso
-from stepdistill.trainers.core import Ctx, Trainer
+from stepdistill.trainers.core import Trainer
+from stepdistill.trainers.objective import Ctx
 from stepdistill.trainers.distill import build_dmd, distill
 
 
@@ -200,7 +201,7 @@ def test_online_resume_reuses_the_checkpointed_pool(tiny_student, tmp_path):
     def run(out, steps, resume=False):
         cfg = _pso_cfg(tiny_student, out, **{"pso.mode": "online", "pso.refresh_every": 2, "train.max_steps": steps})
         obj, data, _ = build_dmd(cfg)
-        Trainer(obj, cfg, data=data, on_checkpoint=obj.on_checkpoint).train(resume=resume)
+        Trainer(obj, cfg, data=data).train(resume=resume)
         return obj
 
     full = run(tmp_path / "a", 4)

@@ -13,7 +13,7 @@ from stepdistill.config import DMDConfig, DistillConfig, RCMConfig, load_config
 from stepdistill.data import ArrayDataset
 from stepdistill.denoiser import Denoiser
 from stepdistill.schedules import FlowMatchSchedule, VPSchedule
-from stepdistill.trainers.core import Ctx
+from stepdistill.trainers.objective import Ctx
 from stepdistill.trigflow import TrigFlow, tangent
 
 

@@ -17,7 +17,8 @@ from conftest import distill_argv, run_cli, snapshot, tiny_cfg, tiny_distill_ove
 from stepdistill.cli import main
 from stepdistill.config import ConfigError, DistillConfig, load_config
 from stepdistill.errors import CheckpointError, StepDistillError
-from stepdistill.trainers.core import NonFiniteLossError, Trainer
+from stepdistill.trainers.core import Trainer
+from stepdistill.errors import NonFiniteLossError
 from stepdistill.trainers.distill import build_dmd, distill
 
 

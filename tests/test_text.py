@@ -81,7 +81,7 @@ def test_minilm_encodes_fixed_length_token_embeddings():
 
 
 def test_caption_conditioner_drops_to_empty_prompt_and_picks_class_captions(tiny_encoder):
-    from stepdistill.trainers.core import Ctx
+    from stepdistill.trainers.objective import Ctx
 
     enc = PromptEncoder.load(tiny_encoder, 8)
     bank = caption_bank(enc, ["cat", "dog", "cow"], TEMPLATES)
@@ -343,7 +343,7 @@ def test_text_teacher_ode_pairs_are_prompt_conditioned_and_feed_the_regression_l
     assert torch.allclose(one, x0[:2], atol=1e-5)
     assert not torch.allclose(other, x0[:2], atol=1e-3)  # the prompt matters
     # the warm-up step is the regression loss alone; later steps add it beside DM + GAN
-    from stepdistill.trainers.core import Ctx
+    from stepdistill.trainers.objective import Ctx
     loss, logs = obj.generator_loss(Ctx(torch.Generator().manual_seed(0), 0, 1, 4, torch.device("cpu"), 0, data))
     assert logs["regression_loss"] > 0 and loss.item() == pytest.approx(logs["regression_loss"])
     # another prompt set -> another cache entry, not the first set's pairs

@@ -76,7 +76,7 @@ def test_regression_warmup_config_is_checked():
 
 
 def test_fresh_gan_t_scores_the_generator_at_its_own_noise_level(tmp_path):
-    from stepdistill.trainers.core import Ctx
+    from stepdistill.trainers.objective import Ctx
 
     def spy(fn, seen):
         def wrapped(x_t, t, *a, **k):

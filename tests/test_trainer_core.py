@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import tiny_distill_overrides
 from stepdistill.config import DistillConfig, load_config
-from stepdistill.trainers.core import CheckpointError, NonFiniteLossError, Trainer
+from stepdistill.trainers.core import Trainer
+from stepdistill.errors import CheckpointError, NonFiniteLossError
 from stepdistill.trainers.distill import build_dmd, distill
 
 

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from ..denoiser import Denoiser
 from ..pipelines.sampling import make_scheduler, scheduler_sample
 from ..utils import class_balanced_labels
-from .core import Ctx, Player
+from .objective import Ctx, ObjectiveBase, Player
 
 
-class DiffusionObjective:
+class DiffusionObjective(ObjectiveBase):
     """L = E_{x0, c, t, eps} || net(alpha_t x0 + sigma_t eps, t, c~) - target ||^2,
     target by prediction type (eps, v or x0), c~ = null class with probability ``cfg_dropout``."""
 

@@ -38,8 +38,7 @@ def distill(cfg: DistillConfig, resume: bool | str = False, accelerator=None, te
         torch.set_num_threads(cfg.train.threads)
     t_build = time.time()
     obj, data, meta = build_dmd(cfg, teacher=teacher, meta=meta, data=data, text_bank=text_bank)
-    trainer = Trainer(obj, cfg, accelerator=accelerator, data=data,
-                      on_checkpoint=getattr(obj, "on_checkpoint", None))  # PSO keeps its online references
+    trainer = Trainer(obj, cfg, accelerator=accelerator, data=data)
     trainer.setup_seconds = time.time() - t_build  # teacher ODE pairs etc.: counted in the run's wall time
     result = trainer.train(resume=resume, overwrite=overwrite, fork=fork)
     raise_if_interrupted(trainer, result)

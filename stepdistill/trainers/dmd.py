@@ -47,7 +47,7 @@ from ..conditioning import ClassLabels
 from ..config import DMDConfig
 from ..denoiser import Denoiser, _cat_cond
 from ..pipelines.sampling import grid_sample
-from .core import Ctx, Player
+from .objective import Ctx, ObjectiveBase, Player, real_data_std
 from .divergences import f_weights
 from .losses import (  # noqa: F401  (dm_loss, decoupled_dm_loss, nonfinite_frac, gan_d_loss: importable from here too)
     decoupled_dm_loss,
@@ -120,7 +120,7 @@ def scores_gan_logits(teacher: Denoiser, critic: Denoiser, head, x_t, t, cond, c
     return l_g, logits, real_x0, fake_x0
 
 
-class DMDObjective:
+class DMDObjective(ObjectiveBase):
     """DMD / DMD2 as an Objective for :class:`~stepdistill.trainers.core.Trainer`.
 
     Args:
@@ -136,7 +136,8 @@ class DMDObjective:
     """
 
     def __init__(self, teacher: Denoiser, student: Denoiser, critic: Denoiser, cfg: DMDConfig, num_classes: int,
-                 sample_shape: tuple[int, int, int], regression_pairs=None, seed: int = 0, conds=None):
+                 sample_shape: tuple[int, int, int], regression_pairs=None, seed: int = 0, conds=None,
+                 data_std: float = 1.0):
         self.teacher, self.student, self.critic, self.cfg = teacher, student, critic, cfg
         self.teacher.requires_grad_(False).eval()
         self.shape = tuple(sample_shape)
@@ -164,10 +165,7 @@ class DMDObjective:
             # read at every update: a schedule may change either learning rate (stepdistill/recipe.py)
             self.players["critic"].lr_scales = {"pixel_disc": lambda: cfg.pixel_gan_lr / cfg.critic_optim.lr}
         self.pairs = regression_pairs
-
-    def to(self, device):
-        self.teacher.to(device)
-        return self
+        self.data_std = float(data_std)  # std of the real data: normalises the collapse guard's diversity
 
     def _feature_spatial(self) -> int:
         with torch.no_grad():
@@ -377,13 +375,6 @@ class DMDObjective:
         return grid_sample(self.student, ema["generator"], self.timesteps, self.conds.grid(n, device), self.shape,
                            n, device)
 
-    @torch.no_grad()
-    def guard_stats(self, ema: dict[str, nn.Module]) -> dict:
-        """Diversity / saturation of the sample grid (collapse guards, :mod:`stepdistill.trainers.guards`)."""
-        from .guards import sample_guard_stats
-
-        return sample_guard_stats(self, ema)
-
 
 # -- the method (stepdistill/methods.py) -------------------------------------------------------------------
 def build_dmd_family(cfg, teacher: Denoiser | None = None, meta=None, data=None, text_bank=None,
@@ -411,8 +402,7 @@ def build_dmd_family(cfg, teacher: Denoiser | None = None, meta=None, data=None,
         pairs = teacher_ode_pairs(s.teacher, cfg.dmd, s.num_classes, shape, seed=cfg.train.seed, conds=s.conds)
     make = make_objective or (lambda *a, **k: DMDObjective(*a, **k))
     obj = make(s.teacher, student, critic, cfg.dmd, s.num_classes, shape, regression_pairs=pairs,
-               seed=cfg.train.seed, conds=s.conds)
-    obj.data_std = float(s.data.images[:2048].float().std())  # normalises the collapse guard's diversity
+               seed=cfg.train.seed, conds=s.conds, data_std=real_data_std(s.data))
     return obj, s.data, s.meta
 
 

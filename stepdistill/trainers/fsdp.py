@@ -115,7 +115,7 @@ def shard_objective(obj, ema: dict[str, nn.Module], mesh, shard_teacher: bool = 
             for unit in callable_units(ema[name]):
                 shard_module(unit, mesh)
     if shard_teacher:
-        teacher = getattr(obj, "teacher", None)
+        teacher = obj.teacher
         backbone = getattr(teacher, "backbone", None)
         if backbone is None:
             raise ValueError(f"train.fsdp_shard_teacher: {type(obj).__name__} has no teacher.backbone to shard")

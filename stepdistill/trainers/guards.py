@@ -78,12 +78,13 @@ def sample_guard_stats(obj, ema: dict, n: int = GUARD_GRID) -> dict:
     """Guard stats of ``obj.sample(ema, n, device)`` (its fixed grid noise and ``obj.conds.grid(n)``).
 
     Returns ``{"diversity", "saturation", "samples"}`` (``samples``: the grid, for the image saved
-    when a guard trips). ``obj.data_std`` (set by ``build_dmd``) normalises the diversity (1.0 if unset).
+    when a guard trips). ``obj.data_std`` (the real data's std, :class:`~stepdistill.trainers.objective.Objective`) normalises the
+    diversity.
     """
     device = next((p.device for m in ema.values() for p in m.parameters()), torch.device("cpu"))
     x = obj.sample(ema, n, device)
     groups = _group_ids(obj.conds.grid(n, "cpu"), x.shape[0])
-    return {"diversity": diversity(x, groups, float(getattr(obj, "data_std", 1.0) or 1.0)),
+    return {"diversity": diversity(x, groups, float(obj.data_std or 1.0)),
             "saturation": saturation(x), "samples": x}
 
 
@@ -102,11 +103,8 @@ def run_guards(trainer) -> dict:
 
     obj, tc, acc = trainer.obj, trainer.tcfg, trainer.acc
     ema = trainer.ema_modules()
-    if hasattr(obj, "guard_stats"):
-        stats = dict(obj.guard_stats(ema))
-    elif hasattr(obj, "sample") and hasattr(obj, "conds"):
-        stats = sample_guard_stats(obj, ema)
-    else:
+    stats = dict(obj.guard_stats(ema))  # trainers/objective.py: the grid's stats by default, {} = nothing to guard
+    if not stats:
         return {}
     samples = stats.pop("samples", None)
     if not hasattr(trainer, "_guard_data_stats"):

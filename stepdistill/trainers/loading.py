@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..config import DistillConfig
 from ..methods import get_method
-from .core import load_ema_weights
+from .checkpoint import load_ema_weights
 
 
 def load_trained(cfg: DistillConfig, checkpoint: str | Path | None = None, weights: str = "ema"):
@@ -29,7 +29,7 @@ def check_checkpoint_matches(cfg: DistillConfig, checkpoint: Path) -> None:
     student of this one."""
     from ..config import to_dict
     from ..errors import CheckpointError
-    from .core import config_diff, verify_checkpoint
+    from .checkpoint import config_diff, verify_checkpoint
 
     meta = verify_checkpoint(checkpoint)
     diff = config_diff(type(cfg), meta.get("config"), to_dict(cfg))

@@ -83,7 +83,7 @@ from ..partitions import (class_groups_by_mean_image, even_split, kmeans_partiti
                           partition_classes, routing_table)
 from ..pipelines.multi_student import (PIPELINE_CLASS, multi_student_sample, student_rows,
                                        student_subfolder)
-from .core import Ctx
+from .objective import Ctx, ObjectiveBase, real_data_std
 from ..conditioning import ClassLabels
 from .dmd import DMDObjective
 
@@ -149,7 +149,7 @@ class RoutedGenerator:
 
 
 # -- the objective --------------------------------------------------------------------------------
-class MultiStudentObjective:
+class MultiStudentObjective(ObjectiveBase):
     """MSD (module docstring). Players ``student_0..student_{K-1}`` (EMA) and ``critic_0..critic_{K-1}``
     (or one ``critic`` with ``msd.shared_critic``); each critic holds its fake score and, with
     ``dmd.gan``, DMD2's GAN head.
@@ -163,7 +163,7 @@ class MultiStudentObjective:
 
     def __init__(self, teacher: Denoiser, students: list[Denoiser], critics: list[Denoiser], cfg: DMDConfig,
                  msd: MSDConfig, groups: list[list[int]], num_classes: int, sample_shape: tuple[int, int, int],
-                 data_labels: torch.Tensor | None = None, seed: int = 0):
+                 data_labels: torch.Tensor | None = None, seed: int = 0, data_std: float = 1.0):
         K = len(students)
         if len(groups) != K or len(critics) != (1 if msd.shared_critic else K):
             raise ValueError(f"{K} students need {K} groups and {1 if msd.shared_critic else K} critic(s)")
@@ -174,6 +174,7 @@ class MultiStudentObjective:
         self.shape = tuple(sample_shape)
         self.timesteps = [float(t) for t in cfg.student_timesteps]
         self.conds = ClassLabels(num_classes)  # all classes: grids, guards, the shared critic
+        self.data_std = float(data_std)  # std of the real data: normalises the collapse guard's diversity
         self.part_index = None
         if data_labels is not None:
             self.part_index = [torch.isin(data_labels, torch.tensor(g)).nonzero().flatten() for g in self.groups]
@@ -196,10 +197,6 @@ class MultiStudentObjective:
         else:
             for k, sub in enumerate(self.subs):
                 self.players[f"critic_{k}"] = sub.players["critic"]
-
-    def to(self, device):
-        self.teacher.to(device)
-        return self
 
     # -- schedule -----------------------------------------------------------------------------------
     def stage(self, step: int) -> str:
@@ -293,9 +290,9 @@ def build_multi_student(cfg: DistillConfig, teacher: Denoiser, num_classes: int,
                      else copy.deepcopy(teacher.backbone)) for k in range(m.num_students)]
     critics = [wrap(copy.deepcopy(teacher.backbone)) for _ in range(1 if m.shared_critic else m.num_students)]
     obj = MultiStudentObjective(teacher, students, critics, cfg.dmd, m, groups, num_classes,
-                                tuple(data.images.shape[1:]), data_labels=data.labels, seed=cfg.train.seed)
+                                tuple(data.images.shape[1:]), data_labels=data.labels, seed=cfg.train.seed,
+                                data_std=real_data_std(data))
     apply_teacher_options(obj.teacher, cfg.dmd, None)  # after the copies: students and critics stay float32
-    obj.data_std = float(data.images[:2048].float().std())  # normalises the collapse guard's diversity
     return obj
 
 

@@ -97,7 +97,7 @@ from ..modelcard import phased_card
 from ..partitions import even_split  # noqa: F401 (re-exported)
 from ..pipelines.phased import MAX_EXPERTS, expert_step, expert_subfolder, phased_sample, route
 from ..schedules import NoiseSchedule, _bcast
-from .core import Ctx, Player
+from .objective import Ctx, ObjectiveBase, Player, real_data_std
 from ..conditioning import ClassLabels
 from .dmd import GANHead, dm_loss, gan_d_loss, nonfinite_frac, scores_and_gan_g
 
@@ -152,7 +152,7 @@ def subinterval_weight(schedule: NoiseSchedule, s, t, batch: int, device=None) -
 
 
 # -- the objective ------------------------------------------------------------------------------
-class PhasedDMDObjective:
+class PhasedDMDObjective(ObjectiveBase):
     """Phased DMD (module docstring). Players ``expert_0..expert_{K-1}`` (EMA) and
     ``critic_0..critic_{K-1}`` (fake scores; the last one also holds the GAN head when ``dmd.gan``).
 
@@ -166,7 +166,7 @@ class PhasedDMDObjective:
 
     def __init__(self, teacher: Denoiser, experts: list[Denoiser], critics: list[Denoiser], cfg: DMDConfig,
                  phased: PhasedConfig, num_classes: int, sample_shape: tuple[int, int, int],
-                 steps_per_phase: list[int], seed: int = 0):
+                 steps_per_phase: list[int], seed: int = 0, conds=None, data_std: float = 1.0):
         self.teacher, self.experts, self.critics, self.cfg, self.phased = teacher, experts, critics, cfg, phased
         self.teacher.requires_grad_(False).eval()
         self.boundaries = [float(b) for b in phased.boundaries]
@@ -189,7 +189,8 @@ class PhasedDMDObjective:
                                  "(check phased.boundaries / phased.margin / dmd.t_min / dmd.t_max)")
         self.steps_per_phase = [int(n) for n in steps_per_phase]
         self.shape = tuple(sample_shape)
-        self.conds = ClassLabels(num_classes)
+        self.conds = conds if conds is not None else ClassLabels(num_classes)  # text teachers: a prompt bank
+        self.data_std = float(data_std)  # std of the real data: normalises the collapse guard's diversity
         self.players: dict[str, Player] = {}
         for k, e in enumerate(experts):
             self.players[f"expert_{k}"] = Player.from_optim(e.backbone, cfg.optim, ema=True)
@@ -202,10 +203,6 @@ class PhasedDMDObjective:
                     self.head = GANHead(c.feature_channels, self._feature_spatial(c))
                 mod["head"] = self.head
             self.players[f"critic_{k}"] = Player.from_optim(mod, cfg.critic_optim)
-
-    def to(self, device):
-        self.teacher.to(device)
-        return self
 
     def _feature_spatial(self, critic: Denoiser) -> int:
         with torch.no_grad():
@@ -336,8 +333,9 @@ class PhasedDMDObjective:
 
 # -- building / export ----------------------------------------------------------------------------
 def build_phased_dmd(cfg: DistillConfig, teacher: Denoiser, num_classes: int,
-                     shape: tuple[int, int, int]) -> PhasedDMDObjective:
-    """K experts and K critics, all initialised from the teacher (called by ``build_dmd``)."""
+                     shape: tuple[int, int, int], conds=None, data_std: float = 1.0) -> PhasedDMDObjective:
+    """K experts and K critics, all initialised from the teacher (called by ``build_dmd``); ``conds``: a text
+    teacher's prompt bank (default: class labels), ``data_std``: the real data's std (collapse guards)."""
     K = len(cfg.phased.boundaries) - 1
 
     def copy_of_teacher() -> Denoiser:
@@ -349,7 +347,7 @@ def build_phased_dmd(cfg: DistillConfig, teacher: Denoiser, num_classes: int,
     critics = [copy_of_teacher() for _ in range(K)]
     steps = list(cfg.phased.steps_per_phase) or even_split(cfg.train.max_steps, K)
     return PhasedDMDObjective(teacher, experts, critics, cfg.dmd, cfg.phased, num_classes, shape, steps,
-                              seed=cfg.train.seed)
+                              seed=cfg.train.seed, conds=conds, data_std=data_std)
 
 
 def export_phased(experts: list[nn.Module], cfg: DistillConfig, meta, out: Path, schedule=None) -> Path:
@@ -418,11 +416,9 @@ def build(cfg: DistillConfig, teacher: Denoiser | None = None, meta=None, data=N
     s = prepare(cfg, teacher, meta, data, text_bank)
     if s.conds is not None and cfg.dmd.gan:
         raise ValueError("phased_dmd with a text teacher needs dmd.gan=false")
-    obj = build_phased_dmd(cfg, s.teacher, s.num_classes, tuple(s.data.images.shape[1:]))
-    if s.conds is not None:
-        obj.conds = s.conds
+    obj = build_phased_dmd(cfg, s.teacher, s.num_classes, tuple(s.data.images.shape[1:]), conds=s.conds,
+                           data_std=real_data_std(s.data))
     apply_teacher_options(obj.teacher, cfg.dmd, s.shared)
-    obj.data_std = float(s.data.images[:2048].float().std())
     return obj, s.data, s.meta
 
 

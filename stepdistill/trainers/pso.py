@@ -89,7 +89,7 @@ from ..models import ModelMeta, load_denoiser
 from ..pairs import weights_digest
 from ..pipelines.sampling import grid_sample, student_sample
 from ..tensor_cache import cached_tensors
-from .core import Ctx, Player, update_seed
+from .objective import Ctx, ObjectiveBase, Player, real_data_std, update_seed
 from .losses import pso_loss  # noqa: F401  (importable from here too)
 from .pso_data import (TRANSFORMS, apply_transform, build_target, load_preference_pairs,  # noqa: F401 (re-exported)
                        resolve_classes)
@@ -203,7 +203,7 @@ class ReferencePool:
 
 
 # -- objectives ----------------------------------------------------------------------------
-class _TuneObjective:
+class _TuneObjective(ObjectiveBase):
     """Shared by PSO and the naive baseline: one player ``generator`` (the tuned model, EMA), targets."""
 
     def __init__(self, model: Denoiser, cfg: PSOConfig, sample_timesteps: list[float], target: ArrayDataset,
@@ -229,15 +229,12 @@ class _TuneObjective:
         self.classes = classes
         # grid conditions (sample grids, collapse guards) cycle over the target's classes; none without classes
         self.conds = ClassLabels(target.num_classes if conditional and classes else 0, classes or None)
-        self.data_std = float(target.images[:2048].float().std())
+        self.data_std = real_data_std(target)  # normalises the collapse guard's diversity
         model.backbone.train()
         self.players = {"generator": Player.from_optim(model.backbone, cfg.optim, ema=True)}
 
     def updates(self, step: int) -> list[str]:
         return ["generator"]
-
-    def to(self, device):
-        return self
 
     def _targets(self, ctx: Ctx):
         idx = ctx.randint(0, len(self.target)).cpu()
@@ -253,11 +250,6 @@ class _TuneObjective:
         return grid_sample(self.student, ema["generator"], self.sample_timesteps, self.conds.grid(n, device),
                            self.shape, n, device)
 
-    @torch.no_grad()
-    def guard_stats(self, ema: dict[str, nn.Module]) -> dict:
-        from .guards import sample_guard_stats
-
-        return sample_guard_stats(self, ema)
 
 
 class PSOObjective(_TuneObjective):

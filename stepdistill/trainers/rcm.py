@@ -34,7 +34,7 @@ import torch
 from ..config import RCMConfig
 from ..schedules import _bcast
 from ..trigflow import TrigFlow, tangent
-from .core import Ctx
+from .objective import Ctx
 from .dmd import DMDObjective
 
 
