@@ -147,7 +147,7 @@ class DMDConfig:
     teacher_dtype: str = "float32"  # float32 | bfloat16 (teacher weights; outputs are cast back to float32)
     offload_teacher: bool = False  # keep the teacher on the CPU, move it to the accelerator for its forward only
     # Decoupled DMD (Liu et al. 2025): the guided DM gradient split into a CFG-augmentation (CA) term and a
-    # distribution-matching term, each with its own weight and re-noising schedule (trainers/dmd.py)
+    # distribution-matching term, each with its own weight and re-noising schedule (trainers/decoupled_dmd.py)
     decoupled: bool = False
     ca_weight: float = 1.0         # weight of the CA term -(w-1)(mu_real_cond - mu_real_uncond)
     dm_term_weight: float = 1.0    # weight of the DM term mu_fake - mu_real_cond (its t: t_min..t_max)

@@ -271,7 +271,7 @@ class Denoiser(nn.Module):
     def x0_cond_uncond(self, x_t, t, cond, negative=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Conditional and unconditional x0 (B, C, H, W) each, from one batched (2B) call, as CFG's
         ``raw`` makes it; ``x0_u + w (x0_c - x0_u)`` is the guided x0 (conversions are affine).
-        Decoupled DMD uses the two halves separately (trainers/dmd.py)."""
+        Decoupled DMD uses the two halves separately (trainers/decoupled_dmd.py)."""
         t = self.schedule._t(t, x_t.shape[0], x_t.device)
         x0_u, x0_c = (self.schedule.pred_to_x0_eps(p.float(), x_t.float(), t, self.prediction_type)[0]
                       for p in self._raw_uncond_cond(x_t, t, cond, negative))

@@ -45,8 +45,8 @@ class Method:
 
 
 BUILTIN = {
-    "dmd": "stepdistill.trainers.dmd:DMD_METHOD",
-    "dmd2": "stepdistill.trainers.dmd:DMD2_METHOD",
+    "dmd": "stepdistill.trainers.dmd_method:DMD_METHOD",
+    "dmd2": "stepdistill.trainers.dmd_method:DMD2_METHOD",
     "phased_dmd": "stepdistill.trainers.phased_dmd:METHOD",
     "msd": "stepdistill.trainers.multi_student:METHOD",
     "pso": "stepdistill.trainers.pso:PSO_METHOD",

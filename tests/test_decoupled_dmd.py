@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_distill_overrides
 from stepdistill.config import ConfigError, DistillConfig, load_config
-from stepdistill.trainers.dmd import decoupled_dm_loss, dm_loss
+from stepdistill.trainers.losses import decoupled_dm_loss, dm_loss
 from test_dmd import _ctx, _objective  # the same tiny DMD2 objective and update context
 
 

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_distill_overrides
 from stepdistill.config import DistillConfig, load_config
 from stepdistill.trainers.objective import Ctx
-from stepdistill.trainers.dmd import dm_loss
+from stepdistill.trainers.losses import dm_loss
 from stepdistill.trainers.distill import build_dmd
 
 

@@ -82,18 +82,18 @@ def _generator_grads(obj, data, seed=0):
 
 
 def test_reverse_kl_is_dmd2_and_js_reweights(tiny_teacher, tmp_path, monkeypatch):
-    import stepdistill.trainers.dmd as dmd
+    import stepdistill.trainers.fdistill as fdistill
 
     torch.manual_seed(0)
     ref, logs = _generator_grads(*_objective(tiny_teacher, tmp_path / "a"))
     assert "f_weight_min" not in logs
     # reverse_kl never computes weights: the DMD2 path, untouched
-    monkeypatch.setattr(dmd, "f_weights", lambda *a, **k: (_ for _ in ()).throw(AssertionError("called")))
+    monkeypatch.setattr(fdistill, "f_weights", lambda *a, **k: (_ for _ in ()).throw(AssertionError("called")))
     torch.manual_seed(0)
     again, _ = _generator_grads(*_objective(tiny_teacher, tmp_path / "b", **{"dmd.divergence": "reverse_kl"}))
     assert all(torch.equal(a, b) for a, b in zip(ref, again))
     # js with unit weights: exactly DMD2 (the weighting adds no other change, no extra random draws)
-    monkeypatch.setattr(dmd, "f_weights", lambda logits, *a: torch.ones_like(logits))
+    monkeypatch.setattr(fdistill, "f_weights", lambda logits, *a: torch.ones_like(logits))
     torch.manual_seed(0)
     unit, logs = _generator_grads(*_objective(tiny_teacher, tmp_path / "c", **{"dmd.divergence": "js"}))
     assert all(torch.equal(a, b) for a, b in zip(ref, unit)) and logs["f_weight_min"] == 1.0

@@ -69,7 +69,7 @@ def build_toy(cfg, teacher=None, meta=None, data=None, text_bank=None):
 
 @pytest.fixture
 def toy():
-    from stepdistill.trainers.dmd import export_generator
+    from stepdistill.trainers.dmd_method import export_generator
 
     register(Method("toy_regress", build=build_toy, ema_modules=lambda obj: {"generator": obj.student.backbone},
                     export=export_generator, description="a test's own method"))
@@ -105,7 +105,7 @@ def test_a_registered_method_brings_its_own_config_checks(tiny_teacher, tmp_path
     import sys
 
     from stepdistill.config import ConfigError, DistillConfig, load_config
-    from stepdistill.trainers.dmd import export_generator
+    from stepdistill.trainers.dmd_method import export_generator
 
     def checks(cfg, check):
         check(cfg.dmd.critic_updates == 1, "dmd.critic_updates", "must be 1 for this method")

@@ -20,7 +20,7 @@ from .loading import load_trained
 def build_dmd(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMeta | None = None,
               data=None, text_bank=None):
     """``(objective, data, meta)`` of ``cfg.method`` (stepdistill/methods.py), e.g. DMD2's teacher, student and
-    critic (:func:`stepdistill.trainers.dmd.build_dmd_family`). ``teacher`` / ``meta`` bring any ``nn.Module``
+    critic (:func:`stepdistill.trainers.dmd_method.build_dmd_family`). ``teacher`` / ``meta`` bring any ``nn.Module``
     denoiser instead of ``dmd.teacher`` (PSO: the distilled model to tune); ``data`` / ``text_bank``: see
     :func:`stepdistill.trainers.setup.prepare`."""
     return get_method(cfg.method).build(cfg, teacher=teacher, meta=meta, data=data, text_bank=text_bank)

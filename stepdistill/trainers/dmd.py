@@ -23,18 +23,9 @@ Distribution-matching gradient (DMD Eq. 7, with DMD2's normalisation, authors' c
 The gradient of ``L_DM`` w.r.t. x is proportional to ``mu_fake - mu_real``: it moves the
 student's samples toward the teacher's denoised estimate and away from the critic's.
 
-Decoupled DMD (Liu et al. 2025, "Decoupled DMD: CFG Augmentation as the Spear, Distribution Matching
-as the Shield", Sec. 3): with mu_real = mu_u + w (mu_c - mu_u) the guided direction splits exactly into
-
-    mu_fake - mu_real = (mu_fake - mu_c)  -  (w - 1)(mu_c - mu_u)
-                        DM term               CFG-augmentation (CA) term
-
-CA drives quality ("the spear"), DM regularises ("the shield"). ``dmd.decoupled`` evaluates each term
-at its own noised sample (its own t and eps: ``dmd.ca_schedule``; the paper's best is CA re-noised only
-above the student's current timestep, DM over the full range), normalises each by DMD2's normaliser at
-its own sample, ``n = mean_{C,H,W} |x - mu_real(x_t)|``, and weights them (``dmd.dm_term_weight``,
-``dmd.ca_weight``). With a shared sample (``ca_schedule: shared``) and unit weights the two gradients
-sum to DMD2's (see :func:`decoupled_dm_loss`).
+Variants that change only the DM term are objectives of their own: :mod:`~stepdistill.trainers.fdistill`
+(f-divergence weights, ``dmd.divergence``) and :mod:`~stepdistill.trainers.decoupled_dmd` (``dmd.decoupled``);
+the method records (build, export) are in :mod:`~stepdistill.trainers.dmd_method`.
 """
 from __future__ import annotations
 
@@ -45,19 +36,10 @@ import torch.nn.functional as F
 
 from ..conditioning import ClassLabels
 from ..config import DMDConfig
-from ..denoiser import Denoiser, _cat_cond
+from ..denoiser import Denoiser
 from ..pipelines.sampling import grid_sample
-from .objective import Ctx, ObjectiveBase, Player, real_data_std
-from .divergences import f_weights
-from .losses import (  # noqa: F401  (dm_loss, decoupled_dm_loss, nonfinite_frac, gan_d_loss: importable from here too)
-    decoupled_dm_loss,
-    dm_loss,
-    gan_d_loss,
-    lpips_distance,
-    nonfinite_frac,
-    pixel_d_loss,
-    pixel_g_loss,
-)
+from .losses import dm_loss, gan_d_loss, lpips_distance, nonfinite_frac, pixel_d_loss, pixel_g_loss
+from .objective import Ctx, ObjectiveBase, Player
 from .pixel_gan import PixelDiscriminator, labels_of
 
 
@@ -134,6 +116,9 @@ class DMDObjective(ObjectiveBase):
         conds: condition sampler (default :class:`~stepdistill.conditioning.ClassLabels` over ``num_classes``; text teachers:
             :class:`~stepdistill.conditioning.TextEmbeddingBank`).
     """
+
+    #: the generator loss's score pass also runs the (guided) teacher; Decoupled DMD makes its own cond / uncond passes
+    teacher_in_score_pass = True
 
     def __init__(self, teacher: Denoiser, student: Denoiser, critic: Denoiser, cfg: DMDConfig, num_classes: int,
                  sample_shape: tuple[int, int, int], regression_pairs=None, seed: int = 0, conds=None,
@@ -236,7 +221,7 @@ class DMDObjective(ObjectiveBase):
         x_t = self.teacher.schedule.add_noise(x, ctx.randn(*self.shape), t)  # keeps grad for the GAN term
         head = self.head if c.gan and not c.gan_fresh_t else None
         l_g, logits, real_x0, fake_x0 = scores_gan_logits(self.teacher, self.critic, head, x_t, t, cond, c,
-                                                          real=not c.decoupled)
+                                                          real=self.teacher_in_score_pass)
         if c.gan and c.gan_fresh_t:  # DMD2's code: the G term at its own noise level t' ~ U[0, T)
             T = self.critic.schedule.num_train_timesteps
             t_g = ctx.sample_t(self.critic.schedule, 0, T - 1)
@@ -246,23 +231,10 @@ class DMDObjective(ObjectiveBase):
         if l_g is not None:
             total = total + c.gan_g_weight * l_g
             logs["gan_g_loss"] = l_g.item()
-        if c.dm_weight > 0 and c.decoupled:
-            l_dm, dlogs = self.decoupled_loss(ctx, x, x_t.detach(), t, cond, k, fake_x0)
+        if c.dm_weight > 0:  # the distribution-matching term: DMD's here; f-distill's and Decoupled DMD's override it
+            l_dm, dlogs = self.dm_term(ctx, x, x_t, t, cond, k, real_x0, fake_x0, logits)
             total = total + c.dm_weight * l_dm
             logs.update(dlogs)
-        elif c.dm_weight > 0:
-            weight = None
-            if c.divergence != "reverse_kl":  # f-distill: h(r) per sample, r from D at this x_t
-                if logits is None:  # the G term ran at its own t (gan_fresh_t): D at the DM step's x_t
-                    with torch.no_grad():
-                        logits = self.head(self.critic.features(x_t.detach(), t, cond).float())
-                weight = f_weights(logits, c.divergence, c.divergence_logit_clip)
-                logs.update(f_weight_min=weight.min().item(), f_weight_max=weight.max().item())
-            l_dm, grad = dm_loss(x, real_x0, fake_x0, weight)
-            total = total + c.dm_weight * l_dm
-            logs["dm_nonfinite_frac"] = nonfinite_frac(real_x0, fake_x0)
-            logs["dm_loss"] = l_dm.item()
-            logs["dm_grad_abs"] = grad.abs().mean().item()
         if self.pixel_disc is not None:  # texture signal on the clean sample (trainers/pixel_gan.py)
             l_pg = pixel_g_loss(self.pixel_disc, x, labels_of(cond))
             total = total + c.pixel_gan_g_weight * l_pg
@@ -275,46 +247,12 @@ class DMDObjective(ObjectiveBase):
         logs["sample_std"] = x.detach().float().std().item()
         return total, logs
 
-    def ca_times(self, ctx: Ctx, k: int) -> torch.Tensor:
-        """CA re-noising times (B,): ``uniform`` U[ca_t_min, ca_t_max]; ``above_student`` U[max(t_k, ca_t_min),
-        ca_t_max] with t_k the student's current timestep (the paper's best; a one-step student at
-        t_0 >= ca_t_max gets ca_t_max)."""
-        c = self.cfg
-        lo, hi = c.ca_t_min, c.ca_t_max
-        if c.ca_schedule == "above_student":
-            lo = min(max(self.timesteps[k], lo), hi)
-        return ctx.sample_t(self.teacher.schedule, lo, hi)
-
-    def _teacher_cu(self, x_t, t, cond):
-        """(mu_c, mu_u) from one batched CFG call; both mu_c without CFG (no cond / w = 1)."""
-        if cond is None or self.cfg.real_guidance_scale == 1.0:
-            x0 = self.teacher(x_t, t, cond)
-            return x0, x0
-        return self.teacher.x0_cond_uncond(x_t, t, cond)
-
-    def decoupled_loss(self, ctx: Ctx, x, x_t, t, cond, k: int, fake_x0):
-        """Decoupled DMD (module docstring): the DM term at the generator loss's ``(t, x_t)``, the CA term at
-        its own sample (``dmd.ca_schedule``); one teacher call (batch 2B shared, 4B decoupled) gives both."""
-        c, sched = self.cfg, self.teacher.schedule
-        B = x.shape[0]
-        with torch.no_grad():
-            if c.ca_schedule == "shared":
-                t_ca = t
-                dm_real = ca_real = self._teacher_cu(x_t, t, cond)
-            else:
-                t_ca = self.ca_times(ctx, k)
-                x_ca = sched.add_noise(x.detach(), ctx.randn(*self.shape), t_ca)
-                mc, mu = self._teacher_cu(torch.cat([x_t, x_ca]), torch.cat([t, t_ca]),
-                                          None if cond is None else _cat_cond(cond, cond))
-                dm_real, ca_real = (mc[:B], mu[:B]), (mc[B:], mu[B:])
-        loss, p = decoupled_dm_loss(x, dm_real, fake_x0, ca_real, c.real_guidance_scale, c.dm_term_weight,
-                                    c.ca_weight)
-        g = c.dm_term_weight * p["g_dm"] + c.ca_weight * p["g_ca"]
-        return loss, {"dm_loss": loss.item(), "dm_grad_abs": g.abs().mean().item(),
-                      "dm_nonfinite_frac": nonfinite_frac(*dm_real, fake_x0, *ca_real),
-                      "dm_term_loss": p["dm_term_loss"].item(), "ca_loss": p["ca_loss"].item(),
-                      "dm_term_grad_abs": p["g_dm"].abs().mean().item(), "ca_grad_abs": p["g_ca"].abs().mean().item(),
-                      "t_dm_mean": float(t.float().mean()), "t_ca_mean": float(t_ca.float().mean())}
+    def dm_term(self, ctx: Ctx, x, x_t, t, cond, k: int, real_x0, fake_x0, logits, weight=None):
+        """DMD's distribution-matching loss (module docstring; DMD Eq. 7 with DMD2's normaliser) at the
+        generator loss's noised sample: ``(L_DM, logs)``. ``weight``: per-sample weights (f-distill)."""
+        l_dm, grad = dm_loss(x, real_x0, fake_x0, weight)
+        return l_dm, {"dm_nonfinite_frac": nonfinite_frac(real_x0, fake_x0), "dm_loss": l_dm.item(),
+                      "dm_grad_abs": grad.abs().mean().item()}
 
     def regression_loss(self, ctx: Ctx) -> torch.Tensor:
         """DMD Eq. 9: E ||G(z) - y||, (z, y) pairs from the teacher's deterministic ODE sampler."""
@@ -374,55 +312,3 @@ class DMDObjective(ObjectiveBase):
     def sample(self, ema: dict[str, nn.Module], n: int, device) -> torch.Tensor:
         return grid_sample(self.student, ema["generator"], self.timesteps, self.conds.grid(n, device), self.shape,
                            n, device)
-
-
-# -- the method (stepdistill/methods.py) -------------------------------------------------------------------
-def build_dmd_family(cfg, teacher: Denoiser | None = None, meta=None, data=None, text_bank=None,
-                     make_objective=None):
-    """DMD / DMD2 (and rCM, through ``make_objective``): teacher (frozen real score), student and critic (both
-    initialised from the teacher), DMD's ODE pairs when the regression loss or warm-up asks for them.
-
-    ``text_bank``: a :class:`~stepdistill.conditioning.TextEmbeddingBank` of prompt embeddings, required
-    when ``meta.conditioning == "text"`` (its empty-prompt embedding is the teacher's CFG null input);
-    ``data`` is then an ``ArrayDataset`` of latents (for the shape, and for the GAN real branch: labels
-    = bank indices). ``dmd.lora_rank > 0``: student and critic are LoRA adapters on the teacher itself
-    (:mod:`stepdistill.lora`; one copy of the base weights in memory).
-    """
-    from ..lora import apply_teacher_options
-    from ..pairs import teacher_ode_pairs
-    from .setup import check_student_timesteps, prepare, student_and_critic
-
-    s = prepare(cfg, teacher, meta, data, text_bank)
-    check_student_timesteps(cfg, s)
-    student, critic = student_and_critic(s, cfg.dmd.student_init, cfg.dmd.allow_pickle)
-    apply_teacher_options(s.teacher, cfg.dmd, s.shared)  # after the copies: student and critic stay float32
-    shape = tuple(s.data.images.shape[1:])
-    pairs = None
-    if cfg.dmd.regression_weight > 0 or cfg.dmd.regression_warmup_steps > 0:
-        pairs = teacher_ode_pairs(s.teacher, cfg.dmd, s.num_classes, shape, seed=cfg.train.seed, conds=s.conds)
-    make = make_objective or (lambda *a, **k: DMDObjective(*a, **k))
-    obj = make(s.teacher, student, critic, cfg.dmd, s.num_classes, shape, regression_pairs=pairs,
-               seed=cfg.train.seed, conds=s.conds, data_std=real_data_std(s.data))
-    return obj, s.data, s.meta
-
-
-def generator_ema(obj) -> dict[str, nn.Module]:
-    """The one student network of a DMD-family objective (EMA player ``generator``)."""
-    return {"generator": obj.student.backbone}
-
-
-def export_generator(ema: dict[str, nn.Module], obj, cfg, meta, out):
-    from .export import export_student
-
-    return export_student(ema["generator"], cfg, meta, out, schedule=obj.student.schedule)
-
-
-def _method(name: str, description: str):
-    from ..methods import Method
-
-    return Method(name, build=build_dmd_family, ema_modules=generator_ema, export=export_generator, curve=True,
-                  description=description)
-
-
-DMD_METHOD = _method("dmd", "DMD (Yin et al. 2024): distribution matching + regression on teacher ODE pairs")
-DMD2_METHOD = _method("dmd2", "DMD2 (Yin et al. 2024): distribution matching, two time-scale critic, GAN")

@@ -71,7 +71,7 @@ distribution at s_k, so only the subinterval is left to match. The last phase us
 Distribution-matching gradient. For KL(p_fake,t || p_real,t) over the subinterval the gradient
 w.r.t. the expert output x_s is E_t[lambda(t) alpha_{t|s} (grad log p_fake,t - grad log p_real,t)(x_t)] and
 grad log p_fake - grad log p_real = (a_t / s_t^2)(x0_fake - x0_real): the DMD2 direction in x0
-space. So, as in :func:`~stepdistill.trainers.dmd.dm_loss`, ``grad = (x0_fake - x0_real) /
+space. So, as in :func:`~stepdistill.trainers.losses.dm_loss`, ``grad = (x0_fake - x0_real) /
 mean|x0_hat - x0_real|`` (teacher x0 with CFG ``dmd.real_guidance_scale``; the per-sample
 normaliser uses the expert's clean estimate x0_hat) and ``L_DM = 0.5 || x_s - sg(x_s - grad) ||^2``
 flows into the expert through its output x_s (x_s = x0_hat in the last phase: exactly DMD2).
@@ -99,7 +99,8 @@ from ..pipelines.phased import MAX_EXPERTS, expert_step, expert_subfolder, phase
 from ..schedules import NoiseSchedule, _bcast
 from .objective import Ctx, ObjectiveBase, Player, real_data_std
 from ..conditioning import ClassLabels
-from .dmd import GANHead, dm_loss, gan_d_loss, nonfinite_frac, scores_and_gan_g
+from .dmd import GANHead, scores_and_gan_g
+from .losses import dm_loss, gan_d_loss, nonfinite_frac
 
 PHASED_PIPELINE = "PhasedDMDPipeline"
 

@@ -473,7 +473,7 @@ def build(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMeta |
 
 def _methods():
     from ..methods import Method
-    from .dmd import generator_ema
+    from .dmd_method import generator_ema
     from .export import export_tuned
 
     kw = dict(build=build, ema_modules=generator_ema, export=export_tuned)

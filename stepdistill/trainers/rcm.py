@@ -13,7 +13,7 @@ ODE dx_s/ds = F_teacher. On real data x0, eps ~ N(0, I) and s = arctan(sigma), s
     g   <- g / (||g||_2 + 0.1)                                   (per-sample tangent normalisation, Sec. 4.2)
     L_sCM = scm_weight * 0.5 * mean (F_theta - F_theta^- - g)^2  (F^-: stop-gradient; grad wrt F = -g)
 
-``0.5 * mean`` is the scaling of our DM surrogate (trainers/dmd.py ``_grad_surrogate``), so ``scm_weight``
+``0.5 * mean`` is the scaling of our DM surrogate (:func:`~stepdistill.trainers.losses.dm_loss`), so ``scm_weight``
 = 100 with the DM term at weight 1 keeps rCM's ratio (its ``loss_scale`` 100, ``loss_scale_dmd`` 1, both sums).
 
 sCM alone is mode-covering and soft; rCM adds DMD's reverse-divergence score distillation as a regulariser
@@ -104,7 +104,7 @@ def rcm_times(mid_s: list[float], trig: TrigFlow) -> list[float]:
 
 def build_rcm(cfg, teacher=None, meta=None, data=None, text_bank=None):
     """The DMD family's players with the rCM objective."""
-    from .dmd import build_dmd_family
+    from .dmd_method import build_dmd_family
 
     return build_dmd_family(cfg, teacher, meta, data, text_bank,
                             make_objective=lambda *a, **k: RCMObjective(*a, rcm=cfg.rcm, **k))
@@ -112,7 +112,7 @@ def build_rcm(cfg, teacher=None, meta=None, data=None, text_bank=None):
 
 def _method():
     from ..methods import Method
-    from .dmd import export_generator, generator_ema
+    from .dmd_method import export_generator, generator_ema
 
     return Method("rcm", build=build_rcm, ema_modules=generator_ema, export=export_generator, curve=True,
                   description="rCM (Zheng et al. 2025): sCM on TrigFlow + DMD regulariser")
