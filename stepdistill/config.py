@@ -67,7 +67,7 @@ class OptimConfig:
     grad_clip: float = 1.0         # global gradient-norm clip (0 = off)
 
 
-def _dmd_optim() -> OptimConfig:
+def dmd2_optim() -> OptimConfig:
     """DMD2's AdamW: beta1 = 0 (GAN practice), weight decay 0.01, clip 10 (Yin et al. 2024, their code)."""
     return OptimConfig(lr=2e-5, beta1=0.0, beta2=0.999, weight_decay=0.01, warmup_steps=0, grad_clip=10.0)
 
@@ -109,137 +109,62 @@ class TeacherConfig:
 
 
 @dataclass
-class DMDConfig:
-    """DMD / DMD2 hyper-parameters (Yin et al. 2023, 2024); defaults follow DMD2 where they transfer."""
+class SharedDistillConfig:
+    """The ``dmd:`` section's fields that every distill method reads: the teacher, the student's timesteps, the
+    generator's optimizer, LoRA and the teacher's memory options. A method's own options extend it (DMD's
+    :class:`~stepdistill.trainers.dmd.DMDConfig`: critic, GAN, regression, ...) or live in a section of their own
+    (``phased``, ``msd``, ``pso``, ``rcm``), declared by the method (:attr:`stepdistill.methods.Method.sections`).
+    The section keeps its name ``dmd`` so that every earlier config and checkpoint still loads."""
     teacher: str = "builtin:animal_mnist"  # diffusers folder, hub id, or builtin:animal_mnist
     allow_pickle: bool = False
     allow_student_teacher: bool = False  # a distilled student as dmd.teacher is refused unless this is set
     student_timesteps: list[float] = field(default_factory=lambda: [999.0])  # one-step default
     student_init: str = ""         # a trained student (folder / builtin:) to start the generator from; "" = the teacher
-    backward_simulation: bool = True
     real_guidance_scale: float = 2.0
-    fake_guidance_scale: float = 1.0
-    t_min: float = 20.0            # 0.02 T
-    t_max: float = 980.0           # 0.98 T
-    critic_updates: int = 5        # fake-score updates per generator update (two time-scale rule)
-    dm_weight: float = 1.0
-    gan: bool = True
-    gan_g_weight: float = 3e-3
-    gan_d_weight: float = 1e-2
-    regression_weight: float = 0.0  # original DMD regression loss; > 0 builds teacher ODE pairs
-    regression_pairs: int = 256
-    regression_steps: int = 25
-    regression_distance: str = "mse"  # mse | lpips
-    regression_warmup_steps: int = 0  # first N generator steps: regression on teacher ODE pairs only (no critic)
-    gan_fresh_t: bool = False      # generator GAN term at its own t ~ U[0, T) (DMD2's code) instead of the DM step's t
-    pixel_gan_g_weight: float = 0.0  # > 0: a pixel-space patch discriminator on clean samples (trainers/pixel_gan.py)
-    pixel_gan_d_weight: float = 1.0  # its loss weight in the critic update
-    pixel_gan_r1: float = 0.0        # R1 penalty gamma on real images (0 = off)
-    pixel_gan_width: int = 32        # first conv width (doubles at each of its two stride-2 convs)
-    pixel_gan_lr: float = 0.0        # its learning rate (own param group of the critic's AdamW); 0 = dmd.critic_optim.lr
-    divergence: str = "reverse_kl"  # reverse_kl (DMD) | forward_kl | js: f-distill's h(r) weights (needs dmd.gan)
-    divergence_logit_clip: float = 10.0  # the discriminator logit log r is clipped to +-this before h(r)
-    optim: OptimConfig = field(default_factory=_dmd_optim)         # the generator (student, experts)
-    critic_optim: OptimConfig = field(default_factory=_dmd_optim)  # the fake score and its GAN head
+    optim: OptimConfig = field(default_factory=dmd2_optim)         # the generator (student, experts)
     lora_rank: int = 0             # > 0: student, critic = LoRA adapters on the frozen teacher (stepdistill/lora.py)
     lora_alpha: float = 0.0        # LoRA scale alpha / rank; 0 means alpha = rank (scale 1)
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
     teacher_dtype: str = "float32"  # float32 | bfloat16 (teacher weights; outputs are cast back to float32)
     offload_teacher: bool = False  # keep the teacher on the CPU, move it to the accelerator for its forward only
-    # Decoupled DMD (Liu et al. 2025): the guided DM gradient split into a CFG-augmentation (CA) term and a
-    # distribution-matching term, each with its own weight and re-noising schedule (trainers/decoupled_dmd.py)
-    decoupled: bool = False
-    ca_weight: float = 1.0         # weight of the CA term -(w-1)(mu_real_cond - mu_real_uncond)
-    dm_term_weight: float = 1.0    # weight of the DM term mu_fake - mu_real_cond (its t: t_min..t_max)
-    ca_schedule: str = "above_student"  # shared (the DM term's t and noise: DMD2) | uniform | above_student
-    ca_t_min: float = 20.0         # CA times: U[ca_t_min, ca_t_max] (above_student: U[max(t_k, ca_t_min), ca_t_max])
-    ca_t_max: float = 980.0
-
-
-@dataclass
-class PhasedConfig:
-    """Phased DMD (SenseNova 2025; method: phased_dmd): K phases on the training-time axis, one
-    expert per phase, trained progressively. The other hyper-parameters come from ``dmd``."""
-    boundaries: list[float] = field(default_factory=lambda: [999.0, 500.0, 0.0])  # s_0 > ... > s_K = 0
-    steps_per_phase: list[int] = field(default_factory=list)  # [N_0, ..]; [] splits train.max_steps evenly
-    margin: float = 1.0            # score times of phase k < K-1 lie in [s_{k+1} + margin, s_k]
-    subinterval_weighting: bool = True  # weight the fake-score loss by beta_{t|s}^2 / sigma_t^2
-
-
-@dataclass
-class MSDConfig:
-    """Multi-student distillation (Song et al. 2024; method: msd): K one-step students, each distilled
-    with DMD2 (the ``dmd`` section) on its own part of the classes. See trainers/multi_student.py."""
-    num_students: int = 4
-    groups: list[list[int]] = field(default_factory=list)  # class indices per student; [] = msd.partition decides
-    partition: str = "contiguous"  # groups = []: contiguous (balanced split) | kmeans (classes by their mean real image)
-    shared_critic: bool = False    # one fake score for all students (else one per student)
-    schedule: str = "round_robin"  # round_robin: one student per step | all: every student every step
-    steps_per_student: int = 0     # DM generator updates per student; 0 = what train.max_steps leaves after TSM
-    student_channels: list[int] = field(default_factory=list)  # [] = the teacher's architecture (teacher init)
-    student_layers_per_block: int = 0  # 0 = the teacher's
-    tsm_steps: int = 0             # teacher score-matching updates per student before DM (smaller students)
-
-    @property
-    def round_steps(self) -> int:
-        """Global steps per update of one student: K (round_robin) or 1 (all)."""
-        return self.num_students if self.schedule == "round_robin" else 1
-
-
-@dataclass
-class PSOConfig:
-    """Pairwise Sample Optimization (Miao et al. 2024; method: pso | pso_naive): tune an already distilled
-    few-step model toward target data, anchored to its own samples. See trainers/pso.py."""
-    model: str = "builtin:animal_mnist_dmd2"  # distilled model: our student folder, a diffusers folder or hub id
-    model_timesteps: list[float] = field(default_factory=list)  # its sampling chain if it has no stepdistill.json
-    allow_pickle: bool = False
-    target: str = ""               # target dataset: "" = the data section; animal_mnist | digits | image folder
-    target_transform: str = "none"  # none | invert (x -> -x: inverted silhouettes) | bold (3x3 dilation)
-    target_classes: list[str] = field(default_factory=list)  # class subset (names or indices); [] = all
-    pairs: str = ""                # preference pairs (.safetensors or folder with chosen/ rejected/): replaces target
-    mode: str = "offline"          # offline: references drawn once from the initial model (cached) | online
-    num_reference: int = 256       # reference samples (class-balanced over the target's classes)
-    refresh_every: int = 20        # online: redraw the references from the current model every N steps
-    beta: float = 10.0             # DPO temperature; the loss saturates once the margin reaches ~5 / beta
-    timesteps: list[float] = field(default_factory=list)  # likelihood timesteps; [] = the model's own
-    weights: list[float] = field(default_factory=list)    # w_k per timestep; [] = uniform 1/K
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, weight_decay=0.0, grad_clip=1.0))
-    naive: bool = False            # the naive baseline (denoising loss on the targets) = method: pso_naive
-    likelihood: str = "auto"       # pure-noise first step: kde (the model's own posterior over its input noise) |
-    #                                forward (Diffusion-DPO's forward-process surrogate) | auto (kde when t_0 is pure noise)
-    kde_samples: int = 32          # kde: noise draws per image (m)
-    kde_tau: float = 0.02          # kde: temperature of the soft-min over the m distances (-> 0: nearest sample)
-    target_anchor: float = 0.0     # DPO-Positive penalty (Pal et al. 2024): lambda * max(0, err_theta - err_ref) on targets
-
-
-@dataclass
-class RCMConfig:
-    """rCM (Zheng et al. 2025; method: rcm): sCM on the TrigFlow view of the student + DMD's DM term as a
-    regulariser (stepdistill/trainers/rcm.py). ``dmd.*`` keeps the teacher, guidance, critic and timesteps."""
-    scm_weight: float = 100.0      # rCM's loss_scale (our DM surrogate's scaling: see trainers/rcm.py)
-    dmd_weight: float = 1.0        # the DMD regulariser; 0 = plain sCM (no critic)
-    tangent: str = "auto"          # auto (JVP, plain attention; finite differences if an op lacks forward AD) | jvp | fd
-    fd_size: float = 1.0e-3        # finite-difference step in TrigFlow time
-    tangent_warmup_steps: int = 100  # r = min(1, step / N) in sCM's tangent; DMD starts after it
-    p_mean: float = -0.8           # sCM's time law: s = arctan(sigma), log sigma ~ N(p_mean, p_std^2)
-    p_std: float = 1.6
-    norm_eps: float = 0.1          # tangent normalisation g / (||g|| + norm_eps)
 
 
 @dataclass
 class DistillConfig:
+    """A distill run's config: the sections every method shares. ``load_config(DistillConfig, ...)`` returns an
+    instance of :func:`distill_config_class` ``(method)``, this class plus the sections the method declares."""
     output_dir: str = "runs/dmd2"
-    method: str = "dmd2"           # dmd | dmd2 | phased_dmd | msd | pso | pso_naive | rcm
+    method: str = "dmd2"           # a registered method (stepdistill.methods): dmd | dmd2 | phased_dmd | msd | pso | ...
     data: DataConfig = field(default_factory=DataConfig)
-    dmd: DMDConfig = field(default_factory=DMDConfig)
-    phased: PhasedConfig = field(default_factory=PhasedConfig)
-    msd: MSDConfig = field(default_factory=MSDConfig)
-    pso: PSOConfig = field(default_factory=PSOConfig)
-    rcm: RCMConfig = field(default_factory=RCMConfig)
+    dmd: SharedDistillConfig = field(default_factory=SharedDistillConfig)
     text: TextConfig = field(default_factory=TextConfig)  # text teachers: the prompt set to distill on
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32, max_steps=300, ema_decay=0.95,
                                                                    sample_every=50, checkpoint_every=50))
     schedule: list[ScheduleEntry] = field(default_factory=list)  # settings that change at given steps (recipe.py)
+
+
+_CLASSES: dict[tuple, type] = {}
+
+
+def distill_config_class(method: str) -> type:
+    """:class:`DistillConfig` with the config sections of ``method`` (:attr:`stepdistill.methods.Method.sections`,
+    e.g. ``{"dmd": DMDConfig, "phased": PhasedConfig}``): a ``dmd`` entry retypes the shared section with the
+    method's extension of it, other entries add sections. One class per method and set of sections."""
+    from .methods import method_sections
+
+    sections = method_sections(method)
+    if not sections:
+        return DistillConfig
+    key = (method, tuple((k, v) for k, v in sections.items()))
+    if key not in _CLASSES:
+        fields = [(name, tp, field(default_factory=tp)) for name, tp in sections.items()]
+        _CLASSES[key] = dataclasses.make_dataclass(f"DistillConfig_{method}", fields, bases=(DistillConfig,))
+    return _CLASSES[key]
+
+
+def distill_defaults(method: str = "dmd2"):
+    """The default config of ``method`` (every section at its defaults)."""
+    return distill_config_class(method)(method=method)
 
 
 # -- loading / overriding ------------------------------------------------------------------
@@ -357,13 +282,21 @@ LEGACY_KEYS: dict[type, dict[str, tuple[str, ...]]] = {
 }
 
 
+def _legacy(cls) -> dict[str, tuple[str, ...]]:
+    """:data:`LEGACY_KEYS` of ``cls`` or of the class it extends (a method's :func:`distill_config_class`)."""
+    for c in getattr(cls, "__mro__", (cls,)):
+        if c in LEGACY_KEYS:
+            return LEGACY_KEYS[c]
+    return {}
+
+
 def upgrade_keys(cls, data: dict) -> dict:
     """``data`` (a nested config mapping) with the old spellings of :data:`LEGACY_KEYS` renamed; where both
     spellings are given, the new key wins. A copy: ``data`` is not changed."""
     import copy
 
     out = copy.deepcopy(data)
-    for old, targets in LEGACY_KEYS.get(cls, {}).items():
+    for old, targets in _legacy(cls).items():
         section, key = old.split(".")
         sec = out.get(section)
         if not isinstance(sec, dict) or key not in sec:
@@ -379,17 +312,26 @@ def upgrade_keys(cls, data: dict) -> dict:
 
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
     """Defaults <- YAML file <- ``key.sub=value`` overrides; validated into ``cls``. Old key spellings
-    (:data:`LEGACY_KEYS`, e.g. ``dmd.student_lr`` for ``dmd.optim.lr``) are accepted."""
-    data = to_dict(cls())
-    if path:  # None or "" means defaults only
-        _merge(data, upgrade_keys(cls, read_yaml_chain(Path(path))), "")
+    (:data:`LEGACY_KEYS`, e.g. ``dmd.student_lr`` for ``dmd.optim.lr``) are accepted. ``cls=DistillConfig``
+    gives the class of the config's ``method`` (:func:`distill_config_class`): its own sections; keys of other
+    methods' sections are ignored (:func:`drop_foreign_keys`: a warning names any set away from its default)."""
+    loaded = upgrade_keys(cls, read_yaml_chain(Path(path))) if path else {}  # None or "" means defaults only
+    pairs = []
     for o in overrides or []:
         if "=" not in o:
             raise ConfigError(f"override {o!r} must look like key.sub=value")
         k, v = o.split("=", 1)
+        pairs.append((k.strip(), v))
+    if cls is DistillConfig:
+        cls = distill_config_class(_method_of(loaded, pairs))
+    data = to_dict(cls())
+    _merge(data, loaded, "")
+    for k, v in pairs:
         # keep the raw text: _coerce parses it by the field's type (YAML would read `no` as False)
-        for key in LEGACY_KEYS.get(cls, {}).get(k.strip(), (k.strip(),)):
+        for key in _legacy(cls).get(k, (k,)):
             _set_dotted(data, key, v)
+    if issubclass(cls, DistillConfig):
+        drop_foreign_keys(cls, data)
     try:
         cfg = _build(cls, data)
         normalise(cfg)
@@ -398,12 +340,75 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
             cfg.source_path = str(path)
     except ConfigError as e:  # a bad value given under an old spelling: name the key as the user wrote it
         msg = str(e)
-        for old, targets in LEGACY_KEYS.get(cls, {}).items():
+        for old, targets in _legacy(cls).items():
             hit = next((t for t in targets if msg.startswith(t + ":")), None)
             if hit and _mentions(path, overrides, old):
                 raise ConfigError(f"{msg} (given as {old}, the old spelling of {hit})") from None
         raise
     return cfg
+
+
+def _method_of(loaded: dict, pairs: list[tuple[str, str]]) -> str:
+    """The ``method`` a config names: the last ``method=`` override, else the file's, else the default."""
+    method = loaded.get("method", DistillConfig.method)
+    for k, v in pairs:
+        if k == "method":
+            method = _coerce(v, str, "method")
+    if not isinstance(method, str):
+        raise ConfigError(f"method: expected a string, got {_short(method)}")
+    return method
+
+
+def drop_foreign_keys(cls, data: dict, warn: bool = True) -> list[str]:
+    """Remove from ``data`` (a config mapping of ``cls``) the keys that ``cls`` lacks but another registered
+    method's sections define (``dmd.critic_updates`` in a PSO config, a ``phased:`` section in a DMD2 one): options
+    this method never reads. Earlier releases accepted them (and wrote every method's section into run folders and
+    checkpoints), so they still load; one that differs from its default is named in a warning. Returns the
+    non-default keys dropped. Keys no method defines stay, and :func:`_build` refuses them. The other methods'
+    modules are imported only when such keys are there."""
+    hints = typing.get_type_hints(cls)
+    own = {f.name for f in dataclasses.fields(cls)}
+    stray = {}  # section -> the keys of it that cls lacks
+    for sec, value in data.items():
+        if not isinstance(value, dict):
+            continue
+        if sec not in own:
+            stray[sec] = list(value)
+        elif dataclasses.is_dataclass(hints[sec]):
+            mine = {f.name for f in dataclasses.fields(hints[sec])}
+            if set(value) - mine:
+                stray[sec] = [k for k in value if k not in mine]
+    if not stray:
+        return []
+    from .methods import method_names, method_sections
+
+    owners: dict[tuple[str, str], list[str]] = {}
+    defaults: dict[tuple[str, str], object] = {}
+    for name in method_names():
+        try:
+            secs = method_sections(name)
+        except Exception:  # a method whose module cannot be imported here owns nothing we can compare
+            continue
+        for sec, tp in secs.items():
+            if sec in stray:
+                d = to_dict(tp())
+                for k in stray[sec]:
+                    if k in d:
+                        owners.setdefault((sec, k), []).append(name)
+                        defaults[(sec, k)] = d[k]
+    changed = []
+    for (sec, k), names in owners.items():
+        value = data[sec].pop(k)
+        if value != defaults[(sec, k)]:
+            changed.append(f"{sec}.{k}")
+            if warn:
+                import warnings
+
+                warnings.warn(f"{sec}.{k} = {_short(value)} is an option of method {' | '.join(names)}; method "
+                              f"{data.get('method', '?')} does not read it (ignored)", stacklevel=3)
+        if sec not in own and not data[sec]:
+            del data[sec]
+    return changed
 
 
 def read_yaml_chain(p: Path, seen: tuple = ()) -> dict:
@@ -439,10 +444,13 @@ def _mentions(path, overrides, old: str) -> bool:
 
 def normalise(cfg) -> None:
     """The one place a loaded config is rewritten (``validate`` only reads): two spellings of one setting become
-    one. ``pso.naive: true`` and ``method: pso_naive`` both mean the naive baseline; exports record ``pso_naive``."""
-    if isinstance(cfg, DistillConfig) and (cfg.pso.naive or cfg.method == "pso_naive") \
-            and cfg.method in ("pso", "pso_naive"):
-        cfg.method, cfg.pso.naive = "pso_naive", True
+    one (a method's own spellings: :attr:`stepdistill.methods.Method.normalise`, e.g. PSO's ``pso.naive``)."""
+    if isinstance(cfg, DistillConfig):
+        from .methods import get_method, method_names
+
+        hook = get_method(cfg.method).normalise if cfg.method in method_names() else None
+        if hook is not None:
+            hook(cfg)
     # a path written with ~ means the home folder, from YAML as from the shell (never a literal ./~)
     if isinstance(getattr(cfg, "output_dir", None), str) and cfg.output_dir.startswith("~"):
         cfg.output_dir = str(Path(cfg.output_dir).expanduser())
@@ -531,140 +539,23 @@ def validate(cfg) -> None:
               "every template needs the placeholder {name}, e.g. 'a photo of a {name}'")
     if isinstance(cfg, DistillConfig):
         d = cfg.dmd
-        from .methods import method_checks, method_names
+        from .methods import get_method, method_names
 
         check(cfg.method in method_names(), "method", f"must be {' | '.join(method_names())}")
         check(len(d.student_timesteps) >= 1, "dmd.student_timesteps", "needs at least one timestep")
         check(all(a > b for a, b in zip(d.student_timesteps, d.student_timesteps[1:])),
               "dmd.student_timesteps", "must be strictly decreasing")
-        check(0 <= d.t_min < d.t_max, "dmd.t_min", "must satisfy 0 <= t_min < t_max")
-        check(d.critic_updates >= 1, "dmd.critic_updates", "must be >= 1")
-        check(d.regression_distance in ("mse", "lpips"), "dmd.regression_distance", "must be mse | lpips")
-        check(d.regression_warmup_steps >= 0, "dmd.regression_warmup_steps", "must be >= 0")
-        check(d.divergence in ("reverse_kl", "forward_kl", "js"), "dmd.divergence",
-              "must be reverse_kl | forward_kl | js")
-        check(d.divergence_logit_clip > 0, "dmd.divergence_logit_clip", "must be > 0")
-        check(d.regression_pairs >= 1, "dmd.regression_pairs", "must be >= 1")
-        check(d.pixel_gan_width >= 1, "dmd.pixel_gan_width", "must be >= 1")
-        check(d.pixel_gan_r1 >= 0, "dmd.pixel_gan_r1", "must be >= 0")
         check(d.optim.lr > 0, "dmd.optim.lr", "must be > 0")
-        check(d.critic_optim.lr > 0, "dmd.critic_optim.lr", "must be > 0")
         check(d.lora_rank >= 0, "dmd.lora_rank", "must be >= 0 (0 = full fine-tuning)")
         check(d.lora_alpha >= 0, "dmd.lora_alpha", "must be >= 0 (0 = lora_rank)")
         check(d.lora_rank == 0 or len(d.lora_targets) > 0, "dmd.lora_targets", "needs at least one module name")
         check(d.teacher_dtype in ("float32", "bfloat16"), "dmd.teacher_dtype", "must be float32 | bfloat16")
         check(not (d.offload_teacher and d.lora_rank > 0), "dmd.offload_teacher",
               "cannot be combined with dmd.lora_rank > 0 (the LoRA teacher is the shared base of student and critic)")
-        (method_checks(cfg.method) or check_no_dmd_extras)(cfg, check)  # the method's own sections (methods.py)
+        checks = get_method(cfg.method).checks
+        if checks is not None:  # the method's own sections (its module; stepdistill/methods.py)
+            checks(cfg, check)
         if cfg.schedule:
             def error(msg):
                 raise ConfigError(msg)
             check_schedule(cfg, _coerce, validate, error)
-
-
-def check_no_dmd_extras(cfg: DistillConfig, check) -> None:
-    """Methods other than DMD / DMD2 use the plain reverse-KL DM term: f-distill weights, Decoupled DMD and the
-    pixel discriminator are options of the DMD objective only."""
-    check(cfg.dmd.divergence == "reverse_kl", "dmd.divergence",
-          f"forward_kl / js are supported by method dmd / dmd2 only, not {cfg.method}")
-    check(not cfg.dmd.decoupled, "dmd.decoupled", f"is supported by method dmd / dmd2 only, not {cfg.method}")
-    check(cfg.dmd.pixel_gan_g_weight == 0, "dmd.pixel_gan_g_weight",
-          f"the pixel discriminator is supported by method dmd / dmd2 only, not {cfg.method}")
-
-
-def check_dmd(cfg: DistillConfig, check) -> None:
-    """``method: dmd | dmd2``: f-distill's divergence and Decoupled DMD's terms."""
-    d = cfg.dmd
-    check(d.divergence == "reverse_kl" or (d.gan and not d.decoupled), "dmd.divergence",
-          "forward_kl / js need dmd.gan=true (the discriminator gives the density ratio) and no dmd.decoupled")
-    if d.decoupled:
-        check(d.ca_schedule in ("shared", "uniform", "above_student"), "dmd.ca_schedule",
-              "must be shared | uniform | above_student")
-        check(0 <= d.ca_t_min <= d.ca_t_max, "dmd.ca_t_min", "must satisfy 0 <= ca_t_min <= ca_t_max")
-        check(d.ca_weight >= 0 and d.dm_term_weight >= 0, "dmd.ca_weight", "term weights must be >= 0")
-        check(d.dm_weight > 0, "dmd.dm_weight", "must be > 0 with dmd.decoupled (it scales both terms)")
-
-
-def check_rcm(cfg: DistillConfig, check) -> None:
-    """``method: rcm`` (trainers/rcm.py)."""
-    d, rc = cfg.dmd, cfg.rcm
-    check_no_dmd_extras(cfg, check)
-    check(not d.gan, "dmd.gan", "must be false with method rcm (rCM needs no GAN)")
-    check(rc.tangent in ("auto", "jvp", "fd"), "rcm.tangent", "must be auto | jvp | fd")
-    check(rc.fd_size > 0, "rcm.fd_size", "must be > 0")
-    check(rc.tangent_warmup_steps >= 0, "rcm.tangent_warmup_steps", "must be >= 0")
-    check(rc.p_std > 0, "rcm.p_std", "must be > 0")
-    check(rc.norm_eps > 0, "rcm.norm_eps", "must be > 0")
-
-
-def check_phased(cfg: DistillConfig, check) -> None:
-    """``method: phased_dmd`` (trainers/phased_dmd.py)."""
-    check_no_dmd_extras(cfg, check)
-    b, n, K, tr = cfg.phased.boundaries, cfg.phased.steps_per_phase, len(cfg.phased.boundaries) - 1, cfg.train
-    check(K >= 1 and all(x > y for x, y in zip(b, b[1:])) and b[-1] == 0, "phased.boundaries",
-          "needs >= 2 strictly decreasing entries ending at 0, e.g. [999, 500, 0]")
-    check((len(n) == K and min(n) >= 1 and sum(n) == tr.max_steps) if n else tr.max_steps >= K,
-          "phased.steps_per_phase", f"needs {K} entries >= 1 summing to train.max_steps ({tr.max_steps}), "
-          f"or [] for an even split of train.max_steps (>= {K})")
-    check(cfg.phased.margin > 0, "phased.margin", "must be > 0")
-
-
-def check_msd(cfg: DistillConfig, check) -> None:
-    """``method: msd``: student count, schedule, per-student budget, architecture, groups (structure)."""
-    check_no_dmd_extras(cfg, check)
-    m, K, tr, d = cfg.msd, cfg.msd.num_students, cfg.train, cfg.dmd
-    check(1 <= K <= 8, "msd.num_students", "must be in 1..8 (MultiStudentPipeline holds at most 8 students)")
-    check(m.schedule in ("round_robin", "all"), "msd.schedule", "must be round_robin | all")
-    check(m.partition in ("contiguous", "kmeans"), "msd.partition", "must be contiguous | kmeans")
-    check(not (m.groups and m.partition != "contiguous"), "msd.partition",
-          "applies when msd.groups is [] (explicit groups are the partition)")
-    check(m.tsm_steps >= 0, "msd.tsm_steps", "must be >= 0")
-    check(m.steps_per_student >= 0, "msd.steps_per_student", "must be >= 0 (0 = split train.max_steps)")
-    per = m.round_steps
-    if m.steps_per_student:  # the schedule is msd's; a smaller train.max_steps stops early (a prefix of it)
-        need = per * (m.tsm_steps + m.steps_per_student)
-        check(tr.max_steps <= need, "msd.steps_per_student",
-              f"{K} students x (msd.tsm_steps {m.tsm_steps} + {m.steps_per_student}) with schedule {m.schedule} "
-              f"take train.max_steps={need} (fewer stops early), got {tr.max_steps}; or set msd.steps_per_student=0")
-    else:
-        check(tr.max_steps % per == 0 and tr.max_steps // per > m.tsm_steps, "msd.steps_per_student",
-              f"0 splits train.max_steps evenly: with schedule {m.schedule} it must be a multiple of {per} that "
-              f"leaves more than msd.tsm_steps={m.tsm_steps} updates per student, got {tr.max_steps}")
-    check(all(c > 0 for c in m.student_channels), "msd.student_channels", "entries must be > 0 ([] = the teacher's)")
-    check(m.student_layers_per_block >= 0, "msd.student_layers_per_block", "must be >= 0 (0 = the teacher's)")
-    check(d.lora_rank == 0, "dmd.lora_rank", "LoRA students are not supported by method msd")
-    check(d.regression_weight == 0, "dmd.regression_weight", "DMD's regression loss is not supported by method msd")
-    check(d.regression_warmup_steps == 0, "dmd.regression_warmup_steps", "not supported by method msd")
-    if m.groups:  # structure only here (overlaps, gaps); the class count is checked against the teacher at build
-        from .partitions import partition_classes
-
-        partition_classes(1 + max((c for g in m.groups for c in g), default=-1), K, m.groups)
-
-
-def check_pso(cfg: DistillConfig, check) -> None:
-    """``method: pso | pso_naive`` (trainers/pso.py; :func:`normalise` has made the two spellings one)."""
-    check_no_dmd_extras(cfg, check)
-    p = cfg.pso
-    check(bool(p.model), "pso.model", "needs the distilled model to tune (folder, hub id or builtin:animal_mnist_dmd2)")
-    check(p.mode in ("offline", "online"), "pso.mode", "must be offline | online")
-    check(p.refresh_every >= 1, "pso.refresh_every", "must be >= 1")
-    check(p.num_reference >= 1, "pso.num_reference", "must be >= 1")
-    check(p.beta > 0, "pso.beta", "must be > 0")
-    check(p.optim.lr > 0, "pso.optim.lr", "must be > 0")
-    check(p.target_transform in ("none", "invert", "bold"), "pso.target_transform", "must be none | invert | bold")
-    check(p.likelihood in ("auto", "kde", "forward"), "pso.likelihood", "must be auto | kde | forward")
-    check(p.kde_samples >= 1, "pso.kde_samples", "must be >= 1")
-    check(p.kde_tau > 0, "pso.kde_tau", "must be > 0")
-    check(p.target_anchor >= 0, "pso.target_anchor", "must be >= 0")
-    check(all(a > b for a, b in zip(p.timesteps, p.timesteps[1:])) and all(t >= 0 for t in p.timesteps),
-          "pso.timesteps", "must be strictly decreasing and >= 0 ([] = the model's own)")
-    check(all(a > b for a, b in zip(p.model_timesteps, p.model_timesteps[1:])), "pso.model_timesteps",
-          "must be strictly decreasing ([] = the model's stepdistill.json student_timesteps)")
-    check(not p.weights or ((not p.timesteps or len(p.weights) == len(p.timesteps)) and min(p.weights) >= 0
-                            and sum(p.weights) > 0),
-          "pso.weights", "needs one weight >= 0 per timestep (pso.timesteps, or the model's own), not all 0")
-    if p.pairs:
-        check(not p.target and p.target_transform == "none" and not p.target_classes, "pso.pairs",
-              "replaces pso.target / target_transform / target_classes (the chosen images are the targets)")
-        check(p.mode == "offline" or p.naive, "pso.mode",
-              "with pso.pairs the rejected images are the references: use mode offline")

@@ -1,32 +1,37 @@
 """The method registry: what ``method:`` in a distill config names.
 
-A method is an objective builder plus how to export what it trained::
+A method is one record, made in the method's own module (its one home)::
 
-    Method(name, build, ema_modules, export, pipeline="StepDistillPipeline", curve=False)
+    Method(name, build, ema_modules, export, pipeline="StepDistillPipeline", curve=False, description="",
+           checks=None, sections={}, card=("", ""), describe_run=None, normalise=None)
 
 * ``build(cfg, teacher=None, meta=None, data=None, text_bank=None) -> (objective, data, meta)``: the
-  :class:`~stepdistill.trainers.core.Trainer`'s objective (players, updates, losses, sample grids);
+  :class:`~stepdistill.trainers.core.Trainer`'s objective (:class:`~stepdistill.trainers.objective.Objective`);
 * ``ema_modules(objective) -> {player name: network}``: the EMA networks a checkpoint restores for export;
-* ``export(ema_modules, objective, cfg, meta, out) -> out``: writes the diffusers folder;
+* ``export(ema_modules, objective, cfg, meta, out) -> out``: writes the diffusers folder (through the one
+  exporter, :func:`stepdistill.trainers.export.export_student`);
 * ``pipeline``: the pipeline class named in ``model_index.json``; ``curve``: ``stepdistill curve`` can score
   its checkpoints (one student network);
-* ``checks(cfg, check)``: value checks of the method's own config sections, called by ``config.validate``
-  (``check(condition, key, message)`` raises a ConfigError naming the key). ``None``: the DMD options only
-  the DMD objective implements (``dmd.divergence``, ``dmd.decoupled``) are refused. The built-in methods'
-  checks live in ``config.py`` (:data:`BUILTIN_CHECKS`), so validating a config imports no trainer.
+* ``sections``: the config sections the method brings, ``{name: dataclass}``: a ``dmd`` entry extends the shared
+  section (:class:`~stepdistill.config.SharedDistillConfig`, e.g. DMD's critic and GAN options), others add a
+  section (``phased``, ``msd``, ...). :func:`stepdistill.config.distill_config_class` builds the method's config;
+* ``checks(cfg, check)``: value checks of the method's sections, called by ``config.validate``
+  (``check(condition, key, message)`` raises a ConfigError naming the key);
+* ``card``: (title, paragraph) for the model card; ``describe_run(config dict) -> str``: what this run used, in
+  words (the card's "This run" section); ``normalise(cfg)``: makes the method's two spellings of a setting one.
 
 ``stepdistill distill`` / ``export`` / ``curve`` look the method up here and never branch on its name.
 The built-in methods are named by ``module:attribute`` and imported on first use (this module sits at the
 bottom of the package and imports none of them); :func:`register` adds your own, e.g. from a test file::
 
     from stepdistill.methods import Method, register
-    register(Method("toy", build=..., ema_modules=..., export=...))
-    # stepdistill distill method=toy ...
+    register(Method("toy", build=..., ema_modules=..., export=..., sections={"toy": ToyConfig}))
+    # stepdistill distill method=toy toy.some_key=3 ...
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import ConfigError
@@ -42,6 +47,10 @@ class Method:
     curve: bool = False
     description: str = ""
     checks: Callable | None = None
+    sections: dict = field(default_factory=dict)
+    card: tuple = ()
+    describe_run: Callable | None = None
+    normalise: Callable | None = None
 
 
 BUILTIN = {
@@ -52,15 +61,6 @@ BUILTIN = {
     "pso": "stepdistill.trainers.pso:PSO_METHOD",
     "pso_naive": "stepdistill.trainers.pso:PSO_NAIVE_METHOD",
     "rcm": "stepdistill.trainers.rcm:METHOD",
-}
-BUILTIN_CHECKS = {
-    "dmd": "stepdistill.config:check_dmd",
-    "dmd2": "stepdistill.config:check_dmd",
-    "phased_dmd": "stepdistill.config:check_phased",
-    "msd": "stepdistill.config:check_msd",
-    "pso": "stepdistill.config:check_pso",
-    "pso_naive": "stepdistill.config:check_pso",
-    "rcm": "stepdistill.config:check_rcm",
 }
 _REGISTERED: dict[str, Method] = {}
 
@@ -91,11 +91,8 @@ def get_method(name: str) -> Method:
     return getattr(importlib.import_module(module), attr)
 
 
-def method_checks(name: str) -> Callable | None:
-    """The config checks of method ``name`` (see :class:`Method`), without importing its trainer."""
-    if name in _REGISTERED:
-        return _REGISTERED[name].checks
-    if name in BUILTIN_CHECKS:
-        module, attr = BUILTIN_CHECKS[name].split(":")
-        return getattr(importlib.import_module(module), attr)
-    return None
+def method_sections(name: str) -> dict:
+    """The config sections of method ``name`` (:class:`Method`); {} for an unknown name (validation names it)."""
+    if name not in _REGISTERED and name not in BUILTIN:
+        return {}
+    return dict(get_method(name).sections)

@@ -19,39 +19,6 @@ METRICS_START = "<!-- stepdistill:metrics:start -->"
 METRICS_END = "<!-- stepdistill:metrics:end -->"
 NOT_MEASURED = "Not measured yet (run `stepdistill eval` / `stepdistill report` on this folder)."
 
-METHODS = {
-    "rcm": ("rCM (score-regularised continuous-time consistency; Zheng et al. 2025)",
-            "Continuous-time consistency distillation (sCM, Lu & Song 2024) on the TrigFlow view of the teacher: the "
-            "student's velocity is trained, with a Jacobian-vector-product tangent, to stay constant along the "
-            "teacher's probability-flow ODE, plus DMD's score-distillation term as a reverse-divergence regulariser."),
-    "dmd": ("DMD (Distribution Matching Distillation; Yin et al., CVPR 2024)",
-            "The student is trained so that its output distribution matches the teacher's: the gradient is the "
-            "difference between a *fake* score (a critic diffusion model fitted online to student samples) and the "
-            "*real* score (the frozen teacher with classifier-free guidance), plus a regression loss on "
-            "teacher-generated noise/image pairs."),
-    "dmd2": ("DMD2 (Improved Distribution Matching Distillation; Yin et al., NeurIPS 2024)",
-             "Distribution matching (the paper drops DMD's regression loss; what this run used is listed under "
-             "\"This run\"): a two-time-scale update rule (several critic updates per student update) keeps the "
-             "fake score accurate, a GAN head on the critic's bottleneck "
-             "features adds a real-data loss, and multi-step students are trained on their own backward-simulated "
-             "inputs so that training matches few-step inference."),
-    "phased_dmd": ("Phased DMD (distribution matching per SNR phase)",
-                   "The noise range is split into phases; each student step is distilled with distribution "
-                   "matching restricted to its phase, giving a few-step student whose steps specialise."),
-    "msd": ("MSD (Multi-Student Distillation; Song et al., 2024)",
-            "Several students each distill the teacher on a subset of the conditioning space (here: classes); "
-            "at inference the student owning the requested condition generates the image."),
-    "pso": ("PSO (Pairwise Sample Optimization; Miao et al., ICLR 2025)",
-            "An already distilled few-step model is tuned toward target images with a Diffusion-DPO-style pairwise "
-            "loss: its likelihood (denoising error at its own timesteps) of target images rises relative to reference "
-            "images sampled from the model itself, measured against a frozen copy of the initial model, so the "
-            "few-step ability is kept."),
-    "pso_naive": ("Naive fine-tuning of a distilled model (PSO's baseline)",
-                  "An already distilled few-step model is fine-tuned with the plain denoising loss on target images "
-                  "at its own timesteps (Miao et al., 2025 report that this blurs few-step samples)."),
-}
-
-
 def _is_portable_id(teacher: str) -> bool:
     """A name that means the same model on another machine: ``builtin:...`` or a hub id ``owner/name`` that is not a
     local path."""
@@ -60,46 +27,28 @@ def _is_portable_id(teacher: str) -> bool:
     return (teacher.count("/") == 1 and not teacher.startswith((".", "/", "~")) and not Path(teacher).exists())
 
 
+def _method_key(method: str) -> str:
+    return method.lower().replace("-", "_").replace(" ", "_")
+
+
 def recipe_text(method: str, config: dict) -> str:
-    """What this run actually used, read from its config (never the method's textbook description): the
-    regression loss and warm-up, the GAN terms, the pixel discriminator, the critic ratio, learning rates and
-    the ``schedule`` of changes (stepdistill/recipe.py)."""
-    d = config.get("dmd") or {}
-    if method not in ("dmd", "dmd2") or not d:
-        return ""
-    out = []
-    warm, rw = d.get("regression_warmup_steps", 0), d.get("regression_weight", 0)
-    if warm:
-        out.append(f"a regression warm-up of {warm} generator steps on {d.get('regression_pairs')} teacher ODE pairs")
-    if rw:
-        out.append(f"DMD's regression loss at weight {rw:g} beside the distribution-matching term")
-    else:
-        out.append("no regression loss after the warm-up" if warm else "no regression loss")
-    if d.get("gan"):
-        out.append(f"the GAN head on the critic (generator weight {d.get('gan_g_weight', 0):g})")
-    if d.get("pixel_gan_g_weight"):
-        out.append(f"a pixel-space patch discriminator at weight {d['pixel_gan_g_weight']:g}")
-    out.append(f"{d.get('critic_updates')} critic update(s) per generator step, noise levels t in "
-               f"[{d.get('t_min', 0):g}, {d.get('t_max', 0):g}]")
-    lr = (d.get("optim") or {}).get("lr")
-    if lr is not None:
-        out.append(f"learning rate {lr:g}")
-    text = "This student was trained with " + "; ".join(out) + "."
-    sched = config.get("schedule") or []
-    if sched:
-        changes = "; ".join(f"from step {e.get('at')}: " + ", ".join(f"{k} = {v:g}" if isinstance(v, (int, float))
-                                                                   else f"{k} = {v}" for k, v in (e.get("set") or {}).items())
-                            for e in sched)
-        text += f" The settings then changed during the run ({changes})."
-    tr = config.get("train") or {}
-    if tr:
-        text += f" {tr.get('max_steps')} generator steps at batch {tr.get('batch_size')}, seed {tr.get('seed')}."
-    return text
+    """What this run actually used, in words, read from its config by the method itself
+    (:attr:`stepdistill.methods.Method.describe_run`; never the method's textbook description); "" when the method
+    gives none."""
+    from .methods import get_method, method_names
+
+    key = _method_key(method)
+    hook = get_method(key).describe_run if key in method_names() else None
+    return hook(config) if hook is not None else ""
 
 
 def _method_text(method: str) -> tuple[str, str]:
-    key = method.lower().replace("-", "_").replace(" ", "_")
-    return METHODS.get(key, (method, f"A one-/few-step student distilled with `{method}`."))
+    """(title, paragraph) of the method (:attr:`stepdistill.methods.Method.card`)."""
+    from .methods import get_method, method_names
+
+    key = _method_key(method)
+    card = get_method(key).card if key in method_names() else ()
+    return tuple(card) if card else (method, f"A one-/few-step student distilled with `{method}`.")
 
 
 def _yaml_scalar_safe(v):

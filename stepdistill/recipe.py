@@ -15,8 +15,8 @@ value at step N + R. The values are a pure function of the step, so a resumed ru
 uninterrupted one did, and the checkpoint records the values in force (``meta.json``: ``schedule``).
 
 Only the keys in :data:`SCHEDULABLE` can be scheduled: loss weights, learning rates, noise-level range,
-guidance, critic ratio and EMA decay, all read live by the trainer and the DMD objective. Settings that shape
-networks or data (``dmd.gan``, ``train.batch_size``, ...) are fixed for the run.
+guidance, critic ratio, EMA decay and the batch size, all read live by the trainer and the DMD objective.
+Settings that shape networks or data (``dmd.gan``, ``dmd.regression_pairs``, ...) are fixed for the run.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ SCHEDULABLE: dict[str, tuple[str, ...]] = {
         "pixel_gan_r1", "pixel_gan_lr", "t_min", "t_max", "critic_updates", "real_guidance_scale",
         "ca_weight", "dm_term_weight")},
     "dmd.optim.lr": ("*",), "dmd.critic_optim.lr": ("*",), "train.ema_decay": ("*",),
+    "train.batch_size": ("*",),  # each update draws its global batch at the size in force (trainers/objective.Ctx)
 }
 
 

@@ -18,8 +18,10 @@ def _yaml(tmp_path, text: str) -> Path:
 
 
 def test_defaults_without_file():
+    from stepdistill.config import distill_defaults
+
     cfg = load_config(DistillConfig)
-    assert cfg == DistillConfig()
+    assert cfg == distill_defaults("dmd2") and isinstance(cfg, DistillConfig)
     assert cfg.train.batch_size == 32 and cfg.dmd.student_timesteps == [999.0]
     t = load_config(TeacherConfig)
     assert t.train.batch_size == 64 and t.model.block_out_channels == [32, 64, 64]
@@ -260,26 +262,29 @@ pso:
 def test_every_section_trains_with_one_optimconfig():
     from stepdistill.config import OptimConfig
 
-    d, t = DistillConfig(), TeacherConfig()
-    for o in (d.dmd.optim, d.dmd.critic_optim, d.pso.optim, t.optim):
+    from stepdistill.config import distill_defaults
+
+    d, t, p = distill_defaults("dmd2"), TeacherConfig(), distill_defaults("pso")
+    for o in (d.dmd.optim, d.dmd.critic_optim, p.pso.optim, t.optim):
         assert type(o) is OptimConfig
     assert {f.name for f in dataclasses.fields(d.dmd)}.isdisjoint({"student_lr", "critic_lr", "beta1", "lr"})
-    assert {f.name for f in dataclasses.fields(d.pso)}.isdisjoint({"lr", "weight_decay", "grad_clip"})
+    assert {f.name for f in dataclasses.fields(p.pso)}.isdisjoint({"lr", "weight_decay", "grad_clip"})
 
 
 def test_old_optimizer_keys_load_into_the_optim_sections(tmp_path):
-    old = load_config(DistillConfig, _yaml(tmp_path, LEGACY_DMD_YAML))
+    old = load_config(DistillConfig, _yaml(tmp_path, LEGACY_DMD_YAML.replace("method: pso", "method: dmd2")))
     new = load_config(DistillConfig, _yaml(tmp_path, """
-method: pso
+method: dmd2
 dmd:
   optim: {lr: 3.0e-4, beta1: 0.5, grad_clip: 2.0, warmup_steps: 7}
   critic_optim: {lr: 1.0e-4, beta1: 0.5, grad_clip: 2.0, warmup_steps: 7}
-pso:
-  optim: {lr: 5.0e-5, weight_decay: 0.1}
 """))
     assert to_dict(old) == to_dict(new)
     assert old.dmd.optim.lr == 3e-4 and old.dmd.critic_optim.lr == 1e-4 and old.dmd.critic_optim.beta1 == 0.5
-    assert old.pso.optim.weight_decay == 0.1 and old.pso.optim.beta1 == 0.9   # PSO's AdamW betas unchanged
+    pso = load_config(DistillConfig, _yaml(tmp_path, "method: pso\ndmd:\n  student_lr: 3.0e-4\npso:\n  lr: 5.0e-5\n"
+                                                     "  weight_decay: 0.1\n"))
+    assert pso.dmd.optim.lr == 3e-4 and pso.pso.optim.lr == 5e-5
+    assert pso.pso.optim.weight_decay == 0.1 and pso.pso.optim.beta1 == 0.9   # PSO's AdamW betas unchanged
     # overrides in the old spelling too; where both spellings are given in one file, the new key wins
     cfg = load_config(DistillConfig, None, ["dmd.critic_lr=5e-4", "dmd.weight_decay=0.2"])
     assert cfg.dmd.critic_optim.lr == 5e-4 and cfg.dmd.optim.lr == 2e-5

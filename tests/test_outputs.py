@@ -183,12 +183,12 @@ def test_report_does_not_write_into_a_users_folder_without_overwrite(tmp_path, c
 # ----------------------------------------------------------------------------- failures leave no litter
 
 def test_disk_full_during_a_checkpoint_leaves_no_temp_folder(tiny_teacher, tmp_path, monkeypatch, capsys):
-    from stepdistill.trainers import core
+    from stepdistill.trainers import checkpoint
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(core, "save_file", full)
+    monkeypatch.setattr(checkpoint, "save_file", full)
     rc, _, err = _run(capsys, _argv(tiny_teacher, tmp_path / "run"))
     last = err.strip().splitlines()[-1]  # after the progress bar: one error line
     assert rc == 2 and last.startswith("error: could not write checkpoint") and "No space left on device" in last

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from conftest import tiny_distill_overrides
-from stepdistill.config import ConfigError, DistillConfig, OptimConfig, PSOConfig, load_config
+from stepdistill.config import ConfigError, DistillConfig, OptimConfig, load_config
+from stepdistill.trainers.pso import PSOConfig
 from stepdistill.data import ArrayDataset, DataError
 from stepdistill.denoiser import Denoiser
 from stepdistill.schedules import VPSchedule

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from conftest import tiny_distill_overrides
-from stepdistill.config import DMDConfig, DistillConfig, RCMConfig, load_config
+from stepdistill.config import DistillConfig, load_config
+from stepdistill.trainers.dmd import DMDConfig
+from stepdistill.trainers.rcm import RCMConfig
 from stepdistill.data import ArrayDataset
 from stepdistill.denoiser import Denoiser
 from stepdistill.schedules import FlowMatchSchedule, VPSchedule

@@ -14,7 +14,8 @@ from stepdistill.config import ConfigError, DistillConfig, load_config
 from stepdistill.recipe import ScheduleEntry, values_at
 
 SCHEDULE = ("[{at: 2, set: {dmd.optim.lr: 5.0e-5, dmd.critic_updates: 1, dmd.regression_weight: 0.5}},"
-            " {at: 4, set: {dmd.pixel_gan_g_weight: 0.3, dmd.pixel_gan_lr: 1.0e-3, train.ema_decay: 0.5}}]")
+            " {at: 4, set: {dmd.pixel_gan_g_weight: 0.3, dmd.pixel_gan_lr: 1.0e-3, train.ema_decay: 0.5,"
+            " train.batch_size: 4}}]")
 BASE = {"dmd.regression_weight": 1.0, "dmd.regression_pairs": 8, "dmd.regression_steps": 2,
         "dmd.pixel_gan_g_weight": 0.1, "dmd.pixel_gan_lr": 2e-4, "train.ema_decay": 0.9, "schedule": SCHEDULE}
 
@@ -43,8 +44,15 @@ def test_the_trainer_applies_each_value_from_its_step(tiny_teacher, tmp_path, mo
         seen.append((step, len(names), self.cfg.regression_weight, self.cfg.pixel_gan_g_weight))
         return names
 
-    lrs = []
+    lrs, drawn = [], []
     orig_step = core.Trainer._run_step
+    orig_gen = DMDObjective.generator_loss
+
+    def gen_loss(self, ctx):
+        drawn.append((ctx.step, ctx.global_batch))
+        return orig_gen(self, ctx)
+
+    monkeypatch.setattr(DMDObjective, "generator_loss", gen_loss)
 
     def run_step(self):
         logs = orig_step(self)
@@ -69,6 +77,7 @@ def test_the_trainer_applies_each_value_from_its_step(tiny_teacher, tmp_path, mo
     assert pixel_lr[3] == pytest.approx(2e-4) and pixel_lr[4] == pytest.approx(1e-3)
     ema = {s: e for s, _, _, _, e in lrs}
     assert ema[3] == 0.9 and ema[4] == 0.5
+    assert dict(drawn) == {0: 8, 1: 8, 2: 8, 3: 8, 4: 4, 5: 4}   # each update draws the batch size in force
     # the config on disk is the one loaded (not the values in force at the end), and so is the live object
     saved = load_config(DistillConfig, str(tmp_path / "run" / "config.yaml"), [])
     assert saved.dmd.regression_weight == 1.0 and saved.dmd.optim.lr == pytest.approx(1e-4)
@@ -103,7 +112,7 @@ def test_a_changed_schedule_does_not_resume(tiny_teacher, tmp_path):
 
 @pytest.mark.parametrize("schedule, message", [
     ("[{at: 5, set: {dmd.nope: 1}}]", r"schedule\[0\]\.set\.dmd\.nope: unknown config key dmd\.nope"),
-    ("[{at: 5, set: {train.batch_size: 8}}]", r"train\.batch_size cannot change during a run"),
+    ("[{at: 5, set: {dmd.gan: false}}]", r"dmd\.gan cannot change during a run"),
     ("[{at: 5, set: {dmd.t_min: 990}}]", r"schedule\[0\] \(from step 5\): dmd\.t_min"),
     ("[{at: -1, set: {dmd.t_min: 3}}]", r"schedule\[0\]\.at: must be >= 0"),
     ("[{at: 5, set: {dmd.critic_updates: 2.5}}]", r"schedule\[0\]\.set\.dmd\.critic_updates: expected int"),
@@ -129,8 +138,17 @@ def test_method_specific_keys_are_refused_for_other_methods():
 
 def test_the_full_recipe_file_loads_with_its_schedule():
     cfg = load_config(DistillConfig, str(Path(__file__).parents[1] / "configs" / "dmd2_animal_mnist_full.yaml"), [])
-    assert cfg.data.split == "fit" and cfg.dmd.regression_warmup_steps < cfg.schedule[0].at < cfg.train.max_steps
-    assert cfg.schedule[0].set["dmd.pixel_gan_g_weight"] > cfg.dmd.pixel_gan_g_weight
+    assert cfg.data.split == "fit" and cfg.dmd.regression_warmup_steps == cfg.schedule[0].at < cfg.train.max_steps
+    assert cfg.dmd.pixel_gan_g_weight == 0.3 and cfg.schedule[0].set["train.batch_size"] < cfg.train.batch_size
+    assert cfg.schedule[1].set["dmd.regression_weight"] < cfg.dmd.regression_weight
+
+
+def test_sample_passes_follow_the_scheduled_batch_size():
+    from stepdistill.eval.curve import passes_per_step, sample_passes
+
+    cfg = load_config(DistillConfig, None, ["dmd.regression_warmup_steps=0", "dmd.regression_weight=0",
+                                            "schedule=[{at: 10, set: {train.batch_size: 16}}]"])
+    assert sample_passes(cfg, 15) == (10 * 32 + 5 * 16) * passes_per_step(cfg)
 
 
 def test_sample_passes_follow_the_scheduled_critic_ratio():

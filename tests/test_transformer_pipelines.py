@@ -80,14 +80,17 @@ def _dit_folders(tmp_path):
     teacher = tmp_path / "teacher"
     meta = ModelMeta(prediction_type="epsilon", conditioning="class", class_names=CLASSES, null_class=len(CLASSES))
     save_model_folder(teacher, _dit(0), DDPMScheduler(num_train_timesteps=1000), meta, "StepDistillTeacherPipeline")
-    cfg = load_config(DistillConfig, None, [f"dmd.teacher={teacher}", "dmd.student_timesteps=[999,499]",
-                                            "phased.boundaries=[999,499,0]", "msd.num_students=2"])
+    common = [f"dmd.teacher={teacher}", "dmd.student_timesteps=[999,499]"]
+    cfg = load_config(DistillConfig, None, common)
+    phased = load_config(DistillConfig, None, common + ["method=phased_dmd", "phased.boundaries=[999,499,0]",
+                                                        "train.max_steps=2"])
+    msd = load_config(DistillConfig, None, common + ["method=msd", "msd.num_students=2", "train.max_steps=2"])
     out = {"teacher": teacher}
     out["plain"] = export_student(_dit(1), cfg, meta, tmp_path / "plain")
-    out["phased"] = export_phased([_dit(2), _dit(3)], cfg, meta, tmp_path / "phased")
+    out["phased"] = export_phased([_dit(2), _dit(3)], phased, meta, tmp_path / "phased")
     experts_meta = json.loads((out["phased"] / "stepdistill.json").read_text())["extra"]["experts"]
     assert [e["subfolder"] for e in experts_meta] == ["transformer", "expert_1"]
-    out["msd"] = export_multi_student([_dit(4), _dit(5)], cfg, meta, tmp_path / "msd", [[0, 1], [2]])
+    out["msd"] = export_multi_student([_dit(4), _dit(5)], msd, meta, tmp_path / "msd", [[0, 1], [2]])
     return out
 
 

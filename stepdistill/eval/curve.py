@@ -52,7 +52,8 @@ def sample_passes(cfg, step: int) -> int:
     """Training budget after ``step`` generator steps in forward passes of one sample (backward passes not
     counted): DMD2 steps x batch x :func:`passes_per_step`, plus the regression warm-up (one student pass
     per sample) and the teacher ODE pairs it needs (pairs x sampler steps x 2 for CFG), when used. With a
-    ``schedule`` (stepdistill/recipe.py) each step is counted with the critic ratio and weights in force then."""
+    ``schedule`` (stepdistill/recipe.py) each step is counted with the batch size, critic ratio and weights in
+    force then."""
     import copy
 
     from ..recipe import Schedule
@@ -66,11 +67,12 @@ def sample_passes(cfg, step: int) -> int:
         return (step - warm) * B * passes_per_step(cfg) + warm * B + pairs
     trial = copy.deepcopy(cfg)
     sched = Schedule(trial)
-    dmd_passes = 0
-    for s in range(warm, step):
+    total = 0
+    for s in range(step):
         sched.apply(s)
-        dmd_passes += passes_per_step(trial)
-    return dmd_passes * B + warm * B + pairs
+        b = trial.train.batch_size
+        total += b if s < warm else b * passes_per_step(trial)
+    return total + pairs
 
 
 def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | None = None,

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from ..config import to_dict, upgrade_keys
+from ..config import drop_foreign_keys, to_dict, upgrade_keys
 from ..errors import CheckpointError
 from ..outputs import clean_stale_temps, mark_run_dir, prepare_run_dir, read_marker, run_inputs, run_lock, write_marker
 from ..utils import atomic_write_text, sha256_file
@@ -273,7 +273,9 @@ def config_diff(cls, old_config: dict | None, new_config: dict) -> list[tuple[st
     spellings are upgraded; a key ``old_config`` lacks (added by a later stepdistill) counts as its default."""
     if old_config is None:
         return []
-    old = _flatten(upgrade_keys(cls, old_config))
+    old_config = upgrade_keys(cls, old_config)
+    drop_foreign_keys(cls, old_config, warn=False)  # other methods' sections, recorded by earlier releases
+    old = _flatten(old_config)
     new = _flatten(json.loads(json.dumps(new_config)))
     defaults = _flatten(json.loads(json.dumps(to_dict(cls()))))
     for k in new.keys() - old.keys():

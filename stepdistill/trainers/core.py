@@ -152,6 +152,9 @@ class Trainer(CheckpointIO):
             while self.step < tc.max_steps:
                 if self.schedule:
                     self.schedule.apply(self.step)  # before updates(step): the critic ratio may change
+                    if tc.batch_size % acc.num_processes:
+                        raise ValueError(f"schedule: train.batch_size={tc.batch_size} from step {self.step} must be "
+                                         f"divisible by {acc.num_processes} processes")
                 logs = self._run_step()
                 if logs is None:  # interrupted at an update boundary
                     break

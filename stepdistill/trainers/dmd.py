@@ -29,13 +29,14 @@ the method records (build, export) are in :mod:`~stepdistill.trainers.dmd_method
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..conditioning import ClassLabels
-from ..config import DMDConfig
+from ..config import OptimConfig, SharedDistillConfig, dmd2_optim
 from ..denoiser import Denoiser
 from ..pipelines.sampling import grid_sample
 from .losses import dm_loss, gan_d_loss, lpips_distance, nonfinite_frac, pixel_d_loss, pixel_g_loss
@@ -312,3 +313,74 @@ class DMDObjective(ObjectiveBase):
     def sample(self, ema: dict[str, nn.Module], n: int, device) -> torch.Tensor:
         return grid_sample(self.student, ema["generator"], self.timesteps, self.conds.grid(n, device), self.shape,
                            n, device)
+
+
+# -- the method's config section, checks and card (its one home; stepdistill/methods.py) ----------------
+@dataclass
+class DMDConfig(SharedDistillConfig):
+    """DMD / DMD2 hyper-parameters (Yin et al. 2023, 2024); defaults follow DMD2 where they transfer. The ``dmd``
+    section of the DMD family (``dmd``, ``dmd2``, ``phased_dmd``, ``msd``, ``rcm``): the shared fields
+    (:class:`~stepdistill.config.SharedDistillConfig`: teacher, student timesteps, optimizer, LoRA) plus these."""
+    backward_simulation: bool = True
+    fake_guidance_scale: float = 1.0
+    t_min: float = 20.0            # 0.02 T
+    t_max: float = 980.0           # 0.98 T
+    critic_updates: int = 5        # fake-score updates per generator update (two time-scale rule)
+    dm_weight: float = 1.0
+    gan: bool = True
+    gan_g_weight: float = 3e-3
+    gan_d_weight: float = 1e-2
+    regression_weight: float = 0.0  # original DMD regression loss; > 0 builds teacher ODE pairs
+    regression_pairs: int = 256
+    regression_steps: int = 25
+    regression_distance: str = "mse"  # mse | lpips
+    regression_warmup_steps: int = 0  # first N generator steps: regression on teacher ODE pairs only (no critic)
+    gan_fresh_t: bool = False      # generator GAN term at its own t ~ U[0, T) (DMD2's code) instead of the DM step's t
+    pixel_gan_g_weight: float = 0.0  # > 0: a pixel-space patch discriminator on clean samples (trainers/pixel_gan.py)
+    pixel_gan_d_weight: float = 1.0  # its loss weight in the critic update
+    pixel_gan_r1: float = 0.0        # R1 penalty gamma on real images (0 = off)
+    pixel_gan_width: int = 32        # first conv width (doubles at each of its two stride-2 convs)
+    pixel_gan_lr: float = 0.0        # its learning rate (own param group of the critic's AdamW); 0 = dmd.critic_optim.lr
+    divergence: str = "reverse_kl"  # reverse_kl (DMD) | forward_kl | js: f-distill's h(r) weights (needs dmd.gan)
+    divergence_logit_clip: float = 10.0  # the discriminator logit log r is clipped to +-this before h(r)
+    critic_optim: OptimConfig = field(default_factory=dmd2_optim)  # the fake score and its GAN head
+    # Decoupled DMD (Liu et al. 2025): the guided DM gradient split into a CFG-augmentation (CA) term and a
+    # distribution-matching term, each with its own weight and re-noising schedule (trainers/decoupled_dmd.py)
+    decoupled: bool = False
+    ca_weight: float = 1.0         # weight of the CA term -(w-1)(mu_real_cond - mu_real_uncond)
+    dm_term_weight: float = 1.0    # weight of the DM term mu_fake - mu_real_cond (its t: t_min..t_max)
+    ca_schedule: str = "above_student"  # shared (the DM term's t and noise: DMD2) | uniform | above_student
+    ca_t_min: float = 20.0         # CA times: U[ca_t_min, ca_t_max] (above_student: U[max(t_k, ca_t_min), ca_t_max])
+    ca_t_max: float = 980.0
+
+
+def check_dmd_section(cfg, check) -> None:
+    """The ``dmd`` section of every DMD-family method: ranges of the critic, GAN, regression and pixel-GAN options;
+    f-distill, Decoupled DMD and the pixel discriminator are options of the DMD objective only."""
+    d = cfg.dmd
+    check(0 <= d.t_min < d.t_max, "dmd.t_min", "must satisfy 0 <= t_min < t_max")
+    check(d.critic_updates >= 1, "dmd.critic_updates", "must be >= 1")
+    check(d.regression_distance in ("mse", "lpips"), "dmd.regression_distance", "must be mse | lpips")
+    check(d.regression_warmup_steps >= 0, "dmd.regression_warmup_steps", "must be >= 0")
+    check(d.divergence in ("reverse_kl", "forward_kl", "js"), "dmd.divergence",
+          "must be reverse_kl | forward_kl | js")
+    check(d.divergence_logit_clip > 0, "dmd.divergence_logit_clip", "must be > 0")
+    check(d.regression_pairs >= 1, "dmd.regression_pairs", "must be >= 1")
+    check(d.pixel_gan_width >= 1, "dmd.pixel_gan_width", "must be >= 1")
+    check(d.pixel_gan_r1 >= 0, "dmd.pixel_gan_r1", "must be >= 0")
+    check(d.critic_optim.lr > 0, "dmd.critic_optim.lr", "must be > 0")
+    if cfg.method in ("dmd", "dmd2"):
+        check(d.divergence == "reverse_kl" or (d.gan and not d.decoupled), "dmd.divergence",
+              "forward_kl / js need dmd.gan=true (the discriminator gives the density ratio) and no dmd.decoupled")
+        if d.decoupled:
+            check(d.ca_schedule in ("shared", "uniform", "above_student"), "dmd.ca_schedule",
+                  "must be shared | uniform | above_student")
+            check(0 <= d.ca_t_min <= d.ca_t_max, "dmd.ca_t_min", "must satisfy 0 <= ca_t_min <= ca_t_max")
+            check(d.ca_weight >= 0 and d.dm_term_weight >= 0, "dmd.ca_weight", "term weights must be >= 0")
+            check(d.dm_weight > 0, "dmd.dm_weight", "must be > 0 with dmd.decoupled (it scales both terms)")
+    else:
+        check(d.divergence == "reverse_kl", "dmd.divergence",
+              f"forward_kl / js are supported by method dmd / dmd2 only, not {cfg.method}")
+        check(not d.decoupled, "dmd.decoupled", f"is supported by method dmd / dmd2 only, not {cfg.method}")
+        check(d.pixel_gan_g_weight == 0, "dmd.pixel_gan_g_weight",
+              f"the pixel discriminator is supported by method dmd / dmd2 only, not {cfg.method}")

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..config import DMDConfig
 from ..denoiser import Denoiser
 from .decoupled_dmd import DecoupledDMDObjective
-from .dmd import DMDObjective
+from .dmd import DMDConfig, DMDObjective, check_dmd_section
 from .fdistill import FDistillObjective
 from .objective import real_data_std
 
@@ -67,12 +66,64 @@ def export_generator(ema: dict[str, nn.Module], obj, cfg, meta, out):
     return export_student(ema["generator"], cfg, meta, out, schedule=obj.student.schedule)
 
 
-def _method(name: str, description: str):
+def describe_dmd_run(config: dict) -> str:
+    """What this run actually used, read from its config (never the method's textbook description): the
+    regression loss and warm-up, the GAN terms, the pixel discriminator, the critic ratio, learning rates and
+    the ``schedule`` of changes (stepdistill/recipe.py)."""
+    d = config.get("dmd") or {}
+    if not d:
+        return ""
+    out = []
+    warm, rw = d.get("regression_warmup_steps", 0), d.get("regression_weight", 0)
+    if warm:
+        out.append(f"a regression warm-up of {warm} generator steps on {d.get('regression_pairs')} teacher ODE pairs")
+    if rw:
+        out.append(f"DMD's regression loss at weight {rw:g} beside the distribution-matching term")
+    else:
+        out.append("no regression loss after the warm-up" if warm else "no regression loss")
+    if d.get("gan"):
+        out.append(f"the GAN head on the critic (generator weight {d.get('gan_g_weight', 0):g})")
+    if d.get("pixel_gan_g_weight"):
+        out.append(f"a pixel-space patch discriminator at weight {d['pixel_gan_g_weight']:g}")
+    out.append(f"{d.get('critic_updates')} critic update(s) per generator step, noise levels t in "
+               f"[{d.get('t_min', 0):g}, {d.get('t_max', 0):g}]")
+    lr = (d.get("optim") or {}).get("lr")
+    if lr is not None:
+        out.append(f"learning rate {lr:g}")
+    text = "This student was trained with " + "; ".join(out) + "."
+    sched = config.get("schedule") or []
+    if sched:
+        changes = "; ".join(f"from step {e.get('at')}: " + ", ".join(f"{k} = {v:g}" if isinstance(v, (int, float))
+                                                                   else f"{k} = {v}" for k, v in (e.get("set") or {}).items())
+                            for e in sched)
+        text += f" The settings then changed during the run ({changes})."
+    tr = config.get("train") or {}
+    if tr:
+        text += f" {tr.get('max_steps')} generator steps at batch {tr.get('batch_size')}, seed {tr.get('seed')}."
+    return text
+
+
+DMD_CARD = ("DMD (Distribution Matching Distillation; Yin et al., CVPR 2024)",
+    "The student is trained so that its output distribution matches the teacher's: the gradient is the "
+    "difference between a *fake* score (a critic diffusion model fitted online to student samples) and "
+    "the *real* score (the frozen teacher with classifier-free guidance), plus a regression loss on "
+    "teacher-generated noise/image pairs.")
+
+DMD2_CARD = ("DMD2 (Improved Distribution Matching Distillation; Yin et al., NeurIPS 2024)",
+    "Distribution matching (the paper drops DMD's regression loss; what this run used is listed under "
+    "\"This run\"): a two-time-scale update rule (several critic updates per student update) keeps the fake"
+    " score accurate, a GAN head on the critic's bottleneck features adds a real-data loss, and "
+    "multi-step students are trained on their own backward-simulated inputs so that training matches "
+    "few-step inference.")
+
+
+def _method(name: str, description: str, card: tuple):
     from ..methods import Method
 
     return Method(name, build=build_dmd_family, ema_modules=generator_ema, export=export_generator, curve=True,
-                  description=description)
+                  description=description, sections={"dmd": DMDConfig}, checks=check_dmd_section, card=card,
+                  describe_run=describe_dmd_run)
 
 
-DMD_METHOD = _method("dmd", "DMD (Yin et al. 2024): distribution matching + regression on teacher ODE pairs")
-DMD2_METHOD = _method("dmd2", "DMD2 (Yin et al. 2024): distribution matching, two time-scale critic, GAN")
+DMD_METHOD = _method("dmd", "DMD (Yin et al. 2024): distribution matching + regression on teacher ODE pairs", DMD_CARD)
+DMD2_METHOD = _method("dmd2", "DMD2 (Yin et al. 2024): distribution matching, two time-scale critic, GAN", DMD2_CARD)

@@ -68,14 +68,14 @@ import dataclasses
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError, DistillConfig, DMDConfig, MSDConfig, TeacherModelConfig
+from ..config import ConfigError, DistillConfig, TeacherModelConfig
 from ..denoiser import Denoiser, backbone_kind
 from ..modelcard import msd_card
 from ..models import build_teacher_unet, count_params
@@ -85,7 +85,7 @@ from ..pipelines.multi_student import (PIPELINE_CLASS, multi_student_sample, stu
                                        student_subfolder)
 from .objective import Ctx, ObjectiveBase, real_data_std
 from ..conditioning import ClassLabels
-from .dmd import DMDObjective
+from .dmd import DMDConfig, DMDObjective, check_dmd_section
 
 
 # -- partitions -----------------------------------------------------------------------------------
@@ -363,11 +363,68 @@ def _export(ema, obj, cfg, meta, out):
                                 schedule=obj.students[0].schedule)
 
 
+# -- the method's config section, checks and card (its one home; stepdistill/methods.py) ----------------
+@dataclass
+class MSDConfig:
+    """Multi-student distillation (Song et al. 2024; method: msd): K one-step students, each distilled
+    with DMD2 (the ``dmd`` section) on its own part of the classes. See trainers/multi_student.py."""
+    num_students: int = 4
+    groups: list[list[int]] = field(default_factory=list)  # class indices per student; [] = msd.partition decides
+    partition: str = "contiguous"  # groups = []: contiguous (balanced split) | kmeans (classes by their mean real image)
+    shared_critic: bool = False    # one fake score for all students (else one per student)
+    schedule: str = "round_robin"  # round_robin: one student per step | all: every student every step
+    steps_per_student: int = 0     # DM generator updates per student; 0 = what train.max_steps leaves after TSM
+    student_channels: list[int] = field(default_factory=list)  # [] = the teacher's architecture (teacher init)
+    student_layers_per_block: int = 0  # 0 = the teacher's
+    tsm_steps: int = 0             # teacher score-matching updates per student before DM (smaller students)
+
+    @property
+    def round_steps(self) -> int:
+        """Global steps per update of one student: K (round_robin) or 1 (all)."""
+        return self.num_students if self.schedule == "round_robin" else 1
+
+
+def check_msd(cfg: DistillConfig, check) -> None:
+    """``method: msd``: student count, schedule, per-student budget, architecture, groups (structure)."""
+    check_dmd_section(cfg, check)
+    m, K, tr, d = cfg.msd, cfg.msd.num_students, cfg.train, cfg.dmd
+    check(1 <= K <= 8, "msd.num_students", "must be in 1..8 (MultiStudentPipeline holds at most 8 students)")
+    check(m.schedule in ("round_robin", "all"), "msd.schedule", "must be round_robin | all")
+    check(m.partition in ("contiguous", "kmeans"), "msd.partition", "must be contiguous | kmeans")
+    check(not (m.groups and m.partition != "contiguous"), "msd.partition",
+          "applies when msd.groups is [] (explicit groups are the partition)")
+    check(m.tsm_steps >= 0, "msd.tsm_steps", "must be >= 0")
+    check(m.steps_per_student >= 0, "msd.steps_per_student", "must be >= 0 (0 = split train.max_steps)")
+    per = m.round_steps
+    if m.steps_per_student:  # the schedule is msd's; a smaller train.max_steps stops early (a prefix of it)
+        need = per * (m.tsm_steps + m.steps_per_student)
+        check(tr.max_steps <= need, "msd.steps_per_student",
+              f"{K} students x (msd.tsm_steps {m.tsm_steps} + {m.steps_per_student}) with schedule {m.schedule} "
+              f"take train.max_steps={need} (fewer stops early), got {tr.max_steps}; or set msd.steps_per_student=0")
+    else:
+        check(tr.max_steps % per == 0 and tr.max_steps // per > m.tsm_steps, "msd.steps_per_student",
+              f"0 splits train.max_steps evenly: with schedule {m.schedule} it must be a multiple of {per} that "
+              f"leaves more than msd.tsm_steps={m.tsm_steps} updates per student, got {tr.max_steps}")
+    check(all(c > 0 for c in m.student_channels), "msd.student_channels", "entries must be > 0 ([] = the teacher's)")
+    check(m.student_layers_per_block >= 0, "msd.student_layers_per_block", "must be >= 0 (0 = the teacher's)")
+    check(d.lora_rank == 0, "dmd.lora_rank", "LoRA students are not supported by method msd")
+    check(d.regression_weight == 0, "dmd.regression_weight", "DMD's regression loss is not supported by method msd")
+    check(d.regression_warmup_steps == 0, "dmd.regression_warmup_steps", "not supported by method msd")
+    if m.groups:  # structure only here (overlaps, gaps); the class count is checked against the teacher at build
+        partition_classes(1 + max((c for g in m.groups for c in g), default=-1), K, m.groups)
+
+
+CARD = ("MSD (Multi-Student Distillation; Song et al., 2024)",
+    "Several students each distill the teacher on a subset of the conditioning space (here: classes); at "
+    "inference the student owning the requested condition generates the image.")
+
+
 def _method():
     from ..methods import Method
 
     return Method("msd", build=build, ema_modules=_ema, export=_export, pipeline=PIPELINE_CLASS,
-                  description="Multi-student distillation: the classes split among K one-step students")
+                  description="Multi-student distillation: the classes split among K one-step students",
+                  sections={"dmd": DMDConfig, "msd": MSDConfig}, checks=check_msd, card=CARD)
 
 
 METHOD = _method()

@@ -82,6 +82,7 @@ no clean output to discriminate and use the DM loss only.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import copy
 import dataclasses
 import json
@@ -91,7 +92,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DistillConfig, DMDConfig, PhasedConfig
+from ..config import DistillConfig
 from ..denoiser import Denoiser
 from ..modelcard import phased_card
 from ..partitions import even_split  # noqa: F401 (re-exported)
@@ -99,7 +100,7 @@ from ..pipelines.phased import MAX_EXPERTS, expert_step, expert_subfolder, phase
 from ..schedules import NoiseSchedule, _bcast
 from .objective import Ctx, ObjectiveBase, Player, real_data_std
 from ..conditioning import ClassLabels
-from .dmd import GANHead, scores_and_gan_g
+from .dmd import DMDConfig, GANHead, check_dmd_section, scores_and_gan_g
 from .losses import dm_loss, gan_d_loss, nonfinite_frac
 
 PHASED_PIPELINE = "PhasedDMDPipeline"
@@ -431,11 +432,40 @@ def _export(ema, obj, cfg, meta, out):
     return export_phased([ema[f"expert_{k}"] for k in range(obj.K)], cfg, meta, out, schedule=obj.experts[0].schedule)
 
 
+# -- the method's config section, checks and card (its one home; stepdistill/methods.py) ----------------
+@dataclass
+class PhasedConfig:
+    """Phased DMD (SenseNova 2025; method: phased_dmd): K phases on the training-time axis, one
+    expert per phase, trained progressively. The other hyper-parameters come from ``dmd``."""
+    boundaries: list[float] = field(default_factory=lambda: [999.0, 500.0, 0.0])  # s_0 > ... > s_K = 0
+    steps_per_phase: list[int] = field(default_factory=list)  # [N_0, ..]; [] splits train.max_steps evenly
+    margin: float = 1.0            # score times of phase k < K-1 lie in [s_{k+1} + margin, s_k]
+    subinterval_weighting: bool = True  # weight the fake-score loss by beta_{t|s}^2 / sigma_t^2
+
+
+def check_phased(cfg: DistillConfig, check) -> None:
+    """``method: phased_dmd`` (trainers/phased_dmd.py)."""
+    check_dmd_section(cfg, check)
+    b, n, K, tr = cfg.phased.boundaries, cfg.phased.steps_per_phase, len(cfg.phased.boundaries) - 1, cfg.train
+    check(K >= 1 and all(x > y for x, y in zip(b, b[1:])) and b[-1] == 0, "phased.boundaries",
+          "needs >= 2 strictly decreasing entries ending at 0, e.g. [999, 500, 0]")
+    check((len(n) == K and min(n) >= 1 and sum(n) == tr.max_steps) if n else tr.max_steps >= K,
+          "phased.steps_per_phase", f"needs {K} entries >= 1 summing to train.max_steps ({tr.max_steps}), "
+          f"or [] for an even split of train.max_steps (>= {K})")
+    check(cfg.phased.margin > 0, "phased.margin", "must be > 0")
+
+
+CARD = ("Phased DMD (distribution matching per SNR phase)",
+    "The noise range is split into phases; each student step is distilled with distribution matching "
+    "restricted to its phase, giving a few-step student whose steps specialise.")
+
+
 def _method():
     from ..methods import Method
 
     return Method("phased_dmd", build=build, ema_modules=_ema, export=_export, pipeline=PHASED_PIPELINE,
-                  description="Phased DMD: one expert per phase of the SNR range")
+                  description="Phased DMD: one expert per phase of the SNR range",
+                  sections={"dmd": DMDConfig, "phased": PhasedConfig}, checks=check_phased, card=CARD)
 
 
 METHOD = _method()

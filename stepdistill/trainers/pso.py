@@ -72,6 +72,7 @@ supported (text-conditional ones not yet).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import copy
 import math
 import sys
@@ -82,7 +83,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from ..conditioning import ClassLabels
-from ..config import DistillConfig, PSOConfig, normalise
+from ..config import DistillConfig, OptimConfig, normalise
 from ..data import ArrayDataset
 from ..denoiser import Denoiser
 from ..models import ModelMeta, load_denoiser
@@ -471,14 +472,89 @@ def build(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMeta |
     return build_pso(cfg, model=teacher, meta=meta, data=data)
 
 
+# -- the method's config section, checks and card (its one home; stepdistill/methods.py) ----------------
+@dataclass
+class PSOConfig:
+    """Pairwise Sample Optimization (Miao et al. 2024; method: pso | pso_naive): tune an already distilled
+    few-step model toward target data, anchored to its own samples. See trainers/pso.py."""
+    model: str = "builtin:animal_mnist_dmd2"  # distilled model: our student folder, a diffusers folder or hub id
+    model_timesteps: list[float] = field(default_factory=list)  # its sampling chain if it has no stepdistill.json
+    allow_pickle: bool = False
+    target: str = ""               # target dataset: "" = the data section; animal_mnist | digits | image folder
+    target_transform: str = "none"  # none | invert (x -> -x: inverted silhouettes) | bold (3x3 dilation)
+    target_classes: list[str] = field(default_factory=list)  # class subset (names or indices); [] = all
+    pairs: str = ""                # preference pairs (.safetensors or folder with chosen/ rejected/): replaces target
+    mode: str = "offline"          # offline: references drawn once from the initial model (cached) | online
+    num_reference: int = 256       # reference samples (class-balanced over the target's classes)
+    refresh_every: int = 20        # online: redraw the references from the current model every N steps
+    beta: float = 10.0             # DPO temperature; the loss saturates once the margin reaches ~5 / beta
+    timesteps: list[float] = field(default_factory=list)  # likelihood timesteps; [] = the model's own
+    weights: list[float] = field(default_factory=list)    # w_k per timestep; [] = uniform 1/K
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, weight_decay=0.0, grad_clip=1.0))
+    naive: bool = False            # the naive baseline (denoising loss on the targets) = method: pso_naive
+    likelihood: str = "auto"       # pure-noise first step: kde (the model's own posterior over its input noise) |
+    #                                forward (Diffusion-DPO's forward-process surrogate) | auto (kde when t_0 is pure noise)
+    kde_samples: int = 32          # kde: noise draws per image (m)
+    kde_tau: float = 0.02          # kde: temperature of the soft-min over the m distances (-> 0: nearest sample)
+    target_anchor: float = 0.0     # DPO-Positive penalty (Pal et al. 2024): lambda * max(0, err_theta - err_ref) on targets
+
+
+def check_pso(cfg: DistillConfig, check) -> None:
+    """``method: pso | pso_naive`` (trainers/pso.py; :func:`normalise` has made the two spellings one)."""
+    p = cfg.pso
+    check(bool(p.model), "pso.model", "needs the distilled model to tune (folder, hub id or builtin:animal_mnist_dmd2)")
+    check(p.mode in ("offline", "online"), "pso.mode", "must be offline | online")
+    check(p.refresh_every >= 1, "pso.refresh_every", "must be >= 1")
+    check(p.num_reference >= 1, "pso.num_reference", "must be >= 1")
+    check(p.beta > 0, "pso.beta", "must be > 0")
+    check(p.optim.lr > 0, "pso.optim.lr", "must be > 0")
+    check(p.target_transform in ("none", "invert", "bold"), "pso.target_transform", "must be none | invert | bold")
+    check(p.likelihood in ("auto", "kde", "forward"), "pso.likelihood", "must be auto | kde | forward")
+    check(p.kde_samples >= 1, "pso.kde_samples", "must be >= 1")
+    check(p.kde_tau > 0, "pso.kde_tau", "must be > 0")
+    check(p.target_anchor >= 0, "pso.target_anchor", "must be >= 0")
+    check(all(a > b for a, b in zip(p.timesteps, p.timesteps[1:])) and all(t >= 0 for t in p.timesteps),
+          "pso.timesteps", "must be strictly decreasing and >= 0 ([] = the model's own)")
+    check(all(a > b for a, b in zip(p.model_timesteps, p.model_timesteps[1:])), "pso.model_timesteps",
+          "must be strictly decreasing ([] = the model's stepdistill.json student_timesteps)")
+    check(not p.weights or ((not p.timesteps or len(p.weights) == len(p.timesteps)) and min(p.weights) >= 0
+                            and sum(p.weights) > 0),
+          "pso.weights", "needs one weight >= 0 per timestep (pso.timesteps, or the model's own), not all 0")
+    if p.pairs:
+        check(not p.target and p.target_transform == "none" and not p.target_classes, "pso.pairs",
+              "replaces pso.target / target_transform / target_classes (the chosen images are the targets)")
+        check(p.mode == "offline" or p.naive, "pso.mode",
+              "with pso.pairs the rejected images are the references: use mode offline")
+
+
+def normalise_pso(cfg) -> None:
+    """``pso.naive: true`` and ``method: pso_naive`` both mean the naive baseline; exports record ``pso_naive``."""
+    if cfg.pso.naive or cfg.method == "pso_naive":
+        cfg.method, cfg.pso.naive = "pso_naive", True
+
+
+PSO_CARD = ("PSO (Pairwise Sample Optimization; Miao et al., ICLR 2025)",
+    "An already distilled few-step model is tuned toward target images with a Diffusion-DPO-style "
+    "pairwise loss: its likelihood (denoising error at its own timesteps) of target images rises relative"
+    " to reference images sampled from the model itself, measured against a frozen copy of the initial "
+    "model, so the few-step ability is kept.")
+
+PSO_NAIVE_CARD = ("Naive fine-tuning of a distilled model (PSO's baseline)",
+    "An already distilled few-step model is fine-tuned with the plain denoising loss on target images at "
+    "its own timesteps (Miao et al., 2025 report that this blurs few-step samples).")
+
+
 def _methods():
     from ..methods import Method
     from .dmd_method import generator_ema
     from .export import export_tuned
 
-    kw = dict(build=build, ema_modules=generator_ema, export=export_tuned)
-    return (Method("pso", description="PSO (Miao et al. 2024): tune a distilled model with pairwise preferences", **kw),
-            Method("pso_naive", description="naive tuning baseline: a denoising loss on the targets", **kw))
+    kw = dict(build=build, ema_modules=generator_ema, export=export_tuned, sections={"pso": PSOConfig},
+              checks=check_pso, normalise=normalise_pso)
+    return (Method("pso", description="PSO (Miao et al. 2024): tune a distilled model with pairwise preferences",
+                   card=PSO_CARD, **kw),
+            Method("pso_naive", description="naive tuning baseline: a denoising loss on the targets",
+                   card=PSO_NAIVE_CARD, **kw))
 
 
 PSO_METHOD, PSO_NAIVE_METHOD = _methods()

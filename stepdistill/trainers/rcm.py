@@ -27,15 +27,15 @@ the same diffusers folder and ``StepDistillPipeline``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import math
 
 import torch
 
-from ..config import RCMConfig
 from ..schedules import _bcast
 from ..trigflow import TrigFlow, tangent
 from .objective import Ctx
-from .dmd import DMDObjective
+from .dmd import DMDConfig, DMDObjective, check_dmd_section
 
 
 class RCMObjective(DMDObjective):
@@ -110,12 +110,47 @@ def build_rcm(cfg, teacher=None, meta=None, data=None, text_bank=None):
                             make_objective=lambda *a, **k: RCMObjective(*a, rcm=cfg.rcm, **k))
 
 
+# -- the method's config section, checks and card (its one home; stepdistill/methods.py) ----------------
+@dataclass
+class RCMConfig:
+    """rCM (Zheng et al. 2025; method: rcm): sCM on the TrigFlow view of the student + DMD's DM term as a
+    regulariser (stepdistill/trainers/rcm.py). ``dmd.*`` keeps the teacher, guidance, critic and timesteps."""
+    scm_weight: float = 100.0      # rCM's loss_scale (our DM surrogate's scaling: see trainers/rcm.py)
+    dmd_weight: float = 1.0        # the DMD regulariser; 0 = plain sCM (no critic)
+    tangent: str = "auto"          # auto (JVP, plain attention; finite differences if an op lacks forward AD) | jvp | fd
+    fd_size: float = 1.0e-3        # finite-difference step in TrigFlow time
+    tangent_warmup_steps: int = 100  # r = min(1, step / N) in sCM's tangent; DMD starts after it
+    p_mean: float = -0.8           # sCM's time law: s = arctan(sigma), log sigma ~ N(p_mean, p_std^2)
+    p_std: float = 1.6
+    norm_eps: float = 0.1          # tangent normalisation g / (||g|| + norm_eps)
+
+
+def check_rcm(cfg, check) -> None:
+    """``method: rcm`` (trainers/rcm.py)."""
+    d, rc = cfg.dmd, cfg.rcm
+    check_dmd_section(cfg, check)
+    check(not d.gan, "dmd.gan", "must be false with method rcm (rCM needs no GAN)")
+    check(rc.tangent in ("auto", "jvp", "fd"), "rcm.tangent", "must be auto | jvp | fd")
+    check(rc.fd_size > 0, "rcm.fd_size", "must be > 0")
+    check(rc.tangent_warmup_steps >= 0, "rcm.tangent_warmup_steps", "must be >= 0")
+    check(rc.p_std > 0, "rcm.p_std", "must be > 0")
+    check(rc.norm_eps > 0, "rcm.norm_eps", "must be > 0")
+
+
+CARD = ("rCM (score-regularised continuous-time consistency; Zheng et al. 2025)",
+    "Continuous-time consistency distillation (sCM, Lu & Song 2024) on the TrigFlow view of the teacher: "
+    "the student's velocity is trained, with a Jacobian-vector-product tangent, to stay constant along "
+    "the teacher's probability-flow ODE, plus DMD's score-distillation term as a reverse-divergence "
+    "regulariser.")
+
+
 def _method():
     from ..methods import Method
     from .dmd_method import export_generator, generator_ema
 
     return Method("rcm", build=build_rcm, ema_modules=generator_ema, export=export_generator, curve=True,
-                  description="rCM (Zheng et al. 2025): sCM on TrigFlow + DMD regulariser")
+                  description="rCM (Zheng et al. 2025): sCM on TrigFlow + DMD regulariser",
+                  sections={"dmd": DMDConfig, "rcm": RCMConfig}, checks=check_rcm, card=CARD)
 
 
 METHOD = _method()
