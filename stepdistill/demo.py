@@ -39,7 +39,7 @@ from typing import Any
 
 from .conditioning import class_index
 from .errors import StepDistillError
-from .models import BUILTIN_STUDENTS, BUILTIN_TEACHERS
+from .shipped import BUILTIN_STUDENTS, BUILTIN_TEACHERS
 
 DEFAULT_TEACHER = "builtin:animal_mnist"
 DEFAULT_STUDENT = "builtin:animal_mnist_dmd2"

@@ -12,6 +12,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -242,8 +243,10 @@ images = pipe("a cat", timesteps={ts}, guidance_scale=1.0, generator=torch.Gener
 
 
 def write_model_card(folder: str | os.PathLike, *, method: str, teacher: str, steps: list[float], config: dict,
-                     metrics: dict | None = None, class_names: list[str] | None = None) -> Path:
-    """Write ``folder/README.md`` (front matter, method, teacher, steps, usage, config, metrics)."""
+                     metrics: dict | None = None, class_names: list[str] | None = None,
+                     edit: Callable[[str], str] | None = None) -> Path:
+    """Write ``folder/README.md`` (front matter, method, teacher, steps, usage, config, metrics). ``edit``: a
+    method's change to the text before it is written (Phased DMD's and MSD's sampling and usage sections)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     class_names = list(class_names or [])
@@ -287,7 +290,8 @@ def write_model_card(folder: str | os.PathLike, *, method: str, teacher: str, st
     parts.append(f"## Training configuration\n\n```yaml\n{cfg_yaml}\n```")
     parts.append(metrics_section(metrics))
     path = folder / "README.md"
-    _atomic_write(path, "\n\n".join(parts) + "\n")
+    text = "\n\n".join(parts) + "\n"
+    _atomic_write(path, edit(text) if edit is not None else text)
     return path
 
 
@@ -339,13 +343,15 @@ def splice_sections(text: str, start: str, end: str | None, section: str, keep: 
     return text[:i] + section.rstrip() + "\n\n" + kept + text[j:]
 
 
-def phased_card(out: Path, ts: list[float], meta) -> None:
-    """Replace the card's StepDistill-specific sampling/usage sections (fresh-noise chain) with the
-    phased chain (experts by timestep, DDIM transport)."""
-    p = out / "README.md"
-    if not p.exists():
-        return
-    text = p.read_text()
+def phased_card(out: Path, ts: list[float], meta) -> Callable[[str], str]:
+    """The card edit of a Phased DMD folder: the StepDistill-specific sampling/usage sections (fresh-noise chain)
+    replaced by the phased chain (experts by timestep, DDIM transport). Applied when the card is written, after
+    the networks (the stock snippet names the folder's network class)."""
+    return lambda text: splice_sections(text, "## Sampling steps", "## Training configuration",
+                                        _phased_section(out, ts, meta), keep="## Classes")
+
+
+def _phased_section(out: Path, ts: list[float], meta) -> str:
     names = ["unet" if k == 0 else f"expert_{k}" for k in range(len(ts))]  # pipelines/phased.expert_subfolder
     _, net_cls, call = _network(out)
     tlist = ", ".join(f"{t:g}" for t in ts)
@@ -398,15 +404,16 @@ with torch.no_grad():
 images = x0.clamp(-1, 1)
 ```
 """
-    p.write_text(splice_sections(text, "## Sampling steps", "## Training configuration", section, keep="## Classes"))
+    return section
 
 
-def msd_card(out: Path, students_meta: list[dict], meta, timesteps: list[float]) -> None:
-    """Add a students table and replace the card's single-student usage with routed usage."""
-    p = out / "README.md"
-    if not p.exists():
-        return
-    text = p.read_text()
+def msd_card(out: Path, students_meta: list[dict], meta, timesteps: list[float]) -> Callable[[str], str]:
+    """The card edit of an MSD folder: a students table, and routed usage instead of the single-student usage
+    (applied when the card is written, after the networks)."""
+    return lambda text: splice_sections(text, "## Usage", None, _msd_section(out, students_meta, meta, timesteps))
+
+
+def _msd_section(out: Path, students_meta: list[dict], meta, timesteps: list[float]) -> str:
     names = list(meta.class_names)
     rows = "\n".join(f"| `{s['name']}` | `{s['subfolder']}/` | "
                      f"{', '.join(f'`{names[c]}`' if names else str(c) for c in s['classes'])} | {s['params']:,} |"
@@ -463,4 +470,4 @@ with torch.no_grad():
             x = ac[t1].sqrt().float() * x0 + (1 - ac[t1]).sqrt().float() * torch.randn(x.shape, generator=g)
 image = x0.clamp(-1, 1)
 ```"""
-    p.write_text(splice_sections(text, "## Usage", None, section))
+    return section

@@ -22,7 +22,7 @@ import torch
 from .config import TeacherModelConfig
 from .denoiser import BACKBONE_KINDS, Denoiser, component_name
 from .schedules import NoiseSchedule, schedule_from_config
-from .shipped import BUILTIN_STUDENTS, BUILTIN_TEACHERS, missing_folder_hint, resolve_shipped  # noqa: E402,F401 (re-exported)
+from .shipped import missing_folder_hint, resolve_shipped
 WEIGHT_SAFE = "diffusion_pytorch_model.safetensors"
 WEIGHT_PICKLE = "diffusion_pytorch_model.bin"
 BACKBONE_SUBFOLDERS = ("unet", "transformer")
@@ -239,30 +239,50 @@ def backbone_subfolder(backbone) -> str:
     return component_name(backbone)
 
 
-def save_model_folder(folder: str | Path, backbone, scheduler, meta: ModelMeta, pipeline_class: str) -> Path:
-    """Write a diffusers pipeline folder (safetensors weights, scheduler, model_index.json)."""
+def save_component(path: Path, part) -> list:
+    """Write one pipeline component into ``path``: a diffusers / transformers model (safetensors), a tokenizer, or a
+    custom ``nn.Module`` (weights + the class name and init kwargs, never pickled code: see
+    :func:`load_custom_backbone`). Returns its ``model_index.json`` entry ``[library, class name]``."""
+    library = type(part).__module__.split(".")[0]
+    library = library if library in ("diffusers", "transformers") else "diffusers"
+    if isinstance(part, torch.nn.Module) and hasattr(part, "save_pretrained"):
+        part.save_pretrained(path, safe_serialization=True)
+    elif hasattr(part, "save_pretrained"):  # tokenizers, schedulers
+        part.save_pretrained(path)
+    else:  # a custom nn.Module
+        from safetensors.torch import save_file
+
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in part.state_dict().items()},
+                  str(path / "model.safetensors"))
+        (path / "config.json").write_text(json.dumps(
+            {"_class_name": "custom", "module": f"{type(part).__module__}.{type(part).__qualname__}",
+             "init": dict(getattr(part, "init_kwargs", {}) or {})}))  # models.load_custom_backbone
+    return [library, type(part).__name__]
+
+
+def save_model_folder(folder: str | Path, backbone, scheduler, meta: ModelMeta, pipeline_class: str,
+                      parts: dict | None = None, index_extra: dict | None = None) -> Path:
+    """Write a diffusers pipeline folder (safetensors weights, scheduler, model_index.json), every file once.
+
+    ``parts``: more components beside the backbone, ``{subfolder: component}`` (a text encoder and its tokenizer, a
+    VAE, Phased DMD's experts, MSD's students), each listed in ``model_index.json``; ``index_extra``: more
+    ``model_index.json`` entries (a pipeline's own keys)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sub = backbone_subfolder(backbone)
-    if hasattr(backbone, "save_pretrained"):
-        backbone.save_pretrained(folder / sub, safe_serialization=True)
-    else:  # a custom nn.Module: weights + the class name, never pickled code
-        from safetensors.torch import save_file
-
-        (folder / sub).mkdir(exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()},
-                  str(folder / sub / "model.safetensors"))
-        (folder / sub / "config.json").write_text(json.dumps(
-            {"_class_name": "custom", "module": f"{type(backbone).__module__}.{type(backbone).__qualname__}",
-             "init": dict(getattr(backbone, "init_kwargs", {}) or {})}))  # models.load_custom_backbone
+    entry = save_component(folder / sub, backbone)
     scheduler.save_pretrained(folder / "scheduler")
     meta.save(folder)
     index = {
         "_class_name": pipeline_class,
         "_diffusers_version": __import__("diffusers").__version__,
-        sub: ["diffusers", type(backbone).__name__],
+        sub: ["diffusers", entry[1]],
         "scheduler": ["diffusers", type(scheduler).__name__],
     }
+    for name, part in (parts or {}).items():
+        index[name] = save_component(folder / name, part)
+    index.update(index_extra or {})
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 

@@ -50,9 +50,11 @@ def text_meta(meta: ModelMeta) -> dict:
 
 
 def save_text_folder(folder: str | Path, backbone, scheduler, meta: ModelMeta, pipeline_class: str,
-                     encoder: PromptEncoder | None, vae=None, encoder_ref: str | None = None) -> Path:
+                     encoder: PromptEncoder | None, vae=None, encoder_ref: str | None = None,
+                     parts: dict | None = None, index_extra: dict | None = None) -> Path:
     """``save_model_folder`` plus the text encoder / tokenizer (or only a reference to them, ``encoder_ref``,
-    e.g. ``minilm``) and the VAE; ``model_index.json`` lists exactly the components present."""
+    e.g. ``minilm``) and the VAE; ``model_index.json`` lists exactly the components present. ``parts`` /
+    ``index_extra``: a method's own components and index entries, as for ``save_model_folder``."""
     folder = Path(folder)
     meta.extra = dict(meta.extra or {})
     t = dict(meta.extra.get("text") or {})
@@ -60,23 +62,19 @@ def save_text_folder(folder: str | Path, backbone, scheduler, meta: ModelMeta, p
     if encoder is not None:
         t["max_length"] = encoder.max_length
     meta.extra["text"] = t
-    save_model_folder(folder, backbone, scheduler, meta, pipeline_class)
-    index = json.loads((folder / "model_index.json").read_text())
+    text_parts = {}
     if encoder_ref is None:
         if encoder is None:
             raise TextEncoderError("save_text_folder needs the encoder or an encoder_ref")
-        encoder.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
-        encoder.tokenizer.save_pretrained(folder / "tokenizer")
-        index["text_encoder"] = ["transformers", type(encoder.text_encoder).__name__]
-        index["tokenizer"] = ["transformers", type(encoder.tokenizer).__name__]
+        text_parts = {"text_encoder": encoder.text_encoder, "tokenizer": encoder.tokenizer}
     if vae is not None:
-        vae.save_pretrained(folder / "vae", safe_serialization=True)
-        index["vae"] = ["diffusers", type(vae).__name__]
+        text_parts["vae"] = vae
+    index = {}
     if pipeline_class == SD_PIPELINE:  # stock StableDiffusionPipeline: no safety checker in a distilled toy
         index.update({"safety_checker": [None, None], "feature_extractor": [None, None],
                       "image_encoder": [None, None], "requires_safety_checker": False})
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
+    return save_model_folder(folder, backbone, scheduler, meta, pipeline_class, parts={**text_parts, **(parts or {})},
+                             index_extra={**index, **(index_extra or {})})
 
 
 def is_sd_family(text_encoder, vae) -> bool:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import stepdistill.models as models
+import stepdistill.shipped as shipped
 from stepdistill.denoiser import Denoiser
 from stepdistill.models import ModelLoadError, ModelMeta, load_denoiser
 from stepdistill.schedules import VPSchedule
@@ -70,10 +71,10 @@ def test_load_denoiser_unet_subfolder_matches(tiny_teacher):
 
 
 def test_builtin_teacher_alias(tiny_teacher, monkeypatch, tmp_path):
-    monkeypatch.setitem(models.BUILTIN_TEACHERS, "builtin:tiny", Path(tiny_teacher))
+    monkeypatch.setitem(shipped.BUILTIN_TEACHERS, "builtin:tiny", Path(tiny_teacher))
     den, meta = load_denoiser("builtin:tiny")
     assert den.kind == "unet2d" and meta.null_class == 10
-    monkeypatch.setitem(models.BUILTIN_TEACHERS, "builtin:gone", tmp_path / "gone")
+    monkeypatch.setitem(shipped.BUILTIN_TEACHERS, "builtin:gone", tmp_path / "gone")
     with pytest.raises(ModelLoadError, match="builtin:gone"):
         load_denoiser("builtin:gone")
 

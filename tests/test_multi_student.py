@@ -12,7 +12,8 @@ from stepdistill.config import ConfigError, DistillConfig, load_config
 from stepdistill.pipelines.multi_student import MultiStudentPipeline, routing_table
 from stepdistill.trainers.core import Trainer
 from stepdistill.trainers.objective import Ctx
-from stepdistill.trainers.multi_student import PartCtx, kmeans_partition, partition_classes
+from stepdistill.partitions import kmeans_partition, partition_classes
+from stepdistill.trainers.multi_student import PartCtx
 
 ODD_EVEN = "[[0,2,4,6,8],[1,3,5,7,9]]"
 

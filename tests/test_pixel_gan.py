@@ -11,7 +11,8 @@ from stepdistill.config import ConfigError, DistillConfig, load_config
 from stepdistill.trainers.core import Trainer
 from stepdistill.trainers.objective import Ctx
 from stepdistill.trainers.distill import build_dmd
-from stepdistill.trainers.pixel_gan import PixelDiscriminator, labels_of, pixel_d_loss, pixel_g_loss
+from stepdistill.trainers.losses import pixel_d_loss, pixel_g_loss
+from stepdistill.trainers.pixel_gan import PixelDiscriminator, labels_of
 
 PIXEL = {"dmd.gan": "true", "dmd.pixel_gan_g_weight": 0.05, "dmd.pixel_gan_r1": 0.1}
 

@@ -16,7 +16,7 @@ from stepdistill.trainers.pso import PSOConfig
 from stepdistill.data import ArrayDataset, DataError
 from stepdistill.denoiser import Denoiser
 from stepdistill.schedules import VPSchedule
-from stepdistill.trainers import pso
+from stepdistill.trainers import losses, pso, pso_data
 from stepdistill.trainers.core import Trainer
 from stepdistill.trainers.objective import Ctx
 from stepdistill.trainers.distill import build_dmd, distill
@@ -99,11 +99,11 @@ def test_loss_saturates_and_sign_of_pso_loss():
     e = torch.tensor([[1.0], [2.0]])
     w = torch.tensor([1.0])
     # theta denoises targets better than ref and references worse: margin > 0, loss < log 2
-    loss, margin = pso.pso_loss(e * 0.5, e, e * 2, e, w, beta=1.0)
+    loss, margin = losses.pso_loss(e * 0.5, e, e * 2, e, w, beta=1.0)
     assert (margin > 0).all() and loss < math.log(2)
-    loss_bad, _ = pso.pso_loss(e * 2, e, e * 0.5, e, w, beta=1.0)
+    loss_bad, _ = losses.pso_loss(e * 2, e, e * 0.5, e, w, beta=1.0)
     assert loss_bad > math.log(2)
-    big, _ = pso.pso_loss(e * 0.5, e, e * 2, e, w, beta=100.0)
+    big, _ = losses.pso_loss(e * 0.5, e, e * 2, e, w, beta=100.0)
     assert big < 1e-6                                          # saturated: the implicit regulariser
 
 
@@ -226,11 +226,11 @@ def test_preference_pairs_folder_and_file(tmp_path, tiny_student, monkeypatch):
         _png(root / "chosen" / cls / f"{name}.png", c)
         _png(root / "rejected" / cls / f"{name}.png", r)
     names = [str(i) for i in range(10)]
-    ch, rj, lab = pso.load_preference_pairs(root, 16, 1, names)
+    ch, rj, lab = pso_data.load_preference_pairs(root, 16, 1, names)
     assert lab.tolist() == [1, 2, 2] and (ch > 0.5).all() and (rj < -0.5).all()
     _png(root / "chosen" / "2" / "d.png", 0)
     with pytest.raises(DataError, match="only one of chosen/ and rejected/"):
-        pso.load_preference_pairs(root, 16, 1, names)
+        pso_data.load_preference_pairs(root, 16, 1, names)
     from safetensors.torch import save_file
 
     f = tmp_path / "pairs.safetensors"
@@ -375,18 +375,18 @@ def test_target_anchor_penalises_a_falling_target_likelihood():
     e = torch.tensor([[1.0], [1.0]])
     w = torch.tensor([1.0])
     # theta got worse on the targets (err 1.5 > 1.0) but much worse on the references: a positive plain margin ...
-    _, plain = pso.pso_loss(e * 1.5, e, e * 3.0, e, w, beta=1.0)
-    _, anchored = pso.pso_loss(e * 1.5, e, e * 3.0, e, w, beta=1.0, anchor=10.0)
+    _, plain = losses.pso_loss(e * 1.5, e, e * 3.0, e, w, beta=1.0)
+    _, anchored = losses.pso_loss(e * 1.5, e, e * 3.0, e, w, beta=1.0, anchor=10.0)
     torch.testing.assert_close(plain, torch.tensor([1.5, 1.5]))
     torch.testing.assert_close(anchored, plain - 10.0 * 0.5)                  # ... that the anchor turns negative
-    _, better = pso.pso_loss(e * 0.5, e, e * 3.0, e, w, beta=1.0, anchor=10.0)
+    _, better = losses.pso_loss(e * 0.5, e, e * 3.0, e, w, beta=1.0, anchor=10.0)
     torch.testing.assert_close(better, torch.tensor([2.5, 2.5]))              # no penalty while targets improve
 
 
 def test_bold_transform_and_likelihood_keys_are_checked():
     x = -torch.ones(1, 1, 5, 5)
     x[0, 0, 2, 2] = 1.0
-    b = pso.apply_transform(x, "bold")
+    b = pso_data.apply_transform(x, "bold")
     assert int((b > 0).sum()) == 9 and b[0, 0, 1:4, 1:4].eq(1).all()
     for over, key in ((["pso.likelihood=exact"], "pso.likelihood"), (["pso.kde_tau=0"], "pso.kde_tau"),
                       (["pso.target_anchor=-1"], "pso.target_anchor"), (["pso.target_transform=blur"],

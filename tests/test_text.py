@@ -295,7 +295,7 @@ def test_shipped_text_teacher_draws_the_prompted_animals():
     from "a {animal}" prompts are classified as that animal by the shipped domain classifier."""
     from stepdistill.data import ANIMAL_CLASSES
     from stepdistill.eval.classifier import class_accuracy, load_default_classifier
-    from stepdistill.models import BUILTIN_TEACHERS
+    from stepdistill.shipped import BUILTIN_TEACHERS
     from stepdistill.pipelines.text import load_text_pipeline
 
     folder = BUILTIN_TEACHERS["builtin:animal_mnist_text"]

@@ -73,7 +73,7 @@ def _dit_folders(tmp_path):
     from diffusers import DDPMScheduler
 
     from stepdistill.config import DistillConfig, load_config
-    from stepdistill.trainers.distill import export_student
+    from stepdistill.trainers.export import export_student
     from stepdistill.trainers.multi_student import export_multi_student
     from stepdistill.trainers.phased_dmd import export_phased
 

@@ -37,9 +37,8 @@ from ..models import ModelLoadError, ModelMeta, _resolve, load_denoiser, load_sc
 from ..text import read_prompts  # noqa: F401 (re-exported: eval reads prompt files)
 from ..utils import class_balanced_labels
 from .model import EvalModel
-from .metrics import (MIN_FID_SAMPLES, TextModelsNotSupported, classifier_accuracy,  # noqa: F401 (re-exported)
-                      diversity_metric, fid_metrics, is_animal_mnist_domain, load_reference, reference_info,
-                      training_dataset)
+from .metrics import (TextModelsNotSupported, classifier_accuracy, diversity_metric, fid_metrics, load_reference,
+                      reference_info, training_dataset)
 
 STUDENT_CLASS = "StepDistillPipeline"
 TEACHER_CLASS = "StepDistillTeacherPipeline"

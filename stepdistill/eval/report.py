@@ -93,7 +93,7 @@ def _fid_plot(points: list[dict], teacher: dict | None, path: Path) -> Path:
 
 def resolve_teacher(student_folder: Path, recorded: str | None, given: str | None) -> str:
     """``given`` if set, else the teacher recorded in the student's ``stepdistill.json`` (``extra.teacher``)."""
-    from ..models import BUILTIN_TEACHERS
+    from ..shipped import BUILTIN_TEACHERS
 
     if given:
         return given

@@ -13,7 +13,6 @@ from ..methods import get_method
 from ..models import ModelMeta
 from ..utils import atomic_folder, atomic_write_text
 from .core import Trainer, raise_if_interrupted
-from .export import STUDENT_PIPELINE, export_student  # noqa: F401 (re-exported)
 from .loading import load_trained
 
 

@@ -1,10 +1,13 @@
 """A trained student -> a diffusers folder: weights (safetensors), the stock scheduler, ``model_index.json``,
-``stepdistill.json`` metadata and the model card (stepdistill/modelcard.py). Every method's exporter builds on
-:func:`export_student` (Phased DMD and MSD add their extra networks next to it)."""
+``stepdistill.json`` metadata and the model card (stepdistill/modelcard.py). The one exporter: every method's
+exporter hands :func:`export_student` its extra networks, index entries, metadata and card edits
+(:class:`ExportParts`), and each file is written once."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -14,14 +17,31 @@ from ..models import ModelMeta, load_scheduler_config, save_model_folder
 STUDENT_PIPELINE = "StepDistillPipeline"
 
 
+@dataclass
+class ExportParts:
+    """What a method adds to the student folder beside its main network (Phased DMD's experts, MSD's students).
+
+    ``networks``: ``{subfolder: network}`` written next to the main one and listed in ``model_index.json``;
+    ``index``: more ``model_index.json`` entries; ``pipeline``: the pipeline class it names (default
+    ``StepDistillPipeline``); ``meta``: more ``stepdistill.json`` ``extra`` entries; ``card``: an edit of the model
+    card's text (str -> str) applied before the card is written."""
+    networks: dict = field(default_factory=dict)
+    index: dict = field(default_factory=dict)
+    pipeline: str | None = None
+    meta: dict = field(default_factory=dict)
+    card: Callable[[str], str] | None = None
+
+
 def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, schedule=None, base: str | None = None,
-                   timesteps: list[float] | None = None, extra: dict | None = None) -> Path:
+                   timesteps: list[float] | None = None, extra: dict | None = None,
+                   parts: ExportParts | None = None) -> Path:
     """EMA student -> diffusers folder (safetensors unet + stock DDPMScheduler config + pipeline index).
 
     ``base``: the model it was trained from (default ``dmd.teacher``; its scheduler config when ``schedule`` is
     None, and its text components for a text student); ``timesteps``: its sampling chain (default
     ``dmd.student_timesteps``); ``extra``: ``stepdistill.json`` provenance (default ``{"teacher": base}``).
-    A tuned distilled model (PSO) passes all three: see :func:`export_tuned`.
+    A tuned distilled model (PSO) passes all three (:func:`stepdistill.trainers.pso.export_tuned`). ``parts``: a
+    method's extra networks, index entries, metadata and card edit (:class:`ExportParts`).
 
     A custom ``nn.Module`` student (no ``save_pretrained``) is written as
     ``unet/model.safetensors`` + ``unet/config.json`` naming its class; rebuild the module
@@ -57,38 +77,31 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
                       class_names=list(meta.class_names), null_class=meta.null_class,
                       student_timesteps=[float(t) for t in ts], method=cfg.method,
                       extra={**extra, "config": json.loads(json.dumps(_cfg_dict(cfg)))})
+    parts = parts or ExportParts()
+    smeta.extra.update(parts.meta)
     lora_view = backbone if getattr(backbone, "is_lora_view", False) is True else None
     if lora_view is not None:  # LoRA student: a plain merged model, plus the adapter alone in lora/ (peft format)
         backbone = lora_view.merged()
         smeta.extra["lora"] = {"rank": cfg.dmd.lora_rank, "alpha": cfg.dmd.lora_alpha or cfg.dmd.lora_rank,
                                "targets": list(cfg.dmd.lora_targets), "adapter": "lora/"}
+    index = {"student_timesteps": smeta.student_timesteps, "class_names": smeta.class_names,
+             "prediction_type": smeta.prediction_type, **parts.index}
     if smeta.conditioning == "text" and not tuned and "text" in (meta.extra or {}):  # teacher from a text folder:
-        save_text_student(out, backbone, scheduler, smeta, base, meta)  # + text encoder, tokenizer, VAE
+        save_text_student(out, backbone, scheduler, smeta, base, meta, parts, index)  # + encoder, tokenizer, VAE
     else:
-        save_model_folder(out, backbone, scheduler, smeta, STUDENT_PIPELINE)
+        save_model_folder(out, backbone, scheduler, smeta, parts.pipeline or STUDENT_PIPELINE, parts=parts.networks,
+                          index_extra=index)
     if lora_view is not None:
         lora_view.save_adapter(out / "lora")
-    index = json.loads((out / "model_index.json").read_text())
-    index.update({"student_timesteps": smeta.student_timesteps, "class_names": smeta.class_names,
-                  "prediction_type": smeta.prediction_type})
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
     from ..modelcard import write_model_card
 
     write_model_card(out, method=cfg.method, teacher=base, steps=smeta.student_timesteps,
-                     config=_cfg_dict(cfg), metrics=None, class_names=smeta.class_names)
+                     config=_cfg_dict(cfg), metrics=None, class_names=smeta.class_names, edit=parts.card)
     return out
 
 
-def export_tuned(ema: dict, obj, cfg: DistillConfig, meta: ModelMeta, out: Path) -> Path:
-    """A tuned distilled model (PSO: ``pso.model`` fine-tuned): its own chain, its teacher and its base model
-    recorded in ``stepdistill.json``."""
-    base = cfg.pso.model
-    extra = {"teacher": (meta.extra or {}).get("teacher", base), "base_model": base}
-    return export_student(ema["generator"], cfg, meta, out, schedule=obj.student.schedule, base=base,
-                          timesteps=list(meta.student_timesteps), extra=extra)
-
-
-def save_text_student(out: Path, backbone, scheduler, smeta, teacher_src: str, teacher_meta) -> Path:
+def save_text_student(out: Path, backbone, scheduler, smeta, teacher_src: str, teacher_meta,
+                      parts: ExportParts | None = None, index_extra: dict | None = None) -> Path:
     """The student folder with the teacher's text encoder / tokenizer (and VAE) and an ``LCMScheduler`` whose
     boundary condition is off (``timestep_scaling`` 1e3: c_skip < 1e-9 at t >= 1), so its step with explicit
     ``timesteps`` is the student chain. SD-family components give a stock ``StableDiffusionPipeline`` folder."""
@@ -103,7 +116,8 @@ def save_text_student(out: Path, backbone, scheduler, smeta, teacher_src: str, t
     smeta.extra = {**(smeta.extra or {}), "text": text_meta(teacher_meta)}
     cls = SD_PIPELINE if is_sd_family(encoder.text_encoder, vae) else TEXT_PIPELINE
     if "FlowMatch" in type(scheduler).__name__:  # flow teachers keep the stochastic flow scheduler (see above)
-        return save_text_folder(out, backbone, scheduler, smeta, TEXT_PIPELINE, encoder, vae=vae)
+        return save_text_folder(out, backbone, scheduler, smeta, (parts and parts.pipeline) or TEXT_PIPELINE, encoder,
+                                vae=vae, parts=parts and parts.networks, index_extra=index_extra)
     T = scheduler.config.num_train_timesteps
     keep = set(inspect.signature(LCMScheduler.__init__).parameters)  # DDPM-only keys (variance_type) dropped
     lcm = LCMScheduler.from_config({k: v for k, v in scheduler.config.items() if k in keep},
@@ -111,7 +125,8 @@ def save_text_student(out: Path, backbone, scheduler, smeta, teacher_src: str, t
                                    clip_sample=False, thresholding=False, steps_offset=1)
     if cls == SD_PIPELINE:  # the stock pipeline pads prompts to tokenizer.model_max_length: make it ours
         encoder.tokenizer.model_max_length = encoder.max_length
-    return save_text_folder(out, backbone, lcm, smeta, cls, encoder, vae=vae)
+    return save_text_folder(out, backbone, lcm, smeta, (parts and parts.pipeline) or cls, encoder, vae=vae,
+                            parts=parts and parts.networks, index_extra=index_extra)
 
 
 def _cfg_dict(cfg) -> dict:

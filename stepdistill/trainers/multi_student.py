@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -79,8 +78,7 @@ from ..config import ConfigError, DistillConfig, TeacherModelConfig
 from ..denoiser import Denoiser, backbone_kind
 from ..modelcard import msd_card
 from ..models import build_teacher_unet, count_params
-from ..partitions import (class_groups_by_mean_image, even_split, kmeans_partition,  # noqa: F401 (re-exported)
-                          partition_classes, routing_table)
+from ..partitions import class_groups_by_mean_image, partition_classes, routing_table
 from ..pipelines.multi_student import (PIPELINE_CLASS, multi_student_sample, student_rows,
                                        student_subfolder)
 from .objective import Ctx, ObjectiveBase, real_data_std
@@ -298,14 +296,14 @@ def build_multi_student(cfg: DistillConfig, teacher: Denoiser, num_classes: int,
 
 def export_multi_student(students: list[nn.Module], cfg: DistillConfig, meta, out: Path, groups: list[list[int]],
                          schedule=None) -> Path:
-    """EMA students -> one diffusers folder loadable with ``MultiStudentPipeline.from_pretrained``.
-
-    Student 0 goes to ``unet/`` (written by :func:`~stepdistill.trainers.export.export_student`, with
-    the scheduler, model card and metadata), students 1..K-1 to ``student_k/`` (UNet2DModel folders);
-    ``model_index.json`` names the pipeline and holds ``student_classes``; ``stepdistill.json`` gets
-    ``extra.students`` (name, subfolder, classes, params) and ``extra.partition``.
+    """EMA students -> one diffusers folder loadable with ``MultiStudentPipeline.from_pretrained``, written once by
+    :func:`~stepdistill.trainers.export.export_student`: student 0 in ``unet/`` (or ``transformer/``), students
+    1..K-1 in ``student_k/``; ``model_index.json`` names the pipeline and holds ``student_classes``;
+    ``stepdistill.json`` gets ``extra.students`` (name, subfolder, classes, params) and ``extra.partition``; the card
+    a students table and routed usage.
     """
-    from .export import export_student
+    from ..denoiser import component_name
+    from .export import ExportParts, export_student
 
     out = Path(out)
     if len(students) != len(groups):
@@ -313,26 +311,17 @@ def export_multi_student(students: list[nn.Module], cfg: DistillConfig, meta, ou
     if not all(hasattr(m, "save_pretrained") for m in students):
         raise ValueError("MultiStudentPipeline folders hold diffusers students (UNet2DModel, DiT, ...); got "
                          + ", ".join(type(m).__name__ for m in students))
-    export_student(students[0], cfg, meta, out, schedule=schedule)
-    index = json.loads((out / "model_index.json").read_text())
-    for k, m in enumerate(students[1:], start=1):
-        m.save_pretrained(out / student_subfolder(k), safe_serialization=True)
-        index[student_subfolder(k)] = ["diffusers", type(m).__name__]
-    index.update({"_class_name": PIPELINE_CLASS, "student_classes": [list(g) for g in groups]})
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    from ..denoiser import component_name
-
     sub0 = component_name(students[0])  # "transformer" for a DiT student
     students_meta = [{"name": f"student_{k}", "subfolder": student_subfolder(k) if k else sub0, "classes": list(g),
                       "params": count_params(m)} for k, (g, m) in enumerate(zip(groups, students))]
-    smeta = json.loads((out / "stepdistill.json").read_text())
-    smeta.setdefault("extra", {}).update({
-        "students": students_meta, "pipeline": PIPELINE_CLASS,
-        "partition": {"by": "class", "groups": [list(g) for g in groups],
-                      "source": "msd.groups" if cfg.msd.groups else "balanced contiguous split"}})
-    (out / "stepdistill.json").write_text(json.dumps(smeta, indent=2))
-    msd_card(out, students_meta, meta, smeta["student_timesteps"])
-    return out
+    ts = [float(t) for t in cfg.dmd.student_timesteps]
+    parts = ExportParts(networks={student_subfolder(k): m for k, m in enumerate(students[1:], start=1)},
+                        index={"student_classes": [list(g) for g in groups]}, pipeline=PIPELINE_CLASS,
+                        meta={"students": students_meta, "pipeline": PIPELINE_CLASS,
+                              "partition": {"by": "class", "groups": [list(g) for g in groups],
+                                            "source": "msd.groups" if cfg.msd.groups else "balanced contiguous split"}},
+                        card=msd_card(out, students_meta, meta, ts))
+    return export_student(students[0], cfg, meta, out, schedule=schedule, parts=parts)
 
 
 def load_trained_students(cfg: DistillConfig, checkpoint: str | Path | None = None):

@@ -85,7 +85,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import copy
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -353,14 +352,13 @@ def build_phased_dmd(cfg: DistillConfig, teacher: Denoiser, num_classes: int,
 
 
 def export_phased(experts: list[nn.Module], cfg: DistillConfig, meta, out: Path, schedule=None) -> Path:
-    """EMA experts -> one diffusers folder loadable with ``PhasedDMDPipeline.from_pretrained``.
-
-    Expert 0 goes to ``unet/`` (written by :func:`~stepdistill.trainers.export.export_student`, which
-    also writes the scheduler, model card and metadata), experts 1..K-1 to ``expert_k/``; then
-    ``model_index.json`` names the pipeline and the experts and ``stepdistill.json`` gets
-    ``extra.experts`` / ``extra.phase_boundaries``.
+    """EMA experts -> one diffusers folder loadable with ``PhasedDMDPipeline.from_pretrained``, written once by
+    :func:`~stepdistill.trainers.export.export_student`: expert 0 in ``unet/`` (or ``transformer/``), experts
+    1..K-1 in ``expert_k/``; ``model_index.json`` names the pipeline, the experts and the phase boundaries,
+    ``stepdistill.json`` gets ``extra.experts`` / ``extra.phase_boundaries``, the card the phased chain.
     """
-    from .export import export_student
+    from ..denoiser import component_name
+    from .export import ExportParts, export_student
 
     # LoRA experts are views on a shared base: write plain merged networks
     experts = [m.merged() if getattr(m, "is_lora_view", False) is True else m for m in experts]
@@ -370,34 +368,15 @@ def export_phased(experts: list[nn.Module], cfg: DistillConfig, meta, out: Path,
     if len(experts) != len(ts):
         raise ValueError(f"{len(ts)} phases but {len(experts)} experts")
     cfg_ts = dataclasses.replace(cfg, dmd=dataclasses.replace(cfg.dmd, student_timesteps=ts))
-    export_student(experts[0], cfg_ts, meta, out, schedule=schedule)
-    index = json.loads((out / "model_index.json").read_text())
-    for k, m in enumerate(experts[1:], start=1):
-        sub = out / expert_subfolder(k)
-        if hasattr(m, "save_pretrained"):
-            m.save_pretrained(sub, safe_serialization=True)
-        else:  # a custom nn.Module: weights + class name, as save_model_folder does for unet/
-            from safetensors.torch import save_file
-
-            sub.mkdir(parents=True, exist_ok=True)
-            save_file({n: v.detach().cpu().contiguous() for n, v in m.state_dict().items()},
-                      str(sub / "model.safetensors"))
-            (sub / "config.json").write_text(json.dumps(
-                {"_class_name": "custom", "module": f"{type(m).__module__}.{type(m).__qualname__}"}))
-        index[expert_subfolder(k)] = ["diffusers", type(m).__name__]
-    index.update({"_class_name": PHASED_PIPELINE, "phase_boundaries": bounds})
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    from ..denoiser import component_name
-
     sub0 = component_name(experts[0])  # "transformer" for SD3 / Flux / DiT experts
     experts_meta = [{"name": f"expert_{k}", "subfolder": expert_subfolder(k) if k else sub0, "timesteps": [ts[k]],
                      "phase": [bounds[k], bounds[k + 1]]} for k in range(len(ts))]
-    smeta = json.loads((out / "stepdistill.json").read_text())
-    smeta.setdefault("extra", {}).update({"experts": experts_meta, "phase_boundaries": bounds,
-                                          "pipeline": PHASED_PIPELINE, "transport": "ddim"})
-    (out / "stepdistill.json").write_text(json.dumps(smeta, indent=2))
-    phased_card(out, ts, meta)
-    return out
+    parts = ExportParts(networks={expert_subfolder(k): m for k, m in enumerate(experts[1:], start=1)},
+                        index={"phase_boundaries": bounds}, pipeline=PHASED_PIPELINE,
+                        meta={"experts": experts_meta, "phase_boundaries": bounds, "pipeline": PHASED_PIPELINE,
+                              "transport": "ddim"},
+                        card=phased_card(out, ts, meta))
+    return export_student(experts[0], cfg_ts, meta, out, schedule=schedule, parts=parts)
 
 
 def load_trained_experts(cfg: DistillConfig, checkpoint: str | Path | None = None):

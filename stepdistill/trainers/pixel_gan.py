@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .losses import nonsaturating_d_loss, pixel_d_loss, pixel_g_loss  # noqa: F401  (the losses live in losses.py)
 
 
 class PixelDiscriminator(nn.Module):

@@ -91,9 +91,8 @@ from ..pairs import weights_digest
 from ..pipelines.sampling import grid_sample, student_sample
 from ..tensor_cache import cached_tensors
 from .objective import Ctx, ObjectiveBase, Player, real_data_std, update_seed
-from .losses import pso_loss  # noqa: F401  (importable from here too)
-from .pso_data import (TRANSFORMS, apply_transform, build_target, load_preference_pairs,  # noqa: F401 (re-exported)
-                       resolve_classes)
+from .losses import pso_loss
+from .pso_data import build_target, load_preference_pairs
 
 REF_CHUNK = 64              # reference sampling batch (fixed: the draws do not depend on it changing)
 REF_SEED_OFFSET = 7_770_001  # reference draws use their own generators, apart from the training batches
@@ -544,10 +543,20 @@ PSO_NAIVE_CARD = ("Naive fine-tuning of a distilled model (PSO's baseline)",
     "its own timesteps (Miao et al., 2025 report that this blurs few-step samples).")
 
 
+def export_tuned(ema: dict, obj, cfg: DistillConfig, meta, out: Path) -> Path:
+    """A tuned distilled model (PSO: ``pso.model`` fine-tuned): its own chain, its teacher and its base model
+    recorded in ``stepdistill.json``."""
+    from .export import export_student
+
+    base = cfg.pso.model
+    extra = {"teacher": (meta.extra or {}).get("teacher", base), "base_model": base}
+    return export_student(ema["generator"], cfg, meta, out, schedule=obj.student.schedule, base=base,
+                          timesteps=list(meta.student_timesteps), extra=extra)
+
+
 def _methods():
     from ..methods import Method
     from .dmd_method import generator_ema
-    from .export import export_tuned
 
     kw = dict(build=build, ema_modules=generator_ema, export=export_tuned, sections={"pso": PSOConfig},
               checks=check_pso, normalise=normalise_pso)

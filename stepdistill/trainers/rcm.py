@@ -27,7 +27,7 @@ the same diffusers folder and ``StepDistillPipeline``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import math
 
 import torch
