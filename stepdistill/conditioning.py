@@ -16,7 +16,7 @@ A sampler implements::
     index(idx, device) -> cond     # conditions of stored indices (DMD's ODE pairs: class labels / prompt indices)
     num_classes: int               # 0 for text banks
 
-Real data for a text teacher is a set of (latent, prompt) pairs: give ``build_dmd`` an
+Real data for a text teacher is a set of (latent, prompt) pairs: give ``build_method`` an
 ``ArrayDataset`` whose ``labels`` are indices into the bank (a *bank-aligned* real set); the GAN
 real branch then uses ``bank[labels]``. Without such pairs, train with ``dmd.gan=false``.
 """

@@ -7,7 +7,7 @@ from conftest import tiny_distill_overrides
 from stepdistill.config import DistillConfig, load_config
 from stepdistill.trainers.objective import Ctx
 from stepdistill.trainers.losses import dm_loss
-from stepdistill.trainers.distill import build_dmd
+from stepdistill.trainers.distill import build_method
 
 
 def _ctx(seed=0, batch=8, data=None, step=0):
@@ -16,7 +16,7 @@ def _ctx(seed=0, batch=8, data=None, step=0):
 
 def _objective(tiny_teacher, tmp_path, **extra):
     cfg = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path, **extra))
-    obj, data, meta = build_dmd(cfg)
+    obj, data, meta = build_method(cfg)
     return obj, data, cfg
 
 

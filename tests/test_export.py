@@ -92,12 +92,12 @@ def test_student_init_starts_the_generator_from_a_trained_student(tiny_teacher, 
 
     from stepdistill.errors import ConfigError
     from stepdistill.models import load_denoiser
-    from stepdistill.trainers.distill import build_dmd
+    from stepdistill.trainers.distill import build_method
 
     folder, _ = _student(tiny_teacher, tmp_path / "first")
     cfg = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path / "second",
                                                                   **{"dmd.student_init": folder}))
-    obj, _, _ = build_dmd(cfg)
+    obj, _, _ = build_method(cfg)
     trained, _ = load_denoiser(folder)
     teacher, _ = load_denoiser(tiny_teacher)
     for got, want in ((obj.student, trained), (obj.critic, teacher), (obj.teacher, teacher)):
@@ -106,7 +106,7 @@ def test_student_init_starts_the_generator_from_a_trained_student(tiny_teacher, 
     bad = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path / "third",
                                                                   **{"dmd.student_init": "builtin:animal_mnist_dmd2"}))
     with pytest.raises(ConfigError, match="dmd.student_init builtin:animal_mnist_dmd2: its network does not match"):
-        build_dmd(bad)
+        build_method(bad)
 
 
 def test_sample_cli_grids_and_errors(tiny_teacher, tmp_path, capsys):

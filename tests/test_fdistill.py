@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_distill_overrides
 from stepdistill.config import ConfigError, DistillConfig, load_config
 from stepdistill.trainers.objective import Ctx
-from stepdistill.trainers.distill import build_dmd
+from stepdistill.trainers.distill import build_method
 from stepdistill.trainers.divergences import DIVERGENCES, f_of_r, f_weights, h_of_r
 
 
@@ -67,7 +67,7 @@ def test_weights_are_batch_normalised_clipped_and_finite():
 
 def _objective(tiny_teacher, tmp_path, **extra):
     cfg = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path, **{"dmd.gan": "true", **extra}))
-    obj, data, _ = build_dmd(cfg)
+    obj, data, _ = build_method(cfg)
     return obj, data
 
 

@@ -15,7 +15,7 @@ from stepdistill.models import ModelMeta
 from stepdistill.schedules import FlowMatchSchedule
 from stepdistill.trainers.core import Trainer
 from stepdistill.trainers.objective import Ctx
-from stepdistill.trainers.distill import build_dmd, distill
+from stepdistill.trainers.distill import build_method, distill
 
 torch.set_num_threads(1)
 
@@ -99,9 +99,9 @@ def test_text_bank_draws_by_index_with_ctx():
 
 def test_text_teacher_needs_a_bank_and_gets_its_null_embedding(tmp_path):
     with pytest.raises(ValueError, match="text_bank"):
-        build_dmd(_cfg(tmp_path), teacher=_teacher(), meta=TEXT, data=_latents())
+        build_method(_cfg(tmp_path), teacher=_teacher(), meta=TEXT, data=_latents())
     teacher, bank = _teacher(), _bank()
-    obj, _, _ = build_dmd(_cfg(tmp_path), teacher=teacher, meta=TEXT, data=_latents(), text_bank=bank)
+    obj, _, _ = build_method(_cfg(tmp_path), teacher=teacher, meta=TEXT, data=_latents(), text_bank=bank)
     assert obj.conds is bank and obj.teacher.null_cond is not None
     assert torch.equal(obj.teacher.null_cond["emb"], bank.null_emb)
     # the teacher's CFG uses the bank's empty-prompt embedding as the unconditional input
@@ -158,7 +158,7 @@ def test_sd3_dmd2_trains_exports_and_samples_with_stock_flow_scheduler(tmp_path)
 
 
 def test_sd3_dmd2_with_gan_on_a_bank_aligned_real_set(tmp_path):
-    obj, data, _ = build_dmd(_cfg(tmp_path, **{"dmd.gan": "true"}), teacher=_teacher(), meta=TEXT, data=_latents(),
+    obj, data, _ = build_method(_cfg(tmp_path, **{"dmd.gan": "true"}), teacher=_teacher(), meta=TEXT, data=_latents(),
                              text_bank=_bank())
     tr = Trainer(obj, obj_cfg := _cfg(tmp_path, **{"dmd.gan": "true", "train.max_steps": 1}), data=data)
     assert obj_cfg.dmd.gan
@@ -169,7 +169,7 @@ def test_sd3_dmd2_with_gan_on_a_bank_aligned_real_set(tmp_path):
 
 def test_sd3_phased_dmd_trains_with_text_bank(tmp_path):
     cfg = _cfg(tmp_path, method="phased_dmd", **{"phased.boundaries": "[999,500,0]"})
-    obj, data, _ = build_dmd(cfg, teacher=_teacher(), meta=TEXT, data=_latents(), text_bank=_bank())
+    obj, data, _ = build_method(cfg, teacher=_teacher(), meta=TEXT, data=_latents(), text_bank=_bank())
     tr = Trainer(obj, cfg, data=data)
     before = {k: v.clone() for k, v in obj.players["expert_0"].module.state_dict().items()}
     result = tr.train()
@@ -183,7 +183,7 @@ def test_sd3_phased_dmd_trains_with_text_bank(tmp_path):
     stats = sample_guard_stats(obj, tr.ema_modules(), n=12)
     assert stats["diversity"] > 0 and 0 <= stats["saturation"] <= 1
     with pytest.raises(ValueError, match="gan=false"):
-        build_dmd(_cfg(tmp_path, method="phased_dmd", **{"dmd.gan": "true"}), teacher=_teacher(), meta=TEXT,
+        build_method(_cfg(tmp_path, method="phased_dmd", **{"dmd.gan": "true"}), teacher=_teacher(), meta=TEXT,
                   data=_latents(), text_bank=_bank())
 
 
@@ -191,7 +191,7 @@ def test_flux_dmd2_one_step(tmp_path):
     teacher = _teacher(_flux())
     assert teacher.kind == "flux"
     cfg = _cfg(tmp_path, **{"train.max_steps": 1, "dmd.student_timesteps": "[999]"})
-    obj, data, _ = build_dmd(cfg, teacher=teacher, meta=TEXT, data=_latents(), text_bank=_bank())
+    obj, data, _ = build_method(cfg, teacher=teacher, meta=TEXT, data=_latents(), text_bank=_bank())
     before = {k: v.clone() for k, v in obj.student.backbone.state_dict().items()}
     result = Trainer(obj, cfg, data=data).train()
     assert result["last"]["dm_loss"] > 0

@@ -131,11 +131,11 @@ def test_fsdp_units_cover_every_parameter_and_lora_is_refused(tiny_teacher, tmp_
 
     from conftest import tiny_distill_overrides
     from stepdistill.config import DistillConfig, load_config
-    from stepdistill.trainers.distill import build_dmd
+    from stepdistill.trainers.distill import build_method
     from stepdistill.trainers.fsdp import callable_units, fsdp_units, shard_objective
 
     cfg = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path))
-    obj, _, _ = build_dmd(cfg)
+    obj, _, _ = build_method(cfg)
     critic_units = callable_units(obj.players["critic"].module)
     assert critic_units == [obj.critic.backbone, obj.head]
     for unit in critic_units + [obj.student.backbone]:
@@ -146,6 +146,6 @@ def test_fsdp_units_cover_every_parameter_and_lora_is_refused(tiny_teacher, tmp_
     assert all(b in blocks for b in obj.student.backbone.down_blocks) and obj.student.backbone.mid_block in blocks
 
     lora_cfg = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path, **{"dmd.lora_rank": 4}))
-    lora_obj, _, _ = build_dmd(lora_cfg)
+    lora_obj, _, _ = build_method(lora_cfg)
     with pytest.raises(ValueError, match="LoRA"):
         shard_objective(lora_obj, {}, mesh=None)

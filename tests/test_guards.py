@@ -12,7 +12,7 @@ from stepdistill.config import DistillConfig, load_config
 from stepdistill.denoiser import Denoiser
 from stepdistill.models import ModelMeta
 from stepdistill.trainers.core import Trainer
-from stepdistill.trainers.distill import build_dmd
+from stepdistill.trainers.distill import build_method
 from stepdistill.trainers.guards import CollapseError, diversity, saturation
 
 torch.set_num_threads(1)
@@ -59,7 +59,7 @@ def _trainer(net, out, **extra):
             "dmd.student_lr": 1e-5, "dmd.critic_lr": 1e-5, "train.guard_every": 1}
     base.update(extra)
     cfg = load_config(DistillConfig, None, [f"{k}={v}" for k, v in base.items()])
-    obj, data, _ = build_dmd(cfg, teacher=Denoiser(net, _vp(), "sample", null_class=10), meta=META)
+    obj, data, _ = build_method(cfg, teacher=Denoiser(net, _vp(), "sample", null_class=10), meta=META)
     return Trainer(obj, cfg, data=data)
 
 

@@ -11,7 +11,7 @@ from conftest import tiny_distill_overrides
 from stepdistill.config import ConfigError, DistillConfig, load_config
 from stepdistill.trainers.core import Trainer
 from stepdistill.trainers.objective import Ctx
-from stepdistill.trainers.distill import build_dmd, distill
+from stepdistill.trainers.distill import build_method, distill
 
 pytest.importorskip("peft")
 torch.set_num_threads(1)
@@ -45,7 +45,7 @@ def test_only_adapters_train_base_untouched_teacher_is_base(tiny_teacher, tmp_pa
     from stepdistill.models import load_denoiser
 
     cfg = _cfg(tiny_teacher, tmp_path)
-    obj, data, _ = build_dmd(cfg)
+    obj, data, _ = build_method(cfg)
     gen, critic = obj.players["generator"].module, obj.players["critic"].module
     assert gen.is_lora_view and critic["fake"].is_lora_view
     assert gen.base is critic["fake"].base is obj.teacher.backbone.base  # one module, three roles
@@ -76,8 +76,8 @@ def test_one_base_in_memory_vs_three_copies(tiny_teacher, tmp_path):
     from stepdistill.lora import param_storage_mb
     from stepdistill.models import count_params
 
-    full, _, _ = build_dmd(_cfg(tiny_teacher, tmp_path / "full", **{"dmd.lora_rank": 0}))
-    lora, _, _ = build_dmd(_cfg(tiny_teacher, tmp_path / "lora"))
+    full, _, _ = build_method(_cfg(tiny_teacher, tmp_path / "full", **{"dmd.lora_rank": 0}))
+    lora, _, _ = build_method(_cfg(tiny_teacher, tmp_path / "lora"))
     base_mb = count_params(full.teacher.backbone) * 4 / 2**20
 
     def storages(obj):
@@ -104,7 +104,7 @@ def test_merged_export_equals_adapter_inference(tiny_teacher, tmp_path):
     from diffusers import UNet2DModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    obj, _, _ = build_dmd(_cfg(tiny_teacher, tmp_path))
+    obj, _, _ = build_method(_cfg(tiny_teacher, tmp_path))
     view = obj.student.backbone
     _perturb_adapters(view)
     merged = view.merged()
@@ -129,7 +129,7 @@ def test_adapter_file_round_trip(tiny_teacher, tmp_path):
 
     from stepdistill.lora import load_adapter
 
-    obj, _, _ = build_dmd(_cfg(tiny_teacher, tmp_path))
+    obj, _, _ = build_method(_cfg(tiny_teacher, tmp_path))
     view = obj.student.backbone
     _perturb_adapters(view, seed=1)
     folder = view.save_adapter(tmp_path / "lora")
@@ -170,7 +170,7 @@ def test_distill_with_lora_exports_plain_student_and_cli_export_matches(tiny_tea
 def test_lora_resume_equals_uninterrupted(tiny_teacher, tmp_path):
     def run(out, steps, resume=False):
         cfg = _cfg(tiny_teacher, out, **{"train.max_steps": steps})
-        obj, data, _ = build_dmd(cfg)
+        obj, data, _ = build_method(cfg)
         tr = Trainer(obj, cfg, data=data)
         tr.train(resume=resume)
         return load_file(out / "checkpoints" / f"step_{steps:06d}" / "models.safetensors")
@@ -189,7 +189,7 @@ def test_gradient_checkpointing_recomputes_with_the_forward_adapter(tiny_teacher
     """The generator loss runs student, critic and teacher on one base; checkpointed blocks recompute in the
     backward pass, after other adapters ran: the recomputation must re-activate the student adapter."""
     cfg = _cfg(tiny_teacher, tmp_path, **{"dmd.gan": "true"})
-    obj, data, _ = build_dmd(cfg)
+    obj, data, _ = build_method(cfg)
     gen = obj.players["generator"].module
     _perturb_adapters(obj.critic.backbone, seed=2)  # critic != student, so a wrong adapter changes the gradient
     obj.players["critic"].module.requires_grad_(False)
@@ -221,7 +221,7 @@ def test_phased_dmd_experts_and_critics_are_adapters_on_one_base(tiny_teacher, t
     from stepdistill.models import count_params
 
     cfg = _cfg(tiny_teacher, tmp_path, method="phased_dmd", **{"phased.boundaries": "[999,500,0]"})
-    obj, data, _ = build_dmd(cfg)
+    obj, data, _ = build_method(cfg)
     views = [obj.experts[k].backbone for k in range(2)] + [obj.critics[k].backbone for k in range(2)]
     assert all(v.is_lora_view and v.base is obj.teacher.backbone.base for v in views)
     assert len({v.adapter for v in views}) == 4
@@ -247,4 +247,4 @@ def test_lora_config_validation(tiny_teacher, tmp_path):
     with pytest.raises(ConfigError, match="dmd.lora_rank"):
         _cfg(tiny_teacher, tmp_path, **{"dmd.lora_rank": -1})
     with pytest.raises(ValueError, match="match no"):
-        build_dmd(_cfg(tiny_teacher, tmp_path, **{"dmd.lora_targets": "[nonexistent]"}))
+        build_method(_cfg(tiny_teacher, tmp_path, **{"dmd.lora_targets": "[nonexistent]"}))

@@ -9,7 +9,7 @@ from conftest import tiny_distill_overrides
 from stepdistill.config import ConfigError, DistillConfig, load_config
 from stepdistill.trainers.core import Trainer
 from stepdistill.trainers.objective import Ctx
-from stepdistill.trainers.distill import build_dmd
+from stepdistill.trainers.distill import build_method
 
 torch.set_num_threads(1)
 
@@ -33,10 +33,10 @@ def _gen_grads(obj, data):
 
 def test_gradient_checkpointing_on_trainable_players_only_same_gradients(tiny_teacher, tmp_path):
     cfg = _cfg(tiny_teacher, tmp_path, **{"dmd.gan": "true"})
-    obj, data, _ = build_dmd(cfg)
+    obj, data, _ = build_method(cfg)
     ref = _gen_grads(obj, data)
     ck_cfg = _cfg(tiny_teacher, tmp_path, **{"dmd.gan": "true", "train.gradient_checkpointing": "true"})
-    obj2, data2, _ = build_dmd(ck_cfg)
+    obj2, data2, _ = build_method(ck_cfg)
     Trainer(obj2, ck_cfg, data=data2)  # the core switches it on
     assert obj2.student.backbone.is_gradient_checkpointing and obj2.critic.backbone.is_gradient_checkpointing
     assert not obj2.teacher.backbone.is_gradient_checkpointing  # frozen: nothing to recompute
@@ -48,7 +48,7 @@ def test_bf16_teacher(tiny_teacher, tmp_path):
     from stepdistill.models import load_denoiser
 
     cfg = _cfg(tiny_teacher, tmp_path, **{"dmd.teacher_dtype": "bfloat16"})
-    obj, data, _ = build_dmd(cfg)
+    obj, data, _ = build_method(cfg)
     assert {p.dtype for p in obj.teacher.backbone.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in obj.student.backbone.parameters()} == {torch.float32}
     assert {p.dtype for p in obj.critic.backbone.parameters()} == {torch.float32}
@@ -68,7 +68,7 @@ def test_bf16_teacher(tiny_teacher, tmp_path):
 def test_lora_with_bf16_base(tiny_teacher, tmp_path):
     pytest.importorskip("peft")
     cfg = _cfg(tiny_teacher, tmp_path, **{"dmd.teacher_dtype": "bfloat16", "dmd.lora_rank": 4})
-    obj, data, _ = build_dmd(cfg)
+    obj, data, _ = build_method(cfg)
     view = obj.student.backbone
     shared = view.shared
     adapter = {id(p) for a in shared.adapters for p in shared.adapter_params(a).values()}
@@ -90,7 +90,7 @@ def test_lora_with_bf16_base(tiny_teacher, tmp_path):
 
 def test_offloaded_teacher_stays_on_cpu_and_moves_for_its_forward(tiny_teacher, tmp_path):
     cfg = _cfg(tiny_teacher, tmp_path, **{"dmd.offload_teacher": "true"})
-    obj, data, _ = build_dmd(cfg)
+    obj, data, _ = build_method(cfg)
     assert obj.teacher.offload and not obj.student.offload
     obj.to(torch.device("meta"))  # what the trainer does with the accelerator device: the teacher ignores it
     assert {p.device.type for p in obj.teacher.parameters()} == {"cpu"}
@@ -108,7 +108,7 @@ def test_offloaded_teacher_stays_on_cpu_and_moves_for_its_forward(tiny_teacher, 
         obj.teacher(x, torch.tensor([500.0, 100.0]), torch.tensor([0, 1]), guidance_scale=2.0)
     assert moves == ["cpu", "cpu"]  # to the input's device for the forward, then back to the CPU
     del backbone.to
-    obj2, data2, _ = build_dmd(cfg)
+    obj2, data2, _ = build_method(cfg)
     assert Trainer(obj2, cfg, data=data2).train()["steps"] == 1
 
 

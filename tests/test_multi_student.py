@@ -25,10 +25,10 @@ def _cfg(tiny_teacher, out, **extra):
 
 
 def _objective(tiny_teacher, out, **extra):
-    from stepdistill.trainers.distill import build_dmd
+    from stepdistill.trainers.distill import build_method
 
     cfg = _cfg(tiny_teacher, out, **extra)
-    obj, data, meta = build_dmd(cfg)
+    obj, data, meta = build_method(cfg)
     return obj, data, cfg
 
 
@@ -71,7 +71,7 @@ def test_partitions_are_total_disjoint_and_validated():
 
 
 def test_config_validation_names_the_key(tiny_teacher, tmp_path):
-    from stepdistill.trainers.distill import build_dmd
+    from stepdistill.trainers.distill import build_method
 
     with pytest.raises(ConfigError, match=r"msd\.groups: class 2 is in more than one group"):
         _cfg(tiny_teacher, tmp_path, **{"msd.groups": "[[0,1,2],[2,3]]"})
@@ -84,7 +84,7 @@ def test_config_validation_names_the_key(tiny_teacher, tmp_path):
     # an explicit per-student budget defines the schedule; a smaller train.max_steps stops early (warned at build)
     short = _cfg(tiny_teacher, tmp_path, **{"msd.tsm_steps": 1, "msd.steps_per_student": 2, "train.max_steps": 3})
     with pytest.warns(UserWarning, match="unequal budgets"):
-        build_dmd(short)
+        build_method(short)
     with pytest.raises(ConfigError, match=r"msd\.schedule"):
         _cfg(tiny_teacher, tmp_path, **{"msd.schedule": "random"})
     with pytest.raises(ConfigError, match=r"dmd\.lora_rank"):
@@ -92,7 +92,7 @@ def test_config_validation_names_the_key(tiny_teacher, tmp_path):
     assert _cfg(tiny_teacher, tmp_path, **{"msd.schedule": "all", "msd.tsm_steps": 1}).msd.schedule == "all"
     # the teacher's class count is checked at build time: groups covering 0..8 miss digit 9
     with pytest.raises(ConfigError, match=r"msd\.groups: class 9 is in no group"):
-        build_dmd(_cfg(tiny_teacher, tmp_path, **{"msd.groups": "[[0,1,2,3],[4,5,6,7,8]]"}))
+        build_method(_cfg(tiny_teacher, tmp_path, **{"msd.groups": "[[0,1,2,3],[4,5,6,7,8]]"}))
 
 
 def test_kmeans_partition_is_deterministic_and_total():
@@ -330,11 +330,12 @@ def test_export_reload_routes_and_matches_each_student(msd_student):
 
 
 def test_training_sampler_matches_the_export(msd_student, tiny_teacher):
-    from stepdistill.trainers.multi_student import load_trained_students
+    from stepdistill.trainers.loading import load_trained
 
     folder, out = msd_student
     cfg = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, out, **MSD3))
-    students, obj, _ = load_trained_students(cfg)
+    modules, obj, _ = load_trained(cfg)
+    students = [modules[f"student_{k}"] for k in range(obj.K)]
     labels = torch.tensor([2, 8, 5, 0])
     noise = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     ref = obj.sample({f"student_{k}": m for k, m in enumerate(students)}, 4, "cpu", noise=noise, labels=labels)

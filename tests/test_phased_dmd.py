@@ -110,10 +110,10 @@ def _cfg(tiny_teacher, tmp_path, **extra):
 
 
 def _objective(tiny_teacher, tmp_path, **extra):
-    from stepdistill.trainers.distill import build_dmd
+    from stepdistill.trainers.distill import build_method
 
     cfg = _cfg(tiny_teacher, tmp_path, **extra)
-    obj, data, meta = build_dmd(cfg)
+    obj, data, meta = build_method(cfg)
     return obj, data, cfg
 
 
@@ -227,7 +227,7 @@ def test_phase0_critic_target_uses_the_subinterval_form(tiny_teacher, tmp_path):
 # -- export round trip ----------------------------------------------------------------------------
 def test_distill_exports_phased_folder_that_matches_training_sampler(tiny_teacher, tmp_path):
     from stepdistill.trainers.distill import distill
-    from stepdistill.trainers.phased_dmd import load_trained_experts
+    from stepdistill.trainers.loading import load_trained
 
     cfg = _cfg(tiny_teacher, tmp_path, **{"train.max_steps": 4, "phased.steps_per_phase": "[2,2]"})
     folder = distill(cfg)
@@ -251,7 +251,8 @@ def test_distill_exports_phased_folder_that_matches_training_sampler(tiny_teache
         pipe(class_labels=labels, num_inference_steps=1)
 
     # training-time sampler on the run's EMA experts (final checkpoint), same starting noise
-    experts, obj, _ = load_trained_experts(cfg)
+    modules, obj, _ = load_trained(cfg)
+    experts = [modules[f"expert_{k}"] for k in range(obj.K)]
     noise = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(5))
     trace = []
     ref = obj.sample({f"expert_{k}": m for k, m in enumerate(experts)}, 3, "cpu", noise=noise,

@@ -10,7 +10,7 @@ from conftest import tiny_distill_overrides
 from stepdistill.config import ConfigError, DistillConfig, load_config
 from stepdistill.trainers.core import Trainer
 from stepdistill.trainers.objective import Ctx
-from stepdistill.trainers.distill import build_dmd
+from stepdistill.trainers.distill import build_method
 from stepdistill.trainers.losses import pixel_d_loss, pixel_g_loss
 from stepdistill.trainers.pixel_gan import PixelDiscriminator, labels_of
 
@@ -19,7 +19,7 @@ PIXEL = {"dmd.gan": "true", "dmd.pixel_gan_g_weight": 0.05, "dmd.pixel_gan_r1": 
 
 def _objective(tiny_teacher, tmp_path, **extra):
     cfg = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path, **extra))
-    obj, data, _ = build_dmd(cfg)
+    obj, data, _ = build_method(cfg)
     return obj, data, cfg
 
 
@@ -118,7 +118,7 @@ def test_pixel_discriminator_trains_with_the_critic_and_pulls_the_generator(tiny
 def test_pixel_discriminator_is_checkpointed_and_resume_is_exact(tiny_teacher, tmp_path):
     def trainer(out, **extra):
         cfg = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, out, **PIXEL, **extra))
-        obj, data, _ = build_dmd(cfg)
+        obj, data, _ = build_method(cfg)
         return Trainer(obj, cfg, data=data)
 
     trainer(tmp_path / "full").train()
@@ -148,7 +148,7 @@ def test_pixel_gan_config_is_checked(tiny_teacher, tmp_path):
 def test_pixel_discriminator_has_its_own_learning_rate(tiny_teacher, tmp_path):
     def groups(**extra):
         cfg = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path, **PIXEL, **extra))
-        obj, data, _ = build_dmd(cfg)
+        obj, data, _ = build_method(cfg)
         tr = Trainer(obj, cfg, data=data)
         tr._run_step()  # the lr is re-set at every update (warm-up schedule): the scale must survive it
         return obj, tr.opts["critic"].param_groups

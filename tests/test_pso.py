@@ -19,7 +19,7 @@ from stepdistill.schedules import VPSchedule
 from stepdistill.trainers import losses, pso, pso_data
 from stepdistill.trainers.core import Trainer
 from stepdistill.trainers.objective import Ctx
-from stepdistill.trainers.distill import build_dmd, distill
+from stepdistill.trainers.distill import build_method, distill
 
 
 def _ctx(seed=0, batch=8, step=0):
@@ -137,18 +137,18 @@ def _pso_cfg(student, out, **extra):
 
 def test_offline_references_are_cached_by_weights_and_settings(tiny_student, tmp_path, monkeypatch):
     cfg = _pso_cfg(tiny_student, tmp_path, **{"pso.target_classes": "[1,2]"})
-    obj, target, meta = build_dmd(cfg)
+    obj, target, meta = build_method(cfg)
     assert isinstance(obj, pso.PSOObjective) and meta.student_timesteps == [999.0, 499.0]
     assert set(obj.pool.labels.tolist()) == {1, 2} and obj.pool.images.shape == (16, 1, 16, 16)
     first = obj.pool.images.clone()
     calls = []
     real_draw = pso.draw_references
     monkeypatch.setattr(pso, "draw_references", lambda *a, **k: calls.append(1) or real_draw(*a, **k))
-    obj2, _, _ = build_dmd(cfg)                                   # hit: nothing sampled, same tensors
+    obj2, _, _ = build_method(cfg)                                   # hit: nothing sampled, same tensors
     assert obj2.reference_cache_hit and not calls and obj2.reference_cache == obj.reference_cache
     assert torch.equal(obj2.pool.images, first)
     for over in ({"pso.num_reference": 12}, {"train.seed": 1}, {"pso.target_classes": "[1,3]"}):
-        o, _, _ = build_dmd(_pso_cfg(tiny_student, tmp_path, **{"pso.target_classes": "[1,2]", **over}))
+        o, _, _ = build_method(_pso_cfg(tiny_student, tmp_path, **{"pso.target_classes": "[1,2]", **over}))
         assert not o.reference_cache_hit and o.reference_cache != obj.reference_cache, over
     # a different model (same settings) misses too
     from stepdistill.models import load_denoiser
@@ -162,7 +162,7 @@ def test_offline_references_are_cached_by_weights_and_settings(tiny_student, tmp
 
 
 def test_references_share_the_target_condition(tiny_student, tmp_path):
-    obj, target, _ = build_dmd(_pso_cfg(tiny_student, tmp_path, **{"pso.target_classes": "[1,2,5]"}))
+    obj, target, _ = build_method(_pso_cfg(tiny_student, tmp_path, **{"pso.target_classes": "[1,2,5]"}))
     labels = torch.tensor([5, 1, 2, 2, 5, 1])
     u = torch.linspace(0, 0.99, 6, dtype=torch.float64)
     picked = obj.pool.pick(labels, u)
@@ -173,7 +173,7 @@ def test_references_share_the_target_condition(tiny_student, tmp_path):
 def test_online_refresh_every_n_steps_from_the_current_model(tiny_student, tmp_path):
     cfg = _pso_cfg(tiny_student, tmp_path, **{"pso.mode": "online", "pso.refresh_every": 2, "train.max_steps": 5,
                                               "pso.num_reference": 8})
-    obj, data, _ = build_dmd(cfg)
+    obj, data, _ = build_method(cfg)
     assert obj.pool is None and obj.players["generator"].module is obj.student.backbone
     seen = []
     real = obj.draw_online
@@ -201,7 +201,7 @@ def test_online_refresh_every_n_steps_from_the_current_model(tiny_student, tmp_p
 def test_online_resume_reuses_the_checkpointed_pool(tiny_student, tmp_path):
     def run(out, steps, resume=False):
         cfg = _pso_cfg(tiny_student, out, **{"pso.mode": "online", "pso.refresh_every": 2, "train.max_steps": steps})
-        obj, data, _ = build_dmd(cfg)
+        obj, data, _ = build_method(cfg)
         Trainer(obj, cfg, data=data).train(resume=resume)
         return obj
 
@@ -235,7 +235,7 @@ def test_preference_pairs_folder_and_file(tmp_path, tiny_student, monkeypatch):
 
     f = tmp_path / "pairs.safetensors"
     save_file({"chosen": ch.contiguous(), "rejected": rj.contiguous(), "labels": lab}, str(f))
-    obj, target, _ = build_dmd(_pso_cfg(tiny_student, tmp_path, **{"pso.pairs": str(f)}))
+    obj, target, _ = build_method(_pso_cfg(tiny_student, tmp_path, **{"pso.pairs": str(f)}))
     assert obj.mode == "pairs" and obj.pool is None
     seen = []
     real = pso.squared_errors
@@ -261,15 +261,15 @@ def test_config_checks_name_the_key(tiny_student, tmp_path):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(DistillConfig, None, ["method=pso", *over])
     with pytest.raises(ValueError, match="pso.target_classes"):
-        build_dmd(_pso_cfg(tiny_student, tmp_path, **{"pso.target_classes": "[cat]"}))
+        build_method(_pso_cfg(tiny_student, tmp_path, **{"pso.target_classes": "[cat]"}))
     with pytest.raises(ValueError, match="pso.weights"):
-        build_dmd(_pso_cfg(tiny_student, tmp_path, **{"pso.weights": "[1.0]"}))     # 2-step model: 2 weights
+        build_method(_pso_cfg(tiny_student, tmp_path, **{"pso.weights": "[1.0]"}))     # 2-step model: 2 weights
 
 
 def test_target_transform_and_class_subset(tiny_student, tmp_path):
     from stepdistill.data import digits
 
-    obj, target, _ = build_dmd(_pso_cfg(tiny_student, tmp_path, **{"pso.target_transform": "invert",
+    obj, target, _ = build_method(_pso_cfg(tiny_student, tmp_path, **{"pso.target_transform": "invert",
                                                                     "pso.target_classes": "['3', 7]"}))
     d = digits(16, "train")
     keep = (d.labels == 3) | (d.labels == 7)
@@ -302,10 +302,10 @@ def test_end_to_end_tune_export_reload(tiny_student, tmp_path, method):
     assert any(not torch.equal(p, q) for p, q in zip(tuned.backbone.parameters(), base.backbone.parameters()))
     # `stepdistill export` path: EMA weights from the checkpoint, the base model's scheduler and timesteps
     from stepdistill.methods import get_method
-    from stepdistill.trainers.distill import load_trained_generator
+    from stepdistill.trainers.loading import load_trained
 
-    g = load_trained_generator(cfg)
-    obj2, _, meta2 = build_dmd(cfg)
+    g = load_trained(cfg)[0]["generator"]
+    obj2, _, meta2 = build_method(cfg)
     again = get_method(cfg.method).export({"generator": g}, obj2, cfg, meta2, tmp_path / "exported")
     assert json.loads((again / "stepdistill.json").read_text())["student_timesteps"] == [999.0, 499.0]
     re, _ = load_denoiser(again)

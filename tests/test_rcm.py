@@ -141,11 +141,11 @@ def test_scm_target_is_zero_for_a_self_consistent_model():
 
 
 def test_dmd_weight_zero_is_plain_scm(tiny_teacher, tmp_path):
-    from stepdistill.trainers.distill import build_dmd
+    from stepdistill.trainers.distill import build_method
 
     over = {"method": "rcm", "dmd.gan": "false", "rcm.dmd_weight": 0.0, "rcm.tangent_warmup_steps": 0}
     cfg = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path, **over))
-    obj, data, _ = build_dmd(cfg)
+    obj, data, _ = build_method(cfg)
     assert obj.updates(0) == ["generator"] == obj.updates(10**6)  # no critic at all
     ctx = lambda: Ctx(torch.Generator().manual_seed(1), 0, 1, 8, torch.device("cpu"), 7, data)  # noqa: E731
     total, logs = obj.generator_loss(ctx())
@@ -153,7 +153,7 @@ def test_dmd_weight_zero_is_plain_scm(tiny_teacher, tmp_path):
     assert total.item() == scm.item() and "dm_loss" not in logs
     over["rcm.dmd_weight"] = 1.0
     cfg = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path / "b", **over))
-    obj, data, _ = build_dmd(cfg)
+    obj, data, _ = build_method(cfg)
     total, logs = obj.generator_loss(Ctx(torch.Generator().manual_seed(1), 0, 1, 8, torch.device("cpu"), 7, data))
     assert "dm_loss" in logs and obj.updates(7)[0] == "critic"
 

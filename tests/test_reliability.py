@@ -19,7 +19,7 @@ from stepdistill.config import ConfigError, DistillConfig, load_config
 from stepdistill.errors import CheckpointError, StepDistillError
 from stepdistill.trainers.core import Trainer
 from stepdistill.errors import NonFiniteLossError
-from stepdistill.trainers.distill import build_dmd, distill
+from stepdistill.trainers.distill import build_method, distill
 
 
 _cfg, _argv, _run = tiny_cfg, distill_argv, run_cli
@@ -115,7 +115,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_newest_good_one(tiny_teache
     f = run / "checkpoints" / "step_000004" / "models.safetensors"
     f.write_bytes(f.read_bytes()[:-20])                # truncated
     cfg = _cfg(tiny_teacher, run)
-    obj, data, _ = build_dmd(cfg)
+    obj, data, _ = build_method(cfg)
     tr = Trainer(obj, cfg, data=data)
     assert tr.load_resume_point(True)
     assert (tr.step, tr.update) == (2, 0)
@@ -125,7 +125,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_newest_good_one(tiny_teache
 
 def test_resume_last_good_after_a_nan_stop(tiny_teacher, tmp_path):
     cfg = _cfg(tiny_teacher, tmp_path)
-    obj, data, _ = build_dmd(cfg)
+    obj, data, _ = build_method(cfg)
     tr = Trainer(obj, cfg, data=data)
     orig = obj.loss
 
@@ -136,7 +136,7 @@ def test_resume_last_good_after_a_nan_stop(tiny_teacher, tmp_path):
     obj.loss = loss
     with pytest.raises(NonFiniteLossError, match="--resume last_good"):
         tr.train()
-    obj2, data2, _ = build_dmd(cfg)
+    obj2, data2, _ = build_method(cfg)
     tr2 = Trainer(obj2, cfg, data=data2)
     res = tr2.train(resume="last_good")
     assert res["steps"] == 4 and not res["interrupted"]
@@ -173,7 +173,7 @@ def test_second_interrupt_mid_update_saves_nothing_and_resume_is_exact(tiny_teac
 
 def _built_parts(teacher, out):
     cfg = _cfg(teacher, out)
-    obj, data, _ = build_dmd(cfg)
+    obj, data, _ = build_method(cfg)
     return obj, cfg, data
 
 
@@ -259,7 +259,7 @@ def test_config_refuses_non_finite_and_negative_values(override, key):
 
 def test_a_student_as_teacher_is_refused_unless_allowed(tmp_path):
     with pytest.raises(ConfigError, match="is a distilled student.*allow_student_teacher"):
-        build_dmd(load_config(DistillConfig, None, ["dmd.teacher=builtin:animal_mnist_dmd2", f"output_dir={tmp_path}"]))
+        build_method(load_config(DistillConfig, None, ["dmd.teacher=builtin:animal_mnist_dmd2", f"output_dir={tmp_path}"]))
 
 
 # ----------------------------------------------------------------------------- CLI: one line, exit 2

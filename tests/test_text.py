@@ -223,16 +223,16 @@ def test_sample_cli_student_with_prompts(text_student, tmp_path, capsys):
 
 
 def test_distill_with_prompt_file_needs_gan_off(text_teacher, tmp_path):
-    from stepdistill.trainers.distill import build_dmd
+    from stepdistill.trainers.distill import build_method
 
     pf = tmp_path / "p.txt"
     pf.write_text("a 1\n# comment\na 2\n")
     cfg = load_config(DistillConfig, None, tiny_distill_overrides(text_teacher, tmp_path, **{"text.prompts": pf}))
     with pytest.raises(ConfigError, match="dmd.gan=false"):
-        build_dmd(cfg)
+        build_method(cfg)
     cfg = load_config(DistillConfig, None, tiny_distill_overrides(text_teacher, tmp_path,
                                                                   **{"text.prompts": pf, "dmd.gan": "false"}))
-    obj, data, meta = build_dmd(cfg)
+    obj, data, meta = build_method(cfg)
     assert obj.conds.prompts == ["a 1", "a 2"] and data.images.shape[1:] == (1, 16, 16)
 
 
@@ -320,7 +320,7 @@ def test_text_teacher_ode_pairs_are_prompt_conditioned_and_feed_the_regression_l
     from stepdistill.conditioning import TextEmbeddingBank
     from stepdistill.pairs import teacher_ode_pairs
     from stepdistill.pipelines.sampling import make_scheduler, scheduler_sample
-    from stepdistill.trainers.distill import build_dmd
+    from stepdistill.trainers.distill import build_method
 
     cache = tmp_path / "cache"
     over = tiny_distill_overrides(text_teacher, tmp_path, **{"dmd.regression_pairs": 6, "dmd.regression_steps": 2,
@@ -328,7 +328,7 @@ def test_text_teacher_ode_pairs_are_prompt_conditioned_and_feed_the_regression_l
                                                             "dmd.regression_weight": 0.5})
     monkeypatch.setenv("STEPDISTILL_CACHE", str(cache))
     cfg = load_config(DistillConfig, None, over)
-    obj, data, meta = build_dmd(cfg)
+    obj, data, meta = build_method(cfg)
     noise, idx, x0 = obj.pairs
     bank = obj.conds
     assert noise.shape == (6, 1, 16, 16) and x0.shape == noise.shape

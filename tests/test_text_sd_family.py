@@ -59,10 +59,10 @@ def sd_student(sd_teacher, tmp_path_factory):
 
 
 def test_latent_text_teacher_distills_on_vae_latents(sd_teacher, sd_student):
-    from stepdistill.trainers.distill import build_dmd
+    from stepdistill.trainers.distill import build_method
 
     cfg = load_config(DistillConfig, None, tiny_distill_overrides(sd_teacher, sd_student.parent / "x"))
-    obj, data, _ = build_dmd(cfg)
+    obj, data, _ = build_method(cfg)
     assert data.images.shape[1:] == (4, 8, 8)             # VAE latents of the 16x16 digits
     assert int(data.labels.max()) < len(obj.conds) == 10  # bank-aligned: caption index per image
     log = [json.loads(s) for s in (sd_student.parent / "log.jsonl").read_text().splitlines()]

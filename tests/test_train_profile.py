@@ -9,7 +9,7 @@ from stepdistill.cli import main
 from stepdistill.config import DistillConfig, load_config
 from stepdistill.eval.train_profile import profile_training, tiny_teacher
 from stepdistill.trainers.core import Trainer
-from stepdistill.trainers.distill import build_dmd
+from stepdistill.trainers.distill import build_method
 
 TINY = ["data.name=digits", "data.resolution=16", "dmd.teacher=custom", "train.batch_size=4", "train.cpu=true",
         "dmd.critic_updates=2", "dmd.regression_pairs=8", "dmd.regression_steps=2"]
@@ -46,7 +46,7 @@ def test_bench_without_student_or_train_is_refused(capsys):
 def _tiny_trainer(tmp_path, extra):
     teacher, meta = tiny_teacher()
     cfg = load_config(DistillConfig, None, TINY + [f"output_dir={tmp_path}"] + extra)
-    obj, data, _ = build_dmd(cfg, teacher=teacher, meta=meta)
+    obj, data, _ = build_method(cfg, teacher=teacher, meta=meta)
     return obj, Trainer(obj, cfg, data=data)
 
 

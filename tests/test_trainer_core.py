@@ -15,12 +15,12 @@ from conftest import tiny_distill_overrides
 from stepdistill.config import DistillConfig, load_config
 from stepdistill.trainers.core import Trainer
 from stepdistill.errors import CheckpointError, NonFiniteLossError
-from stepdistill.trainers.distill import build_dmd, distill
+from stepdistill.trainers.distill import build_method, distill
 
 
 def _trainer(teacher, out, **extra):
     cfg = load_config(DistillConfig, None, tiny_distill_overrides(teacher, out, **extra))
-    obj, data, _ = build_dmd(cfg)
+    obj, data, _ = build_method(cfg)
     return Trainer(obj, cfg, data=data), cfg
 
 
@@ -130,9 +130,9 @@ from accelerate import Accelerator
 from conftest import tiny_distill_overrides
 from stepdistill.config import DistillConfig, load_config
 from stepdistill.trainers.core import Trainer
-from stepdistill.trainers.distill import build_dmd
+from stepdistill.trainers.distill import build_method
 cfg = load_config(DistillConfig, None, tiny_distill_overrides({teacher!r}, {out!r}))
-obj, data, _ = build_dmd(cfg)
+obj, data, _ = build_method(cfg)
 acc = Accelerator(cpu=True)
 assert acc.num_processes == int(sys.argv[1]), acc.num_processes
 Trainer(obj, cfg, accelerator=acc, data=data).train()

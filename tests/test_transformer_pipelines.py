@@ -22,11 +22,11 @@ def test_sd3_phased_student_folder_loads_and_samples_from_prompt_embeddings(tmp_
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
     from stepdistill.trainers.core import Trainer
-    from stepdistill.trainers.distill import build_dmd
+    from stepdistill.trainers.distill import build_method
 
     bank = _bank()
     cfg = _cfg(tmp_path, method="phased_dmd", **{"phased.boundaries": "[999,500,0]"})
-    obj, data, _ = build_dmd(cfg, teacher=_teacher(), meta=TEXT, data=_latents(), text_bank=bank)
+    obj, data, _ = build_method(cfg, teacher=_teacher(), meta=TEXT, data=_latents(), text_bank=bank)
     tr = Trainer(obj, cfg, data=data)
     tr.train()
     folder = tmp_path / "student"

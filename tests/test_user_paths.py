@@ -58,11 +58,11 @@ def test_teacher_initialisation_follows_train_seed(tmp_path):
 ])
 def test_resolution_and_channels_are_checked_against_the_teacher(tiny_teacher, tmp_path, override, message):
     from stepdistill.errors import StepDistillError
-    from stepdistill.trainers.distill import build_dmd
+    from stepdistill.trainers.distill import build_method
 
     cfg = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path) + [override])
     with pytest.raises(StepDistillError, match=message):
-        build_dmd(cfg)
+        build_method(cfg)
 
 
 def test_unconditional_models_sample_and_refuse_classes(tmp_path, capsys):
@@ -172,11 +172,11 @@ def test_messages_name_the_fix(tmp_path, capsys):
     rc, _, err = _run(capsys, ["sample", "--model", "teachers/mdoel", "--out", tmp_path / "c.png"])
     assert rc == 2 and "no local folder 'teachers/mdoel'" in err
     small = _stock_unet(tmp_path / "nine", classes=9)
-    from stepdistill.trainers.distill import build_dmd
+    from stepdistill.trainers.distill import build_method
 
     cfg = load_config(DistillConfig, None, tiny_distill_overrides(small, tmp_path / "r"))
     with pytest.raises(ConfigError, match=r"has 9 classes \(its class embedding holds 10 rows.*null class"):
-        build_dmd(cfg)
+        build_method(cfg)
 
 
 def test_cards_say_what_the_run_used(tmp_path):

@@ -110,7 +110,7 @@ def measure_in_process(config: str | None, overrides: list[str], steps: int) -> 
     from ..lora import param_storage_mb
     from ..models import load_denoiser
     from ..trainers.core import Trainer
-    from ..trainers.distill import build_dmd
+    from ..trainers.distill import build_method
 
     # DMD2 steps are measured: a config's regression warm-up and loss (and the teacher ODE pairs they would
     # sample first, minutes on a CPU) are switched off unless the overrides ask for them
@@ -126,7 +126,7 @@ def measure_in_process(config: str | None, overrides: list[str], steps: int) -> 
     del warm
     gc.collect()
     baseline = _rss_mb()
-    obj, data, _ = build_dmd(cfg, data=data)
+    obj, data, _ = build_method(cfg, data=data)
     trainer = Trainer(obj, cfg, data=data)
     dev = trainer.acc.device
     if dev.type == "cuda":
@@ -192,7 +192,7 @@ def measure_arch_in_process(arch: str, side: int, config: str | None, overrides:
     from ..models import ModelMeta
     from ..plan import TEXT_TOKENS, example_inputs, plan, trace_activations
     from ..trainers.core import Trainer
-    from ..trainers.distill import build_dmd
+    from ..trainers.distill import build_method
 
     cfg = load_config(DistillConfig, config, ["dmd.regression_warmup_steps=0", "dmd.regression_weight=0",
                                               "train.batch_size=1"] + list(overrides) + [f"train.max_steps={steps}"])
@@ -214,7 +214,7 @@ def measure_arch_in_process(arch: str, side: int, config: str | None, overrides:
     bank = TextEmbeddingBank(cond["emb"], cond["pooled"]) if isinstance(cond, dict) else TextEmbeddingBank(cond)
     data = ArrayDataset(x, torch.arange(ARCH_BANK), [])   # latents paired with bank entries (GAN real branch)
     meta = ModelMeta(prediction_type=teacher.prediction_type, conditioning="text")
-    obj, data, _ = build_dmd(cfg, teacher=teacher, meta=meta, data=data, text_bank=bank)
+    obj, data, _ = build_method(cfg, teacher=teacher, meta=meta, data=data, text_bank=bank)
     trainer = Trainer(obj, cfg, data=data)
     dev = trainer.acc.device
     if dev.type == "cuda":

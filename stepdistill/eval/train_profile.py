@@ -107,7 +107,7 @@ def profile_training(config: str | None = None, overrides: list[str] | None = No
     config's teacher."""
     from ..config import DistillConfig, load_config
     from ..trainers.core import StepTimer, Trainer
-    from ..trainers.distill import build_dmd
+    from ..trainers.distill import build_method
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
@@ -121,7 +121,7 @@ def profile_training(config: str | None = None, overrides: list[str] | None = No
         cfg = load_config(DistillConfig, config, over + [f"output_dir={tmp}", f"train.max_steps={steps + warmup}"])
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
-        obj, data, _ = build_dmd(cfg, teacher=teacher, meta=meta)
+        obj, data, _ = build_method(cfg, teacher=teacher, meta=meta)
         trainer = Trainer(obj, cfg, data=data)
         clock = _ForwardClock(_networks(obj))
         step_times, fwd, calls, timers = [], [], [], []

@@ -324,15 +324,6 @@ def export_multi_student(students: list[nn.Module], cfg: DistillConfig, meta, ou
     return export_student(students[0], cfg, meta, out, schedule=schedule, parts=parts)
 
 
-def load_trained_students(cfg: DistillConfig, checkpoint: str | Path | None = None):
-    """EMA students of an msd run's checkpoint (latest by default): ``(students, objective, meta)``,
-    for ``stepdistill export`` (``export_multi_student(students, cfg, meta, out, obj.groups, ...)``)."""
-    from .loading import load_trained
-
-    modules, obj, meta = load_trained(cfg, checkpoint)
-    return [modules[f"student_{k}"] for k in range(obj.K)], obj, meta
-
-
 # -- the method (stepdistill/methods.py) -------------------------------------------------------------------
 def build(cfg: DistillConfig, teacher: Denoiser | None = None, meta=None, data=None, text_bank=None):
     """Teacher, data and conditions as for DMD (trainers/setup.py), then K students, their critics, the partition."""

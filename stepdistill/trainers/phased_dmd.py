@@ -335,7 +335,7 @@ class PhasedDMDObjective(ObjectiveBase):
 # -- building / export ----------------------------------------------------------------------------
 def build_phased_dmd(cfg: DistillConfig, teacher: Denoiser, num_classes: int,
                      shape: tuple[int, int, int], conds=None, data_std: float = 1.0) -> PhasedDMDObjective:
-    """K experts and K critics, all initialised from the teacher (called by ``build_dmd``); ``conds``: a text
+    """K experts and K critics, all initialised from the teacher (called by ``build_method``); ``conds``: a text
     teacher's prompt bank (default: class labels), ``data_std``: the real data's std (collapse guards)."""
     K = len(cfg.phased.boundaries) - 1
 
@@ -377,15 +377,6 @@ def export_phased(experts: list[nn.Module], cfg: DistillConfig, meta, out: Path,
                               "transport": "ddim"},
                         card=phased_card(out, ts, meta))
     return export_student(experts[0], cfg_ts, meta, out, schedule=schedule, parts=parts)
-
-
-def load_trained_experts(cfg: DistillConfig, checkpoint: str | Path | None = None):
-    """EMA experts of a phased run's checkpoint (latest by default): ``(experts, objective, meta)``,
-    for ``stepdistill export`` (``export_phased(experts, cfg, meta, out, schedule=obj.experts[0].schedule)``)."""
-    from .loading import load_trained
-
-    modules, obj, meta = load_trained(cfg, checkpoint)
-    return [modules[f"expert_{k}"] for k in range(obj.K)], obj, meta
 
 
 # -- the method (stepdistill/methods.py) -------------------------------------------------------------------

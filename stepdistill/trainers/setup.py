@@ -28,7 +28,7 @@ class Setup:
 
 def prepare(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMeta | None = None,
             data=None, text_bank=None) -> Setup:
-    """Teacher, data and conditions for ``cfg`` (see :func:`stepdistill.trainers.distill.build_dmd`)."""
+    """Teacher, data and conditions for ``cfg`` (see :func:`stepdistill.trainers.distill.build_method`)."""
     teacher_given = teacher is not None
     if teacher is None:
         teacher, meta = load_denoiser(cfg.dmd.teacher, allow_pickle=cfg.dmd.allow_pickle)
@@ -88,7 +88,7 @@ def check_shapes(cfg: DistillConfig, teacher: Denoiser, data) -> None:
 
 
 def text_distill_setup(cfg, meta, data=None):
-    """(TextEmbeddingBank, real data) for ``build_dmd`` from ``cfg.dmd.teacher`` and ``cfg.text``: distilling a
+    """(TextEmbeddingBank, real data) for ``build_method`` from ``cfg.dmd.teacher`` and ``cfg.text``: distilling a
     text teacher from a config alone.
 
     DMD2 trains the student on the prompt distribution it will serve (Yin et al. 2024): by default the
