@@ -171,14 +171,12 @@ def cmd_sample(a):
     import torch
 
     from .models import load_denoiser
-    from .pipelines.sampling import make_scheduler, scheduler_sample, student_sample
+    from .pipelines.sampling import make_scheduler, scheduler_sample
     from .models import load_scheduler_config
     from .utils import quantize, save_labeled_grid
 
     den, meta = load_denoiser(a.model, allow_pickle=a.allow_pickle)
     den.eval()
-    if a.compile:  # opt-in: pays off for large --num (the first batch compiles; see BENCHMARKS.md "Inference")
-        den.backbone.compile()
     labels = _parse_labels(a.classes, meta, a.num)
     g = torch.Generator().manual_seed(a.seed)
     shape = den.sample_shape  # (C, H, W): the adapter knows the model family
@@ -189,9 +187,22 @@ def cmd_sample(a):
         if ignored:
             print(f"warning: {' and '.join(ignored)} ignored: a distilled student samples with its own "
                   f"{len(meta.student_timesteps)}-step chain, guidance built in", file=sys.stderr)
-        ts = _student_timesteps(meta.student_timesteps, a.steps or len(meta.student_timesteps))
-        run = lambda y, noise: student_sample(den, ts, y, noise, generator=g)  # noqa: E731
+        from .eval.generate import load_any
+
+        pipe = load_any(a.model, allow_pickle=a.allow_pickle).pipe  # the folder's own pipeline (experts, routing)
+        steps = len(_student_timesteps(meta.student_timesteps, a.steps or len(meta.student_timesteps)))
+        try:
+            pipe.timesteps_for(steps)
+        except ValueError as e:
+            from .config import ConfigError as StepsError
+
+            raise StepsError(f"--steps: {e}") from None
+        if a.compile:  # opt-in: pays off for large --num (the first batch compiles; see BENCHMARKS.md "Inference")
+            pipe.compile()
+        run = lambda y, noise: pipe.sample(noise, y, steps, generator=g)  # noqa: E731  the one sampling route
     else:
+        if a.compile:
+            den.backbone.compile()
         sched_cfg = load_scheduler_config(a.model, None)
         make_scheduler(a.sampler or "ddim", sched_cfg)  # an unknown --sampler fails before any sampling
         w = TEACHER_GUIDANCE if a.guidance_scale is None else a.guidance_scale

@@ -29,7 +29,6 @@ NFE (network function evaluations) reported per image batch:
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import threading
@@ -153,16 +152,16 @@ def _read_json(p: Path) -> dict:
 
 
 def student_supports_hybrid(info: ModelInfo) -> bool:
-    """True when the student's pipeline class accepts ``first_step`` (a teacher-taken first step)."""
+    """True when the student's pipeline lets a teacher take its first step (``max_hybrid_steps`` != 0)."""
     cls = _student_pipeline_class(info)
-    return cls is not None and "first_step" in inspect.signature(cls.__call__).parameters
+    return cls is not None and getattr(cls, "max_hybrid_steps", 0) != 0
 
 
 def student_supports_hybrid_chain(info: ModelInfo) -> bool:
-    """True when the student accepts any teacher steps n and the ``ode`` hand-off (``hybrid_steps``:
+    """True when the student accepts any teacher steps n and the ``ode`` hand-off (``max_hybrid_steps`` None:
     StepDistillPipeline); Phased DMD and multi-student pipelines take n = 1 with ``renoise`` only."""
     cls = _student_pipeline_class(info)
-    return cls is not None and "hybrid_steps" in inspect.signature(cls.__call__).parameters
+    return cls is not None and getattr(cls, "max_hybrid_steps", 0) is None
 
 
 def _student_pipeline_class(info: ModelInfo):
@@ -176,15 +175,21 @@ def _student_pipeline_class(info: ModelInfo):
 
 
 def hybrid_compatible(teacher: ModelInfo, student: ModelInfo) -> str | None:
-    """None when the teacher can take the student's first step, else why not."""
-    if (teacher.channels, teacher.resolution) != (student.channels, student.resolution):
-        return (f"teacher images are {teacher.channels}x{teacher.resolution}x{teacher.resolution} but student "
-                f"images are {student.channels}x{student.resolution}x{student.resolution}")
-    if teacher.conditioning != student.conditioning:
-        return f"teacher is {teacher.conditioning}-conditioned, student is {student.conditioning}-conditioned"
-    if teacher.class_names and student.class_names and teacher.class_names != student.class_names:
-        return "teacher and student class names differ"
-    return None
+    """None when the teacher can take the student's first step, else why not: the one hybrid check
+    (:func:`stepdistill.pipelines.hybrid.hybrid_problem`, as ``stepdistill eval --hybrid-teacher``), on what the
+    folders say (no weights loaded)."""
+    from .pipelines.hybrid import hybrid_problem
+
+    return hybrid_problem(_hybrid_side(teacher), _hybrid_side(student), _student_pipeline_class(student),
+                          student.student_timesteps or [999.0])
+
+
+def _hybrid_side(info: ModelInfo):
+    from .pipelines.hybrid import HybridSide
+
+    sched = info.path / "scheduler" / "scheduler_config.json"
+    return HybridSide((info.channels, info.resolution, info.resolution), info.conditioning, list(info.class_names),
+                      _read_json(sched) if sched.exists() else {})
 
 
 def expert_caption(experts: list[Any] | None, class_name: str | None, class_index: int | None,

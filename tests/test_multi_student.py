@@ -350,7 +350,7 @@ def test_eval_demo_and_export_cli_find_it(msd_student, tiny_teacher, tmp_path):
 
     folder, out = msd_student
     m = load_any(folder, device="cpu")
-    assert m.kind == "student" and m.multi_student and isinstance(m.pipe, MultiStudentPipeline)
+    assert m.kind == "student" and isinstance(m.pipe, MultiStudentPipeline) and m.min_steps == 1
     labels = torch.tensor([0, 5, 9, 3])
     x = m.generate(labels, steps=1, seed=3, batch_size=4, progress=False)
     torch.testing.assert_close(x, m.pipe(class_labels=[0, 5, 9, 3], seed=3, output_type="pt").images)

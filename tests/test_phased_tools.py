@@ -28,7 +28,7 @@ def test_eval_loader_uses_the_phased_pipeline(phased_student):
 
     folder, _ = phased_student
     m = load_any(folder)
-    assert m.kind == "student" and m.phased and isinstance(m.pipe, PhasedDMDPipeline)
+    assert m.kind == "student" and isinstance(m.pipe, PhasedDMDPipeline) and m.min_steps == m.max_steps
     assert (m.min_steps, m.max_steps) == (2, 2)
     with pytest.raises(ConfigError, match="one step per expert"):
         m.resolve_steps(1)
@@ -78,3 +78,26 @@ def test_demo_finds_the_phased_pipeline_class(phased_student):
     folder, _ = phased_student
     info = demo.read_model_info(str(folder))
     assert demo._student_pipeline_class(info) is PhasedDMDPipeline
+
+
+def test_sample_cli_runs_every_expert_of_a_phased_folder(phased_student, tmp_path, capsys, monkeypatch):
+    """`stepdistill sample` goes through the folder's own pipeline (the one sampling route): a Phased DMD folder
+    samples with all its experts (PhasedDMDPipeline.sample), not with its first network alone."""
+    from stepdistill.cli import main
+    from stepdistill.pipelines.phased import PhasedDMDPipeline
+
+    seen = []
+    orig = PhasedDMDPipeline.sample
+
+    def spy(self, noise, labels=None, num_inference_steps=None, **kw):
+        x = orig(self, noise, labels, num_inference_steps, **kw)
+        seen.append((noise.shape[0], num_inference_steps, list(self.last_experts)))
+        return x
+
+    monkeypatch.setattr(PhasedDMDPipeline, "sample", spy)
+    folder, _ = phased_student
+    assert main(["sample", "--model", str(folder), "--num", "3", "--out", str(tmp_path / "g.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 3
+    assert seen == [(3, 2, ["expert_0", "expert_1"])]
+    assert main(["sample", "--model", str(folder), "--steps", "1", "--out", str(tmp_path / "h.png")]) == 2
+    assert "num_inference_steps must be 2" in capsys.readouterr().err

@@ -315,7 +315,7 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
         x = torch.randn(b, *s.image_shape, generator=torch.Generator().manual_seed(seed)).to(dev)
         tt = torch.full((b,), float(s.meta.student_timesteps[0]), device=dev)
         y = torch.tensor(sl, dtype=torch.long, device=dev) if sl is not None else None
-        den = s.pipe.denoisers()[0] if s.phased else s.pipe.denoiser()
+        den = s.pipe.denoisers()[0]  # the first network of the chain
 
         @torch.no_grad()
         def bare_forward():  # one network evaluation (Denoiser._call: the backbone's own call convention)
@@ -395,7 +395,8 @@ def _time_variants(s, variants, fewest, ref, one, dev, repeats, warmup, bar) -> 
 
     out = []
     for name in variants:
-        why = "Phased DMD students have one network per phase" if s.phased else unavailable(name, s.pipe)
+        why = ("the student has several networks (one per phase or class group)" if len(s.pipe.denoisers()) > 1
+               else unavailable(name, s.pipe))
         if why:
             out.append({"variant": name, "skipped": why})
         else:

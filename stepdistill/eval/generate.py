@@ -207,8 +207,8 @@ class StudentModel(_ClassModel):
 
         m = loaded.meta
         name = _pipeline_class(loaded.folder) if loaded.folder is not None else None
-        if name in ("PhasedDMDPipeline", "MultiStudentPipeline"):  # several networks: the folder's own pipeline
-            self.phased, self.multi_student = name == "PhasedDMDPipeline", name == "MultiStudentPipeline"
+        if name not in (None, "StepDistillPipeline") and student_pipeline_class(name) is not None:
+            # several networks (Phased DMD experts, MSD students): the folder's own pipeline
             return student_pipeline_class(name).from_pretrained(loaded.folder, use_safetensors=not loaded.allow_pickle)
         return StepDistillPipeline(**_network_kwargs(loaded.den.backbone),
                                    scheduler=_scheduler_from_config(loaded.sched_cfg),
@@ -219,22 +219,28 @@ class StudentModel(_ClassModel):
     def max_steps(self) -> int:
         return len(self.meta.student_timesteps or [999.0])
 
-    phased = False
-    multi_student = False  # MultiStudentPipeline: each label runs on the student owning its class
     hybrid = None  # an eval.hybrid.Hybrid: a teacher takes the first step(s) of the chain
 
     @property
     def min_steps(self) -> int:
-        """Phased students run every expert once: exactly K steps."""
-        return self.max_steps if self.phased else 1
+        """The fewest steps the student's pipeline runs (Phased DMD: every expert once, exactly K)."""
+        return next(n for n in range(1, self.max_steps + 1) if self._steps_ok(n))
+
+    def _steps_ok(self, n: int) -> bool:
+        try:
+            self.pipe.timesteps_for(n)
+        except ValueError:
+            return False
+        return True
 
     def resolve_steps(self, steps):
+        """``steps`` checked by the student's own pipeline (``timesteps_for``): None means all of them."""
         k = self.max_steps
         steps = k if steps is None else int(steps)
-        if self.phased and steps != k:
-            raise ConfigError(f"steps must be {k} for this phased student ({self.path}): one step per expert")
-        if not 1 <= steps <= k:
-            raise ConfigError(f"steps must be in 1..{k} for this student ({self.path}), got {steps}")
+        try:
+            self.pipe.timesteps_for(steps)
+        except ValueError as e:
+            raise ConfigError(f"{e} ({self.path})") from None
         return steps
 
     def nfe_per_sample(self, steps=None, guidance_scale=None) -> int:
@@ -243,13 +249,9 @@ class StudentModel(_ClassModel):
         return self.resolve_steps(steps)
 
     def _sample(self, noise, labels, steps, guidance_scale, generator):
-        from ..pipelines.sampling import student_sample
-
         if self.hybrid is not None:
             return self.hybrid.sample(self, noise, labels, steps, generator)
-        if self.phased or self.multi_student:  # the pipeline's own chain (experts / routed students)
-            return self.pipe.sample(noise, labels, steps, generator=generator)
-        return student_sample(self.pipe.denoiser(), self.pipe.timesteps_for(steps), labels, noise, generator=generator)
+        return self.pipe.sample(noise, labels, steps, generator=generator)  # the pipeline's one sampling route
 
     def describe(self) -> dict:
         return {**super().describe(), "student_timesteps": list(self.meta.student_timesteps or []),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ConfigError
-from ..pipelines.hybrid import TeacherSteps, check_hybrid, hybrid_nfe
+from ..pipelines.hybrid import HybridSide, TeacherSteps, hybrid_nfe, hybrid_problem
 
 
 @dataclass
@@ -40,18 +40,14 @@ class Hybrid:
         return float(self.guidance_scale) if self.cfg else 1.0
 
     def check(self, student, student_steps: int) -> None:
-        """Validate the step counts and that teacher and student share images, classes and schedule."""
-        try:
-            check_hybrid(student_steps, self.steps, self.substeps, self.handoff)
-        except ValueError as e:
-            raise ConfigError(f"--hybrid-steps / --hybrid-substeps / --hybrid-handoff: {e}") from None
-        if (self.steps > 1 or self.handoff != "renoise") and (getattr(student, "phased", False)
-                                                               or getattr(student, "multi_student", False)):
-            raise ConfigError("--hybrid-steps > 1 and --hybrid-handoff ode need a plain student (StepDistillPipeline); "
-                              "Phased DMD and multi-student pipelines let the teacher take the first step only")
-        why = compatibility(self.teacher, student)
+        """The one hybrid check (:func:`stepdistill.pipelines.hybrid.hybrid_problem`): step counts, what the student
+        pipeline allows, and that teacher and student share images, classes and schedule."""
+        ts = [float(t) for t in student.pipe.timesteps_for(student_steps)]
+        why = hybrid_problem(side(self.teacher), side(student), type(student.pipe), ts, self.steps, self.substeps,
+                             self.handoff)
         if why:
-            raise ConfigError(f"--hybrid-teacher {self.teacher.path} cannot take {student.path}'s steps: {why}")
+            raise ConfigError(f"--hybrid-teacher {self.teacher.path} / --hybrid-steps / --hybrid-substeps / "
+                              f"--hybrid-handoff: cannot take {student.path}'s steps: {why}")
 
     def nfe(self, student_steps: int) -> int:
         return hybrid_nfe(student_steps, self.steps, self.substeps, self.cfg)
@@ -63,14 +59,9 @@ class Hybrid:
 
     def sample(self, student, noise, labels, steps: int, generator) -> torch.Tensor:
         """One batch of the hybrid chain for a ``StudentModel`` (x0 (B, C, H, W) in [-1, 1])."""
-        from ..pipelines.sampling import student_sample
-
         ts = [float(v) for v in student.pipe.timesteps_for(steps)]
         fs = self.first_step(labels, ts)
-        if student.phased or student.multi_student:
-            return student.pipe.sample(noise, labels, steps, generator=generator, first_step=fs)
-        return student_sample(student.pipe.denoiser(), ts, labels, noise, generator=generator, first_step=fs,
-                              hybrid_steps=self.steps)
+        return student.pipe.sample(noise, labels, steps, generator=generator, first_step=fs, hybrid_steps=self.steps)
 
     def pipe_kwargs(self, student, labels, steps: int) -> dict:
         """Keyword arguments for the student pipeline's ``__call__`` (bench)."""
@@ -87,18 +78,7 @@ class Hybrid:
                 "student_nfe_per_sample": student_steps - self.steps}
 
 
-def compatibility(teacher, student) -> str | None:
-    """None when ``teacher`` can take ``student``'s steps (same image shape, classes and noise schedule)."""
-    if tuple(teacher.image_shape) != tuple(student.image_shape):
-        return f"teacher images are {list(teacher.image_shape)}, student images {list(student.image_shape)}"
-    if teacher.class_names != student.class_names:
-        return "teacher and student class names differ"
-    from ..schedules import schedule_from_config
-
-    ts = torch.tensor([float(t) for t in (student.meta.student_timesteps or [999.0])])
-    a_t, s_t = schedule_from_config(dict(teacher.pipe.scheduler.config)).alpha_sigma(ts)
-    a_s, s_s = schedule_from_config(dict(student.pipe.scheduler.config)).alpha_sigma(ts)
-    same = torch.allclose(a_t.float(), a_s.float(), atol=1e-4) and torch.allclose(s_t.float(), s_s.float(), atol=1e-4)
-    if not same:
-        return "their noise schedules differ at the student's timesteps"
-    return None
+def side(model) -> HybridSide:
+    """A loaded eval model (``TeacherModel`` / ``StudentModel``) as one side of the hybrid check."""
+    return HybridSide(tuple(model.image_shape), model.meta.conditioning, list(model.class_names),
+                      dict(model.pipe.scheduler.config))

@@ -143,7 +143,7 @@ def make_report(student: str, out_dir: str | Path, teacher: str | None = None, n
     """Write the report (see the module docstring); returns the ``report.json`` content. ``teacher_metrics``:
     with ``fid``, take the teacher's FID / recall / ... from its ``stepdistill eval`` JSON (same sample count,
     seed and reference, checked) instead of sampling it again."""
-    from .generate import (
+    from .metrics import (
         classifier_accuracy,
         diversity_metric,
         fid_metrics,

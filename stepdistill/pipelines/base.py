@@ -13,9 +13,41 @@ from ..conditioning import class_index
 from ..shipped import resolve_shipped
 
 
+def image_output(x, output_type: str = "pil", return_dict: bool = True):
+    """Samples x0 in [-1, 1] (B, C, H, W) as every stepdistill pipeline returns them: ``output_type`` ``"pt"`` (the
+    tensor), ``"np"`` ((B, H, W, C) in [0, 1]) or ``"pil"``; an ``ImagePipelineOutput`` unless ``return_dict`` is
+    False (then a one-tuple)."""
+    from diffusers import ImagePipelineOutput
+
+    if output_type == "pt":
+        images = x
+    else:
+        images = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).float().cpu().numpy()
+        if output_type == "pil":
+            from PIL import Image
+
+            images = [Image.fromarray(((im[..., 0] if im.shape[-1] == 1 else im) * 255).round().astype("uint8"))
+                      for im in images]
+    if not return_dict:
+        return (images,)
+    return ImagePipelineOutput(images=images)
+
+
 class StepDistillPipelineBase(DiffusionPipeline):
     """A ``DiffusionPipeline`` whose ``from_pretrained`` resolves ``builtin:`` names and then lets the
-    subclass read the folder's ``stepdistill.json`` (:meth:`_read_meta`)."""
+    subclass read the folder's ``stepdistill.json`` (:meth:`_read_meta`).
+
+    Every *student* pipeline (one-/few-step student, Phased DMD experts, routed MSD students, text students) has
+    one sampling method, the one route from a model folder to images that the CLI, eval, bench and the demo
+    call::
+
+        sample(noise (B, C, H, W), conditions (B,) labels | embeddings | None, num_inference_steps=None,
+               generator=None, first_step=None, hybrid_steps=1) -> x0 in [-1, 1]
+        denoisers() -> [Denoiser, ...]           # its networks, in chain / routing order
+        max_hybrid_steps: int | None             # first steps a teacher may take: None any, 1, 0 none
+
+    ``__call__`` draws the noise, calls ``sample`` and formats the images (:func:`image_output`).
+    """
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

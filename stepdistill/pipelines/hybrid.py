@@ -33,6 +33,8 @@ NFE per sample = ``n m (2 with CFG, else 1) + (K - n)`` (:func:`hybrid_nfe`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..denoiser import Denoiser
@@ -62,6 +64,52 @@ def check_hybrid(student_steps: int, hybrid_steps: int, substeps: int = 1, hando
         raise ValueError(f"hybrid teacher sub-steps must be >= 1, got {substeps}")
     if handoff not in HANDOFFS:
         raise ValueError(f"hybrid hand-off must be {' or '.join(sorted(HANDOFFS))}, got {handoff!r}")
+
+
+@dataclass
+class HybridSide:
+    """What the one hybrid check needs of a teacher or a student, readable from a folder without weights:
+    image shape (C, H, W), conditioning (class | text | none), class names, scheduler config."""
+    shape: tuple
+    conditioning: str = "class"
+    class_names: list = field(default_factory=list)
+    scheduler_config: dict = field(default_factory=dict)
+
+
+def hybrid_problem(teacher: HybridSide, student: HybridSide, student_pipeline, student_timesteps: list[float],
+                   hybrid_steps: int = 1, substeps: int = 1, handoff: str = "renoise") -> str | None:
+    """The one answer to "can this teacher take these first steps of this student" (``stepdistill eval`` /
+    ``bench --hybrid-*`` and the demo): None, or why not. The step counts (:func:`check_hybrid`); what the
+    student pipeline class allows (``max_hybrid_steps``: None any number with either hand-off, 1 the first step
+    with the re-noised hand-off, 0 none); then the pair: image shape, conditioning, class names (when both name
+    them) and the noise schedule at the student's timesteps."""
+    try:
+        check_hybrid(len(student_timesteps), hybrid_steps, substeps, handoff)
+    except ValueError as e:
+        return str(e)
+    limit = getattr(student_pipeline, "max_hybrid_steps", 0)
+    name = getattr(student_pipeline, "__name__", str(student_pipeline))
+    if limit == 0:
+        return f"{name} does not support hybrid sampling"
+    if limit is not None and (hybrid_steps > limit or handoff != "renoise"):
+        return (f"{name} lets the teacher take the first step only (hand-off renoise); more teacher steps and the "
+                "ode hand-off need a plain student (StepDistillPipeline)")
+    if tuple(teacher.shape) != tuple(student.shape):
+        return f"teacher images are {list(teacher.shape)}, student images {list(student.shape)}"
+    if teacher.conditioning != student.conditioning:
+        return f"teacher is {teacher.conditioning}-conditioned, student is {student.conditioning}-conditioned"
+    if teacher.class_names and student.class_names and list(teacher.class_names) != list(student.class_names):
+        return "teacher and student class names differ"
+    if teacher.scheduler_config and student.scheduler_config:
+        from ..schedules import schedule_from_config
+
+        ts = torch.tensor([float(t) for t in student_timesteps])
+        a_t, s_t = schedule_from_config(dict(teacher.scheduler_config)).alpha_sigma(ts)
+        a_s, s_s = schedule_from_config(dict(student.scheduler_config)).alpha_sigma(ts)
+        if not (torch.allclose(a_t.float(), a_s.float(), atol=1e-4) and torch.allclose(s_t.float(), s_s.float(),
+                                                                                       atol=1e-4)):
+            return "their noise schedules differ at the student's timesteps"
+    return None
 
 
 class TeacherSteps:

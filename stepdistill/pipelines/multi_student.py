@@ -34,12 +34,11 @@ import time
 import torch
 
 from ..partitions import routing_table  # noqa: F401 (re-exported)
-from .base import StepDistillPipelineBase
+from .base import StepDistillPipelineBase, image_output
 
 from ..denoiser import Denoiser, sample_shape
 from ..schedules import schedule_from_config
 from .sampling import student_sample
-from .student import _output
 
 MAX_STUDENTS = 8  # student_0 (= unet) plus the optional components student_1..student_7
 PIPELINE_CLASS = "MultiStudentPipeline"
@@ -94,6 +93,9 @@ class MultiStudentPipeline(StepDistillPipelineBase):
     """
 
     _optional_components = ["unet", "transformer"] + [student_subfolder(k) for k in range(1, MAX_STUDENTS)]
+
+    #: first steps a teacher may take (pipelines/hybrid.py): the first step only (re-noised hand-off)
+    max_hybrid_steps: int | None = 1
 
     def __init__(self, unet, scheduler, student_1=None, student_2=None, student_3=None, student_4=None,
                  student_5=None, student_6=None, student_7=None, student_timesteps: list[float] | None = None,
@@ -156,9 +158,12 @@ class MultiStudentPipeline(StepDistillPipelineBase):
     # -- sampling -----------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, labels: torch.Tensor, num_inference_steps: int | None = None,
-               generator: torch.Generator | None = None, first_step=None) -> torch.Tensor:
+               generator: torch.Generator | None = None, first_step=None, hybrid_steps: int = 1) -> torch.Tensor:
         """x0 in [-1, 1] from the starting noise (B, C, H, W) and class indices ``labels`` (B,) long.
         Sets ``last_students``."""
+        if hybrid_steps != 1:
+            raise ValueError(f"hybrid_steps must be 1 for {type(self).__name__}: a teacher may take the first step "
+                             "only (re-noised hand-off)")
         if labels is None:
             raise ValueError("MultiStudentPipeline is class-conditional: give class labels (they pick the student)")
         labels = torch.as_tensor(labels, dtype=torch.long, device=noise.device)
@@ -186,4 +191,4 @@ class MultiStudentPipeline(StepDistillPipelineBase):
         t0 = time.perf_counter()
         x = self.sample(noise, labels, len(steps), generator=generator, first_step=first_step)
         self.last_latency_s = time.perf_counter() - t0
-        return _output(x, output_type, return_dict)
+        return image_output(x, output_type, return_dict)

@@ -33,11 +33,10 @@ import time
 
 import torch
 
-from .base import StepDistillPipelineBase
+from .base import StepDistillPipelineBase, image_output
 
 from ..denoiser import Denoiser, sample_shape
 from ..schedules import schedule_from_config
-from .student import _output
 
 MAX_EXPERTS = 8  # expert_0 (= unet) plus the optional components expert_1..expert_7
 
@@ -109,6 +108,9 @@ class PhasedDMDPipeline(StepDistillPipelineBase):
 
     _optional_components = ["unet", "transformer"] + [expert_subfolder(k) for k in range(1, MAX_EXPERTS)]
 
+    #: first steps a teacher may take (pipelines/hybrid.py): the first step only (re-noised hand-off)
+    max_hybrid_steps: int | None = 1
+
     def __init__(self, unet, scheduler, expert_1=None, expert_2=None, expert_3=None, expert_4=None,
                  expert_5=None, expert_6=None, expert_7=None, student_timesteps: list[float] | None = None,
                  class_names: list[str] | None = None, prediction_type: str | None = None,
@@ -169,12 +171,15 @@ class PhasedDMDPipeline(StepDistillPipelineBase):
     # -- sampling -------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, labels=None, num_inference_steps: int | None = None,
-               generator: torch.Generator | None = None, first_step=None) -> torch.Tensor:
+               generator: torch.Generator | None = None, first_step=None, hybrid_steps: int = 1) -> torch.Tensor:
         """x0 in [-1, 1] from the starting noise x_{s_0} (B, C, H, W); ``labels`` (B,) long or None.
 
         ``generator`` is accepted for interface parity and unused: the chain is deterministic.
         Sets ``last_experts``.
         """
+        if hybrid_steps != 1:
+            raise ValueError(f"hybrid_steps must be 1 for {type(self).__name__}: a teacher may take the first step "
+                             "only (re-noised hand-off)")
         trace: list[int] = []
         x = phased_sample(self.denoisers(), self.timesteps_for(num_inference_steps), self.config.phase_boundaries,
                           labels, noise, first_step=first_step, trace=trace)
@@ -198,4 +203,4 @@ class PhasedDMDPipeline(StepDistillPipelineBase):
         t0 = time.perf_counter()
         x = self.sample(noise, labels, len(steps), first_step=first_step)
         self.last_latency_s = time.perf_counter() - t0
-        return _output(x, output_type, return_dict)
+        return image_output(x, output_type, return_dict)

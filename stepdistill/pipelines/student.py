@@ -17,8 +17,7 @@ import time
 
 import torch
 
-from .base import StepDistillPipelineBase
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from .base import StepDistillPipelineBase, image_output
 
 from ..denoiser import Denoiser, sample_shape
 from ..schedules import schedule_from_config
@@ -32,6 +31,9 @@ class StepDistillPipeline(StepDistillPipelineBase):
     students, with a ``FlowMatchEulerDiscreteScheduler`` for flow-matching teachers)."""
 
     _optional_components = ["unet", "transformer"]
+
+    #: first steps a teacher may take (pipelines/hybrid.py): any number of first steps, either hand-off
+    max_hybrid_steps: int | None = None
 
     def __init__(self, unet, scheduler, student_timesteps: list[float] | None = None,
                  class_names: list[str] | None = None, prediction_type: str | None = None, transformer=None):
@@ -73,22 +75,19 @@ class StepDistillPipeline(StepDistillPipelineBase):
         labels, batch_size = self.conditions(class_labels, batch_size, prompt_embeds, pooled_prompt_embeds)
         noise = torch.randn(batch_size, *sample_shape(self.network), generator=generator).to(dev)
         t0 = time.perf_counter()
-        x = student_sample(self.denoiser(), self.timesteps_for(num_inference_steps), labels, noise,
-                           generator=generator, first_step=first_step, hybrid_steps=hybrid_steps)
+        x = self.sample(noise, labels, num_inference_steps, generator=generator, first_step=first_step,
+                        hybrid_steps=hybrid_steps)
         self.last_latency_s = time.perf_counter() - t0
-        return _output(x, output_type, return_dict)
+        return image_output(x, output_type, return_dict)
 
+    # -- the one sampling route (pipelines/base.py) ---------------------------------------------------
+    def denoisers(self) -> list[Denoiser]:
+        return [self.denoiser()]
 
-def _output(x: torch.Tensor, output_type: str, return_dict: bool):
-    if output_type == "pt":
-        images = x
-    else:
-        images = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).float().cpu().numpy()
-        if output_type == "pil":
-            from PIL import Image
-
-            images = [Image.fromarray(((im[..., 0] if im.shape[-1] == 1 else im) * 255).round().astype("uint8"))
-                      for im in images]
-    if not return_dict:
-        return (images,)
-    return ImagePipelineOutput(images=images)
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, labels=None, num_inference_steps: int | None = None,
+               generator: torch.Generator | None = None, first_step=None, hybrid_steps: int = 1) -> torch.Tensor:
+        """x0 in [-1, 1] from the starting noise (B, C, H, W): the student chain (fresh noise between steps, from
+        ``generator``); ``first_step(x, t) -> x0`` takes the first ``hybrid_steps`` steps (hybrid sampling)."""
+        return student_sample(self.denoiser(), self.timesteps_for(num_inference_steps), labels, noise,
+                              generator=generator, first_step=first_step, hybrid_steps=hybrid_steps)

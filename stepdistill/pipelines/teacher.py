@@ -7,12 +7,11 @@ from pathlib import Path
 
 import torch
 
-from .base import StepDistillPipelineBase
+from .base import StepDistillPipelineBase, image_output
 
 from ..denoiser import Denoiser, sample_shape
 from ..schedules import schedule_from_config
 from .sampling import make_scheduler, scheduler_sample
-from .student import _output
 
 
 class StepDistillTeacherPipeline(StepDistillPipelineBase):
@@ -64,4 +63,4 @@ class StepDistillTeacherPipeline(StepDistillPipelineBase):
         x = scheduler_sample(self.denoiser(), sched, labels, num_inference_steps, guidance_scale, noise, progress,
                              on_step=on_step)
         self.last_latency_s = time.perf_counter() - t0
-        return _output(x, output_type, return_dict)
+        return image_output(x, output_type, return_dict)

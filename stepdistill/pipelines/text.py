@@ -24,13 +24,12 @@ from pathlib import Path
 
 import torch
 
-from .base import StepDistillPipelineBase
+from .base import StepDistillPipelineBase, image_output
 
 from ..denoiser import Denoiser, sample_shape
 from ..schedules import schedule_from_config
 from ..text import PromptEncoder
 from .sampling import make_scheduler, scheduler_sample
-from .student import _output
 
 
 class _TextPipelineMixin:
@@ -104,13 +103,16 @@ class StepDistillTextTeacherPipeline(_TextPipelineMixin, StepDistillPipelineBase
                              progress, negative=neg, on_step=on_step)
         x = self.decode(x)
         self.last_latency_s = time.perf_counter() - t0
-        return _output(x, output_type, return_dict)
+        return image_output(x, output_type, return_dict)
 
 
 class StepDistillTextPipeline(_TextPipelineMixin, StepDistillPipelineBase):
     """One-/few-step sampling of a distilled text student (CFG and the negative prompt are distilled in)."""
 
     _optional_components = ["text_encoder", "tokenizer", "vae"]
+
+    #: first steps a teacher may take (pipelines/hybrid.py): none: hybrid sampling is for class-conditional students
+    max_hybrid_steps: int | None = 0
 
     def __init__(self, unet, scheduler, text_encoder=None, tokenizer=None, vae=None,
                  student_timesteps: list[float] | None = None, max_length: int | None = None,
@@ -136,10 +138,23 @@ class StepDistillTextPipeline(_TextPipelineMixin, StepDistillPipelineBase):
             else self.encode_prompt(prompt, num_images_per_prompt)
         x = latents.to(self.unet.device) if latents is not None else self._noise(cond.shape[0], generator)
         t0 = time.perf_counter()
-        x0 = student_chain(self.denoiser(), self.timesteps_for(num_inference_steps), cond, x, generator)
-        x = self.decode(x0)
+        x = self.sample(x, cond, num_inference_steps, generator=generator)
         self.last_latency_s = time.perf_counter() - t0
-        return _output(x, output_type, return_dict)
+        return image_output(x, output_type, return_dict)
+
+    # -- the one sampling route (pipelines/base.py) ---------------------------------------------------
+    def denoisers(self) -> list[Denoiser]:
+        return [self.denoiser()]
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, cond, num_inference_steps: int | None = None,
+               generator: torch.Generator | None = None, first_step=None, hybrid_steps: int = 1) -> torch.Tensor:
+        """Images in [-1, 1] (decoded from latents for latent students) from the starting noise and prompt
+        embeddings ``cond`` (B, L, D): the student chain, fresh noise from ``generator`` between steps."""
+        if first_step is not None:
+            raise ValueError("hybrid sampling (first_step) is not supported for text students")
+        return self.decode(student_chain(self.denoiser(), self.timesteps_for(num_inference_steps), cond, noise,
+                                         generator))
 
 
 @torch.no_grad()
