@@ -156,13 +156,13 @@ def sample_text(a) -> None:
 
 
 def cmd_sample(a):
-    from .text_models import is_text_model
+    from .models import read_folder
 
     check_sample_args(a)
     from .cli_tools import _set_threads
 
     _set_threads(a)
-    if is_text_model(a.model):  # text-to-image teachers and students: --prompt / --negative-prompt
+    if read_folder(a.model).is_text:  # text-to-image teachers and students: --prompt / --negative-prompt
         return sample_text(a)
     if a.prompt or a.negative_prompt:
         from .config import ConfigError

@@ -32,13 +32,16 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .conditioning import class_index
 from .errors import StepDistillError
 from .shipped import BUILTIN_STUDENTS, BUILTIN_TEACHERS
+
+if TYPE_CHECKING:
+    from .models import FolderInfo
 
 DEFAULT_TEACHER = "builtin:animal_mnist"
 DEFAULT_STUDENT = "builtin:animal_mnist_dmd2"
@@ -99,72 +102,32 @@ def _bare_model_folder(p: Path) -> bool:
         (p / "scheduler" / "scheduler_config.json").exists()
 
 
-@dataclass
-class ModelInfo:
-    """What the UI needs to know about a folder, read from its json files (no weights loaded)."""
-    path: Path
-    pipeline_class: str | None = None
-    conditioning: str = "class"  # none | class | text
-    class_names: list[str] = field(default_factory=list)
-    student_timesteps: list[float] | None = None
-    method: str | None = None
-    experts: list[Any] | None = None  # stepdistill.json extra.experts / extra.students, when present
-    channels: int | None = None
-    resolution: int | None = None
+def read_model_info(path_or_name: str | os.PathLike, role: str = "model") -> FolderInfo:
+    """The folder the user named, checked for the UI (:func:`resolve_model_path`), described by the one folder
+    reader (:func:`stepdistill.models.read_folder`; no weights loaded)."""
+    from .models import ModelLoadError, read_folder
 
-    @property
-    def max_student_steps(self) -> int:
-        return len(self.student_timesteps or [])
-
-
-def read_model_info(path_or_name: str | os.PathLike, role: str = "model") -> ModelInfo:
     p = resolve_model_path(path_or_name, role)
-    index = _read_json(p / "model_index.json")
-    meta = _read_json(p / "stepdistill.json")
-    unet = {}
-    for sub in ("unet", "transformer"):
-        if (p / sub / "config.json").exists():
-            unet = _read_json(p / sub / "config.json")
-            break
-    extra = meta.get("extra") or {}
-    experts = extra.get("experts") or extra.get("students") or None
-    cond = meta.get("conditioning")
-    if cond is None:
-        cond = "class" if unet.get("num_class_embeds") else ("text" if unet.get("cross_attention_dim") else "none")
-    if not meta and unet.get("num_class_embeds"):  # a stock folder: classes + the null class, named by index
-        meta = {"class_names": [str(i) for i in range(int(unet["num_class_embeds"]) - 1)]}
-    ts = meta.get("student_timesteps") or index.get("student_timesteps")
-    res = unet.get("sample_size")
-    return ModelInfo(path=p, pipeline_class=index.get("_class_name"), conditioning=cond,
-                     class_names=list(meta.get("class_names") or index.get("class_names") or []),
-                     student_timesteps=[float(t) for t in ts] if ts else None, method=meta.get("method"),
-                     experts=list(experts) if experts else None, channels=unet.get("in_channels"),
-                     resolution=res[0] if isinstance(res, (list, tuple)) else res)
-
-
-def _read_json(p: Path) -> dict:
-    if not p.exists():
-        return {}
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise DemoInputError(f"{p} is not valid JSON: {e}") from e
+        return read_folder(p)
+    except ModelLoadError as e:
+        raise DemoInputError(str(e)) from None
 
 
-def student_supports_hybrid(info: ModelInfo) -> bool:
+def student_supports_hybrid(info: FolderInfo) -> bool:
     """True when the student's pipeline lets a teacher take its first step (``max_hybrid_steps`` != 0)."""
     cls = _student_pipeline_class(info)
     return cls is not None and getattr(cls, "max_hybrid_steps", 0) != 0
 
 
-def student_supports_hybrid_chain(info: ModelInfo) -> bool:
+def student_supports_hybrid_chain(info: FolderInfo) -> bool:
     """True when the student accepts any teacher steps n and the ``ode`` hand-off (``max_hybrid_steps`` None:
     StepDistillPipeline); Phased DMD and multi-student pipelines take n = 1 with ``renoise`` only."""
     cls = _student_pipeline_class(info)
     return cls is not None and getattr(cls, "max_hybrid_steps", 0) is None
 
 
-def _student_pipeline_class(info: ModelInfo):
+def _student_pipeline_class(info: FolderInfo):
     """The pipeline class named by model_index.json among stepdistill's student pipelines."""
     from .pipelines import student_pipeline_class
 
@@ -174,7 +137,7 @@ def _student_pipeline_class(info: ModelInfo):
     return cls
 
 
-def hybrid_compatible(teacher: ModelInfo, student: ModelInfo) -> str | None:
+def hybrid_compatible(teacher: FolderInfo, student: FolderInfo) -> str | None:
     """None when the teacher can take the student's first step, else why not: the one hybrid check
     (:func:`stepdistill.pipelines.hybrid.hybrid_problem`, as ``stepdistill eval --hybrid-teacher``), on what the
     folders say (no weights loaded)."""
@@ -184,12 +147,12 @@ def hybrid_compatible(teacher: ModelInfo, student: ModelInfo) -> str | None:
                           student.student_timesteps or [999.0])
 
 
-def _hybrid_side(info: ModelInfo):
+def _hybrid_side(info: FolderInfo):
     from .pipelines.hybrid import HybridSide
 
     sched = info.path / "scheduler" / "scheduler_config.json"
     return HybridSide((info.channels, info.resolution, info.resolution), info.conditioning, list(info.class_names),
-                      _read_json(sched) if sched.exists() else {})
+                      json.loads(sched.read_text()) if sched.exists() else {})
 
 
 def expert_caption(experts: list[Any] | None, class_name: str | None, class_index: int | None,
@@ -240,7 +203,7 @@ def _stamp(p: Path) -> tuple:
     return tuple((str(f), f.stat().st_mtime_ns) for f in files if f.exists())
 
 
-def load_teacher(info: ModelInfo):
+def load_teacher(info: FolderInfo):
     from .pipelines.teacher import StepDistillTeacherPipeline
 
     if info.conditioning == "text":  # text encoder (+ VAE) come with it; safetensors only
@@ -267,7 +230,7 @@ def _bare_teacher_pipeline(path: Path):
                                       prediction_type=meta.prediction_type, **nets)
 
 
-def load_student(info: ModelInfo):
+def load_student(info: FolderInfo):
     def build():
         if info.conditioning == "text":
             from .pipelines.text import load_text_pipeline
@@ -338,7 +301,7 @@ def _float_in(value, name: str, lo: float, hi: float) -> float:
     return f
 
 
-def resolve_labels(info: ModelInfo, class_name, batch_size: int) -> tuple[list[str] | None, list[int] | None]:
+def resolve_labels(info: FolderInfo, class_name, batch_size: int) -> tuple[list[str] | None, list[int] | None]:
     """(names, indices) of the batch's classes; ``ALL_CLASSES`` cycles through every class, so the batch has
     ``max(batch_size, number of classes)`` images."""
     if info.conditioning != "class":
@@ -429,8 +392,8 @@ def hybrid_settings(student_steps: int, hybrid_steps, hybrid_substeps, hybrid_ha
 @dataclass
 class Plan:
     """A validated request: what :func:`run_student` and :func:`run_teacher` sample."""
-    tinfo: ModelInfo
-    sinfo: ModelInfo
+    tinfo: FolderInfo
+    sinfo: FolderInfo
     seed: int
     batch_size: int
     student_steps: int

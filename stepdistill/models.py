@@ -239,6 +239,74 @@ def backbone_subfolder(backbone) -> str:
     return component_name(backbone)
 
 
+#: the pipelines of distilled students (what ``kind == "student"`` means for a folder without student timesteps)
+STUDENT_PIPELINES = ("StepDistillPipeline", "PhasedDMDPipeline", "MultiStudentPipeline", "StepDistillTextPipeline")
+
+
+@dataclass
+class FolderInfo:
+    """What a model folder holds, read from its json files (no weights loaded): the one reader behind the
+    CLI, eval, the text path and the demo."""
+    path: Path
+    pipeline_class: str | None = None
+    conditioning: str = "class"  # none | class | text
+    declared_conditioning: str | None = None  # stepdistill.json's own word, None for a stock folder
+    class_names: list[str] = field(default_factory=list)
+    student_timesteps: list[float] | None = None
+    method: str | None = None
+    experts: list | None = None  # stepdistill.json extra.experts / extra.students, when present
+    channels: int | None = None
+    resolution: int | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"student"`` (distilled: student timesteps or a student pipeline) or ``"teacher"``."""
+        return "student" if self.student_timesteps or self.pipeline_class in STUDENT_PIPELINES else "teacher"
+
+    @property
+    def is_text(self) -> bool:
+        """A text-to-image model by its own ``stepdistill.json`` (``conditioning: text``)."""
+        return self.declared_conditioning == "text"
+
+    @property
+    def max_student_steps(self) -> int:
+        return len(self.student_timesteps or [])
+
+
+def _read_json(p: Path) -> dict:
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{p}: invalid JSON ({e})") from e
+
+
+def read_folder(path: str | Path) -> FolderInfo:
+    """:class:`FolderInfo` of a local model folder (``builtin:`` names and cached hub ids resolved); a stock folder
+    without ``stepdistill.json`` is described from its network's config (class embeddings: classes named by index;
+    cross-attention: text)."""
+    p = Path(_resolve(str(path)))
+    index, meta = _read_json(p / "model_index.json"), _read_json(p / "stepdistill.json")
+    net = next((_read_json(p / sub / "config.json") for sub in ("unet", "transformer")
+                if (p / sub / "config.json").is_file()), {})
+    extra = meta.get("extra") or {}
+    experts = extra.get("experts") or extra.get("students") or None
+    cond = meta.get("conditioning")
+    if cond is None:
+        cond = "class" if net.get("num_class_embeds") else ("text" if net.get("cross_attention_dim") else "none")
+    names = meta.get("class_names") or index.get("class_names") or []
+    if not names and not meta and net.get("num_class_embeds"):  # a stock folder: classes + the null class
+        names = [str(i) for i in range(int(net["num_class_embeds"]) - 1)]
+    ts = meta.get("student_timesteps") or index.get("student_timesteps")
+    res = net.get("sample_size")
+    return FolderInfo(path=p, pipeline_class=index.get("_class_name"), conditioning=cond,
+                      declared_conditioning=meta.get("conditioning"), class_names=list(names),
+                      student_timesteps=[float(t) for t in ts] if ts else None, method=meta.get("method"),
+                      experts=list(experts) if experts else None, channels=net.get("in_channels"),
+                      resolution=res[0] if isinstance(res, (list, tuple)) else res)
+
+
 def save_component(path: Path, part) -> list:
     """Write one pipeline component into ``path``: a diffusers / transformers model (safetensors), a tokenizer, or a
     custom ``nn.Module`` (weights + the class name and init kwargs, never pickled code: see

@@ -141,13 +141,6 @@ def reference_text_encoder(src: str | Path, dst: str | Path, encoder_ref: str = 
     return dst
 
 
-def is_text_model(path: str) -> bool:
-    """True when the folder's ``stepdistill.json`` says ``conditioning: text`` (reads no weights)."""
-    p = Path(_resolve(str(path)))
-    meta = ModelMeta.load(p) if p.is_dir() else None
-    return meta is not None and meta.conditioning == "text"
-
-
 def default_prompts(meta: ModelMeta) -> list[str]:
     """The model's caption set, first template of every class ("a cat", ...) or ``["" ]`` without one."""
     names = ((meta.extra or {}).get("text") or {}).get("class_names") or []

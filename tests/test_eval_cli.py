@@ -20,7 +20,6 @@ from stepdistill.eval.generate import (
     TextModelsNotSupported,
     load_any,
     load_reference,
-    model_kind,
 )
 from stepdistill.models import ModelLoadError
 
@@ -47,7 +46,9 @@ EVAL_FAST = ["--ref", "digits", "--ref-num", "32", "--no-progress", "--threads",
 # ---------------------------------------------------------------------------- generation wrapper
 
 def test_load_any_detects_teacher_and_student(tiny_teacher, student2):
-    assert model_kind(tiny_teacher) == "teacher" and model_kind(student2) == "student"
+    from stepdistill.models import read_folder
+
+    assert read_folder(tiny_teacher).kind == "teacher" and read_folder(student2).kind == "student"
     t, s = load_any(tiny_teacher, device="cpu"), load_any(student2, device="cpu")
     assert isinstance(t, TeacherModel) and isinstance(s, StudentModel)
     assert s.max_steps == 2 and s.image_shape == t.image_shape == (1, 16, 16)

@@ -33,14 +33,13 @@ from typing import Callable
 import torch
 
 from ..config import ConfigError
-from ..models import ModelLoadError, ModelMeta, _resolve, load_denoiser, load_scheduler_config
+from ..models import ModelLoadError, ModelMeta, _resolve, load_denoiser, load_scheduler_config, read_folder
 from ..text import read_prompts  # noqa: F401 (re-exported: eval reads prompt files)
 from ..utils import class_balanced_labels
 from .model import EvalModel
 from .metrics import (TextModelsNotSupported, classifier_accuracy, diversity_metric, fid_metrics, load_reference,
                       reference_info, training_dataset)
 
-STUDENT_CLASS = "StepDistillPipeline"
 TEACHER_CLASS = "StepDistillTeacherPipeline"
 DEFAULT_TEACHER_STEPS = 50
 DEFAULT_GUIDANCE = 2.0
@@ -283,23 +282,6 @@ def _backbone_folder(p: Path) -> Path | None:
     return None
 
 
-def model_kind(path: str | Path) -> str:
-    """``"student"`` or ``"teacher"`` from the folder's metadata (no weights are loaded)."""
-    p = Path(_resolve(str(path)))
-    meta = ModelMeta.load(p) if p.is_dir() else None
-    if meta is not None and meta.student_timesteps:
-        return "student"
-    idx = p / "model_index.json"
-    if p.is_dir() and idx.is_file():
-        try:
-            cls = json.loads(idx.read_text()).get("_class_name")
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{idx}: invalid JSON ({e})") from e
-        if cls == STUDENT_CLASS:
-            return "student"
-    return "teacher"
-
-
 def load_any(path: str | Path, device: str | torch.device | None = None, allow_pickle: bool = False,
              sampler: str = "ddim") -> TeacherModel | StudentModel:
     """Load a teacher or student folder (see the module docstring) as a generation wrapper.
@@ -311,7 +293,7 @@ def load_any(path: str | Path, device: str | torch.device | None = None, allow_p
     p = Path(_resolve(path))
     if not p.exists() and (path.startswith((".", "/", "~")) or len(path.split("/")) != 2):
         raise ModelLoadError(f"{path}: no such model folder")
-    kind = model_kind(path)
+    kind = read_folder(path).kind  # the one folder reader (models.read_folder)
     den, meta = load_denoiser(path, allow_pickle=allow_pickle)
     device = torch.device(device) if device is not None else _default_device()
     if meta.conditioning == "text":
