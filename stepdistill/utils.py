@@ -175,6 +175,18 @@ def class_balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n) % max(num_classes, 1)
 
 
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Move the finished ``tmp`` to ``final``: an existing ``final`` is renamed aside first and removed only after the
+    new one is in place, so a crash leaves one complete version (and a ``.old_*`` litter file at worst)."""
+    if final.exists():
+        old = final.parent / f".old_{final.name}_{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    else:
+        os.replace(tmp, final)
+
+
 @contextlib.contextmanager
 def atomic_folder(out: str | Path, overwrite: bool = False, kind: str = "export", inputs=(), own: bool = False):
     """Write a folder all at once: yields a temporary sibling folder that replaces ``out`` on success (and is
@@ -203,11 +215,5 @@ def atomic_folder(out: str | Path, overwrite: bool = False, kind: str = "export"
     except BaseException:
         shutil.rmtree(box, ignore_errors=True)
         raise
-    if out.exists():
-        old = out.parent / f".old_{out.name}_{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        os.replace(tmp, out)
+    swap_into_place(tmp, out)
     shutil.rmtree(box, ignore_errors=True)

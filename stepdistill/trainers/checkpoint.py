@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from ..config import drop_foreign_keys, to_dict, upgrade_keys
 from ..errors import CheckpointError
 from ..outputs import clean_stale_temps, mark_run_dir, prepare_run_dir, read_marker, run_inputs, run_lock, write_marker
-from ..utils import atomic_write_text, sha256_file
+from ..utils import atomic_write_text, sha256_file, swap_into_place
 
 
 class CheckpointIO:
@@ -86,13 +86,7 @@ class CheckpointIO:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if final.exists():
-            old = self.ckpt_dir / f".old_{name}_{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        swap_into_place(tmp, final)
         if tag is None:
             atomic_write_text(self.ckpt_dir / "latest", name)
             self.obj.on_checkpoint(self, final)  # PSO saves its online references beside the weights
