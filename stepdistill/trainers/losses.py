@@ -150,6 +150,30 @@ def pso_loss(err_theta_tgt: torch.Tensor, err_ref_tgt: torch.Tensor, err_theta_r
 
 # -- perceptual distance -----------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
+def scm_loss(f: torch.Tensor, f_minus: torch.Tensor, f_teacher: torch.Tensor, x_s: torch.Tensor, dfdt: torch.Tensor,
+             s: torch.Tensor, warm: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """sCM's continuous-time consistency loss on the TrigFlow view, with its tangent warm-up and normalisation (Lu &
+    Song 2024, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", Eq. 8 and Sec. 4.2; as used
+    by rCM, Zheng et al. 2025)::
+
+        g = -cos(s) sqrt(1 - r^2 sin(s)^2) (F_minus - F_teacher) - r (cos(s) sin(s) x_s + dF/dt)
+        g <- g / (||g|| + c)                                   # per sample (tangent normalisation)
+        L = 0.5 * mean || F - F_minus - g ||^2                 # d L / d F = F - F_minus - g: a step along -g
+
+    ``f``: the student's F(x_s, s) with grad; ``f_minus`` (detached) its value, ``f_teacher`` the teacher's
+    (guided) F, ``dfdt`` the JVP tangent dF/dt along the teacher's ODE (:mod:`stepdistill.trigflow`), all
+    (B, C, H, W) float32; ``s`` (B,) the TrigFlow times (float64: the products are formed before the cast);
+    ``warm`` = r in [0, 1]; ``norm_eps`` = c. Returns (L, g)."""
+    from ..schedules import _bcast
+
+    cs, sn = torch.cos(s), torch.sin(s)
+    b = lambda v: _bcast(v, f_minus)  # noqa: E731 - (B,) -> (B, 1, 1, 1) float32
+    g = -b(cs) * torch.sqrt(1 - warm**2 * b(sn) ** 2) * (f_minus - f_teacher) - warm * (b(cs * sn) * x_s + dfdt)
+    g = torch.nan_to_num(g)
+    g = g / (g.flatten(1).norm(dim=1).view(-1, *[1] * (g.ndim - 1)) + norm_eps)
+    return 0.5 * ((f - f_minus - g) ** 2).mean(), g
+
+
 def _lpips_net():
     """The LPIPS VGG network (Zhang et al. 2018), built once on first use (optional dependency)."""
     try:

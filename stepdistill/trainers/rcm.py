@@ -36,6 +36,7 @@ from ..schedules import _bcast
 from ..trigflow import TrigFlow, tangent
 from .objective import Ctx
 from .dmd import DMDConfig, DMDObjective, check_dmd_section
+from .losses import scm_loss
 
 
 class RCMObjective(DMDObjective):
@@ -78,11 +79,8 @@ class RCMObjective(DMDObjective):
                                     r.fd_size, module=self.student.backbone)
         f_minus, t_f = f_minus.detach().float(), t_f.detach().float()
         warm = min(1.0, ctx.step / r.tangent_warmup_steps) if r.tangent_warmup_steps > 0 else 1.0
-        g = -b(cs) * torch.sqrt(1 - warm**2 * b(sn) ** 2) * (f_minus - f_teacher) - warm * (b(cs * sn) * x_s + t_f)
-        g = torch.nan_to_num(g)
-        g = g / (g.flatten(1).norm(dim=1).view(-1, *[1] * (g.ndim - 1)) + r.norm_eps)
         f = self.trig_student.F(x_s, s, cond).float()                     # with grad
-        l_scm = 0.5 * ((f - f_minus - g) ** 2).mean()
+        l_scm, g = scm_loss(f, f_minus, f_teacher, x_s, t_f, s, warm, r.norm_eps)
         return r.scm_weight * l_scm, {"scm_loss": l_scm.item(), "scm_g_abs": g.abs().mean().item(),
                                       "tangent_warmup": warm, "tangent_fd": float(how == "fd")}
 
