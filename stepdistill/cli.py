@@ -156,51 +156,51 @@ def sample_text(a) -> None:
 
 
 def cmd_sample(a):
+    from .config import ConfigError
     from .models import read_folder
 
     check_sample_args(a)
     from .cli_tools import _set_threads
 
     _set_threads(a)
-    if read_folder(a.model).is_text:  # text-to-image teachers and students: --prompt / --negative-prompt
+    info = read_folder(a.model)
+    if info.is_text:  # text-to-image teachers and students: --prompt / --negative-prompt
         return sample_text(a)
     if a.prompt or a.negative_prompt:
-        from .config import ConfigError
-
         raise ConfigError(f"--prompt / --negative-prompt need a text-conditioned model; {a.model} is not one")
     import torch
 
-    from .models import load_denoiser
+    from .models import load_denoiser, load_scheduler_config
     from .pipelines.sampling import make_scheduler, scheduler_sample
-    from .models import load_scheduler_config
     from .utils import quantize, save_labeled_grid
 
-    den, meta = load_denoiser(a.model, allow_pickle=a.allow_pickle)
-    den.eval()
-    labels = _parse_labels(a.classes, meta, a.num)
     g = torch.Generator().manual_seed(a.seed)
-    shape = den.sample_shape  # (C, H, W): the adapter knows the model family
     n = a.num
-    check_grid_size(n, shape, a.scale)
-    if meta.student_timesteps:
+    if info.kind == "student":  # loaded once, as its folder's own pipeline (experts, routed students)
+        from .eval.generate import load_any
+
+        student = load_any(a.model, allow_pickle=a.allow_pickle)
+        pipe, meta, shape = student.pipe, student.meta, student.image_shape
+        labels = _parse_labels(a.classes, meta, n)
+        check_grid_size(n, shape, a.scale)
         ignored = [f for f, v in (("--sampler", a.sampler), ("--guidance-scale", a.guidance_scale)) if v is not None]
         if ignored:
             print(f"warning: {' and '.join(ignored)} ignored: a distilled student samples with its own "
                   f"{len(meta.student_timesteps)}-step chain, guidance built in", file=sys.stderr)
-        from .eval.generate import load_any
-
-        pipe = load_any(a.model, allow_pickle=a.allow_pickle).pipe  # the folder's own pipeline (experts, routing)
         steps = len(_student_timesteps(meta.student_timesteps, a.steps or len(meta.student_timesteps)))
         try:
             pipe.timesteps_for(steps)
         except ValueError as e:
-            from .config import ConfigError as StepsError
-
-            raise StepsError(f"--steps: {e}") from None
+            raise ConfigError(f"--steps: {e}") from None
         if a.compile:  # opt-in: pays off for large --num (the first batch compiles; see BENCHMARKS.md "Inference")
             pipe.compile()
         run = lambda y, noise: pipe.sample(noise, y, steps, generator=g)  # noqa: E731  the one sampling route
     else:
+        den, meta = load_denoiser(a.model, allow_pickle=a.allow_pickle)
+        den.eval()
+        labels = _parse_labels(a.classes, meta, n)
+        shape = den.sample_shape  # (C, H, W): the adapter knows the model family
+        check_grid_size(n, shape, a.scale)
         if a.compile:
             den.backbone.compile()
         sched_cfg = load_scheduler_config(a.model, None)

@@ -28,27 +28,25 @@ def _is_portable_id(teacher: str) -> bool:
     return (teacher.count("/") == 1 and not teacher.startswith((".", "/", "~")) and not Path(teacher).exists())
 
 
-def _method_key(method: str) -> str:
-    return method.lower().replace("-", "_").replace(" ", "_")
+def _method_record(method: str):
+    """The registry record of ``method`` (spelled loosely: ``Phased-DMD`` = ``phased_dmd``), or None."""
+    from .methods import get_method, method_names
+
+    key = method.lower().replace("-", "_").replace(" ", "_")
+    return get_method(key) if key in method_names() else None
 
 
 def recipe_text(method: str, config: dict) -> str:
     """What this run actually used, in words, read from its config by the method itself
     (:attr:`stepdistill.methods.Method.describe_run`; never the method's textbook description); "" when the method
     gives none."""
-    from .methods import get_method, method_names
-
-    key = _method_key(method)
-    hook = get_method(key).describe_run if key in method_names() else None
+    hook = getattr(_method_record(method), "describe_run", None)
     return hook(config) if hook is not None else ""
 
 
 def _method_text(method: str) -> tuple[str, str]:
     """(title, paragraph) of the method (:attr:`stepdistill.methods.Method.card`)."""
-    from .methods import get_method, method_names
-
-    key = _method_key(method)
-    card = get_method(key).card if key in method_names() else ()
+    card = getattr(_method_record(method), "card", ())
     return tuple(card) if card else (method, f"A one-/few-step student distilled with `{method}`.")
 
 

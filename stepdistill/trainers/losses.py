@@ -15,10 +15,11 @@ GAN (DMD2 Eq. 3; Goodfellow et al. 2014): the non-saturating pair ``L_D = softpl
 data (Mescheder et al. 2018, Eq. 9).
 
 PSO (Miao et al. ICLR 2025; Diffusion-DPO, Wallace et al. 2024): ``-log sigmoid(beta * margin)`` over pairs
-(:func:`pso_loss`). LPIPS (Zhang et al. 2018) for DMD's regression loss (Eq. 9) when asked for.
+(:func:`pso_loss`). sCM's continuous-time consistency loss (Lu & Song 2024; rCM) (:func:`scm_loss`). LPIPS (Zhang et
+al. 2018) for DMD's regression loss (Eq. 9) when asked for.
 
-The objectives (dmd.py, pixel_gan.py, pso.py, rcm.py) compute their inputs and call these; the names stay
-importable from those modules.
+The objectives (dmd.py, fdistill.py, decoupled_dmd.py, pixel_gan.py, pso.py, rcm.py) compute their inputs and call
+these, imported from here.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..schedules import _bcast
 
 
 # -- distribution matching (DMD / DMD2, Decoupled DMD) ------------------------------------------------
@@ -164,8 +167,6 @@ def scm_loss(f: torch.Tensor, f_minus: torch.Tensor, f_teacher: torch.Tensor, x_
     (guided) F, ``dfdt`` the JVP tangent dF/dt along the teacher's ODE (:mod:`stepdistill.trigflow`), all
     (B, C, H, W) float32; ``s`` (B,) the TrigFlow times (float64: the products are formed before the cast);
     ``warm`` = r in [0, 1]; ``norm_eps`` = c. Returns (L, g)."""
-    from ..schedules import _bcast
-
     cs, sn = torch.cos(s), torch.sin(s)
     b = lambda v: _bcast(v, f_minus)  # noqa: E731 - (B,) -> (B, 1, 1, 1) float32
     g = -b(cs) * torch.sqrt(1 - warm**2 * b(sn) ** 2) * (f_minus - f_teacher) - warm * (b(cs * sn) * x_s + dfdt)
