@@ -15,7 +15,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from stepdistill.demo_ui import add_demo_args
+    from stepdistill.frontends.demo_ui import add_demo_args
 
     ap = argparse.ArgumentParser(prog="app.py", description=__doc__.split("\n\n")[0])
     add_demo_args(ap)
@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stepdistill.demo_ui import cmd_demo
+    from stepdistill.frontends.demo_ui import cmd_demo
 
     cmd_demo(parse_args(argv))
     return 0

@@ -9,11 +9,18 @@ TMP=$(mktemp -d)
 git -C "$ROOT" worktree add -f "$TMP/old" "$REV" -q
 trap 'git -C "$ROOT" worktree remove --force "$TMP/old"; rm -rf "$TMP"' EXIT
 BASE="train.batch_size=4 train.max_steps=3 train.checkpoint_every=3 train.sample_every=3 train.threads=1 dmd.critic_updates=1"
+# the command's entry point at REV (before the front ends moved into stepdistill/frontends/ it was stepdistill.cli)
+OLD_MAIN='import sys
+try:
+    from stepdistill.frontends.cli import main
+except ImportError:
+    from stepdistill.cli import main
+sys.exit(main(sys.argv[1:]))'
 run() {
   name=$1; shift
-  (cd "$ROOT" && python -c 'import sys; from stepdistill.cli import main; sys.exit(main(sys.argv[1:]))' \
+  (cd "$ROOT" && python -m stepdistill \
      distill --config "" output_dir="$TMP/new_$name" $BASE "$@" > "$TMP/new_$name.log" 2>&1)
-  (cd "$TMP/old" && PYTHONPATH="$TMP/old" python -c 'import sys; from stepdistill.cli import main; sys.exit(main(sys.argv[1:]))' \
+  (cd "$TMP/old" && PYTHONPATH="$TMP/old" python -c "$OLD_MAIN" \
      distill --config "" output_dir="$TMP/old_$name" $BASE "$@" > "$TMP/old_$name.log" 2>&1)
   python - "$TMP" "$name" <<'PY'
 import sys

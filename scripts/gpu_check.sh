@@ -5,11 +5,11 @@
 # Installs nothing beyond the project itself (skipped when it is importable already). The parts:
 # the suite's device-relevant tests, one SD 1.5-size DMD2 step in bf16 (full and LoRA: step time and
 # max_memory_allocated, next to the planner), `stepdistill bench` of the shipped student vs its teacher,
-# and a 2-process FSDP smoke run when two GPUs are visible. See stepdistill/eval/gpu_check.py.
+# and a 2-process FSDP smoke run when two GPUs are visible. See stepdistill/profiling/gpu_check.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 if ! $PY -c "import stepdistill" 2>/dev/null; then
   $PY -m pip install -q -e ".[dev,lora]"
 fi
-exec $PY -m stepdistill.eval.gpu_check "$@"
+exec $PY -m stepdistill.profiling.gpu_check "$@"

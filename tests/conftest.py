@@ -61,7 +61,7 @@ def distill_argv(teacher, out, **extra) -> list:
 
 def run_cli(capsys, argv) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of ``stepdistill ARGV`` run in-process."""
-    from stepdistill.cli import main
+    from stepdistill.frontends.cli import main
 
     rc = main([str(a) for a in argv])
     cap = capsys.readouterr()

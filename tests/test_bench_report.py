@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import tiny_distill_overrides
-from stepdistill.cli import main
+from stepdistill.frontends.cli import main
 from stepdistill.config import DistillConfig, load_config
 
 

@@ -54,7 +54,7 @@ def browser():
 @pytest.fixture(scope="module")
 def app_url():
     """The demo as `stepdistill demo` serves it: the shipped teacher and one-step student."""
-    from stepdistill import demo_ui as D
+    from stepdistill.frontends import demo_ui as D
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -171,7 +171,7 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 
 def test_config_error_is_value_error_and_a_one_line_cli_error(tmp_path, capsys):
     """Callers catching ValueError keep working, and the CLI prints the key and exits 2 (no traceback)."""
-    from stepdistill.cli import main
+    from stepdistill.frontends.cli import main
 
     with pytest.raises(ValueError, match="train.batch_size"):
         load_config(DistillConfig, None, ["train.batch_size=-4"])

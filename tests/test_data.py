@@ -206,7 +206,7 @@ def test_image_folder_errors(tmp_path):
 
 def test_data_error_is_value_error_and_names_the_problem(tmp_path):
     """A bad image folder raises DataError, caught as ValueError too, with a message that says what to fix."""
-    from stepdistill.cli import user_error
+    from stepdistill.frontends.cli import user_error
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from conftest import tiny_distill_overrides
-from stepdistill import demo as D
-from stepdistill import demo_ui as U
+from stepdistill.frontends import demo as D
+from stepdistill.frontends import demo_ui as U
 from test_text import text_student, text_teacher, tiny_encoder  # noqa: F401 - fixtures (tiny text models)
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_distill_overrides
-from stepdistill.cli import main
+from stepdistill.frontends.cli import main
 from stepdistill.config import ConfigError, DistillConfig, load_config
 from stepdistill.eval.generate import (
     StudentModel,

@@ -64,7 +64,7 @@ def test_pipeline_matches_training_sampler_and_step_subsets(tiny_teacher, tmp_pa
 
 
 def test_export_cli_from_checkpoint_matches_final_export(tiny_teacher, tmp_path):
-    from stepdistill.cli import main
+    from stepdistill.frontends.cli import main
     from safetensors.torch import load_file
 
     folder, cfg = _student(tiny_teacher, tmp_path)
@@ -112,7 +112,7 @@ def test_student_init_starts_the_generator_from_a_trained_student(tiny_teacher, 
 def test_sample_cli_grids_and_errors(tiny_teacher, tmp_path, capsys):
     from PIL import Image
 
-    from stepdistill.cli import main
+    from stepdistill.frontends.cli import main
 
     out = tmp_path / "t.png"
     assert main(["sample", "--model", str(tiny_teacher), "--scheduler", "euler", "--steps", "3", "--num", "6",

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from conftest import tiny_distill_overrides
-from stepdistill.cli import main
+from stepdistill.frontends.cli import main
 from stepdistill.config import DistillConfig, load_config
 from stepdistill.denoiser import Denoiser
 from stepdistill.pipelines.hybrid import TeacherSteps, hybrid_nfe

@@ -55,7 +55,7 @@ def test_variants_apply_and_revert_exactly(pipe, name):
 
 
 def test_bench_reports_honest_speedups_variants_and_onnx(capsys):
-    from stepdistill.cli import main
+    from stepdistill.frontends.cli import main
 
     pytest.importorskip("onnxruntime")
     assert main(["bench", "--student", "builtin:animal_mnist_dmd2", "--batch-sizes", "2", "--teacher-steps", "3",
@@ -76,8 +76,8 @@ def test_compile_flags_are_wired(monkeypatch, tmp_path, capsys):
     import argparse
 
     from stepdistill import StepDistillPipeline
-    from stepdistill import demo_ui as D
-    from stepdistill.cli import main
+    from stepdistill.frontends import demo_ui as D
+    from stepdistill.frontends.cli import main
 
     calls = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(type(self).__name__))

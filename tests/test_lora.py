@@ -147,7 +147,7 @@ def test_distill_with_lora_exports_plain_student_and_cli_export_matches(tiny_tea
     from diffusers import UNet2DModel
     from safetensors.torch import load_file
 
-    from stepdistill.cli import main
+    from stepdistill.frontends.cli import main
     from stepdistill.pipelines.student import StepDistillPipeline
 
     cfg = _cfg(tiny_teacher, tmp_path)

@@ -119,7 +119,7 @@ def test_memory_option_validation(tiny_teacher, tmp_path):
 
 def test_train_memory_full_vs_lora(tiny_teacher, tmp_path):
     pytest.importorskip("peft")
-    from stepdistill.eval.memory import MODES, measure_in_process, train_memory
+    from stepdistill.profiling.memory import MODES, measure_in_process, train_memory
 
     ov = tiny_distill_overrides(tiny_teacher, tmp_path, **{"dmd.critic_updates": 1, "train.batch_size": 2})
     # the accounting in this process (fast); the peak RSS comparison needs fresh processes (below)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import tiny_distill_overrides
-from stepdistill.cli import main
+from stepdistill.frontends.cli import main
 from stepdistill.methods import BUILTIN, Method, get_method, method_names, register, unregister
 from stepdistill.trainers.objective import ObjectiveBase, Player
 

@@ -344,8 +344,8 @@ def test_training_sampler_matches_the_export(msd_student, tiny_teacher):
 
 
 def test_eval_demo_and_export_cli_find_it(msd_student, tiny_teacher, tmp_path):
-    from stepdistill import demo
-    from stepdistill.cli import main
+    from stepdistill.frontends import demo
+    from stepdistill.frontends.cli import main
     from stepdistill.eval.generate import load_any
 
     folder, out = msd_student

@@ -71,7 +71,7 @@ def test_shipped_students_use_trailing_spacing_and_name_themselves(name, steps):
 
 
 def test_missing_run_folder_points_to_the_shipped_student(tmp_path, monkeypatch, capsys):
-    from stepdistill.cli import main
+    from stepdistill.frontends.cli import main
 
     monkeypatch.chdir(tmp_path)
     assert main(["sample", "--model", "runs/dmd2_animal_mnist/student", "--num", "2"]) == 2
@@ -82,7 +82,7 @@ def test_missing_run_folder_points_to_the_shipped_student(tmp_path, monkeypatch,
 def _parser():
     import argparse
 
-    from stepdistill import cli
+    from stepdistill.frontends import cli
 
     box = {}
 
@@ -100,7 +100,7 @@ def _parser():
 def test_every_flag_has_plain_help_and_version(capsys):
     import argparse
 
-    from stepdistill.cli import main
+    from stepdistill.frontends.cli import main
 
     ap = _parser()
     assert "``" not in ap.description
@@ -120,7 +120,7 @@ def test_sample_classes_give_num_images_in_labelled_columns(tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
-    from stepdistill.cli import main
+    from stepdistill.frontends.cli import main
 
     assert main(["sample", "--model", "builtin:animal_mnist_dmd2", "--classes", "cat,dog,cow", "--num", "20",
                  "--guidance-scale", "3", "--out", str(tmp_path / "g.png")]) == 0
@@ -144,7 +144,7 @@ def test_sample_classes_give_num_images_in_labelled_columns(tmp_path, capsys):
 def test_sample_labels_cycle_through_the_classes():
     from types import SimpleNamespace
 
-    from stepdistill.cli import _parse_labels
+    from stepdistill.frontends.cli import _parse_labels
 
     meta = SimpleNamespace(class_names=["a", "b", "c", "d"])
     assert _parse_labels("c,a", meta, 5).tolist() == [2, 0, 2, 0, 2]

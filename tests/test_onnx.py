@@ -19,7 +19,7 @@ ASSETS = REPO / "stepdistill" / "assets"
 @pytest.mark.parametrize("name, inputs", [("builtin:animal_mnist_dmd2", ["noise", "class_labels"]),
                                           ("builtin:animal_mnist_dmd2_4step", ["noise", "class_labels", "step_noise"])])
 def test_onnx_matches_the_pytorch_pipeline(name, inputs, tmp_path, capsys):
-    from stepdistill.cli import main
+    from stepdistill.frontends.cli import main
 
     out = tmp_path / "student.onnx"
     assert main(["onnx", "--model", name, "--out", str(out), "--check", "--threads", "1"]) == 0
@@ -48,7 +48,7 @@ def test_onnx_matches_the_pytorch_pipeline(name, inputs, tmp_path, capsys):
 
 
 def test_onnx_refuses_teachers_and_bad_names(tmp_path, capsys):
-    from stepdistill.cli import main
+    from stepdistill.frontends.cli import main
 
     assert main(["onnx", "--model", "builtin:animal_mnist", "--out", str(tmp_path / "t.onnx")]) == 2
     assert "not a distilled student" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def test_bench_and_report_on_a_phased_student(phased_student, tiny_teacher, tmp_
 
 
 def test_export_cli_handles_phased_runs(phased_student, tiny_teacher, tmp_path):
-    from stepdistill.cli import main
+    from stepdistill.frontends.cli import main
 
     folder, out = phased_student
     overrides = tiny_distill_overrides(tiny_teacher, out, **PHASED)
@@ -72,7 +72,7 @@ def test_export_cli_handles_phased_runs(phased_student, tiny_teacher, tmp_path):
 
 
 def test_demo_finds_the_phased_pipeline_class(phased_student):
-    from stepdistill import demo
+    from stepdistill.frontends import demo
     from stepdistill.pipelines.phased import PhasedDMDPipeline
 
     folder, _ = phased_student
@@ -83,7 +83,7 @@ def test_demo_finds_the_phased_pipeline_class(phased_student):
 def test_sample_cli_runs_every_expert_of_a_phased_folder(phased_student, tmp_path, capsys, monkeypatch):
     """`stepdistill sample` goes through the folder's own pipeline (the one sampling route): a Phased DMD folder
     samples with all its experts (PhasedDMDPipeline.sample), not with its first network alone."""
-    from stepdistill.cli import main
+    from stepdistill.frontends.cli import main
     from stepdistill.pipelines.phased import PhasedDMDPipeline
 
     seen = []

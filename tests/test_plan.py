@@ -1,4 +1,4 @@
-"""The memory planner (stepdistill/plan.py): the activation trace against a real CPU trace, the parameter and
+"""The memory planner (stepdistill/profiling/plan.py): the activation trace against a real CPU trace, the parameter and
 state arithmetic, the CLI, and the planner against the shipped real-size measurements (within 15%)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stepdistill.errors import ConfigError
-from stepdistill.plan import (CALIBRATION, PlanRequest, _denoiser, count_parameters, fit_grid, meta_network, plan,
+from stepdistill.profiling.plan import (CALIBRATION, PlanRequest, _denoiser, count_parameters, fit_grid, meta_network, plan,
                               trace_activations)
 
 TINY = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
@@ -112,7 +112,7 @@ def test_fit_grid_adds_sharding_as_the_gpu_count_allows(tiny_folder):
 
 
 def test_plan_cli_prints_json_and_a_table(tiny_folder, capsys):
-    from stepdistill.cli import main
+    from stepdistill.frontends.cli import main
 
     assert main(["plan", "--teacher", str(tiny_folder), "--mode", "lora", "--lora-rank", "4",
                  "--resolution", "128", "--gpus", "2", "--fsdp"]) == 0
@@ -123,7 +123,7 @@ def test_plan_cli_prints_json_and_a_table(tiny_folder, capsys):
 
 
 def test_the_planner_is_within_15_percent_of_every_real_size_measurement():
-    """The shipped calibration carries the SD 1.5-size CPU measurements (python -m stepdistill.eval.memory --arch
+    """The shipped calibration carries the SD 1.5-size CPU measurements (python -m stepdistill.profiling.memory --arch
     sd15); the planner must reproduce each measured mode's training memory within 15%, including the modes its
     constant was not fitted on, and must agree that full training does not fit in this machine's memory."""
     cal = json.loads(CALIBRATION.read_text())

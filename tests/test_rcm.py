@@ -173,7 +173,7 @@ def test_rcm_trains_exports_and_samples(tiny_teacher, tmp_path):
     x = StepDistillPipeline.from_pretrained(folder)(class_labels=[1, 2], seed=0, output_type="pt").images
     assert x.shape == (2, 1, 16, 16) and torch.isfinite(x).all()
     # eval / bench / report load it like any student, the demo reads it as a 2-step student
-    from stepdistill.demo import read_model_info
+    from stepdistill.frontends.demo import read_model_info
     from stepdistill.eval.generate import load_any
 
     m = load_any(folder, device="cpu")

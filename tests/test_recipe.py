@@ -164,10 +164,14 @@ def test_a_config_can_extend_another_with_base(tmp_path):
     """``base: other.yaml``: the other file first, this file's keys merged over it section by section."""
     root = Path(__file__).parents[1] / "configs"
     js = load_config(DistillConfig, str(root / "fdistill_js_animal_mnist.yaml"), [])
-    main_job = load_config(DistillConfig, str(root / "dmd2_animal_mnist.yaml"), [])
+    warmup = load_config(DistillConfig, str(root / "dmd2_warmup_animal_mnist.yaml"), [])
     assert js.dmd.divergence == "js" and js.output_dir == "runs/fdistill_js_animal_mnist"
-    assert js.dmd.regression_warmup_steps == main_job.dmd.regression_warmup_steps == 300   # inherited
-    assert js.train == main_job.train
+    assert js.dmd.regression_warmup_steps == warmup.dmd.regression_warmup_steps == 300   # inherited
+    assert js.train == warmup.train and js.dmd.critic_updates == 5
+    full = load_config(DistillConfig, str(root / "dmd2_animal_mnist_full.yaml"), [])
+    main_job = load_config(DistillConfig, str(root / "dmd2_animal_mnist.yaml"), [])
+    assert full.train.max_steps == 1600 and main_job.train.max_steps < full.train.max_steps
+    assert full.dmd == main_job.dmd and full.schedule == main_job.schedule  # the full recipe: the main job, longer
     (tmp_path / "a.yaml").write_text("base: b.yaml\ntrain: {seed: 3}\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="base: chain loops"):

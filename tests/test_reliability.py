@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import distill_argv, run_cli, snapshot, tiny_cfg, tiny_distill_overrides
-from stepdistill.cli import main
+from stepdistill.frontends.cli import main
 from stepdistill.config import ConfigError, DistillConfig, load_config
 from stepdistill.errors import CheckpointError, StepDistillError
 from stepdistill.trainers.core import Trainer
@@ -339,7 +339,7 @@ def test_hub_id_loads_from_a_cached_snapshot_offline(tiny_teacher, tmp_path, mon
 def test_pickle_only_folder_is_refused_by_the_demo_and_eval(tiny_teacher, tmp_path):
     from diffusers import UNet2DModel
 
-    from stepdistill.demo import DemoInputError, load_teacher, read_model_info
+    from stepdistill.frontends.demo import DemoInputError, load_teacher, read_model_info
     from stepdistill.eval.generate import load_any
     from stepdistill.models import ModelLoadError
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_distill_overrides
-from stepdistill.cli import main
+from stepdistill.frontends.cli import main
 from stepdistill.config import ConfigError, DistillConfig, TeacherConfig, load_config
 from stepdistill.text import (CAPTION_TEMPLATES, CaptionConditioner, PromptEncoder, bank_aligned, caption_bank,
                               caption_classes, caption_set, minilm_dir)

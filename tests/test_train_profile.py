@@ -1,13 +1,13 @@
-"""`stepdistill bench --train` (eval/train_profile.py) and the recipe options of the quality issue:
+"""`stepdistill bench --train` (profiling/train_profile.py) and the recipe options of the quality issue:
 regression warm-up on teacher ODE pairs and fresh GAN noise levels."""
 import json
 
 import pytest
 import torch
 
-from stepdistill.cli import main
+from stepdistill.frontends.cli import main
 from stepdistill.config import DistillConfig, load_config
-from stepdistill.eval.train_profile import profile_training, tiny_teacher
+from stepdistill.profiling.train_profile import profile_training, tiny_teacher
 from stepdistill.trainers.core import Trainer
 from stepdistill.trainers.distill import build_method
 

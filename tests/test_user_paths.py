@@ -133,7 +133,7 @@ def test_yaml_alias_bomb_gives_a_short_line(tmp_path, capsys):
 
 
 def test_ctrl_c_outside_training_exits_130_in_one_line(monkeypatch, capsys):
-    from stepdistill import cli_tools
+    from stepdistill.frontends import cli_tools
 
     def interrupted(a):
         raise KeyboardInterrupt
@@ -186,18 +186,19 @@ def test_cards_say_what_the_run_used(tmp_path):
     from stepdistill.config import to_dict
 
     text = recipe_text("dmd2", to_dict(cfg))
-    assert "regression loss at weight 1" in text and "warm-up of 300" in text
+    assert "regression loss at weight 0.25" in text and "warm-up of 300" in text
+    assert "from step 450: dmd.regression_weight = 0.05" in text  # the schedule is part of what the run used
     card = write_model_card(tmp_path / "s", method="dmd2", teacher="../runs/my_teacher/model", steps=[999],
                             config=to_dict(cfg)).read_text()
     assert "base_model" not in card and "../runs" not in card.split("## Training configuration")[0]
-    assert "## This run" in card and "regression loss at weight 1" in card
+    assert "## This run" in card and "regression loss at weight 0.25" in card
     card = write_model_card(tmp_path / "t", method="dmd2", teacher="builtin:animal_mnist", steps=[999],
                             config=to_dict(cfg)).read_text()
     assert "base_model: builtin:animal_mnist" in card
 
 
 def test_the_demo_warms_a_model_up_before_its_first_timed_call(monkeypatch):
-    from stepdistill import demo
+    from stepdistill.frontends import demo
 
     calls = []
     orig = demo._warm_up
@@ -211,7 +212,7 @@ def test_the_demo_warms_a_model_up_before_its_first_timed_call(monkeypatch):
 # ----------------------------------------------------------------------------- one flag vocabulary
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
-    import stepdistill.cli as cli
+    import stepdistill.frontends.cli as cli
 
     captured = {}
     orig = argparse.ArgumentParser.parse_args
@@ -235,7 +236,7 @@ def test_every_subcommand_speaks_one_flag_vocabulary(capsys):
     subs = _subcommands()
     assert set(subs) >= {"teacher", "distill", "export", "sample", "eval", "bench", "curve", "report", "onnx", "plan",
                          "demo"}
-    import stepdistill.cli as cli
+    import stepdistill.frontends.cli as cli
 
     for name in subs:  # the top-level help names every command
         assert name in cli.__doc__

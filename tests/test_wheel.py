@@ -14,10 +14,12 @@ PROBE = r"""
 import json, sys
 from pathlib import Path
 import stepdistill
-from stepdistill.cli import CONFIG_DIR, _default_config
+from stepdistill.frontends.cli import CONFIG_DIR, _default_config
 from stepdistill.config import DistillConfig, load_config, to_dict
+from stepdistill.pairs import SHIPPED_PAIRS_DIR
 cfg = load_config(DistillConfig, _default_config("dmd2_animal_mnist.yaml"), [])
 print(json.dumps({"package": stepdistill.__file__, "config_dir": str(CONFIG_DIR),
+                  "pairs": sorted(p.name for p in SHIPPED_PAIRS_DIR.glob("*.safetensors")),
                   "configs": sorted(p.name for p in CONFIG_DIR.glob("*.yaml")), "cfg": to_dict(cfg)}))
 """
 
@@ -43,11 +45,13 @@ def test_wheel_install_ships_the_configs(tmp_path):
 
     repo = to_dict(load_config(DistillConfig, str(ROOT / "configs" / "dmd2_animal_mnist.yaml"), []))
     assert got["cfg"] == json.loads(json.dumps(repo))                               # the same recipe
-    assert got["cfg"]["dmd"]["regression_weight"] == 1.0 and got["cfg"]["dmd"]["regression_warmup_steps"] == 300
+    assert got["cfg"]["dmd"]["regression_weight"] == 0.25 and got["cfg"]["dmd"]["regression_warmup_steps"] == 300
+    shipped = sorted(p.name for p in (ROOT / "stepdistill" / "assets" / "teacher_pairs").glob("*.safetensors"))
+    assert shipped and got["pairs"] == shipped                                      # the main job's teacher pairs
 
 
 def test_a_missing_shipped_config_is_said_in_one_line(tmp_path, monkeypatch, capsys):
-    from stepdistill import cli
+    from stepdistill.frontends import cli
 
     monkeypatch.setattr(cli, "CONFIG_DIR", tmp_path)
     assert cli.main(["distill", "train.max_steps=1"]) == 2

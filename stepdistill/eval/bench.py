@@ -16,31 +16,23 @@ runs (``latencies_s`` lists every timed run), latency per image, throughput (ima
 floor: everything above it is noise drawing, timestep/label handling and the prediction -> x0
 conversion; it can read slightly below 1.0 from timing noise).
 
-Peak memory (``memory_method`` in the output says which):
-
-* CUDA: ``torch.cuda.max_memory_allocated`` during the warm-up run minus the allocation before
-  it (``cuda_max_memory_allocated_delta``): activations + workspaces, weights excluded;
-* CPU: the peak resident-set size during the warm-up run minus the RSS before it
-  (``rss_peak_delta_sampled``): ``/proc/self/statm`` sampled every ~1 ms by a thread, after
-  ``malloc_trim(0)`` so memory freed by earlier runs is returned to the OS first. Without
-  ``/proc`` (macOS, Windows) it falls back to ``resource.getrusage`` ``ru_maxrss`` deltas
-  (``ru_maxrss_delta``), which only see growth of the process-lifetime peak and so often read 0.
-  CPU numbers are approximate (sampling can miss very short peaks).
+Peak memory: the warm-up run's peak increase, measured by :class:`stepdistill.meter.PeakMemory` (on CUDA the
+allocator's peak minus what was allocated before, weights excluded; on CPU the sampled resident set);
+``memory_method`` in the output says which.
 """
 from __future__ import annotations
 
-import ctypes
 import datetime as _dt
 import os
 import platform
 import statistics
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 from ..config import ConfigError
+from ..meter import PeakMemory, memory_method
 
 
 # -- machine info ---------------------------------------------------------------------------------
@@ -82,83 +74,6 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-# -- memory ---------------------------------------------------------------------------------------
-
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_STATM = Path("/proc/self/statm")
-
-
-def _rss_bytes() -> int:
-    return int(_STATM.read_text().split()[1]) * _PAGE
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class _PeakMemory:
-    """Context manager measuring the peak memory delta of the enclosed code (see module docstring)."""
-
-    def __init__(self, device: torch.device, interval_s: float = 0.001):
-        self.device = device
-        self.interval = interval_s
-        self.peak_delta: int | None = None
-        if device.type == "cuda":
-            self.method = "cuda_max_memory_allocated_delta"
-        elif _STATM.exists():
-            self.method = "rss_peak_delta_sampled"
-        else:
-            self.method = "ru_maxrss_delta"
-
-    def __enter__(self):
-        if self.method.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        elif self.method == "rss_peak_delta_sampled":
-            _malloc_trim()
-            self._base = self._peak = _rss_bytes()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
-        else:
-            self._base = self._maxrss()
-        return self
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self._peak = max(self._peak, _rss_bytes())
-            self._stop.wait(self.interval)
-
-    @staticmethod
-    def _maxrss() -> int:
-        import resource
-        import sys
-
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(r) if sys.platform == "darwin" else int(r) * 1024  # bytes on macOS, KiB on Linux
-
-    def __exit__(self, *exc):
-        if self.method.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
-            self.peak_delta = int(torch.cuda.max_memory_allocated(self.device) - self._base)
-        elif self.method == "rss_peak_delta_sampled":
-            self._peak = max(self._peak, _rss_bytes())
-            self._stop.set()
-            self._thread.join()
-            self.peak_delta = max(0, int(self._peak - self._base))
-        else:
-            self.peak_delta = max(0, self._maxrss() - self._base)
-        return False
-
-
-def memory_method(device: torch.device) -> str:
-    return _PeakMemory(device).method
-
-
 # -- timing ---------------------------------------------------------------------------------------
 
 def _sync(device: torch.device) -> None:
@@ -171,7 +86,7 @@ def time_fn(fn, device: torch.device, repeats: int, warmup: int = 1) -> dict:
     peak = None
     for w in range(max(warmup, 1)):
         if w == 0:
-            with _PeakMemory(device) as pm:
+            with PeakMemory(device) as pm:
                 fn()
             peak = pm.peak_delta
         else:

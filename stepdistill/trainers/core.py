@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..config import to_dict
 from ..errors import NonFiniteLossError, TrainingInterrupted
+from ..meter import process_peak
 from ..recipe import Schedule
 from ..utils import atomic_write_text, plot_losses, save_grid
 from .checkpoint import CheckpointIO
@@ -108,7 +109,7 @@ class Trainer(CheckpointIO):
         self._consistent = True   # (step, update) describes the weights exactly: a checkpoint may be saved
         self._saving = False      # a second signal waits until the checkpoint on disk is complete
         self.command = "distill"  # the CLI sub-command that resumes this run (printed on interruption)
-        self.timer: StepTimer | None = None  # set to profile the loop's sections (eval/train_profile.py)
+        self.timer: StepTimer | None = None  # set to profile the loop's sections (profiling/train_profile.py)
 
     def _timed(self, name: str):
         return self.timer.section(name) if self.timer is not None else contextlib.nullcontext()
@@ -202,7 +203,7 @@ class Trainer(CheckpointIO):
                 print(f"{msg}. Resume with:\n  {resume}", file=sys.stderr)
         return {"steps": self.step, "seconds": time.time() - t0, "interrupted": self._stop,
                 "stop_signal": int(self.stop_signal) if self.stop_signal else None,
-                "sec_per_step": (time.time() - t0) / max(len(history), 1), **peak_memory(self.acc.device),
+                "sec_per_step": (time.time() - t0) / max(len(history), 1), **process_peak(self.acc.device),
                 "last": history[-1] if history else {}}
 
     def _run_step(self) -> dict | None:
@@ -296,15 +297,6 @@ def raise_if_interrupted(trainer: Trainer, result: dict) -> None:
     raise TrainingInterrupted(
         f"training interrupted by {signal.Signals(sig).name} at step {trainer.step}; resume with: "
         f"stepdistill {trainer.command} --config {trainer.out / 'config.yaml'} --resume", exit_code=128 + int(sig))
-
-
-def peak_memory(device) -> dict:
-    """Peak memory so far: CUDA allocator peak on GPU, process peak RSS (ru_maxrss) on CPU."""
-    if getattr(device, "type", str(device)) == "cuda":
-        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_kind": "cuda_allocated"}
-    import resource
-
-    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_memory_kind": "cpu_rss"}
 
 
 def _ema_copy(m: nn.Module) -> nn.Module:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 #: the shipped configs: package data (the repo's configs/ is a link to this folder), so a wheel has them too
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _config_arg(p: argparse.ArgumentParser, default: str | None, train: bool = True):
@@ -40,7 +40,7 @@ def _default_config(name: str) -> str:
 def _check_default_config(path: str | None) -> None:
     """A shipped default config that is missing (a broken install) is said in one line, never replaced by the
     dataclass defaults in silence; ``--config ''`` asks for those explicitly."""
-    from .config import ConfigError
+    from ..config import ConfigError
 
     if path and Path(path).parent == CONFIG_DIR and not Path(path).exists():
         raise ConfigError(f"the shipped config {path} is missing from this install (reinstall stepdistill); pass "
@@ -48,8 +48,8 @@ def _check_default_config(path: str | None) -> None:
 
 
 def cmd_teacher(a):
-    from .config import TeacherConfig, load_config
-    from .trainers.teacher import train_teacher
+    from ..config import TeacherConfig, load_config
+    from ..trainers.teacher import train_teacher
 
     _resume_value(a)
     _check_default_config(a.config)
@@ -58,8 +58,8 @@ def cmd_teacher(a):
 
 
 def cmd_distill(a):
-    from .config import ConfigError, DistillConfig, load_config
-    from .trainers.distill import distill
+    from ..config import ConfigError, DistillConfig, load_config
+    from ..trainers.distill import distill
 
     _resume_value(a)
     _check_default_config(a.config)
@@ -72,10 +72,10 @@ def cmd_distill(a):
 def cmd_export(a):
     """Export the EMA student of a run (latest or given checkpoint, hash-checked) as a diffusers folder,
     written to a temporary folder and renamed into place; a non-empty --out needs --overwrite."""
-    from .methods import get_method
-    from .outputs import check_replace_folder
-    from .trainers.loading import load_trained
-    from .utils import atomic_folder
+    from ..methods import get_method
+    from ..outputs import check_replace_folder
+    from ..trainers.loading import load_trained
+    from ..utils import atomic_folder
 
     cfg = export_config(a)
     out = Path(a.out or Path(cfg.output_dir) / "student")
@@ -93,7 +93,7 @@ def export_config(a):
     trained. A teacher run is refused with what to do instead."""
     import yaml
 
-    from .config import ConfigError, DistillConfig, load_config
+    from ..config import ConfigError, DistillConfig, load_config
 
     path = a.config
     if path is None:
@@ -117,10 +117,10 @@ def sample_text(a) -> None:
     """Write a grid: ``--num`` images split evenly over the prompts (one column per prompt with --nrow)."""
     import torch
 
-    from .config import ConfigError
-    from .text_models import default_prompts
-    from .pipelines.text import StepDistillTextPipeline, load_text_pipeline
-    from .utils import save_labeled_grid
+    from ..config import ConfigError
+    from ..text_models import default_prompts
+    from ..pipelines.text import StepDistillTextPipeline, load_text_pipeline
+    from ..utils import save_labeled_grid
 
     pipe = load_text_pipeline(a.model, allow_pickle=a.allow_pickle)
     if getattr(a, "compile", False):
@@ -156,8 +156,8 @@ def sample_text(a) -> None:
 
 
 def cmd_sample(a):
-    from .config import ConfigError
-    from .models import read_folder
+    from ..config import ConfigError
+    from ..models import read_folder
 
     check_sample_args(a)
     from .cli_tools import _set_threads
@@ -170,14 +170,14 @@ def cmd_sample(a):
         raise ConfigError(f"--prompt / --negative-prompt need a text-conditioned model; {a.model} is not one")
     import torch
 
-    from .models import load_denoiser, load_scheduler_config
-    from .pipelines.sampling import make_scheduler, scheduler_sample
-    from .utils import quantize, save_labeled_grid
+    from ..models import load_denoiser, load_scheduler_config
+    from ..pipelines.sampling import make_scheduler, scheduler_sample
+    from ..utils import quantize, save_labeled_grid
 
     g = torch.Generator().manual_seed(a.seed)
     n = a.num
     if info.kind == "student":  # loaded once, as its folder's own pipeline (experts, routed students)
-        from .eval.generate import load_any
+        from ..eval.generate import load_any
 
         student = load_any(a.model, allow_pickle=a.allow_pickle)
         pipe, meta, shape = student.pipe, student.meta, student.image_shape
@@ -236,7 +236,7 @@ def check_sample_args(a) -> None:
     """Refuse what would silently give a wrong grid: see the README's "Failure behaviour"."""
     import math
 
-    from .config import ConfigError
+    from ..config import ConfigError
 
     if a.num < 1:
         raise ConfigError(f"--num must be >= 1, got {a.num}")
@@ -244,7 +244,7 @@ def check_sample_args(a) -> None:
         raise ConfigError(f"--steps must be >= 1, got {a.steps}")
     if a.guidance_scale is not None and (not math.isfinite(a.guidance_scale) or a.guidance_scale < 0):
         raise ConfigError(f"--guidance-scale must be a finite number >= 0, got {a.guidance_scale}")
-    from .config import MAX_SEED
+    from ..config import MAX_SEED
 
     if not 0 <= a.seed <= MAX_SEED:
         raise ConfigError(f"--seed must be in 0..{MAX_SEED}, got {a.seed}")
@@ -252,18 +252,18 @@ def check_sample_args(a) -> None:
         raise ConfigError(f"--scale and --nrow must be >= 1, got {a.scale} and {a.nrow}")
     if Path(a.out).suffix.lower() != ".png":
         raise ConfigError(f"--out must name a .png file, got {a.out}")
-    from .outputs import check_replace_file
+    from ..outputs import check_replace_file
 
     check_replace_file(Path(a.out), a.overwrite)  # a file stepdistill did not write needs --overwrite
 
 
 def check_grid_size(n: int, shape: tuple[int, int, int], scale: int) -> None:
     """A PNG grid holds every image in memory: refuse one over MAX_GRID_BYTES, warn from 1,000 images."""
-    from .config import ConfigError
+    from ..config import ConfigError
 
     c, h, w = shape
     nbytes = n * 3 * (h * scale + 1) * (w * scale + 1)
-    from .denoiser import check_sample_shape
+    from ..denoiser import check_sample_shape
 
     check_sample_shape(shape)
     if nbytes > MAX_GRID_BYTES:
@@ -275,8 +275,8 @@ def check_grid_size(n: int, shape: tuple[int, int, int], scale: int) -> None:
 
 def _student_timesteps(trained: list[float], steps: int) -> list[float]:
     """``--steps`` of a student's timesteps: all, or an evenly spaced subset keeping the first (pure-noise) one."""
-    from .config import ConfigError
-    from .pipelines.sampling import subset_timesteps
+    from ..config import ConfigError
+    from ..pipelines.sampling import subset_timesteps
 
     try:
         return subset_timesteps(trained, steps)
@@ -289,7 +289,7 @@ def _parse_labels(classes: str | None, meta, n: int):
     out class-balanced and a grid with ``k`` columns shows one class per column, with or without ``--classes``."""
     import torch
 
-    from .config import ConfigError
+    from ..config import ConfigError
 
     names = meta.class_names
     if not names:  # an unconditional model takes no labels at all (None: no class embedding, no CFG)
@@ -299,7 +299,7 @@ def _parse_labels(classes: str | None, meta, n: int):
     if not classes:
         chosen = list(range(len(names)))
     else:
-        from .conditioning import class_index
+        from ..conditioning import class_index
 
         chosen = []
         for c in classes.split(","):
@@ -314,7 +314,7 @@ def _parse_labels(classes: str | None, meta, n: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import __version__
+    from .. import __version__
 
     ap = argparse.ArgumentParser(prog="stepdistill", description=__doc__)
     ap.add_argument("--version", action="version", version=f"stepdistill {__version__}")
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_demo_command(sub)
     a = ap.parse_args(argv)
-    from .errors import TrainingInterrupted
+    from ..errors import TrainingInterrupted
 
     try:
         rc = a.fn(a)
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def user_error(e: BaseException) -> str | None:
     """One line naming the problem (and the fix) for errors a user can cause; None for a bug."""
-    from .errors import StepDistillError
+    from ..errors import StepDistillError
 
     if isinstance(e, StepDistillError):
         return str(e)

@@ -4,7 +4,7 @@ on one NVIDIA GPU.
 1. ``tests``: the suite's device-relevant files (training placement, bf16 / memory options, LoRA, FSDP,
    bench, the Denoiser and the planner), run where accelerate places training on the GPU;
 2. ``memory``: one DMD2 step on a random SD 1.5-size UNet at 64x64 latents in bf16, full and LoRA: seconds
-   per step and ``torch.cuda.max_memory_allocated`` (:mod:`stepdistill.eval.memory`), next to the planner's
+   per step and ``torch.cuda.max_memory_allocated`` (:mod:`stepdistill.profiling.memory`), next to the planner's
    estimate of the same configuration;
 3. ``bench``: ``stepdistill bench`` of the shipped one-step student against its teacher;
 4. ``fsdp``: a 2-process FSDP2 smoke run when two GPUs are visible.
@@ -13,7 +13,7 @@ Each part has its own timeout; a failing part is recorded (rc, the end of its st
 ``--dry-run`` runs the same four parts on the CPU at toy size (what the test suite checks).
 
     bash scripts/gpu_check.sh                      # writes gpu_check.json
-    python -m stepdistill.eval.gpu_check --dry-run --out /tmp/gpu_check.json
+    python -m stepdistill.profiling.gpu_check --dry-run --out /tmp/gpu_check.json
 """
 from __future__ import annotations
 
@@ -65,10 +65,10 @@ def part_tests(dry: bool, timeout: float) -> dict:
 
 def part_memory(dry: bool, timeout: float) -> dict:
     if dry:   # the toy teacher through the same command (full and LoRA), one step
-        cmd = [sys.executable, "-m", "stepdistill.eval.memory", "--modes", "full,lora", "--steps", "1",
+        cmd = [sys.executable, "-m", "stepdistill.profiling.memory", "--modes", "full,lora", "--steps", "1",
                "train.batch_size=2", "train.threads=1", "dmd.critic_updates=1"]
     else:
-        cmd = [sys.executable, "-m", "stepdistill.eval.memory", "--arch", "sd15", "--side", "64", "--steps", "2",
+        cmd = [sys.executable, "-m", "stepdistill.profiling.memory", "--arch", "sd15", "--side", "64", "--steps", "2",
                "--modes", "full_bf16,lora_bf16"]
     r = _run(cmd, timeout)
     res = {"rc": r["rc"], "seconds": r["seconds"], "stderr_tail": r["stderr_tail"]}
@@ -82,7 +82,7 @@ def part_memory(dry: bool, timeout: float) -> dict:
 
 def _planner_for(modes: dict) -> dict:
     """The planner's total for each measured mode (same architecture, dtype, batch, resolution)."""
-    from ..plan import PlanRequest, plan
+    from .plan import PlanRequest, plan
 
     out = {}
     for name, m in modes.items():
@@ -111,7 +111,7 @@ def part_fsdp(dry: bool, timeout: float) -> dict:
         return {"skipped": "dry run" if dry else f"{n} GPU visible (needs 2)"}
     with tempfile.TemporaryDirectory() as tmp:
         r = _run(["accelerate", "launch", "--config_file", "configs/accelerate/fsdp.yaml", "--num_processes", "2",
-                  "-m", "stepdistill.cli", "distill", "--config", "configs/dmd2_animal_mnist.yaml", "train.fsdp=true",
+                  "-m", "stepdistill", "distill", "--config", "configs/dmd2_animal_mnist.yaml", "train.fsdp=true",
                   "train.max_steps=3", "dmd.regression_warmup_steps=0", "train.sample_every=1000",
                   "train.checkpoint_every=3", f"output_dir={tmp}", "--overwrite"], timeout)
     return {"rc": r["rc"], "seconds": r["seconds"], "stderr_tail": r["stderr_tail"]}
@@ -142,7 +142,7 @@ def run_check(out: str, dry: bool = False, budget_s: float = 600) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stepdistill.eval.gpu_check", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m stepdistill.profiling.gpu_check", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="gpu_check.json", help="the JSON file to write (default %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="the same parts on the CPU at toy size")
     p.add_argument("--budget", type=float, default=600, help="seconds for all parts (default %(default)s)")

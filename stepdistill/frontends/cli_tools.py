@@ -24,14 +24,14 @@ def _emit(result: dict, out: str | None) -> None:
     text = json.dumps(_clean(result), indent=2, default=str)
     print(text, flush=True)
     if out:
-        from .utils import atomic_write_text
+        from ..utils import atomic_write_text
 
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, text + "\n")
 
 
 def cmd_eval(a):
-    from .eval.generate import evaluate_model
+    from ..eval.generate import evaluate_model
 
     _set_threads(a)
     res = evaluate_model(a.model, steps=a.steps, num=a.num, ref=a.ref, ref_split=a.ref_split, ref_num=a.ref_num,
@@ -44,12 +44,12 @@ def cmd_eval(a):
 
 
 def cmd_bench(a):
-    from .config import ConfigError
-    from .eval.bench import benchmark, summary_lines
+    from ..config import ConfigError
+    from ..eval.bench import benchmark, summary_lines
 
     _set_threads(a)
-    if a.train:  # where a training step's time goes (eval/train_profile.py)
-        from .eval.train_profile import profile_training
+    if a.train:  # where a training step's time goes (profiling/train_profile.py)
+        from ..profiling.train_profile import profile_training
 
         over = list(a.overrides) + ([f"train.threads={a.threads}"] if a.threads else [])
         _emit(profile_training(a.config, over, steps=a.repeats, warmup=a.warmup, tiny=a.tiny), a.out)
@@ -70,8 +70,8 @@ def cmd_bench(a):
 
 
 def cmd_report(a):
-    from .eval.report import make_report
-    from .outputs import check_report_dir, write_marker
+    from ..eval.report import make_report
+    from ..outputs import check_report_dir, write_marker
 
     _set_threads(a)
     check_report_dir(Path(a.out), a.overwrite)
@@ -90,7 +90,7 @@ def cmd_report(a):
 
 
 def cmd_curve(a):
-    from .eval.curve import quality_curve
+    from ..eval.curve import quality_curve
 
     _set_threads(a)
     res = quality_curve(a.run, num=a.num, seed=a.seed, steps=a.steps, teacher_eval=a.teacher_eval, every=a.every,
@@ -108,7 +108,7 @@ def seed_arg(text: str) -> int:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    from .config import MAX_SEED
+    from ..config import MAX_SEED
 
     if not 0 <= v <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED}, got {v}")
@@ -171,7 +171,7 @@ def _hybrid_args(p, bench: bool = False):
 
 
 def cmd_onnx(a):
-    from .onnx_export import check_onnx, export_onnx
+    from ..onnx_export import check_onnx, export_onnx
 
     _set_threads(a)
     info = export_onnx(a.model, a.out, steps=a.steps, opset=a.opset, allow_pickle=a.allow_pickle,
@@ -184,8 +184,8 @@ def cmd_onnx(a):
 def cmd_plan(a):
     import sys
 
-    from .config import ConfigError
-    from .plan import PlanRequest, fit_grid, format_table, plan
+    from ..config import ConfigError
+    from ..profiling.plan import PlanRequest, fit_grid, format_table, plan
 
     if not (math.isfinite(a.gpu_gib) and a.gpu_gib > 0):
         raise ConfigError(f"--gpu-gib must be a finite number of GiB > 0, got {a.gpu_gib}")
@@ -267,7 +267,7 @@ def add_commands(sub) -> None:
     p.add_argument("--student", default=None, help="distilled student folder (required unless --train)")
     p.add_argument("--train", action="store_true",
                    help="profile training steps instead: per-network forward and backward time vs the whole step")
-    p.add_argument("--config", default=str(Path(__file__).resolve().parent / "configs" / "dmd2_animal_mnist.yaml"),
+    p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "dmd2_animal_mnist.yaml"),
                    help="--train: the distill config to profile (default: the main job's)")
     p.add_argument("--tiny", action="store_true", help="--train: a tiny custom nn.Module teacher on 16x16 digits")
     p.add_argument("overrides", nargs="*", help="--train: config overrides key=value, e.g. train.batch_size=16")

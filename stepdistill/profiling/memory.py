@@ -16,7 +16,7 @@ updates + one generator update), no sample grids or checkpoints. Reported per mo
 
 Command line (prints JSON)::
 
-    python -m stepdistill.eval.memory --config configs/dmd2_animal_mnist.yaml --steps 2 \\
+    python -m stepdistill.profiling.memory --config configs/dmd2_animal_mnist.yaml --steps 2 \\
         --modes full,lora train.batch_size=8 train.threads=1
 """
 from __future__ import annotations
@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ..meter import maxrss_bytes, peak_rss_mb, proc_kb_field, process_peak, reset_peak, rss_mb
 
 MODES = {
     "full": ["dmd.lora_rank=0"],
@@ -45,50 +47,6 @@ MODES = {
 ARCH_BANK = 8   # prompts in the random embedding bank of a real-size measurement (and real latents)
 
 
-def _rss_mb() -> float:
-    """Current resident memory (Linux /proc; falls back to the peak elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's resident-memory high-water mark (Linux: ``5`` to /proc/self/clear_refs), so that the
-    peak covers training only, not a model built in float32 and then cast to bfloat16."""
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _proc_kb_field(path: str, field: str) -> float | None:
-    """``field`` (a kB line such as ``VmHWM:``) of a /proc file in MiB, or None off Linux."""
-    try:
-        for line in open(path):
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _peak_mb() -> float:
-    """Resident-memory high-water mark since the last :func:`_reset_peak` (VmHWM), else the process peak."""
-    hwm = _proc_kb_field("/proc/self/status", "VmHWM:")
-    if hwm is not None:
-        return hwm
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _tensor_mb(ts) -> float:
     seen, total = set(), 0
     for t in ts:
@@ -101,13 +59,10 @@ def _tensor_mb(ts) -> float:
 
 def measure_in_process(config: str | None, overrides: list[str], steps: int) -> dict:
     """The child's work (call :func:`train_memory` instead: it runs this in a fresh process)."""
-    import resource
-
     import torch
 
     from ..config import DistillConfig, load_config
     from ..data import load_dataset
-    from ..lora import param_storage_mb
     from ..models import load_denoiser
     from ..trainers.core import Trainer
     from ..trainers.distill import build_method
@@ -125,37 +80,60 @@ def measure_in_process(config: str | None, overrides: list[str], steps: int) -> 
     warm, _ = load_denoiser(cfg.dmd.teacher, allow_pickle=cfg.dmd.allow_pickle)
     del warm
     gc.collect()
-    baseline = _rss_mb()
+    baseline = rss_mb()
     obj, data, _ = build_method(cfg, data=data)
     trainer = Trainer(obj, cfg, data=data)
     dev = trainer.acc.device
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    sec, cuda_mb, _ = _run_steps(trainer, steps, reset_cpu_peak=False)
+    param_mb, trainable_mb, state_mb = _inventory(obj, trainer)
+    peak = maxrss_bytes() / 2**20  # the process-lifetime peak: building the method counts too
+    out = {"peak_rss_mb": round(peak, 1), "baseline_rss_mb": round(baseline, 1),
+           "train_rss_mb": round(peak - baseline, 1), "param_mb": round(param_mb, 3),
+           "trainable_mb": round(trainable_mb, 3), "optimizer_state_mb": round(state_mb, 3),
+           "sec_per_step": round(sec, 3), "device": str(dev), "steps": steps, "batch_size": cfg.train.batch_size,
+           "lora_rank": cfg.dmd.lora_rank, "teacher_dtype": cfg.dmd.teacher_dtype,
+           "gradient_checkpointing": cfg.train.gradient_checkpointing, "threads": torch.get_num_threads()}
+    if cuda_mb is not None:
+        out["peak_cuda_mb"] = round(cuda_mb, 1)
+    return out
+
+
+def _run_steps(trainer, steps: int, reset_cpu_peak: bool) -> tuple[float, float | None, bool]:
+    """``steps`` training steps after a fresh peak (the CUDA allocator's; the CPU high-water mark too when
+    ``reset_cpu_peak``). Returns (seconds per step, CUDA peak MiB or None on CPU, whether the CPU mark was reset)."""
+    import torch
+
+    dev = trainer.acc.device
+    reset = reset_peak(dev, cpu=reset_cpu_peak)
     t0 = time.time()
     for _ in range(steps):
         trainer._run_step()
         trainer.step += 1
         trainer.update = 0
-    sec = (time.time() - t0) / max(steps, 1)
+    cuda_mb = None
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        cuda_mb = process_peak(dev)["peak_memory_mb"]
+    return (time.time() - t0) / max(steps, 1), cuda_mb, reset
+
+
+def _inventory(obj, trainer) -> tuple[float, float, float]:
+    """MiB of parameters (teacher, players, EMA copies; shared storage once), trainable parameters (their gradients
+    take as much) and optimizer states."""
+    import torch
+
+    from ..lora import param_storage_mb
+
     mods = [obj.teacher] + [p.module for p in obj.players.values()] + list(trainer.ema.values())
     trainable = [q for o in trainer.opts.values() for g in o.param_groups for q in g["params"]]
     states = [v for o in trainer.opts.values() for s in o.state.values() for v in s.values()
               if torch.is_tensor(v) and v.ndim > 0]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = {"peak_rss_mb": round(peak, 1), "baseline_rss_mb": round(baseline, 1),
-           "train_rss_mb": round(peak - baseline, 1), "param_mb": round(param_storage_mb(*mods), 3),
-           "trainable_mb": round(_tensor_mb(trainable), 3), "optimizer_state_mb": round(_tensor_mb(states), 3),
-           "sec_per_step": round(sec, 3), "device": str(dev), "steps": steps, "batch_size": cfg.train.batch_size,
-           "lora_rank": cfg.dmd.lora_rank, "teacher_dtype": cfg.dmd.teacher_dtype,
-           "gradient_checkpointing": cfg.train.gradient_checkpointing, "threads": torch.get_num_threads()}
-    if dev.type == "cuda":
-        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
-    return out
+    return param_storage_mb(*mods), _tensor_mb(trainable), _tensor_mb(states)
 
 
 def _plan_request(cfg, arch: str, side: int):
-    """The planner request (stepdistill/plan.py) describing the measured configuration."""
-    from ..plan import LATENT_FACTOR, PlanRequest
+    """The planner request (stepdistill/profiling/plan.py) describing the measured configuration."""
+    from .plan import LATENT_FACTOR, PlanRequest
 
     return PlanRequest(teacher=arch, mode="lora" if cfg.dmd.lora_rank > 0 else "full",
                        dtype="bf16" if cfg.dmd.teacher_dtype == "bfloat16" else "fp32", batch=cfg.train.batch_size,
@@ -170,7 +148,7 @@ def _mem_available_mb() -> float:
 
     if torch.cuda.is_available():
         return torch.cuda.mem_get_info()[0] / 2**20
-    avail = _proc_kb_field("/proc/meminfo", "MemAvailable:")
+    avail = proc_kb_field("/proc/meminfo", "MemAvailable:")
     return float("inf") if avail is None else avail
 
 
@@ -188,9 +166,8 @@ def measure_arch_in_process(arch: str, side: int, config: str | None, overrides:
     from ..conditioning import TextEmbeddingBank
     from ..config import DistillConfig, load_config
     from ..data import ArrayDataset
-    from ..lora import param_storage_mb
     from ..models import ModelMeta
-    from ..plan import TEXT_TOKENS, example_inputs, plan, trace_activations
+    from .plan import TEXT_TOKENS, example_inputs, plan, trace_activations
     from ..trainers.core import Trainer
     from ..trainers.distill import build_method
 
@@ -208,7 +185,7 @@ def measure_arch_in_process(arch: str, side: int, config: str | None, overrides:
         return {**out, "fits": False, "available_gib": round(avail, 2),
                 "note": f"weights + gradients + optimizer states alone need {states['total_gib']:.1f} GiB, "
                         f"{avail:.1f} GiB available: not run (see the planner's estimate)"}
-    baseline = _rss_mb()
+    baseline = rss_mb()
     teacher = architecture_denoiser(arch, device="cpu")
     x, _, cond = example_inputs(teacher, ARCH_BANK, side, TEXT_TOKENS[arch], "cpu")
     bank = TextEmbeddingBank(cond["emb"], cond["pooled"]) if isinstance(cond, dict) else TextEmbeddingBank(cond)
@@ -217,25 +194,13 @@ def measure_arch_in_process(arch: str, side: int, config: str | None, overrides:
     obj, data, _ = build_method(cfg, teacher=teacher, meta=meta, data=data, text_bank=bank)
     trainer = Trainer(obj, cfg, data=data)
     dev = trainer.acc.device
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    out["peak_reset"] = _reset_peak()  # the teacher is built in float32: its transient must not set the peak
-    t0 = time.time()
-    for _ in range(steps):
-        trainer._run_step()
-        trainer.step += 1
-        trainer.update = 0
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+    # the teacher is built in float32: its transient must not set the peak
+    sec, cuda_mb, out["peak_reset"] = _run_steps(trainer, steps, reset_cpu_peak=True)
+    if cuda_mb is not None:
+        out["peak_cuda_mb"] = round(cuda_mb, 1)
     out["device"] = str(dev)
-    sec = (time.time() - t0) / max(steps, 1)
-    peak = _peak_mb()
-    mods = [obj.teacher] + [p.module for p in obj.players.values()] + list(trainer.ema.values())
-    trainable = [q for o in trainer.opts.values() for g in o.param_groups for q in g["params"]]
-    st = [v for o in trainer.opts.values() for s_ in o.state.values() for v in s_.values()
-          if torch.is_tensor(v) and v.ndim > 0]
-    param_mb, grad_mb, opt_mb = param_storage_mb(*mods), _tensor_mb(trainable), _tensor_mb(st)
+    peak = peak_rss_mb()
+    param_mb, grad_mb, opt_mb = _inventory(obj, trainer)
     train_mb = out["peak_cuda_mb"] if "peak_cuda_mb" in out else peak - baseline  # GPU: everything allocated there
     # the trace the planner scales, on the meta device, for this configuration
     from ..architectures import architecture_denoiser as _meta
@@ -266,7 +231,7 @@ def arch_memory(arch: str, side: int, modes=("lora",), config: str | None = None
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "stepdistill.eval.memory", "--child", "--arch", arch, "--side", str(side),
+            cmd = [sys.executable, "-m", "stepdistill.profiling.memory", "--child", "--arch", arch, "--side", str(side),
                    "--steps", str(steps), "--config", config or "", f"output_dir={tmp}", *(overrides or []),
                    *MODES[mode]]
             env = dict(os.environ)
@@ -291,7 +256,7 @@ def train_memory(overrides: list[str] | None = None, steps: int = 2, config: str
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     with tempfile.TemporaryDirectory() as tmp:
         ov = [f"output_dir={tmp}"] + list(overrides or []) + MODES[mode]
-        cmd = [sys.executable, "-m", "stepdistill.eval.memory", "--child", "--steps", str(steps),
+        cmd = [sys.executable, "-m", "stepdistill.profiling.memory", "--child", "--steps", str(steps),
                "--config", config or "", *ov]
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
@@ -315,7 +280,7 @@ def compare_memory(overrides: list[str] | None = None, steps: int = 2, config: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stepdistill.eval.memory", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m stepdistill.profiling.memory", description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "dmd2_animal_mnist.yaml"))
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--modes", default="full,lora", help=f"comma-separated: {', '.join(MODES)}")
@@ -356,7 +321,7 @@ def write_calibration(res: dict, plain: str | None, checkpointed: str | None = N
     """The planner's activation constants from measured modes ``plain`` (no checkpointing) and ``checkpointed``
     (``None``: keep the file's); every mode's numbers are kept (keyed arch_side_mode) beside those already in
     the file: the measurements the planner is validated against (tests/test_plan.py)."""
-    from ..plan import CALIBRATION
+    from .plan import CALIBRATION
 
     prev = json.loads(CALIBRATION.read_text()) if CALIBRATION.exists() else {}
     if plain is None:
@@ -380,7 +345,7 @@ def write_calibration(res: dict, plain: str | None, checkpointed: str | None = N
     cal = {**factors,
            "source": f"{m['arch']} {' / '.join(x for x in (plain, checkpointed) if x)}, latent {m['latent_side']}, "
                      f"batch {m['batch_size']}, {m['critic_updates']} critic update(s), {m.get('device', 'cpu')}: "
-                     f"python -m stepdistill.eval.memory --arch {m['arch']} --side {m['latent_side']}",
+                     f"python -m stepdistill.profiling.memory --arch {m['arch']} --side {m['latent_side']}",
            "measurements": {**old, **{f"{v.get('arch')}_{v.get('latent_side')}_{k}": v for k, v in res.items()}}}
     CALIBRATION.write_text(json.dumps(cal, indent=2) + "\n")
     return cal

@@ -1,5 +1,5 @@
 """The demo's computation: a teacher (many steps, CFG) and its distilled student (1..K steps) side by side.
-The Gradio app and the ``stepdistill demo`` command are in :mod:`stepdistill.demo_ui`.
+The Gradio app and the ``stepdistill demo`` command are in :mod:`stepdistill.frontends.demo_ui`.
 
     stepdistill demo [--teacher PATH] [--student PATH] [--host 127.0.0.1] [--port N]
     python app.py     [--teacher PATH] [--student PATH] [--port N]
@@ -36,18 +36,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .conditioning import class_index
-from .errors import StepDistillError
-from .shipped import BUILTIN_STUDENTS, BUILTIN_TEACHERS
+from ..conditioning import class_index
+from ..errors import StepDistillError
+from ..shipped import BUILTIN_STUDENTS, BUILTIN_TEACHERS
 
 if TYPE_CHECKING:
-    from .models import FolderInfo
+    from ..models import FolderInfo
 
 DEFAULT_TEACHER = "builtin:animal_mnist"
 DEFAULT_STUDENT = "builtin:animal_mnist_dmd2"
 ALL_CLASSES = "(all classes)"
 SAMPLERS = ("ddim", "euler", "dpm++")
-from .config import MAX_SEED  # noqa: E402  (the one seed range of every entry point)
+from ..config import MAX_SEED  # noqa: E402  (the one seed range of every entry point)
 MAX_BATCH = 16
 MAX_TEACHER_STEPS = 200
 MAX_GUIDANCE = 20.0
@@ -105,7 +105,7 @@ def _bare_model_folder(p: Path) -> bool:
 def read_model_info(path_or_name: str | os.PathLike, role: str = "model") -> FolderInfo:
     """The folder the user named, checked for the UI (:func:`resolve_model_path`), described by the one folder
     reader (:func:`stepdistill.models.read_folder`; no weights loaded)."""
-    from .models import ModelLoadError, read_folder
+    from ..models import ModelLoadError, read_folder
 
     p = resolve_model_path(path_or_name, role)
     try:
@@ -129,7 +129,7 @@ def student_supports_hybrid_chain(info: FolderInfo) -> bool:
 
 def _student_pipeline_class(info: FolderInfo):
     """The pipeline class named by model_index.json among stepdistill's student pipelines."""
-    from .pipelines import student_pipeline_class
+    from ..pipelines import student_pipeline_class
 
     cls = student_pipeline_class(info.pipeline_class)
     if cls is None and info.student_timesteps:
@@ -141,14 +141,14 @@ def hybrid_compatible(teacher: FolderInfo, student: FolderInfo) -> str | None:
     """None when the teacher can take the student's first step, else why not: the one hybrid check
     (:func:`stepdistill.pipelines.hybrid.hybrid_problem`, as ``stepdistill eval --hybrid-teacher``), on what the
     folders say (no weights loaded)."""
-    from .pipelines.hybrid import hybrid_problem
+    from ..pipelines.hybrid import hybrid_problem
 
     return hybrid_problem(_hybrid_side(teacher), _hybrid_side(student), _student_pipeline_class(student),
                           student.student_timesteps or [999.0])
 
 
 def _hybrid_side(info: FolderInfo):
-    from .pipelines.hybrid import HybridSide
+    from ..pipelines.hybrid import HybridSide
 
     sched = info.path / "scheduler" / "scheduler_config.json"
     return HybridSide((info.channels, info.resolution, info.resolution), info.conditioning, list(info.class_names),
@@ -204,10 +204,10 @@ def _stamp(p: Path) -> tuple:
 
 
 def load_teacher(info: FolderInfo):
-    from .pipelines.teacher import StepDistillTeacherPipeline
+    from ..pipelines.teacher import StepDistillTeacherPipeline
 
     if info.conditioning == "text":  # text encoder (+ VAE) come with it; safetensors only
-        from .pipelines.text import load_text_pipeline
+        from ..pipelines.text import load_text_pipeline
 
         return _cached(("teacher", _stamp(info.path)), info.path, lambda: load_text_pipeline(info.path))
     if not (info.path / "model_index.json").exists():  # a bare network + scheduler (docs/your_teacher.md)
@@ -220,8 +220,8 @@ def _bare_teacher_pipeline(path: Path):
     """A teacher pipeline around a stock network folder (safetensors only), with the loader's metadata."""
     from diffusers import DDPMScheduler
 
-    from .models import load_denoiser, load_scheduler_config
-    from .pipelines.teacher import StepDistillTeacherPipeline
+    from ..models import load_denoiser, load_scheduler_config
+    from ..pipelines.teacher import StepDistillTeacherPipeline
 
     den, meta = load_denoiser(path)
     scheduler = DDPMScheduler.from_config(load_scheduler_config(path, None))
@@ -233,7 +233,7 @@ def _bare_teacher_pipeline(path: Path):
 def load_student(info: FolderInfo):
     def build():
         if info.conditioning == "text":
-            from .pipelines.text import load_text_pipeline
+            from ..pipelines.text import load_text_pipeline
 
             return load_text_pipeline(info.path)
         cls = _student_pipeline_class(info)
@@ -257,7 +257,7 @@ def _cached(key, path: Path, build):
             except Exception as e:  # noqa: BLE001 - a broken folder is a user error here, shown in the UI
                 raise DemoInputError(f"could not load the {key[0]} from {str(path)!r}: {e}") from e
             net = pipe.network if hasattr(pipe, "network") else pipe.unet  # unet, or transformer
-            from .denoiser import check_sample_shape, sample_shape
+            from ..denoiser import check_sample_shape, sample_shape
 
             try:  # a broken sample_size (100000) is refused before anything is allocated
                 check_sample_shape(sample_shape(net), f"the {key[0]} at {path}")
@@ -361,7 +361,7 @@ def student_nfe(steps: int, hybrid: bool = False, guidance_scale: float = 1.0, h
     """Student NFE per image; hybrid: ``n m (2 with CFG, else 1) + (K - n)`` (eval/hybrid.py's count)."""
     if not hybrid:
         return steps
-    from .pipelines.hybrid import hybrid_nfe
+    from ..pipelines.hybrid import hybrid_nfe
 
     return hybrid_nfe(steps, hybrid_steps, substeps, cfg=conditioned and guidance_scale != 1.0)
 
@@ -370,7 +370,7 @@ def hybrid_settings(student_steps: int, hybrid_steps, hybrid_substeps, hybrid_ha
                     full_chain: bool = True) -> tuple[int, int, str, float, str | None]:
     """Validated ``(n, m, handoff, w, note)``; ``full_chain=False`` (Phased DMD / multi-student) falls
     back to n = 1 with ``renoise`` and says so in ``note``."""
-    from .pipelines.hybrid import check_hybrid
+    from ..pipelines.hybrid import check_hybrid
 
     handoff = str(hybrid_handoff or "").strip()
     n = _int_in(hybrid_steps, "hybrid teacher steps", 1, MAX_TEACHER_STEPS)   # the boxes' own limits
@@ -617,7 +617,7 @@ def hybrid_first_step(teacher, class_indices: list[int] | None, guidance_scale: 
     interval of ``timesteps``, hand-off ``renoise`` -> x0 | ``ode`` -> (x0, DDIM state))."""
     import torch
 
-    from .pipelines.hybrid import teacher_steps_for
+    from ..pipelines.hybrid import teacher_steps_for
 
     cond = torch.tensor(class_indices, dtype=torch.long) if class_indices is not None else None
     return teacher_steps_for(teacher.denoiser(), cond, guidance_scale, timesteps, substeps, handoff)
@@ -627,7 +627,7 @@ def _to_pil(x) -> list:
     """(B, C, H, W) in [-1, 1] -> PIL images, nearest-upscaled to at least ``DISPLAY_SIZE``."""
     from PIL import Image
 
-    from .utils import to_uint8
+    from ..utils import to_uint8
 
     arr = to_uint8(x)
     scale = max(1, DISPLAY_SIZE // arr.shape[1])

@@ -1,6 +1,6 @@
 """The demo's Gradio app and its command (``stepdistill demo``, ``python app.py``): widgets, event wiring,
-launch. The computation it shows lives in :mod:`stepdistill.demo` (no gradio needed there): model
-folders, label and hybrid validation, :func:`~stepdistill.demo.generate` and its teacher / student runs.
+launch. The computation it shows lives in :mod:`stepdistill.frontends.demo` (no gradio needed there): model
+folders, label and hybrid validation, :func:`~stepdistill.frontends.demo.generate` and its teacher / student runs.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ own tensors (what its recomputation holds). One DMD2 step keeps several such gra
 (student + critic in the generator update; the critic's denoising and GAN branches in its own), and
 allocators keep slack; the ratio of measured peak activations to the trace is the measured constant
 ``activation_factor`` (``assets/memory_calibration.json``, written by ``python -m
-stepdistill.eval.memory --arch ... --calibrate``; it says which measurement it came from). Checkpointing
+stepdistill.profiling.memory --arch ... --calibrate``; it says which measurement it came from). Checkpointing
 has its own constant, ``activation_factor_checkpointed``: its backward recomputes one block at a time and
 holds that block's gradients too, so its peak is a larger multiple of a smaller trace.
 
@@ -41,9 +41,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
-CALIBRATION = Path(__file__).parent / "assets" / "memory_calibration.json"
+CALIBRATION = Path(__file__).resolve().parents[1] / "assets" / "memory_calibration.json"
 GIB = 2**30
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TEXT_TOKENS = {"sd15": 77, "sdxl": 77, "sd3": 333, "flux": 512}   # prompt tokens the family's encoders give
@@ -68,7 +68,7 @@ class PlanRequest:
 
     @classmethod
     def from_measurement(cls, m: dict) -> "PlanRequest":
-        """The request describing one ``python -m stepdistill.eval.memory --arch`` measurement (for validation)."""
+        """The request describing one ``python -m stepdistill.profiling.memory --arch`` measurement (for validation)."""
         return cls(teacher=m["arch"], mode="lora" if m["lora_rank"] > 0 else "full",
                    dtype="bf16" if m["teacher_dtype"] == "bfloat16" else "fp32", batch=m["batch_size"],
                    resolution=LATENT_FACTOR[m["arch"]] * m["latent_side"], lora_rank=max(m["lora_rank"], 1),
@@ -91,12 +91,12 @@ class PlanRequest:
 # -- the network on the meta device --------------------------------------------------------------------------
 def meta_network(teacher: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, int, int]:
     """(backbone on the meta device, latent-side factor, prompt tokens) of a named architecture or a folder."""
-    from .architectures import ARCHITECTURES, build_architecture
+    from ..architectures import ARCHITECTURES, build_architecture
 
     if teacher in ARCHITECTURES:
         return build_architecture(teacher, "meta", dtype), LATENT_FACTOR[teacher], TEXT_TOKENS[teacher]
     if teacher.startswith("builtin:"):
-        from .shipped import resolve_shipped
+        from ..shipped import resolve_shipped
 
         teacher = str(resolve_shipped(teacher))
     folder = Path(teacher)
@@ -105,7 +105,7 @@ def meta_network(teacher: str, dtype: torch.dtype = torch.float32) -> tuple[nn.M
                           "nor a folder")
     import diffusers
 
-    from .denoiser import BACKBONE_KINDS
+    from ..denoiser import BACKBONE_KINDS
 
     for sub in ("unet", "transformer", ""):
         cfg_path = folder / sub / "config.json"
@@ -257,7 +257,7 @@ def count_parameters(teacher: str, lora_rank: int = 0, lora_targets=("to_q", "to
 
 def _lora_params(net: nn.Module, rank: int, targets: tuple) -> int:
     """Parameters of one LoRA role on ``net`` (peft injects it in place, on the meta device: exact, no memory)."""
-    from .lora import SharedLoRA
+    from ..lora import SharedLoRA
 
     shared = SharedLoRA(net, rank, targets=targets)
     shared.add_adapter("student")
@@ -266,8 +266,8 @@ def _lora_params(net: nn.Module, rank: int, targets: tuple) -> int:
 
 def _denoiser(net: nn.Module):
     """``net`` in our adapter (the schedule plays no part in memory: a default VP one)."""
-    from .denoiser import Denoiser
-    from .schedules import schedule_from_config
+    from ..denoiser import Denoiser
+    from ..schedules import schedule_from_config
 
     return Denoiser(net, schedule_from_config({"kind": "vp", "num_train_timesteps": 1000}), "epsilon")
 
@@ -297,7 +297,7 @@ def _measure_architecture(teacher: str, dtype: str, mode: str, rank: int, target
 def _gan_head_params(channels: int, spatial: int) -> int:
     if not channels:
         return 0
-    from .trainers.dmd import GANHead
+    from ..trainers.dmd import GANHead
 
     with torch.device("meta"):
         return sum(p.numel() for p in GANHead(channels, spatial).parameters())
@@ -305,7 +305,7 @@ def _gan_head_params(channels: int, spatial: int) -> int:
 
 def load_calibration(path: Path = CALIBRATION) -> dict:
     if not Path(path).exists():
-        raise ConfigError(f"no activation calibration at {path}: run python -m stepdistill.eval.memory --arch sd15 "
+        raise ConfigError(f"no activation calibration at {path}: run python -m stepdistill.profiling.memory --arch sd15 "
                           "--calibrate (it measures one DMD2 step and writes the constant)")
     return json.loads(Path(path).read_text())
 
