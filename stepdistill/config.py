@@ -378,6 +378,17 @@ def drop_foreign_keys(cls, data: dict, warn: bool = True) -> list[str]:
             mine = {f.name for f in dataclasses.fields(hints[sec])}
             if set(value) - mine:
                 stray[sec] = [k for k in value if k not in mine]
+    scheduled = []  # (entry, dotted key) of schedule entries that set a key cls lacks
+    for entry in data.get("schedule") or []:
+        for key in list((entry.get("set") or {}) if isinstance(entry, dict) else {}):
+            sec, _, rest = str(key).partition(".")
+            k = rest.split(".")[0]
+            if sec in hints and dataclasses.is_dataclass(hints[sec]) and k and \
+                    k not in {f.name for f in dataclasses.fields(hints[sec])}:
+                stray.setdefault(sec, [])
+                if k not in stray[sec]:
+                    stray[sec].append(k)
+                scheduled.append((entry, key))
     if not stray:
         return []
     from .methods import method_names, method_sections
@@ -397,7 +408,24 @@ def drop_foreign_keys(cls, data: dict, warn: bool = True) -> list[str]:
                         owners.setdefault((sec, k), []).append(name)
                         defaults[(sec, k)] = d[k]
     changed = []
+    for entry, key in scheduled:  # a schedule entry of another method's option: dropped, as the option itself
+        sec, _, rest = str(key).partition(".")
+        names = owners.get((sec, rest.split(".")[0]))
+        if not names:
+            continue  # no method has it: the schedule check refuses it, naming the key
+        value = entry["set"].pop(key)
+        changed.append(f"schedule: {key}")
+        if warn:
+            import warnings
+
+            warnings.warn(f"schedule entry at step {entry.get('at')}: {key} = {_short(value)} is an option of method "
+                          f"{' | '.join(names)}; method {data.get('method', '?')} does not read it (ignored)",
+                          stacklevel=3)
+    if scheduled:
+        data["schedule"] = [e for e in data["schedule"] if not isinstance(e, dict) or e.get("set")]
     for (sec, k), names in owners.items():
+        if k not in data.get(sec, {}):
+            continue  # only scheduled
         value = data[sec].pop(k)
         if value != defaults[(sec, k)]:
             changed.append(f"{sec}.{k}")

@@ -179,3 +179,18 @@ def test_a_config_can_extend_another_with_base(tmp_path):
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="missing.yaml does not exist \\(the base of"):
         load_config(DistillConfig, str(tmp_path / "c.yaml"), [])
+
+
+def test_schedule_entries_of_another_methods_options_are_dropped_with_a_warning(tmp_path):
+    """The main job's file under another method (``method=pso``): its schedule's DMD-only keys go, as the DMD-only
+    settings themselves do, each named in a warning; an entry left empty goes too; a key no method has still fails."""
+    root = Path(__file__).parents[1] / "configs"
+    with pytest.warns(UserWarning, match=r"schedule entry at step 300: dmd.critic_optim.lr = 2e-05 is an option of"):
+        pso = load_config(DistillConfig, str(root / "dmd2_animal_mnist.yaml"), ["method=pso"])
+    assert [e.at for e in pso.schedule] == [300]  # the step-450 entry only set dmd.regression_weight
+    assert pso.schedule[0].set == {"dmd.optim.lr": 2e-5, "train.batch_size": 16, "train.ema_decay": 0.99}
+    main_job = load_config(DistillConfig, str(root / "dmd2_animal_mnist.yaml"), [])
+    assert [e.at for e in main_job.schedule] == [300, 450] and "dmd.critic_optim.lr" in main_job.schedule[0].set
+    (tmp_path / "bad.yaml").write_text("method: pso\nschedule:\n  - {at: 5, set: {dmd.nope: 1}}\n")
+    with pytest.raises(ConfigError, match="dmd.nope"):
+        load_config(DistillConfig, str(tmp_path / "bad.yaml"), [])
