@@ -1,12 +1,13 @@
 """`stepdistill bench --train` (profiling/train_profile.py) and the recipe options of the quality issue:
 regression warm-up on teacher ODE pairs and fresh GAN noise levels."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from stepdistill.frontends.cli import main
-from stepdistill.config import DistillConfig, load_config
+from stepdistill.config import ConfigError, DistillConfig, load_config
 from stepdistill.profiling.train_profile import profile_training, tiny_teacher
 from stepdistill.trainers.core import Trainer
 from stepdistill.trainers.distill import build_method
@@ -124,3 +125,79 @@ def test_quality_curve_scores_each_checkpoint_once(tiny_teacher, tmp_path, monke
     assert (run / "curve" / "curve.png").stat().st_size > 1000
     main(argv)                                      # rerun: nothing new to score
     assert len(calls) == 2
+
+
+def test_curve_pick_reads_class_accuracy_on_more_samples_when_measured():
+    from stepdistill.eval.curve import pick_checkpoint
+
+    pts = [{"step": 1000, "fid": 62.7, "class_accuracy": 0.976},
+           {"step": 1100, "fid": 59.7, "class_accuracy": 0.972, "class_accuracy_more": {"num": 2000, "accuracy": 0.957}},
+           {"step": 1600, "fid": 54.2, "class_accuracy": 0.966}]
+    p = pick_checkpoint(pts, 0.97)
+    assert p["step"] == 1000 and p["met_bar"] and p["class_accuracy"] == 0.976   # 1100 fails on the 2,000 samples
+    assert pick_checkpoint(pts[1:], 0.97) == {"step": 1600, "fid": 54.2, "class_accuracy": 0.966, "met_bar": False,
+                                               "rule": "lowest FID among checkpoints with class accuracy >= 0.97, "
+                                                       "else the lowest FID"}                       # none passes
+    assert pick_checkpoint(pts, 0.95)["step"] == 1600
+
+
+def test_curve_scores_class_accuracy_on_more_noise_and_records_the_pick(tmp_path, monkeypatch):
+    """``--acc-num``: the extra accuracy uses other noise (seed + 1) than the FID samples; ``--pick-acc`` writes the
+    pick into curve.json and the printed JSON."""
+    from stepdistill.eval import curve as C
+    from stepdistill.eval import generate
+
+    calls = []
+
+    def fake_eval(folder, steps=None, num=0, seed=0, progress=False, **kw):
+        step = int(Path(folder).name)
+        return {"fid": {2: 50.0, 4: 40.0}[step], "class_accuracy": 0.99, "num": num, "seed": seed}
+
+    def fake_acc(folder, num, seed, steps=None):
+        calls.append((num, seed))
+        return {"num": num, "seed": seed, "accuracy": {2: 0.98, 4: 0.90}[int(Path(folder).name)]}
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for s in (2, 4):
+        (run / "checkpoints" / f"step_{s:06d}").mkdir()
+        (run / "checkpoints" / f"step_{s:06d}" / "meta.json").write_text('{"wall_seconds": 1}')
+    (run / "config.yaml").write_text("method: dmd2\n")
+
+    import dataclasses
+
+    from stepdistill import methods
+
+    real_get = methods.get_method
+
+    def get_method(name):  # the real record, exporting to a folder named by the step
+        return dataclasses.replace(real_get(name), export=lambda modules, obj, cfg, meta, out: out / str(modules))
+
+    monkeypatch.setattr(generate, "evaluate_model", fake_eval)
+    monkeypatch.setattr(generate, "class_accuracy_of", fake_acc)
+    monkeypatch.setattr(methods, "get_method", get_method)
+    monkeypatch.setattr("stepdistill.trainers.loading.load_trained", lambda cfg, ckpt: (int(ckpt.name[5:]), None, None))
+    monkeypatch.setattr(C, "plot_curve", lambda curve, path: path)
+    monkeypatch.setattr(C.tempfile, "TemporaryDirectory", lambda: _Here(tmp_path))
+    res = C.quality_curve(run, num=20, seed=3, acc_num=100, pick_acc=0.95, out=tmp_path / "c")
+    assert calls == [(100, 4), (100, 4)]
+    assert [p["class_accuracy_more"]["accuracy"] for p in res["points"]] == [0.98, 0.90]
+    assert res["pick"]["step"] == 2 and res["pick"]["met_bar"]   # step 4 has the lower FID but fails the bar
+    saved = json.loads((tmp_path / "c" / "curve.json").read_text())
+    assert saved["pick"] == res["pick"] and saved["acc_num"] == 100
+    with pytest.raises(ConfigError, match="acc_num=100"):       # another --acc-num into the same file: refused
+        C.quality_curve(run, num=20, seed=3, acc_num=0, out=tmp_path / "c")
+    with pytest.raises(ConfigError, match="--pick-acc"):
+        C.quality_curve(run, num=20, seed=3, pick_acc=1.5, out=tmp_path / "d")
+
+
+class _Here:
+    def __init__(self, root):
+        self.root = root
+
+    def __enter__(self):
+        (self.root / "tmp").mkdir(exist_ok=True)
+        return str(self.root / "tmp")
+
+    def __exit__(self, *exc):
+        return False

@@ -312,6 +312,19 @@ def load_any(path: str | Path, device: str | torch.device | None = None, allow_p
 
 # -- evaluation helpers shared by `stepdistill eval` and `stepdistill report` -----------------------
 
+def class_accuracy_of(model: str, num: int, seed: int, steps: int | None = None, batch_size: int = 64,
+                      device: str | None = None) -> dict:
+    """Class accuracy alone on ``num`` class-balanced samples at noise ``seed``: no reference images, so it can
+    be measured on as many fresh noises as wanted without touching a held-out split (``stepdistill curve
+    --acc-num``: a selection rule on class accuracy is not decided by one draw of 500 noises)."""
+    m = load_any(model, device=device)
+    labels = m.default_labels(num)
+    if labels is None:
+        return {"num": num, "seed": seed, "accuracy": None, "note": "an unconditional model has no class accuracy"}
+    x = m.generate(labels, steps=m.resolve_steps(steps), seed=seed, batch_size=batch_size, progress=False)
+    return {"num": num, "seed": seed, "accuracy": classifier_accuracy(x, labels, m.class_names)["class_accuracy"]}
+
+
 def evaluate_model(model: str, steps: int | None = None, num: int = 1000, ref: str | None = None,
                    ref_split: str = "test", ref_num: int | None = None, guidance_scale: float = DEFAULT_GUIDANCE,
                    seed: int = 0, batch_size: int = 64, prompts: str | None = None, sampler: str = "ddim",

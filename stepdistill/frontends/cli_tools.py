@@ -95,10 +95,13 @@ def cmd_curve(a):
     _set_threads(a)
     res = quality_curve(a.run, num=a.num, seed=a.seed, steps=a.steps, teacher_eval=a.teacher_eval, every=a.every,
                         out=a.out, progress=not a.no_progress, ref=a.ref, ref_split=a.ref_split, ref_num=a.ref_num,
-                        diversity_extractor=a.diversity_extractor, min_step=a.min_step)
+                        diversity_extractor=a.diversity_extractor, min_step=a.min_step, acc_num=a.acc_num,
+                        pick_acc=a.pick_acc)
     keys = ("step", "wall_seconds", "fid", "precision", "recall", "min_class_recall", "class_accuracy", "diversity")
-    print(json.dumps({"curve": str(Path(a.out or Path(a.run) / "curve") / "curve.json"),
-                      "points": [{k: p.get(k) for k in keys} for p in res["points"]]}, indent=1))
+    points = [{k: p.get(k) for k in keys} | ({"class_accuracy_more": p["class_accuracy_more"]["accuracy"]}
+                                             if p.get("class_accuracy_more") else {}) for p in res["points"]]
+    print(json.dumps({"curve": str(Path(a.out or Path(a.run) / "curve") / "curve.json"), "points": points,
+                      **({"pick": res["pick"]} if "pick" in res else {})}, indent=1))
 
 
 def seed_arg(text: str) -> int:
@@ -298,6 +301,11 @@ def add_commands(sub) -> None:
     p.add_argument("--every", type=int, default=1, help="only checkpoints whose step is a multiple of this")
     p.add_argument("--min-step", type=int, default=0, help="only checkpoints from this step on (e.g. after a warm-up)")
     p.add_argument("--teacher-eval", default=None, help="a teacher's `stepdistill eval` JSON, drawn as dashed lines")
+    p.add_argument("--acc-num", type=int, default=0,
+                   help="also score class accuracy on this many more samples (noise seed + 1; no reference images)")
+    p.add_argument("--pick-acc", type=float, default=None,
+                   help="record the pick: lowest FID with class accuracy >= this (the --acc-num one if measured), "
+                        "else the lowest FID. Use with --ref-split val")
     p.add_argument("--out", default=None, help="output folder (default RUN/curve): curve.json, curve.png")
     _ref_args(p)
     _common(p, device=False)
