@@ -378,7 +378,7 @@ def drop_foreign_keys(cls, data: dict, warn: bool = True) -> list[str]:
             mine = {f.name for f in dataclasses.fields(hints[sec])}
             if set(value) - mine:
                 stray[sec] = [k for k in value if k not in mine]
-    scheduled = []  # (entry, dotted key) of schedule entries that set a key cls lacks
+    scheduled = []  # (entry, dotted key, section, field) of schedule entries that set a field cls lacks
     for entry in data.get("schedule") or []:
         for key in list((entry.get("set") or {}) if isinstance(entry, dict) else {}):
             sec, _, rest = str(key).partition(".")
@@ -388,7 +388,7 @@ def drop_foreign_keys(cls, data: dict, warn: bool = True) -> list[str]:
                 stray.setdefault(sec, [])
                 if k not in stray[sec]:
                     stray[sec].append(k)
-                scheduled.append((entry, key))
+                scheduled.append((entry, key, sec, k))
     if not stray:
         return []
     from .methods import method_names, method_sections
@@ -408,9 +408,8 @@ def drop_foreign_keys(cls, data: dict, warn: bool = True) -> list[str]:
                         owners.setdefault((sec, k), []).append(name)
                         defaults[(sec, k)] = d[k]
     changed = []
-    for entry, key in scheduled:  # a schedule entry of another method's option: dropped, as the option itself
-        sec, _, rest = str(key).partition(".")
-        names = owners.get((sec, rest.split(".")[0]))
+    for entry, key, sec, k in scheduled:  # a schedule entry of another method's option: dropped, as the option
+        names = owners.get((sec, k))
         if not names:
             continue  # no method has it: the schedule check refuses it, naming the key
         value = entry["set"].pop(key)

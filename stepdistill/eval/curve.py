@@ -160,11 +160,10 @@ def pick_checkpoint(points: list[dict], acc_bar: float) -> dict:
         raise ConfigError("no scored checkpoint to pick from")
     ok = [p for p in scored if (point_accuracy(p) or 0.0) >= acc_bar]
     best = min(ok or scored, key=lambda p: p["fid"])
-    more = bool(best.get("class_accuracy_more"))
+    n = (best.get("class_accuracy_more") or {}).get("num")
+    on = f" (on {n} more samples)" if n else ""
     return {"step": best["step"], "fid": best["fid"], "class_accuracy": point_accuracy(best), "met_bar": bool(ok),
-            "rule": f"lowest FID among checkpoints with class accuracy >= {acc_bar}"
-                    f"{' (on ' + str(best['class_accuracy_more']['num']) + ' more samples)' if more else ''}, "
-                    "else the lowest FID"}
+            "rule": f"lowest FID among checkpoints with class accuracy >= {acc_bar}{on}, else the lowest FID"}
 
 
 def plot_curve(curve: dict, path: Path) -> Path:
