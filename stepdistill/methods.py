@@ -51,6 +51,7 @@ class Method:
     card: tuple = ()
     describe_run: Callable | None = None
     normalise: Callable | None = None
+    passes: Callable | None = None  # (cfg) -> forward passes of one sample per generator step (curve budgets)
 
 
 BUILTIN = {
@@ -61,6 +62,9 @@ BUILTIN = {
     "pso": "stepdistill.trainers.pso:PSO_METHOD",
     "pso_naive": "stepdistill.trainers.pso:PSO_NAIVE_METHOD",
     "rcm": "stepdistill.trainers.rcm:METHOD",
+    "sid": "stepdistill.trainers.score_implicit:SID_METHOD",
+    "uni_instruct": "stepdistill.trainers.score_implicit:UNI_INSTRUCT_METHOD",
+    "boot": "stepdistill.trainers.boot:METHOD",
 }
 _REGISTERED: dict[str, Method] = {}
 

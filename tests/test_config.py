@@ -141,7 +141,7 @@ def test_wrong_type_in_yaml_names_key(tmp_path):
     (DistillConfig, "train.mixed_precision=fp16", "train.mixed_precision"),
     (TeacherConfig, "train.mixed_precision=fp16", "train.mixed_precision"),
     (DistillConfig, "train.ema_decay=1.0", "train.ema_decay"),
-    (DistillConfig, "method=sid", "method"),
+    (DistillConfig, "method=sd3", "method"),
     (DistillConfig, "dmd.t_min=990", "dmd.t_min"),
     (DistillConfig, "dmd.critic_updates=0", "dmd.critic_updates"),
     (TeacherConfig, "model.prediction_type=flow_prediction", "model.prediction_type"),

@@ -41,19 +41,25 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 
 
 def passes_per_step(cfg) -> int:
-    """Network forward passes of one generator step of DMD2 at batch 1 (for budgets in passes): each critic
-    update runs the student once and the critic twice with the GAN (fake + real), once without; the generator
-    update runs the student, the critic once and the teacher twice (CFG); a regression term adds one student
-    pass. Backward simulation adds student passes (on average (K-1)/2 per generated sample). Forward passes
-    only; each trained pass also has a backward."""
-    d = cfg.dmd
-    K = len(d.student_timesteps)
-    sim = (K - 1) / 2 if d.backward_simulation and K > 1 else 0
-    gen = 1 + sim
-    critic = d.critic_updates * (gen + (2 if d.gan else 1))
-    teacher = 2 if d.real_guidance_scale != 1.0 else 1
-    generator = gen + 1 + (1 if d.gan and d.gan_fresh_t else 0) + teacher + (1 if d.regression_weight > 0 else 0)
-    return int(round(critic + generator))
+    """Network forward passes of one sample per generator step (for budgets in passes): the method's own count
+    (``Method.passes``: SiD / Uni-Instruct, BOOT), else DMD2's
+    (:func:`stepdistill.trainers.dmd_method.dmd_passes_per_step`)."""
+    from ..methods import get_method
+    from ..trainers.dmd_method import dmd_passes_per_step
+
+    own = get_method(cfg.method).passes
+    return int(own(cfg)) if own is not None else dmd_passes_per_step(cfg)
+
+
+def _is_dmd(cfg) -> bool:
+    from ..trainers.dmd import DMDConfig
+
+    return isinstance(cfg.dmd, DMDConfig)
+
+
+def warmup_steps(cfg) -> int:
+    """The run's regression warm-up steps (0 for methods without DMD's regression options, e.g. BOOT)."""
+    return cfg.dmd.regression_warmup_steps if _is_dmd(cfg) else 0
 
 
 def sample_passes(cfg, step: int) -> int:
@@ -67,10 +73,14 @@ def sample_passes(cfg, step: int) -> int:
     from ..recipe import Schedule
 
     d, B = cfg.dmd, cfg.train.batch_size
-    warm = min(step, d.regression_warmup_steps)
-    uses_pairs = d.regression_warmup_steps or d.regression_weight or any(
-        float(e.set.get("dmd.regression_weight", 0)) > 0 for e in cfg.schedule)
-    pairs = d.regression_pairs * d.regression_steps * (2 if d.real_guidance_scale != 1.0 else 1) if uses_pairs else 0
+    warm = min(step, warmup_steps(cfg))
+    if not _is_dmd(cfg):  # no ODE pairs (BOOT)
+        pairs = 0
+    else:
+        uses_pairs = d.regression_warmup_steps or d.regression_weight or any(
+            float(e.set.get("dmd.regression_weight", 0)) > 0 for e in cfg.schedule)
+        cfg_passes = 2 if d.real_guidance_scale != 1.0 else 1
+        pairs = d.regression_pairs * d.regression_steps * cfg_passes if uses_pairs else 0
     if not cfg.schedule:
         return (step - warm) * B * passes_per_step(cfg) + warm * B + pairs
     trial = copy.deepcopy(cfg)
@@ -115,7 +125,7 @@ def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | N
     if had != (num, seed, acc_num):
         raise ConfigError(f"{path} was computed with num={had[0]} seed={had[1]} acc_num={had[2]}; use those or a "
                           "new --out")
-    warm = cfg.dmd.regression_warmup_steps
+    warm = warmup_steps(cfg)
     curve.update(num=num, seed=seed, acc_num=acc_num, method=cfg.method, student_timesteps=cfg.dmd.student_timesteps,
                  regression_warmup_steps=warm, passes_per_generator_step=passes_per_step(cfg),
                  batch_size=cfg.train.batch_size)

@@ -354,9 +354,10 @@ class DMDConfig(SharedDistillConfig):
     ca_t_max: float = 980.0
 
 
-def check_dmd_section(cfg, check) -> None:
+def check_dmd_section(cfg, check, dm_options: bool | None = None) -> None:
     """The ``dmd`` section of every DMD-family method: ranges of the critic, GAN, regression and pixel-GAN options;
-    f-distill, Decoupled DMD and the pixel discriminator are options of the DMD objective only."""
+    f-distill, Decoupled DMD and the pixel discriminator are options of the DMD objective only (``dm_options``:
+    whether the method's objective is a DMD objective that takes them; default: method dmd / dmd2)."""
     d = cfg.dmd
     check(0 <= d.t_min < d.t_max, "dmd.t_min", "must satisfy 0 <= t_min < t_max")
     check(d.critic_updates >= 1, "dmd.critic_updates", "must be >= 1")
@@ -369,7 +370,9 @@ def check_dmd_section(cfg, check) -> None:
     check(d.pixel_gan_width >= 1, "dmd.pixel_gan_width", "must be >= 1")
     check(d.pixel_gan_r1 >= 0, "dmd.pixel_gan_r1", "must be >= 0")
     check(d.critic_optim.lr > 0, "dmd.critic_optim.lr", "must be > 0")
-    if cfg.method in ("dmd", "dmd2"):
+    if dm_options is None:
+        dm_options = cfg.method in ("dmd", "dmd2")
+    if dm_options:
         check(d.divergence == "reverse_kl" or (d.gan and not d.decoupled), "dmd.divergence",
               "forward_kl / js need dmd.gan=true (the discriminator gives the density ratio) and no dmd.decoupled")
         if d.decoupled:

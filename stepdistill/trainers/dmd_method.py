@@ -66,6 +66,22 @@ def export_generator(ema: dict[str, nn.Module], obj, cfg, meta, out):
     return export_student(ema["generator"], cfg, meta, out, schedule=obj.student.schedule)
 
 
+def dmd_passes_per_step(cfg) -> int:
+    """Network forward passes of one generator step of DMD2 at batch 1 (for budgets in passes): each critic
+    update runs the student once and the critic twice with the GAN (fake + real), once without; the generator
+    update runs the student, the critic once and the teacher twice (CFG); a regression term adds one student
+    pass. Backward simulation adds student passes (on average (K-1)/2 per generated sample). Forward passes
+    only; each trained pass also has a backward."""
+    d = cfg.dmd
+    K = len(d.student_timesteps)
+    sim = (K - 1) / 2 if d.backward_simulation and K > 1 else 0
+    gen = 1 + sim
+    critic = d.critic_updates * (gen + (2 if d.gan else 1))
+    teacher = 2 if d.real_guidance_scale != 1.0 else 1
+    generator = gen + 1 + (1 if d.gan and d.gan_fresh_t else 0) + teacher + (1 if d.regression_weight > 0 else 0)
+    return int(round(critic + generator))
+
+
 def describe_dmd_run(config: dict) -> str:
     """What this run actually used, read from its config (never the method's textbook description): the
     regression loss and warm-up, the GAN terms, the pixel discriminator, the critic ratio, learning rates and

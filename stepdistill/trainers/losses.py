@@ -14,6 +14,9 @@ GAN (DMD2 Eq. 3; Goodfellow et al. 2014): the non-saturating pair ``L_D = softpl
 ``L_G = softplus(-D(G(z)))``, for the critic's bottleneck head and the pixel-space discriminator, with R1 on real
 data (Mescheder et al. 2018, Eq. 9).
 
+Score-implicit matching (SiD, Zhou et al. 2024; Uni-Instruct, Wang et al. 2025): the Fisher-divergence branch, with
+its gradient through the teacher and fake-score networks (:func:`score_implicit_loss`).
+
 PSO (Miao et al. ICLR 2025; Diffusion-DPO, Wallace et al. 2024): ``-log sigmoid(beta * margin)`` over pairs
 (:func:`pso_loss`). sCM's continuous-time consistency loss (Lu & Song 2024; rCM) (:func:`scm_loss`). LPIPS (Zhang et
 al. 2018) for DMD's regression loss (Eq. 9) when asked for.
@@ -98,6 +101,62 @@ def decoupled_dm_loss(x: torch.Tensor, dm_real: tuple[torch.Tensor, torch.Tensor
     return dm_term_weight * l_dm + ca_weight * l_ca, {"dm_term_loss": l_dm, "ca_loss": l_ca, "g_dm": g_dm, "g_ca": g_ca}
 
 
+# -- score-implicit matching (SiD, Uni-Instruct) -------------------------------------------------------
+def score_implicit_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor, alpha: float = 0.5,
+                        log_r: torch.Tensor | None = None, divergence: str = "reverse_kl", normalise: bool = True
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The score-implicit generator loss: SiD's (Zhou et al. ICML 2024, "Score identity Distillation", Eq. 23 and
+    the authors' loss) and, for an f other than reverse KL, its Uni-Instruct generalisation (Wang et al. 2025,
+    arXiv 2505.20755: the f-weighted Fisher branch of the diffusion-expanded f-divergence).
+
+    ``x`` = G(z) (B, C, H, W) with grad; ``real_x0`` = f_psi(x_t) (teacher, guided) and ``fake_x0`` = f_phi(x_t)
+    (fake score) at ``x_t = alpha_t x + sigma_t eps``, evaluated **with the graph through x_t** (their weights
+    frozen); ``log_r`` (B,) the log density ratio log p_t(x_t) / q_t(x_t), also **with its graph through x_t** (the
+    discriminator's logit; None: reverse KL, h = 1). With u = f_psi - f_phi and sums over C, H, W::
+
+        B_b  = 2 u . (f_psi - x) - 2 alpha ||u||^2          # 2 x SiD's loss (alpha: SiD's alpha)
+        L_b  = h(r) B_b - r h'(r) ||u||^2                   # h(r) = f''(r) r^2 (f-distill's weight)
+        L    = mean_b  L_b / (n_b C H W),     n_b = mean_CHW |x - f_psi|  (detached; SiD's / DMD2's normaliser)
+
+    At ``alpha = 0.5``, with an exact fake score and ratio, the gradient of L_b (n = 1) is exactly the gradient of
+    the f-weighted Fisher divergence E_{q_t}[h(r) ||f_psi - f_q||^2] with respect to the generator. Our derivation:
+    its first variation in q is (h + r h') ||u||^2 + (2 sigma^2 / alpha_t) h (div u + u . s_q); Tweedie's
+    identity E[x | x_t] = f_q(x_t) gives the fake-score terms by the path derivative of 2 h u . (f_psi - x); the
+    path derivative of h(r(x_t)) (through the ratio's own graph) and of r h'(r) ||u||^2 supply the rest. Checked
+    against autograd of the closed form on 1-D and 2-D Gaussians (tests/test_score_implicit.py). The ratio's graph
+    is what carries the score-difference ("Diff-Instruct") part of the gradient that Uni-Instruct adds to SiD's.
+
+    For reverse KL (h = 1) it is SiD's loss times 2; SiD's recommended alpha = 1.2 adds (0.5 - alpha) times the
+    gradient of ||u||^2 taken through x_t only. By the de Bruijn identity d/dt D_f(p_t || q_t) =
+    -(g^2 / 2) E_{q_t}[h(r) ||s_p - s_q||^2], integrating this branch over t is the diffusion-expanded
+    f-divergence. With ``normalise`` the f-weights are divided by the batch mean of h (detached), as f-distill does
+    (:func:`stepdistill.trainers.divergences.f_weights`).
+    """
+    from .divergences import h_derivatives
+
+    dims = tuple(range(1, x.ndim))
+    numel = x[0].numel()
+    f_p, f_q, x32 = real_x0.float(), fake_x0.float(), x.float()
+    u = f_p - f_q
+    uu = (u * u).sum(dims)                                           # (B,)
+    b = 2 * (u * (f_p - x32)).sum(dims) - 2 * alpha * uu             # (B,)
+    logs: dict[str, float] = {}
+    if log_r is None or divergence == "reverse_kl":
+        per = b
+    else:
+        r = torch.exp(log_r.double())
+        h, h1, _ = h_derivatives(r, divergence)
+        h, rh1 = h.float(), (r * h1).float()
+        scale = h.detach().mean().clamp_min(1e-12) if normalise else torch.ones((), device=x.device)
+        per = (h / scale) * b - (rh1 / scale) * uu
+        w = (h / scale).detach()
+        logs.update({"si_weight_min": float(w.min()), "si_weight_max": float(w.max())})
+    n = (x32.detach() - f_p.detach()).abs().mean(dims).clamp_min(1e-5) if normalise else torch.ones_like(uu)
+    loss = (per / (n * numel)).mean()
+    logs.update({"si_loss": float(loss.detach()), "si_score_gap": float((uu.detach() / numel).mean())})
+    return loss, logs
+
+
 # -- GAN terms (DMD2 Eq. 3): the critic's head and the pixel discriminator ---------------------------
 def nonsaturating_d_loss(logit_fake: torch.Tensor, logit_real: torch.Tensor, loss_key: str,
                          acc_prefix: str = "") -> tuple[torch.Tensor, dict[str, float]]:
@@ -151,8 +210,7 @@ def pso_loss(err_theta_tgt: torch.Tensor, err_ref_tgt: torch.Tensor, err_theta_r
     return -F.logsigmoid(beta * margin).mean(), margin
 
 
-# -- perceptual distance -----------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
+# -- consistency (sCM / rCM) ----------------------------------------------------------------------------
 def scm_loss(f: torch.Tensor, f_minus: torch.Tensor, f_teacher: torch.Tensor, x_s: torch.Tensor, dfdt: torch.Tensor,
              s: torch.Tensor, warm: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """sCM's continuous-time consistency loss on the TrigFlow view, with its tangent warm-up and normalisation (Lu &
@@ -175,6 +233,8 @@ def scm_loss(f: torch.Tensor, f_minus: torch.Tensor, f_teacher: torch.Tensor, x_
     return 0.5 * ((f - f_minus - g) ** 2).mean(), g
 
 
+# -- perceptual distance -----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
 def _lpips_net():
     """The LPIPS VGG network (Zhang et al. 2018), built once on first use (optional dependency)."""
     try:
