@@ -54,6 +54,29 @@ def tiny_cfg(teacher, out, **extra):
     return load_config(DistillConfig, None, tiny_distill_overrides(teacher, out, **extra))
 
 
+def tiny_objective(teacher, out, **extra):
+    """``(objective, data)`` of a tiny distill config with DMD2's GAN head (``tiny_distill_overrides``)."""
+    from stepdistill.trainers.distill import build_method
+
+    obj, data, _ = build_method(tiny_cfg(teacher, out, **{"dmd.gan": "true", **extra}))
+    return obj, data
+
+
+def generator_grads(obj, data, seed: int = 0):
+    """The generator's parameter gradients (clones) and logs of one generator loss at step 5 (critic frozen)."""
+    import torch
+
+    from stepdistill.trainers.objective import Ctx
+
+    gen = obj.players["generator"].module
+    obj.players["critic"].module.requires_grad_(False)
+    gen.requires_grad_(True)
+    ctx = Ctx(torch.Generator().manual_seed(seed), 0, 1, 8, torch.device("cpu"), 5, data)
+    loss, logs = obj.generator_loss(ctx)
+    loss.backward()
+    return [p.grad.clone() for p in gen.parameters()], logs
+
+
 def distill_argv(teacher, out, **extra) -> list:
     """``stepdistill distill`` arguments of a tiny run (no config file: dataclass defaults + overrides)."""
     return ["distill", "--config", "", *tiny_distill_overrides(teacher, out, **extra)]

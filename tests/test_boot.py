@@ -11,7 +11,7 @@ import torch
 
 from conftest import run_cli, tiny_distill_overrides
 from stepdistill.config import ConfigError, DistillConfig, load_config
-from stepdistill.trainers.boot import bootstrap_target, log_snr_half, time_grid
+from stepdistill.trainers.boot import bootstrap_target, log_snr_half
 from stepdistill.trainers.distill import build_method
 from stepdistill.trainers.objective import Ctx
 

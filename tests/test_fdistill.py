@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_distill_overrides
+from conftest import generator_grads, tiny_distill_overrides, tiny_objective
 from stepdistill.config import ConfigError, DistillConfig, load_config
-from stepdistill.trainers.objective import Ctx
-from stepdistill.trainers.distill import build_method
 from stepdistill.trainers.divergences import DIVERGENCES, f_of_r, f_weights, h_of_r
 
 
@@ -65,46 +63,30 @@ def test_weights_are_batch_normalised_clipped_and_finite():
     assert (js[1:] > js[:-1]).all()  # larger p/q (under-covered modes) weigh more
 
 
-def _objective(tiny_teacher, tmp_path, **extra):
-    cfg = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path, **{"dmd.gan": "true", **extra}))
-    obj, data, _ = build_method(cfg)
-    return obj, data
-
-
-def _generator_grads(obj, data, seed=0):
-    gen = obj.players["generator"].module
-    obj.players["critic"].module.requires_grad_(False)
-    gen.requires_grad_(True)
-    ctx = Ctx(torch.Generator().manual_seed(seed), 0, 1, 8, torch.device("cpu"), 5, data)
-    loss, logs = obj.generator_loss(ctx)
-    loss.backward()
-    return [p.grad.clone() for p in gen.parameters()], logs
-
-
 def test_reverse_kl_is_dmd2_and_js_reweights(tiny_teacher, tmp_path, monkeypatch):
     import stepdistill.trainers.fdistill as fdistill
 
     torch.manual_seed(0)
-    ref, logs = _generator_grads(*_objective(tiny_teacher, tmp_path / "a"))
+    ref, logs = generator_grads(*tiny_objective(tiny_teacher, tmp_path / "a"))
     assert "f_weight_min" not in logs
     # reverse_kl never computes weights: the DMD2 path, untouched
     monkeypatch.setattr(fdistill, "f_weights", lambda *a, **k: (_ for _ in ()).throw(AssertionError("called")))
     torch.manual_seed(0)
-    again, _ = _generator_grads(*_objective(tiny_teacher, tmp_path / "b", **{"dmd.divergence": "reverse_kl"}))
+    again, _ = generator_grads(*tiny_objective(tiny_teacher, tmp_path / "b", **{"dmd.divergence": "reverse_kl"}))
     assert all(torch.equal(a, b) for a, b in zip(ref, again))
     # js with unit weights: exactly DMD2 (the weighting adds no other change, no extra random draws)
     monkeypatch.setattr(fdistill, "f_weights", lambda logits, *a: torch.ones_like(logits))
     torch.manual_seed(0)
-    unit, logs = _generator_grads(*_objective(tiny_teacher, tmp_path / "c", **{"dmd.divergence": "js"}))
+    unit, logs = generator_grads(*tiny_objective(tiny_teacher, tmp_path / "c", **{"dmd.divergence": "js"}))
     assert all(torch.equal(a, b) for a, b in zip(ref, unit)) and logs["f_weight_min"] == 1.0
     # js with the discriminator's weights: a different gradient, weights around 1
     monkeypatch.undo()
     torch.manual_seed(0)
-    js, logs = _generator_grads(*_objective(tiny_teacher, tmp_path / "d", **{"dmd.divergence": "js"}))
+    js, logs = generator_grads(*tiny_objective(tiny_teacher, tmp_path / "d", **{"dmd.divergence": "js"}))
     assert any(not torch.equal(a, b) for a, b in zip(ref, js))
     assert 0 < logs["f_weight_min"] <= 1.0 <= logs["f_weight_max"]
     torch.manual_seed(0)  # with gan_fresh_t the ratio still comes from D at the DM step's own sample
-    _, logs = _generator_grads(*_objective(tiny_teacher, tmp_path / "e", **{"dmd.divergence": "forward_kl",
+    _, logs = generator_grads(*tiny_objective(tiny_teacher, tmp_path / "e", **{"dmd.divergence": "forward_kl",
                                                                           "dmd.gan_fresh_t": "true"}))
     assert logs["f_weight_max"] >= 1.0
 

@@ -8,11 +8,9 @@ import math
 import pytest
 import torch
 
-from conftest import distill_argv, run_cli, tiny_distill_overrides
+from conftest import distill_argv, generator_grads, run_cli, tiny_distill_overrides, tiny_objective
 from stepdistill.config import ConfigError, DistillConfig, load_config
-from stepdistill.trainers.distill import build_method
 from stepdistill.trainers.losses import score_implicit_loss
-from stepdistill.trainers.objective import Ctx
 
 A, SG = 0.8, 0.6                      # x_t = A x + SG eps
 MP, SP = 0.7, 1.3                     # teacher N(MP, SP^2) in 1-D
@@ -126,32 +124,16 @@ def test_sid_scaling_is_the_authors_loss_times_two_over_numel():
     assert loss.item() == pytest.approx(2 * sid.sum().item() / 3 / 16, rel=1e-5)
 
 
-def _objective(teacher, out, **extra):
-    cfg = load_config(DistillConfig, None, tiny_distill_overrides(teacher, out, **{"dmd.gan": "true", **extra}))
-    obj, data, _ = build_method(cfg)
-    return obj, data
-
-
-def _grads(obj, data, seed=0):
-    gen = obj.players["generator"].module
-    obj.players["critic"].module.requires_grad_(False)
-    gen.requires_grad_(True)
-    ctx = Ctx(torch.Generator().manual_seed(seed), 0, 1, 8, torch.device("cpu"), 5, data)
-    loss, logs = obj.generator_loss(ctx)
-    loss.backward()
-    return [p.grad.clone() for p in gen.parameters()], logs
-
-
 @pytest.mark.parametrize("div", ["reverse_kl", "js"])
 def test_uni_instruct_without_the_implicit_branch_is_dmd2_or_fdistill_bit_for_bit(tiny_teacher, tmp_path, div):
     torch.manual_seed(0)
-    ref, _ = _grads(*_objective(tiny_teacher, tmp_path / "a", **{"dmd.divergence": div}))
+    ref, _ = generator_grads(*tiny_objective(tiny_teacher, tmp_path / "a", **{"dmd.divergence": div}))
     torch.manual_seed(0)
-    ui, logs = _grads(*_objective(tiny_teacher, tmp_path / "b", method="uni_instruct", **{
+    ui, logs = generator_grads(*tiny_objective(tiny_teacher, tmp_path / "b", method="uni_instruct", **{
         "dmd.divergence": div, "sid.si_weight": 0}))
     assert all(torch.equal(a, b) for a, b in zip(ref, ui)) and "si_loss" not in logs
     torch.manual_seed(0)  # with the implicit branch: another gradient, through the teacher and the fake score
-    full, logs = _grads(*_objective(tiny_teacher, tmp_path / "c", method="uni_instruct", **{"dmd.divergence": div}))
+    full, logs = generator_grads(*tiny_objective(tiny_teacher, tmp_path / "c", method="uni_instruct", **{"dmd.divergence": div}))
     assert any(not torch.equal(a, b) for a, b in zip(ref, full))
     assert math.isfinite(logs["si_loss"]) and logs["si_nonfinite_frac"] == 0.0
     if div == "js":
@@ -161,8 +143,8 @@ def test_uni_instruct_without_the_implicit_branch_is_dmd2_or_fdistill_bit_for_bi
 def test_sid_gradient_flows_through_both_networks(tiny_teacher, tmp_path):
     """SiD (no DI branch): blocking the graph through the teacher's and critic's outputs changes the gradient;
     their weights get none."""
-    obj, data = _objective(tiny_teacher, tmp_path, method="sid", **{"dmd.gan": "false"})
-    ref, logs = _grads(obj, data)
+    obj, data = tiny_objective(tiny_teacher, tmp_path, method="sid", **{"dmd.gan": "false"})
+    ref, logs = generator_grads(obj, data)
     assert "dm_loss" not in logs and "si_loss" in logs
     assert all(p.grad is None for p in obj.players["critic"].module.parameters())
     assert all(p.grad is None for p in obj.teacher.backbone.parameters())
@@ -171,9 +153,9 @@ def test_sid_gradient_flows_through_both_networks(tiny_teacher, tmp_path):
     def detached(self, *a, **k):
         return real_call(self, *a, **k).detach()
 
-    obj2, data2 = _objective(tiny_teacher, tmp_path / "d", method="sid", **{"dmd.gan": "false"})
+    obj2, data2 = tiny_objective(tiny_teacher, tmp_path / "d", method="sid", **{"dmd.gan": "false"})
     obj2.critic.forward = detached.__get__(obj2.critic)
-    blocked, _ = _grads(obj2, data2)
+    blocked, _ = generator_grads(obj2, data2)
     assert any(not torch.allclose(a, b) for a, b in zip(ref, blocked))
 
 
