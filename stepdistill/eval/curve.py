@@ -51,6 +51,11 @@ def passes_per_step(cfg) -> int:
     return int(own(cfg)) if own is not None else dmd_passes_per_step(cfg)
 
 
+#: the metrics of each scored checkpoint that ``curve`` sends to the run's tracker (``train.report_to``)
+TRACKED = ("fid", "kid", "precision", "recall", "coverage", "min_class_recall", "class_accuracy", "diversity",
+           "sample_passes", "wall_seconds")
+
+
 def _is_dmd(cfg) -> bool:
     from ..trainers.dmd import DMDConfig
 
@@ -116,7 +121,8 @@ def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | N
     cfg = load_config(DistillConfig, str(run / "config.yaml"), [])
     method = get_method(cfg.method)
     if not method.curve:
-        raise ConfigError(f"stepdistill curve scores one-student runs (dmd, dmd2, rcm), not method {cfg.method}")
+        raise ConfigError(f"stepdistill curve scores one-student runs (dmd, dmd2, rcm, sid, uni_instruct, boot), "
+                          f"not method {cfg.method}")
     out = Path(out) if out else run / "curve"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "curve.json"
@@ -132,6 +138,11 @@ def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | N
     done = {p["step"] for p in curve["points"]}
     ckpts = [(s, p) for s, p in checkpoints(run)
              if s not in done and s >= min_step and (s // max(every, 1)) * max(every, 1) == s]
+    tracker = None
+    if ckpts and cfg.train.report_to != "none":  # the run's tracker gets eval/<metric> at each scored step
+        from ..trainers.tracking import open_tracker
+
+        tracker = open_tracker(cfg.train.report_to, run, run.name)
     for step, ckpt in ckpts:
         modules, obj, meta = load_trained(cfg, ckpt)
         with tempfile.TemporaryDirectory() as tmp:
@@ -144,6 +155,10 @@ def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | N
         r.pop("model", None)
         curve["points"] = sorted(curve["points"] + [r], key=lambda p: p["step"])
         atomic_write_text(path, json.dumps(curve, indent=2) + "\n")   # nothing lost if stopped mid-way
+        if tracker is not None:
+            tracker.scalars({f"eval/{k}": v for k, v in r.items() if k in TRACKED}, step)
+    if tracker is not None:
+        tracker.finish()
     if teacher_eval:
         t = json.loads(Path(teacher_eval).read_text())
         curve["teacher"] = {k: t.get(k) for k in ("fid", "recall", "precision", "class_accuracy", "min_class_recall",

@@ -110,6 +110,7 @@ class Trainer(CheckpointIO):
         self._saving = False      # a second signal waits until the checkpoint on disk is complete
         self.command = "distill"  # the CLI sub-command that resumes this run (printed on interruption)
         self.timer: StepTimer | None = None  # set to profile the loop's sections (profiling/train_profile.py)
+        self.tracker = None  # train.report_to: TensorBoard / wandb (trainers/tracking.py), main process, in train()
 
     def _timed(self, name: str):
         return self.timer.section(name) if self.timer is not None else contextlib.nullcontext()
@@ -143,6 +144,10 @@ class Trainer(CheckpointIO):
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.yaml", _yaml(self.base_config))
+            if tc.report_to != "none":
+                from .tracking import open_tracker
+
+                self.tracker = open_tracker(tc.report_to, self.out, self.out.name, self.base_config)
         acc.wait_for_everyone()
         old_handler = _install_sigterm(self)
         bar = tqdm(total=tc.max_steps, initial=self.step, desc=f"{type(self.obj).__name__}",
@@ -173,6 +178,8 @@ class Trainer(CheckpointIO):
                            "sec_per_step": round((time.time() - t0) / max(len(history), 1), 4)}
                     with open(self.out / "log.jsonl", "a") as f:
                         f.write(json.dumps(row) + "\n")
+                    if self.tracker is not None:
+                        self.tracker.scalars({k: v for k, v in row.items() if k != "step"}, s)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:4]})
                 if s % tc.sample_every == 0 or s == tc.max_steps:
                     self.save_samples()
@@ -184,6 +191,9 @@ class Trainer(CheckpointIO):
             self.stop_signal = self.stop_signal or signal.SIGINT
         finally:
             bar.close()
+            if self.tracker is not None:
+                self.tracker.finish()
+                self.tracker = None
             if self.schedule:
                 self.schedule.restore()
             if old_handler is not None:
@@ -261,6 +271,7 @@ class Trainer(CheckpointIO):
             self.opts[name].zero_grad(set_to_none=True)
             for k, v in parts.items():
                 logs[k] = v  # last value of each key within the step
+            logs[f"{name}_lr"] = lr  # the learning rate this update used (warm-up and schedule applied)
             self.update += 1
             self._consistent = self.update < len(names)  # the step's last update waits for the EMA
         with self._timed("ema"):
@@ -283,6 +294,8 @@ class Trainer(CheckpointIO):
         if not self.acc.is_main_process:
             return None
         path = save_grid(x, self.out / "samples" / f"step_{self.step:06d}.png", nrow=10, scale=2)
+        if self.tracker is not None:
+            self.tracker.images("samples", x, self.step)
         if (self.out / "log.jsonl").exists():
             plot_losses(self.out / "log.jsonl", self.out / "loss.png")
         return path
