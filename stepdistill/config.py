@@ -94,6 +94,7 @@ class TrainConfig:
     fsdp: bool = False             # shard players + EMA over the processes (FSDP2; trainers/fsdp.py)
     fsdp_shard_teacher: bool = False  # with fsdp: shard the frozen teacher backbone too
     report_to: str = "none"        # none | tensorboard | wandb: an experiment tracker (trainers/tracking.py)
+    attention: str = "sdpa"        # sdpa | math | xformers: diffusers attention backend of every network (attention.py)
 
 
 @dataclass
@@ -542,6 +543,8 @@ def validate(cfg) -> None:
         check(tr.guard_action in ("warn", "stop"), "train.guard_action", "must be warn | stop")
         check(tr.report_to in ("none", "tensorboard", "wandb"), "train.report_to",
               f"must be none | tensorboard | wandb, got {tr.report_to!r}")
+        check(tr.attention in ("sdpa", "math", "xformers"), "train.attention",
+              f"must be sdpa | math | xformers, got {tr.attention!r}")
         check(0 <= tr.seed <= MAX_SEED, "train.seed", f"must be an integer in 0..{MAX_SEED}, got {tr.seed}")
         check(tr.threads >= 0, "train.threads", f"must be >= 0 (0 = all cores), got {tr.threads}")
         check(tr.num_workers >= 0, "train.num_workers", f"must be >= 0, got {tr.num_workers}")

@@ -126,15 +126,11 @@ class TrigFlow:
 @contextlib.contextmanager
 def math_attention(module: torch.nn.Module):
     """Run diffusers attention layers with the plain (matmul + softmax) processor inside the block."""
-    try:
-        from diffusers.models.attention_processor import Attention, AttnProcessor
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    layers = [m for m in module.modules() if isinstance(m, Attention)]
+    from .attention import attention_layers, set_attention
+
+    layers = attention_layers(module)
     before = [m.processor for m in layers]
-    for m in layers:
-        m.set_processor(AttnProcessor())
+    set_attention(module, "math")
     try:
         yield
     finally:

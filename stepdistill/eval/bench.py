@@ -143,7 +143,8 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
               student_steps=None, repeats: int = 3, warmup: int = 1, guidance_scale: float = 2.0,
               sampler: str = "ddim", device: str | torch.device | None = None, seed: int = 0,
               allow_pickle: bool = False, progress: bool = True, hybrid_steps: int = 0,
-              hybrid_substeps: int = 1, hybrid_handoff: str = "renoise", variants=None, onnx: bool = False) -> dict:
+              hybrid_substeps: int = 1, hybrid_handoff: str = "renoise", variants=None, onnx: bool = False,
+              attention: str = "sdpa") -> dict:
     """Benchmark a teacher folder against a student folder; returns a JSON-serialisable dict.
 
     ``hybrid_steps > 0`` also times hybrid sampling at the student's K steps: the teacher (CFG
@@ -152,7 +153,9 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
 
     ``variants`` (names of :mod:`stepdistill.eval.variants`: channels_last, bf16, fp16, math_attention,
     compile) time the fewest-step student with each opt-in change and compare its images with the eager
-    fp32 ones; ``onnx`` also times the student exported as one ONNX graph under onnxruntime.
+    fp32 ones; ``onnx`` also times the student exported as one ONNX graph under onnxruntime. ``attention``:
+    the attention backend of every network of both pipelines (:mod:`stepdistill.attention`: sdpa | math |
+    xformers), recorded with the number of layers switched.
 
     ``student_steps`` defaults to 1..K (K = number of trained student timesteps). See the module
     docstring for what each number means. ``teacher=None``: the teacher recorded in the student's
@@ -170,6 +173,10 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
     if teacher_steps < 1:
         raise ConfigError(f"--teacher-steps must be >= 1, got {teacher_steps}")
     s, t = load_student_and_teacher(student, teacher, device=device, allow_pickle=allow_pickle, sampler=sampler)
+    from ..attention import set_attention
+
+    switched = sum(set_attention(m, attention, "--attention") for p in (s.pipe, t.pipe)
+                   for m in p.components.values() if isinstance(m, torch.nn.Module))
     k = s.max_steps
     k0 = s.min_steps  # 1, or K for phased students (one step per expert)
     student_steps = parse_int_list(student_steps, "--student-steps") or list(range(k0, k + 1))
@@ -292,7 +299,8 @@ def benchmark(teacher: str | None, student: str, batch_sizes=(1, 8, 32), teacher
                    "teacher_steps": teacher_steps, "teacher_sampler": sampler, "guidance_scale": guidance_scale,
                    "student_steps": student_steps, "student_max_steps": k, "repeats": repeats, "warmup": warmup,
                    "hybrid_steps": hybrid_steps, "hybrid_substeps": hybrid_substeps, "hybrid_handoff": hybrid_handoff,
-                   "variants": variants, "onnx": bool(onnx),
+                   "variants": variants, "onnx": bool(onnx), "attention": attention,
+                   "attention_layers_switched": switched,
                    "seed": seed, "image_shape": list(s.image_shape), "dtype": str(s.network.dtype).replace("torch.", ""),
                    "teacher_params": t.num_params(), "student_params": s.num_params()},
         "memory_method": memory_method(dev),

@@ -63,7 +63,7 @@ def cmd_bench(a):
                     guidance_scale=a.guidance_scale, sampler=a.sampler, device=a.device, seed=a.seed,
                     allow_pickle=a.allow_pickle, progress=not a.no_progress, hybrid_steps=a.hybrid_steps,
                     hybrid_substeps=a.hybrid_substeps, hybrid_handoff=a.hybrid_handoff,
-                    variants=a.variants, onnx=a.onnx)
+                    variants=a.variants, onnx=a.onnx, attention=a.attention)
     if a.table:
         print("\n".join(summary_lines(res)), file=sys.stderr)
     _emit(res, a.out)
@@ -289,6 +289,9 @@ def add_commands(sub) -> None:
                         "separated channels_last, bf16, fp16 (CUDA), math_attention (vs the default SDPA), compile")
     p.add_argument("--onnx", action="store_true",
                    help="also time the student exported as one ONNX graph under onnxruntime")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "math", "xformers"],
+                   help="attention backend of both pipelines' networks (default sdpa; xformers needs the package; "
+                        "--train: use the train.attention override)")
     _hybrid_args(p, bench=True)
     p.add_argument("--out", default=None, help="also write the JSON here")
     _common(p)

@@ -1,4 +1,4 @@
-"""The one-command GPU check behind ``scripts/gpu_check.sh``: four parts, one JSON file, 10 minutes or less
+"""The one-command GPU check behind ``scripts/gpu_check.sh``: five parts, one JSON file, 10 minutes or less
 on one NVIDIA GPU.
 
 1. ``tests``: the suite's device-relevant files (training placement, bf16 / memory options, LoRA, FSDP,
@@ -7,10 +7,11 @@ on one NVIDIA GPU.
    per step and ``torch.cuda.max_memory_allocated`` (:mod:`stepdistill.profiling.memory`), next to the planner's
    estimate of the same configuration;
 3. ``bench``: ``stepdistill bench`` of the shipped one-step student against its teacher;
-4. ``fsdp``: a 2-process FSDP2 smoke run when two GPUs are visible.
+4. ``attention``: ``stepdistill bench --attention`` with sdpa, math and (when installed) xformers;
+5. ``fsdp``: a 2-process FSDP2 smoke run when two GPUs are visible.
 
 Each part has its own timeout; a failing part is recorded (rc, the end of its stderr) and the next one runs.
-``--dry-run`` runs the same four parts on the CPU at toy size (what the test suite checks).
+``--dry-run`` runs the same parts on the CPU at toy size (what the test suite checks).
 
     bash scripts/gpu_check.sh                      # writes gpu_check.json
     python -m stepdistill.profiling.gpu_check --dry-run --out /tmp/gpu_check.json
@@ -103,6 +104,28 @@ def part_bench(dry: bool, timeout: float) -> dict:
             "stderr_tail": r["stderr_tail"]}
 
 
+def part_attention(dry: bool, timeout: float) -> dict:
+    """``stepdistill bench --attention K`` of the shipped student and teacher for sdpa, math and (installed)
+    xformers: the teacher's and the one-step student's latency per backend."""
+    import importlib.util
+
+    out = {}
+    kinds = ["sdpa", "math"] + (["xformers"] if importlib.util.find_spec("xformers") else [])
+    if "xformers" not in kinds:
+        out["xformers"] = {"skipped": "xformers is not installed"}
+    for k in kinds:
+        cmd = ["stepdistill", "bench", "--student", "builtin:animal_mnist_dmd2", "--attention", k]
+        cmd += (["--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--teacher-steps", "2", "--threads", "1"]
+                if dry else ["--batch-sizes", "32", "--repeats", "5"])
+        r = _run(cmd, timeout / len(kinds))
+        data = _last_json(r["stdout"]) if r["rc"] == 0 else None
+        rows = (data or {}).get("results") or []
+        out[k] = {"rc": r["rc"], "seconds": r["seconds"], "stderr_tail": r["stderr_tail"],
+                  "latency_s": [{"batch": row.get("batch_size"), "teacher": row.get("teacher", {}).get("latency_s"),
+                                 "student": (row.get("student") or [{}])[0].get("latency_s")} for row in rows]}
+    return {"rc": max(v.get("rc", 0) for v in out.values()), "backends": out}
+
+
 def part_fsdp(dry: bool, timeout: float) -> dict:
     import torch
 
@@ -127,8 +150,8 @@ def run_check(out: str, dry: bool = False, budget_s: float = 600) -> dict:
            "torch": torch.__version__, "python": platform.python_version(),
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "gpus": torch.cuda.device_count()}
-    parts = [("tests", part_tests, 0.35), ("memory", part_memory, 0.3), ("bench", part_bench, 0.2),
-             ("fsdp", part_fsdp, 0.15)]
+    parts = [("tests", part_tests, 0.3), ("memory", part_memory, 0.3), ("bench", part_bench, 0.15),
+             ("attention", part_attention, 0.1), ("fsdp", part_fsdp, 0.15)]
     for name, fn, share in parts:
         print(f"gpu_check: {name} ...", file=sys.stderr, flush=True)
         left = budget_s - (time.time() - t0)

@@ -83,6 +83,12 @@ class Trainer(CheckpointIO):
         if self.tcfg.batch_size % world:
             raise ValueError(f"train.batch_size={self.tcfg.batch_size} must be divisible by {world} processes")
         dev = self.acc.device
+        if self.tcfg.attention != "sdpa":  # train.attention: every player and the teacher (stepdistill/attention.py)
+            from ..attention import set_attention
+
+            for m in [p.module for p in self.obj.players.values()] + (
+                    [self.obj.teacher.backbone] if self.obj.teacher is not None else []):
+                set_attention(m, self.tcfg.attention)
         for p in self.obj.players.values():
             p.module.to(dev)
             if self.tcfg.gradient_checkpointing:  # LoRA-aware (stepdistill/lora.py)
