@@ -431,3 +431,54 @@ def param_storage_mb(*modules: nn.Module) -> float:
                     seen.add(key)
                     total += st.nbytes()
     return total / 2**20
+
+
+# -- LoRA files for other tools: diffusers' load_lora_weights and kohya / A1111 / ComfyUI -----------------------
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_LORA_FILE = "lora_kohya.safetensors"
+
+
+def diffusers_lora_state_dict(adapter_sd: dict[str, torch.Tensor], scale: float, prefix: str = "unet"
+                              ) -> dict[str, torch.Tensor]:
+    """peft adapter weights (``<module>.lora_A.weight`` / ``lora_B``) -> diffusers' LoRA format
+    (``unet.<module>.lora_A.weight``), what ``StableDiffusionPipeline.load_lora_weights`` reads. The LoRA scale
+    alpha / r is folded into ``lora_B``, so the file is exact at diffusers' default scale 1 whatever alpha was."""
+    return {f"{prefix}.{k}": (v * scale if ".lora_B." in k else v).contiguous() for k, v in adapter_sd.items()}
+
+
+def kohya_lora_state_dict(adapter_sd: dict[str, torch.Tensor], scale: float, prefix: str = "lora_unet"
+                          ) -> dict[str, torch.Tensor]:
+    """peft adapter weights -> the kohya / A1111 format that ComfyUI reads: ``lora_unet_<module path, dots as
+    underscores>.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha``; alpha = rank with the scale folded
+    into ``lora_up`` (exact at strength 1)."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in adapter_sd.items():
+        for part, name in ((".lora_A.weight", "lora_down"), (".lora_B.weight", "lora_up")):
+            if k.endswith(part):
+                mod = f"{prefix}_" + k[: -len(part)].replace(".", "_")
+                out[f"{mod}.{name}.weight"] = (v * scale if name == "lora_up" else v).contiguous()
+                if name == "lora_down":
+                    out[f"{mod}.alpha"] = torch.tensor(float(v.shape[0]))
+    return out
+
+
+def write_lora_files(adapter_sd: dict[str, torch.Tensor], folder: str | Path, rank: int, alpha: float,
+                     component: str = "unet") -> dict[str, str]:
+    """Write the adapter in diffusers' and kohya's formats beside peft's (``folder``); returns {format: file}."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    scale = float(alpha or rank) / float(rank)
+    files = lora_file_names(component)
+    save_file(diffusers_lora_state_dict(adapter_sd, scale, component), str(folder / DIFFUSERS_LORA_FILE),
+              metadata={"format": "pt"})
+    if component == "unet":  # kohya's names are defined for the UNet
+        save_file(kohya_lora_state_dict(adapter_sd, scale), str(folder / KOHYA_LORA_FILE), metadata={"format": "pt"})
+    return files
+
+
+def lora_file_names(component: str = "unet") -> dict[str, str]:
+    """{format: file name} that :func:`write_lora_files` writes for a ``component`` (unet / transformer)."""
+    return {"peft": "adapter_model.safetensors", "diffusers": DIFFUSERS_LORA_FILE,
+            **({"kohya": KOHYA_LORA_FILE} if component == "unet" else {})}

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from ..config import DistillConfig
+from ..denoiser import component_name
 from ..models import ModelMeta, load_scheduler_config, save_model_folder
 
 STUDENT_PIPELINE = "StepDistillPipeline"
@@ -82,8 +83,11 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
     lora_view = backbone if getattr(backbone, "is_lora_view", False) is True else None
     if lora_view is not None:  # LoRA student: a plain merged model, plus the adapter alone in lora/ (peft format)
         backbone = lora_view.merged()
+        from ..lora import lora_file_names
+
         smeta.extra["lora"] = {"rank": cfg.dmd.lora_rank, "alpha": cfg.dmd.lora_alpha or cfg.dmd.lora_rank,
-                               "targets": list(cfg.dmd.lora_targets), "adapter": "lora/"}
+                               "targets": list(cfg.dmd.lora_targets), "adapter": "lora/",
+                               "files": lora_file_names(component_name(backbone))}
     index = {"student_timesteps": smeta.student_timesteps, "class_names": smeta.class_names,
              "prediction_type": smeta.prediction_type, **parts.index}
     if smeta.conditioning == "text" and not tuned and "text" in (meta.extra or {}):  # teacher from a text folder:
@@ -91,8 +95,13 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
     else:
         save_model_folder(out, backbone, scheduler, smeta, parts.pipeline or STUDENT_PIPELINE, parts=parts.networks,
                           index_extra=index)
-    if lora_view is not None:
+    if lora_view is not None:  # peft's format, diffusers' (load_lora_weights) and kohya's (ComfyUI / A1111)
+        from ..lora import write_lora_files
+
         lora_view.save_adapter(out / "lora")
+        write_lora_files(lora_view.shared.adapter_state_dict(lora_view.adapter), out / "lora", cfg.dmd.lora_rank,
+                         cfg.dmd.lora_alpha,
+                         component_name(backbone))
     from ..modelcard import write_model_card
 
     write_model_card(out, method=cfg.method, teacher=base, steps=smeta.student_timesteps,
