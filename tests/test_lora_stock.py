@@ -86,3 +86,39 @@ def test_kohya_file_round_trips_through_diffusers_converter(sd_teacher, lora_stu
     base = _stock(sd_teacher, lora_student)
     base.load_lora_weights(lora_student / "lora", weight_name="lora_kohya.safetensors")
     torch.testing.assert_close(_images(base, [999]), _images(merged, [999]), atol=2e-4, rtol=0)
+
+
+def test_sd3_transformer_lora_loads_with_diffusers_loader(tmp_path):
+    """SD3-style transformer (tiny, random): the distilled LoRA in diffusers' format goes into the teacher's own
+    transformer through diffusers' loader (``SD3Transformer2DModel.load_lora_adapter``) and equals the merged
+    student's output; no kohya file for transformers (kohya's names are the UNet's)."""
+    import copy
+
+    from diffusers import SD3Transformer2DModel
+
+    from test_flow_teachers import TEXT, _bank, _cfg, _latents, _teacher
+    from stepdistill.trainers.distill import distill
+
+    teacher, bank = _teacher(), _bank()
+    base = copy.deepcopy(teacher.backbone)
+    (tmp_path / "base").mkdir()
+    base.save_pretrained(tmp_path / "base")
+    folder = distill(_cfg(tmp_path / "run", **{"dmd.lora_rank": 4, "dmd.lora_alpha": 2, "dmd.optim.lr": 5e-3,
+                                              "dmd.lora_targets": "[to_q,to_k,to_v,to_out.0]"}),
+                     teacher=teacher, meta=TEXT, data=_latents(), text_bank=bank)
+    files = json.loads((folder / "stepdistill.json").read_text())["extra"]["lora"]["files"]
+    assert files == {"peft": "adapter_model.safetensors", "diffusers": "pytorch_lora_weights.safetensors"}
+    merged = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").eval()
+    stock = SD3Transformer2DModel.from_pretrained(tmp_path / "base").eval()
+    c = bank.index(torch.tensor([0, 3]))
+    x, t = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([999.0, 500.0])
+
+    def run(net):
+        with torch.no_grad():
+            return net(hidden_states=x, encoder_hidden_states=c["emb"], pooled_projections=c["pooled"],
+                       timestep=t).sample
+
+    plain = run(stock)
+    stock.load_lora_adapter(str(folder / "lora" / files["diffusers"]), prefix="transformer", adapter_name="d")
+    torch.testing.assert_close(run(stock), run(merged), atol=1e-5, rtol=1e-5)
+    assert (run(merged) - plain).abs().max() > 1e-4
