@@ -30,6 +30,8 @@ class TinyConvNet(nn.Module):
     """A custom ``nn.Module`` denoiser: forward(x_t (B,1,H,W), t (B,), labels (B,)) -> eps, with a
     ``bottleneck`` for the GAN head. About 10k parameters: its passes take well under a millisecond."""
 
+    sample_shape = (1, 16, 16)  # what it denoises: data-free methods (BOOT) draw noise of this shape
+
     def __init__(self, num_classes: int = 10, ch: int = 16):
         super().__init__()
         self.emb = nn.Embedding(num_classes + 1, ch)
