@@ -121,6 +121,15 @@ def test_trains_and_exports_with_no_dataset(tiny_teacher, tmp_path, capsys, monk
     with torch.no_grad():
         v = unet(x, torch.full((2,), 999.0), class_labels=torch.tensor([3, 5])).sample
     torch.testing.assert_close(ours, ((a * x - s * v) / (a**2 + s**2)).clamp(-1, 1), atol=1e-5, rtol=1e-5)
+    # the demo and eval load it like any one-step student
+    from stepdistill.eval.generate import class_accuracy_of
+    from stepdistill.frontends import demo as D
+
+    r = D.generate(str(tiny_teacher), str(out / "student"), "3", "", seed=1, batch_size=2, student_steps=1,
+                   teacher_steps=2, guidance_scale=2.0)
+    assert len(r.student.images) == 2 and r.student.nfe == 1
+    acc = class_accuracy_of(str(out / "student"), 20, 0)  # eval's loader samples it (digits: no shipped classifier)
+    assert acc["num"] == 20 and acc["accuracy"] is None
 
 
 def test_config_checks(tiny_teacher, tmp_path):
