@@ -23,3 +23,8 @@ test_once() { stepdistill eval --model runs/compare/$1/student --num 500 --seed 
 (for n in dmd2_reg fdistill_fkl uni_instruct rcm; do curve $n; test_once $n; done) &
 wait
 python -m stepdistill.eval.mode_coverage --steps 1500 --seeds 0 1 2 --out runs/compare/mode_coverage.json
+for n in dmd2 dmd2_reg fdistill_js fdistill_fkl rcm sid uni_instruct boot; do
+  cp runs/compare/$n/curve_val/curve.json docs/benchmarks/curves/curve_equal_terms_${n}_val.json
+  cp runs/compare/eval_${n}_test.json docs/benchmarks/eval_equal_terms_${n}_test.json
+done
+python scripts/plot_objectives.py      # docs/objectives_equal_terms.png
