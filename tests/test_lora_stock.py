@@ -1,7 +1,7 @@
 """A distilled LoRA that stock diffusers loads: a tiny stock Stable-Diffusion-style teacher (UNet2DConditionModel,
 CLIPTextModel / CLIPTokenizer, AutoencoderKL) distilled with ``dmd.lora_rank > 0`` through the CLI; the exported
 adapter in diffusers' format goes into ``StableDiffusionPipeline.load_lora_weights`` on the teacher's own weights and
-gives our merged student's images at 1 and 2 steps; the kohya / A1111 file goes through diffusers' own converter to
+gives our merged student's images at 1 and 4 steps; the kohya / A1111 file goes through diffusers' own converter to
 the same images; ``fuse_lora`` / ``unfuse_lora`` round trips."""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def lora_student(sd_teacher, tmp_path_factory):  # noqa: F811
 
     out = tmp_path_factory.mktemp("sd_lora") / "run"
     argv = ["distill", "--config", "configs/dmd2_text_animal_mnist.yaml", *tiny_distill_overrides(
-        sd_teacher, out, **{"dmd.student_timesteps": "[999,499]", "train.max_steps": 2, "train.sample_every": 2,
+        sd_teacher, out, **{"dmd.student_timesteps": "[999,749,499,249]", "train.max_steps": 2, "train.sample_every": 2,
                             "dmd.critic_updates": 1, "train.batch_size": 4, "dmd.lora_rank": 4, "dmd.lora_alpha": 8,
                             "dmd.optim.lr": 5e-3, "dmd.critic_optim.lr": 5e-3,
                             "dmd.lora_targets": "[to_q,to_k,to_v,to_out.0,conv1,conv2]"})]
