@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from .config import ATTENTION
 from .errors import ConfigError
-
-ATTENTION = ("sdpa", "math", "xformers")
 
 
 def attention_layers(module: nn.Module) -> list:

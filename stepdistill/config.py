@@ -72,6 +72,10 @@ def dmd2_optim() -> OptimConfig:
     return OptimConfig(lr=2e-5, beta1=0.0, beta2=0.999, weight_decay=0.01, warmup_steps=0, grad_clip=10.0)
 
 
+REPORT_TO = ("none", "tensorboard", "wandb")   # train.report_to (trainers/tracking.py)
+ATTENTION = ("sdpa", "math", "xformers")       # train.attention (attention.py)
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0
@@ -541,10 +545,8 @@ def validate(cfg) -> None:
         check(tr.guard_min_diversity >= 0, "train.guard_min_diversity", "must be >= 0")
         check(0.0 <= tr.guard_max_saturation <= 1.0, "train.guard_max_saturation", "must be in [0, 1]")
         check(tr.guard_action in ("warn", "stop"), "train.guard_action", "must be warn | stop")
-        check(tr.report_to in ("none", "tensorboard", "wandb"), "train.report_to",
-              f"must be none | tensorboard | wandb, got {tr.report_to!r}")
-        check(tr.attention in ("sdpa", "math", "xformers"), "train.attention",
-              f"must be sdpa | math | xformers, got {tr.attention!r}")
+        check(tr.report_to in REPORT_TO, "train.report_to", f"must be {' | '.join(REPORT_TO)}, got {tr.report_to!r}")
+        check(tr.attention in ATTENTION, "train.attention", f"must be {' | '.join(ATTENTION)}, got {tr.attention!r}")
         check(0 <= tr.seed <= MAX_SEED, "train.seed", f"must be an integer in 0..{MAX_SEED}, got {tr.seed}")
         check(tr.threads >= 0, "train.threads", f"must be >= 0 (0 = all cores), got {tr.threads}")
         check(tr.num_workers >= 0, "train.num_workers", f"must be >= 0, got {tr.num_workers}")

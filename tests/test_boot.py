@@ -52,7 +52,7 @@ def test_a_student_on_the_teachers_ode_has_zero_loss(tiny_teacher, tmp_path):
     obj, _, cfg = _boot(tiny_teacher, tmp_path, **{"boot.num_steps": 4})
     grid = obj.grid
 
-    def oracle(eps, t, cond, backbone=None):
+    def oracle(eps, t, cond):
         with torch.no_grad():
             t_end = torch.full((eps.shape[0],), obj.t_end, dtype=torch.float64)
             y = obj.teacher(eps, t_end, cond, guidance_scale=cfg.dmd.real_guidance_scale).float()

@@ -31,9 +31,15 @@ OBJECTIVES = {
     "Uni-Instruct forward KL": ("uni_instruct", {"dmd.gan": "true", "dmd.divergence": "forward_kl"}),
     "BOOT": ("boot", {}),
 }
-NEEDS = {"dmd2": "real data (GAN)", "dmd2 + regression": "real data + teacher ODE pairs", "dmd (": "nothing",
-         "f-distill": "real data (GAN ratio)", "SiD": "nothing", "Uni-Instruct": "real data (GAN ratio)",
-         "BOOT": "nothing"}
+
+
+def needs(name: str) -> str:
+    """What objective ``name`` needs beside the teacher, read from its overrides: real data for the GAN (and its
+    density ratio), teacher ODE pairs for the regression loss, else nothing."""
+    extra = OBJECTIVES[name][1]
+    parts = (["real data (GAN)"] if extra.get("dmd.gan") == "true" else []) + (
+        ["teacher ODE pairs"] if float(extra.get("dmd.regression_weight", 0)) > 0 else [])
+    return " + ".join(parts) or "nothing"
 
 
 def base_overrides(out: str, steps: int, seed: int) -> dict:
@@ -72,7 +78,7 @@ def run_objective(name: str, steps: int = 600, seed: int = 0, n: int = 4000) -> 
     noise = torch.randn(n, 2, 1, 1, generator=torch.Generator().manual_seed(10_000 + seed))
     with torch.no_grad():
         x = den(noise, torch.full((n,), 999.0))
-    return {"objective": name, "method": method, "seed": seed, "steps": steps, "train_seconds": round(secs, 1),
+    return {"objective": name, "method": method, "needs": needs(name), "seed": seed, "steps": steps, "train_seconds": round(secs, 1),
             **mode_weights(x)}
 
 
@@ -107,11 +113,14 @@ def main(argv=None) -> int:
             rows.append(run_objective(name, a.steps, seed))
             print(json.dumps(rows[-1]), flush=True)
     report = {"teacher_weights": rows[0]["true"], "rows": rows,
-              "needs": {k: v for k, v in NEEDS.items()}, "date": time.strftime("%Y-%m-%d")}
+              "needs": {k: needs(k) for k in a.only or OBJECTIVES}, "date": time.strftime("%Y-%m-%d")}
     text = json.dumps(report, indent=1)
+    print(text, flush=True)  # first: nothing is lost when --out cannot be written
     if a.out:
-        Path(a.out).write_text(text + "\n")
-    print(text)
+        from ..utils import atomic_write_text
+
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(a.out, text + "\n")
     return 0
 
 

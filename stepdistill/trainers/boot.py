@@ -93,13 +93,11 @@ class BootObjective(ObjectiveBase):
     def updates(self, step: int) -> list[str]:
         return ["generator"]
 
-    def signal(self, eps: torch.Tensor, t: torch.Tensor, cond, backbone: nn.Module | None = None) -> torch.Tensor:
+    def signal(self, eps: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """g(eps, t) = x0_of(net(eps, T - t), eps, T) (B, C, H, W), float32."""
         st = self.student
-        den = st if backbone is None else Denoiser(backbone, st.schedule, st.prediction_type, st.null_class,
-                                                   st.null_cond)
         tau = (self.t_end - t).to(eps.device)
-        raw = den.raw(eps, tau, cond)
+        raw = st.raw(eps, tau, cond)
         t_end = torch.full_like(tau, self.t_end)
         return st.schedule.pred_to_x0_eps(raw.float(), eps.float(), t_end, st.prediction_type)[0]
 
@@ -135,26 +133,16 @@ class BootObjective(ObjectiveBase):
 
 
 def _data_free_conds(cfg, teacher: Denoiser, meta, text_bank):
-    """The condition sampler from the teacher alone: its classes, or its caption set encoded by its own text encoder
-    (no images: :func:`stepdistill.trainers.setup.text_distill_setup` would pair them with data)."""
+    """The condition sampler from the teacher alone: its classes, or its caption set (or ``text.prompts``) encoded by
+    its own text encoder (:func:`~stepdistill.trainers.setup.teacher_text_bank`; no images are paired with it)."""
     if meta.conditioning == "class":
         return ClassLabels(len(meta.class_names))
     if meta.conditioning != "text":
         return ClassLabels(0)
     if text_bank is None:
-        from ..text import CAPTION_TEMPLATES, caption_bank, prompt_bank, read_prompts
-        from ..text_models import load_text_components, text_meta
+        from .setup import teacher_text_bank
 
-        encoder, _ = load_text_components(cfg.dmd.teacher, meta, cfg.text.max_length or None)
-        tm = text_meta(meta)
-        meta.extra = {**(meta.extra or {}), "text": {**tm, "max_length": encoder.max_length}}
-        if cfg.text.prompts:
-            text_bank = prompt_bank(encoder, read_prompts(cfg.text.prompts))
-        else:
-            names = tm.get("class_names")
-            if not names:
-                raise ConfigError("text.prompts: the teacher has no caption set; give a prompt file")
-            text_bank = caption_bank(encoder, names, list(cfg.text.templates or tm.get("templates") or CAPTION_TEMPLATES))
+        text_bank = teacher_text_bank(cfg, meta)[0]
     if teacher.null_cond is None:
         teacher.null_cond = text_bank.null_cond
     return text_bank

@@ -44,15 +44,15 @@ def h_of_r(r: torch.Tensor, divergence: str) -> torch.Tensor:
     return h_derivatives(r, divergence)[0]
 
 
-def h_derivatives(r: torch.Tensor, divergence: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h(r), h'(r), h''(r)) in closed form: the score-implicit branch's correction terms (Uni-Instruct) need the
-    first two derivatives (:func:`stepdistill.trainers.losses.score_implicit_loss`)."""
+def h_derivatives(r: torch.Tensor, divergence: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h(r), h'(r)) in closed form: the score-implicit branch (Uni-Instruct) weighs by h and r h'
+    (:func:`stepdistill.trainers.losses.score_implicit_loss`)."""
     if divergence == "reverse_kl":
-        return torch.ones_like(r), torch.zeros_like(r), torch.zeros_like(r)
+        return torch.ones_like(r), torch.zeros_like(r)
     if divergence == "forward_kl":
-        return r, torch.ones_like(r), torch.zeros_like(r)
+        return r, torch.ones_like(r)
     if divergence == "js":
-        return r / (1 + r), 1 / (1 + r) ** 2, -2 / (1 + r) ** 3
+        return r / (1 + r), 1 / (1 + r) ** 2
     raise ValueError(f"unknown divergence {divergence!r}; known: {', '.join(DIVERGENCES)}")
 
 

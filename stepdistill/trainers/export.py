@@ -81,13 +81,14 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
     parts = parts or ExportParts()
     smeta.extra.update(parts.meta)
     lora_view = backbone if getattr(backbone, "is_lora_view", False) is True else None
-    if lora_view is not None:  # LoRA student: a plain merged model, plus the adapter alone in lora/ (peft format)
-        backbone = lora_view.merged()
+    if lora_view is not None:  # LoRA student: a plain merged model, plus the adapter in lora/ (three formats)
         from ..lora import lora_file_names
 
+        backbone = lora_view.merged()
+        component = component_name(backbone)
         smeta.extra["lora"] = {"rank": cfg.dmd.lora_rank, "alpha": cfg.dmd.lora_alpha or cfg.dmd.lora_rank,
                                "targets": list(cfg.dmd.lora_targets), "adapter": "lora/",
-                               "files": lora_file_names(component_name(backbone))}
+                               "files": lora_file_names(component)}
     index = {"student_timesteps": smeta.student_timesteps, "class_names": smeta.class_names,
              "prediction_type": smeta.prediction_type, **parts.index}
     if smeta.conditioning == "text" and not tuned and "text" in (meta.extra or {}):  # teacher from a text folder:
@@ -100,8 +101,7 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
 
         lora_view.save_adapter(out / "lora")
         write_lora_files(lora_view.shared.adapter_state_dict(lora_view.adapter), out / "lora", cfg.dmd.lora_rank,
-                         cfg.dmd.lora_alpha,
-                         component_name(backbone))
+                         cfg.dmd.lora_alpha, component)
     from ..modelcard import write_model_card
 
     write_model_card(out, method=cfg.method, teacher=base, steps=smeta.student_timesteps,

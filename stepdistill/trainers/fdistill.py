@@ -16,14 +16,21 @@ from .dmd import DMDObjective
 from .objective import Ctx
 
 
+def ratio_logits(obj: DMDObjective, x_t, t, cond, logits):
+    """The discriminator's logits log r at the DM step's own noised sample ``x_t`` (B,), detached: the generator
+    loss's when it has them, else one critic features pass (the G term ran at its own t: ``gan_fresh_t``)."""
+    if logits is not None:
+        return logits
+    with torch.no_grad():
+        return obj.head(obj.critic.features(x_t.detach(), t, cond).float())
+
+
 class FDistillObjective(DMDObjective):
     """DMD2 with f-distill's per-sample weights on the DM term (module docstring)."""
 
     def dm_term(self, ctx: Ctx, x, x_t, t, cond, k: int, real_x0, fake_x0, logits, weight=None):
         c = self.cfg
-        if logits is None:  # the G term ran at its own t (gan_fresh_t): D at the DM step's x_t
-            with torch.no_grad():
-                logits = self.head(self.critic.features(x_t.detach(), t, cond).float())
+        logits = ratio_logits(self, x_t, t, cond, logits)
         weight = f_weights(logits, c.divergence, c.divergence_logit_clip)
         l_dm, logs = super().dm_term(ctx, x, x_t, t, cond, k, real_x0, fake_x0, logits, weight)
         return l_dm, {"f_weight_min": weight.min().item(), "f_weight_max": weight.max().item(), **logs}

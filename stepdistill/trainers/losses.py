@@ -145,7 +145,7 @@ def score_implicit_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.T
         per = b
     else:
         r = torch.exp(log_r.double())
-        h, h1, _ = h_derivatives(r, divergence)
+        h, h1 = h_derivatives(r, divergence)
         h, rh1 = h.float(), (r * h1).float()
         scale = h.detach().mean().clamp_min(1e-12) if normalise else torch.ones((), device=x.device)
         per = (h / scale) * b - (rh1 / scale) * uu

@@ -31,10 +31,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .divergences import f_weights
 from .dmd import DMDConfig, DMDObjective, check_dmd_section
+from .fdistill import ratio_logits
 from .losses import nonfinite_frac, score_implicit_loss
 from .objective import Ctx
 
@@ -52,9 +51,7 @@ class ScoreImplicitObjective(DMDObjective):
         logs: dict[str, float] = {}
         ratio = c.divergence != "reverse_kl"
         if ratio:  # f-distill's weights from the GAN head at this x_t, for the score-difference branch
-            if logits is None:
-                with torch.no_grad():
-                    logits = self.head(self.critic.features(x_t.detach(), t, cond).float())
+            logits = ratio_logits(self, x_t, t, cond, logits)
             weight = f_weights(logits, c.divergence, c.divergence_logit_clip)
             logs.update({"f_weight_min": weight.min().item(), "f_weight_max": weight.max().item()})
         total = None

@@ -102,36 +102,46 @@ def text_distill_setup(cfg, meta, data=None):
     import torch
 
     from ..data import ArrayDataset
-    from ..text import CAPTION_TEMPLATES, bank_aligned, caption_bank, prompt_bank, read_prompts
-    from ..text_models import encode_latents, load_text_components, text_meta
+    from ..text import bank_aligned
+    from ..text_models import encode_latents
 
-    encoder, vae = load_text_components(cfg.dmd.teacher, meta, cfg.text.max_length or None)
-    t = text_meta(meta)
-    meta.extra = {**(meta.extra or {}), "text": {**t, "max_length": encoder.max_length}}  # export copies the encoder
-    if cfg.text.prompts:
-        if cfg.dmd.gan:
-            raise ConfigError("text.prompts: a prompt file gives no (image, prompt) pairs for the GAN real branch; "
-                              "set dmd.gan=false (or text.prompts='' for the teacher's caption set)")
-        bank = prompt_bank(encoder, read_prompts(cfg.text.prompts))
-        if data is None:
-            data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
-            data = ArrayDataset(data.images, torch.zeros_like(data.labels), list(data.class_names))
-    else:
-        names = t.get("class_names")
-        if not names:
-            raise ConfigError("text.prompts: the teacher has no caption set (stepdistill.json extra.text.class_names); "
-                              "give a prompt file")
-        templates = list(cfg.text.templates or t.get("templates") or CAPTION_TEMPLATES)
-        bank = caption_bank(encoder, names, templates)
-        if data is None:
-            raw = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
-            if list(raw.class_names) != list(names):
-                raise ConfigError(f"data.name: {cfg.data.name} has classes {raw.class_names}, the teacher's captions "
-                                  f"name {names}")
-            data = bank_aligned(raw, len(templates), seed=cfg.train.seed)
+    if cfg.text.prompts and cfg.dmd.gan:
+        raise ConfigError("text.prompts: a prompt file gives no (image, prompt) pairs for the GAN real branch; "
+                          "set dmd.gan=false (or text.prompts='' for the teacher's caption set)")
+    bank, vae, names, templates = teacher_text_bank(cfg, meta)
+    if data is None and cfg.text.prompts:
+        data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
+        data = ArrayDataset(data.images, torch.zeros_like(data.labels), list(data.class_names))
+    elif data is None:
+        raw = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
+        if list(raw.class_names) != list(names):
+            raise ConfigError(f"data.name: {cfg.data.name} has classes {raw.class_names}, the teacher's captions "
+                              f"name {names}")
+        data = bank_aligned(raw, len(templates), seed=cfg.train.seed)
     if vae is not None and data.images.shape[1] != vae.config.latent_channels:
         data = ArrayDataset(encode_latents(vae, data.images), data.labels, list(data.class_names))
     return bank, data
+
+
+def teacher_text_bank(cfg, meta):
+    """``(bank, vae, class names, templates)`` from the teacher alone: its text encoder (and VAE) loaded, and the
+    prompt bank encoded with it: ``text.prompts`` (a prompt file; names and templates None) or the teacher's own
+    caption set (class names x templates). Records the encoder's ``max_length`` in ``meta.extra["text"]`` (export
+    copies the encoder). No data is read: data-free methods (BOOT) use it as it is."""
+    from ..text import CAPTION_TEMPLATES, caption_bank, prompt_bank, read_prompts
+    from ..text_models import load_text_components, text_meta
+
+    encoder, vae = load_text_components(cfg.dmd.teacher, meta, cfg.text.max_length or None)
+    t = text_meta(meta)
+    meta.extra = {**(meta.extra or {}), "text": {**t, "max_length": encoder.max_length}}
+    if cfg.text.prompts:
+        return prompt_bank(encoder, read_prompts(cfg.text.prompts)), vae, None, None
+    names = t.get("class_names")
+    if not names:
+        raise ConfigError("text.prompts: the teacher has no caption set (stepdistill.json extra.text.class_names); "
+                          "give a prompt file")
+    templates = list(cfg.text.templates or t.get("templates") or CAPTION_TEMPLATES)
+    return caption_bank(encoder, names, templates), vae, names, templates
 
 
 def check_student_timesteps(cfg: DistillConfig, s: Setup) -> None:

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import REPORT_TO
 from ..errors import ConfigError
-
-REPORT_TO = ("none", "tensorboard", "wandb")
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
@@ -60,10 +59,6 @@ class RunTracker:
         self.tracker.start()
         if config:
             self.tracker.store_init_configuration(_flat(config))
-
-    @property
-    def logging_dir(self) -> Path:
-        return Path(self.tracker.logging_dir) if self.kind == "tensorboard" else Path(self.tracker.run.dir)
 
     def scalars(self, values: dict, step: int) -> None:
         vals = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
