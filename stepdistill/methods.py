@@ -65,6 +65,7 @@ BUILTIN = {
     "sid": "stepdistill.trainers.score_implicit:SID_METHOD",
     "uni_instruct": "stepdistill.trainers.score_implicit:UNI_INSTRUCT_METHOD",
     "boot": "stepdistill.trainers.boot:METHOD",
+    "kd": "stepdistill.trainers.kd:METHOD",
 }
 _REGISTERED: dict[str, Method] = {}
 

@@ -212,7 +212,40 @@ def cmd_plan(a):
     _emit(res, a.out)
 
 
+def cmd_prune(a):
+    from ..pruning.run import prune_model
+
+    _set_threads(a)
+    timesteps = tuple(int(t) for t in a.timesteps.split(","))
+    rec = prune_model(a.model, a.out, ratio=a.ratio, by=a.by, num=a.num, timesteps=timesteps, seed=a.seed,
+                      data=a.data, latency_batch=a.latency_batch, allow_pickle=a.allow_pickle, overwrite=a.overwrite,
+                      progress=not a.no_progress)
+    _emit(rec, a.report)
+
+
 def add_commands(sub) -> None:
+    p = sub.add_parser("prune", help="LAPTOP-Diff one-shot layer pruning of a teacher: score every removable layer "
+                                     "by its output loss, drop the cheapest set meeting --ratio, write a smaller "
+                                     "diffusers folder (JSON report on stdout)")
+    p.add_argument("--model", default="builtin:animal_mnist", help="teacher folder, hub id or builtin: name "
+                   "(default %(default)s)")
+    p.add_argument("--out", required=True, help="the pruned model folder to write")
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction of --by to remove, in (0, 1) (default 0.5)")
+    p.add_argument("--by", default="params", choices=["params", "latency"],
+                   help="what --ratio counts: parameters, or measured latency at --latency-batch (default params)")
+    p.add_argument("--num", type=int, default=64, help="calibration images (default %(default)s)")
+    p.add_argument("--timesteps", default=",".join(str(t) for t in (50, 250, 500, 750, 950)),
+                   help="calibration noise levels, model timesteps of T=1000 (default %(default)s)")
+    p.add_argument("--data", default=None, help="calibration data set (default: the teacher's own, stepdistill.json)")
+    p.add_argument("--latency-batch", type=int, default=32, help="--by latency: the batch timed (default 32)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="calibration draw, 0..2**31-1 (default 0)")
+    p.add_argument("--report", default=None, help="also write the JSON report here")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a folder we wrote")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stdout")
+    threads_arg(p)
+    p.set_defaults(fn=cmd_prune)
+
     p = sub.add_parser("plan", help="per-GPU memory of DMD2 training on a real-size teacher (weights, gradients, "
                                     "optimizer, EMA, critic, activations); JSON on stdout, a table on stderr")
     p.add_argument("--teacher", default="sd15", help="sd15 | sdxl | sd3 | flux | a diffusers folder (default sd15)")

@@ -152,7 +152,7 @@ def build_boot(cfg, teacher=None, meta=None, data=None, text_bank=None):
     """Teacher, the student (a copy of it, or ``dmd.student_init``) and the condition sampler: no data is loaded,
     ``data`` is ignored (returned as None)."""
     from ..models import load_denoiser
-    from .setup import _load_student_weights
+    from .setup import student_from
 
     if teacher is None:
         teacher, meta = load_denoiser(cfg.dmd.teacher, allow_pickle=cfg.dmd.allow_pickle)
@@ -162,10 +162,11 @@ def build_boot(cfg, teacher=None, meta=None, data=None, text_bank=None):
     if not 0 < cfg.dmd.student_timesteps[0] < T:
         raise ConfigError(f"dmd.student_timesteps {cfg.dmd.student_timesteps} must lie in (0, {T})")
     conds = _data_free_conds(cfg, teacher, meta, text_bank)
-    student = Denoiser(copy.deepcopy(teacher.backbone), teacher.schedule, teacher.prediction_type,
-                       teacher.null_class, teacher.null_cond)
-    if cfg.dmd.student_init:
-        _load_student_weights(student, cfg.dmd.student_init, cfg.dmd.allow_pickle, lora=False)
+    if cfg.dmd.student_init:  # a trained student of the teacher's architecture, or a pruned one (its own)
+        student = student_from(teacher, cfg.dmd.student_init, cfg.dmd.allow_pickle)
+    else:
+        student = Denoiser(copy.deepcopy(teacher.backbone), teacher.schedule, teacher.prediction_type,
+                           teacher.null_class, teacher.null_cond)
     student.backbone.train()
     obj = BootObjective(teacher, student, cfg.dmd, cfg.boot, conds, teacher.sample_shape)
     return obj, None, meta

@@ -80,6 +80,14 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
                       extra={**extra, "config": json.loads(json.dumps(_cfg_dict(cfg)))})
     parts = parts or ExportParts()
     smeta.extra.update(parts.meta)
+    card_edit = parts.card
+    pruned = _pruned_start(cfg)
+    if pruned is not None:  # a smaller student from stepdistill prune: its metadata and card say what went
+        from ..pruning.run import describe
+
+        smeta.extra["pruned"] = pruned
+        card_edit = _then(parts.card, lambda text: text.rstrip() + "\n\n## Pruned network\n\n" + describe(pruned)
+                          + "\n")
     lora_view = backbone if getattr(backbone, "is_lora_view", False) is True else None
     if lora_view is not None:  # LoRA student: a plain merged model, plus the adapter in lora/ (three formats)
         from ..lora import lora_file_names
@@ -105,8 +113,23 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
     from ..modelcard import write_model_card
 
     write_model_card(out, method=cfg.method, teacher=base, steps=smeta.student_timesteps,
-                     config=_cfg_dict(cfg), metrics=None, class_names=smeta.class_names, edit=parts.card)
+                     config=_cfg_dict(cfg), metrics=None, class_names=smeta.class_names, edit=card_edit)
     return out
+
+
+def _pruned_start(cfg) -> dict | None:
+    """The prune record of ``dmd.student_init`` (None when the student did not start from a pruned model)."""
+    init = getattr(cfg.dmd, "student_init", "")
+    if not init:
+        return None
+    from ..pruning.run import pruned_record
+
+    return pruned_record(init, cfg.dmd.allow_pickle)
+
+
+def _then(first, second):
+    """Two card edits in turn (``first`` may be None)."""
+    return second if first is None else (lambda text: second(first(text)))
 
 
 def save_text_student(out: Path, backbone, scheduler, smeta, teacher_src: str, teacher_meta,

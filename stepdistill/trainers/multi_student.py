@@ -10,6 +10,8 @@ The algorithm, with the losses of each stage and the player each loss updates::
     2. Students G_k (players student_k, EMA). Same size: copies of the teacher. Smaller
        (msd.student_channels / msd.student_layers_per_block): a fresh UNet2DModel with the teacher's
        sample size, channels and class embeddings (build_student_backbone), random init (seed + k).
+       dmd.student_init: copies of that model, e.g. a layer-pruned teacher retrained by normalised feature
+       distillation (stepdistill prune, method kd): smaller students that start from the teacher's function.
     3. TSM stage (msd.tsm_steps updates per student; updates student_k only):
          (x, c) ~ real images of part k and their labels     # c in P_k
          t ~ U[0, T), eps ~ N(0, I), x_t = alpha_t x + sigma_t eps
@@ -284,8 +286,14 @@ def build_multi_student(cfg: DistillConfig, teacher: Denoiser, num_classes: int,
         return Denoiser(backbone.train(), teacher.schedule, teacher.prediction_type, teacher.null_class,
                         teacher.null_cond)
 
-    students = [wrap(build_student_backbone(teacher.backbone, m, cfg.train.seed + k) if smaller
-                     else copy.deepcopy(teacher.backbone)) for k in range(m.num_students)]
+    if cfg.dmd.student_init:  # every student starts from one model: a pruned (+ KD) network, or a trained student
+        from .setup import student_from
+
+        init = student_from(teacher, cfg.dmd.student_init, cfg.dmd.allow_pickle).backbone
+        students = [wrap(copy.deepcopy(init)) for _ in range(m.num_students)]
+    else:
+        students = [wrap(build_student_backbone(teacher.backbone, m, cfg.train.seed + k) if smaller
+                         else copy.deepcopy(teacher.backbone)) for k in range(m.num_students)]
     critics = [wrap(copy.deepcopy(teacher.backbone)) for _ in range(1 if m.shared_critic else m.num_students)]
     obj = MultiStudentObjective(teacher, students, critics, cfg.dmd, m, groups, num_classes,
                                 tuple(data.images.shape[1:]), data_labels=data.labels, seed=cfg.train.seed,
@@ -387,6 +395,8 @@ def check_msd(cfg: DistillConfig, check) -> None:
               f"leaves more than msd.tsm_steps={m.tsm_steps} updates per student, got {tr.max_steps}")
     check(all(c > 0 for c in m.student_channels), "msd.student_channels", "entries must be > 0 ([] = the teacher's)")
     check(m.student_layers_per_block >= 0, "msd.student_layers_per_block", "must be >= 0 (0 = the teacher's)")
+    check(not (d.student_init and (m.student_channels or m.student_layers_per_block)), "dmd.student_init",
+          "gives the students' network; leave msd.student_channels / msd.student_layers_per_block unset with it")
     check(d.lora_rank == 0, "dmd.lora_rank", "LoRA students are not supported by method msd")
     check(d.regression_weight == 0, "dmd.regression_weight", "DMD's regression loss is not supported by method msd")
     check(d.regression_warmup_steps == 0, "dmd.regression_warmup_steps", "not supported by method msd")

@@ -154,22 +154,41 @@ def student_and_critic(s: Setup, student_init: str = "", allow_pickle: bool = Fa
 
     ``student_init`` (``dmd.student_init``): a trained student of the same architecture (an exported folder
     or ``builtin:``) whose weights replace the student's copy of the teacher, to continue distilling an
-    exported student with a new recipe. The critic still starts from the teacher (DMD2 Sec. 4.1)."""
+    exported student with a new recipe; or a layer-pruned model (``stepdistill prune``, then ``method: kd``;
+    its ``stepdistill.json`` holds ``extra.pruned``), which becomes the student with its own smaller architecture.
+    The critic still starts from the teacher (DMD2 Sec. 4.1)."""
     teacher = s.teacher
     if s.shared is not None:
         from ..lora import lora_roles
 
         student, critic = lora_roles(teacher, s.shared, ("student", "critic"))
     else:
-        student = Denoiser(copy.deepcopy(teacher.backbone), teacher.schedule, teacher.prediction_type,
-                           teacher.null_class, teacher.null_cond)
+        student = student_from(teacher, student_init, allow_pickle) if student_init else None
+        student = student or Denoiser(copy.deepcopy(teacher.backbone), teacher.schedule, teacher.prediction_type,
+                                      teacher.null_class, teacher.null_cond)
         critic = Denoiser(copy.deepcopy(teacher.backbone), teacher.schedule, teacher.prediction_type,
                           teacher.null_class, teacher.null_cond)
-    if student_init:
-        _load_student_weights(student, student_init, allow_pickle, lora=s.shared is not None)
+    if student_init and s.shared is not None:
+        _load_student_weights(student, student_init, allow_pickle, lora=True)
     student.backbone.train()
     critic.backbone.train()
     return student, critic
+
+
+def student_from(teacher: Denoiser, source: str, allow_pickle: bool = False) -> Denoiser:
+    """A trainable student from ``source`` (``dmd.student_init``) with the teacher's schedule and null inputs: a
+    pruned model keeps its own (smaller) network; any other model must have the teacher's architecture, and its
+    weights go into a copy of the teacher's network."""
+    from ..pruning.run import pruned_record
+
+    if pruned_record(source, allow_pickle) is not None:
+        init, _ = load_denoiser(source, allow_pickle=allow_pickle)
+        return Denoiser(init.backbone, teacher.schedule, teacher.prediction_type, teacher.null_class,
+                        teacher.null_cond)
+    student = Denoiser(copy.deepcopy(teacher.backbone), teacher.schedule, teacher.prediction_type,
+                       teacher.null_class, teacher.null_cond)
+    _load_student_weights(student, source, allow_pickle, lora=False)
+    return student
 
 
 def _load_student_weights(student: Denoiser, source: str, allow_pickle: bool, lora: bool) -> None:
@@ -181,5 +200,5 @@ def _load_student_weights(student: Denoiser, source: str, allow_pickle: bool, lo
     bad = sorted(set(want) ^ set(got)) or [k for k in want if want[k].shape != got[k].shape]
     if bad:
         raise ConfigError(f"dmd.student_init {source}: its network does not match the teacher's architecture "
-                          f"(first differing weight: {bad[0]})")
+                          f"(first differing weight: {bad[0]}); a smaller student comes from stepdistill prune")
     student.backbone.load_state_dict(got)

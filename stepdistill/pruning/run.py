@@ -1,0 +1,166 @@
+"""``stepdistill prune``: score every unit of a teacher, choose the cheapest set that meets the ratio in one shot
+(LAPTOP-Diff; :mod:`~stepdistill.pruning.criterion`), and write the pruned teacher as a diffusers folder with a
+smaller stock config (:mod:`~stepdistill.pruning.structure`).
+
+The folder is the teacher's folder (scheduler, text encoder, ...) with the smaller backbone, and
+``stepdistill.json`` ``extra.pruned``: the removed units, their scores, the parameters before and after, the
+additivity check and the block map that normalised feature distillation (``method: kd``) reads. It samples as a
+many-step model (``stepdistill eval --model <folder>``) and starts ``method: kd`` (``kd.student``), then a
+distillation (``dmd.student_init``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..denoiser import backbone_kind, component_name
+from ..errors import ConfigError
+from ..models import ModelMeta, _resolve, load_denoiser, save_component
+from ..utils import atomic_folder
+from .criterion import (CALIBRATION_TIMESTEPS, Calibration, additivity, latency_ms, make_calibration, param_count,
+                        score_units, select_units)
+from .structure import DIT_KINDS, Unit, candidate_units, prune_network, stock_network
+
+PRUNED_KEY = "pruned"
+
+
+def block_map(net: torch.nn.Module, units: list[Unit]) -> dict[str, str]:
+    """{pruned block path: teacher block path} for the blocks both keep (their outputs are the features that
+    ``method: kd`` matches): every down / up block and the mid block of a UNet (the deepest stage cut shifts the
+    up blocks by one), every kept transformer block of a DiT."""
+    names = {u.name for u in units}
+    if backbone_kind(net) in DIT_KINDS:
+        kept = [k for k in range(len(net.transformer_blocks)) if f"block{k}" not in names]
+        return {f"transformer_blocks.{i}": f"transformer_blocks.{k}" for i, k in enumerate(kept)}
+    n = len(net.down_blocks)
+    cut = f"stage{n - 1}" in names
+    keep = n - 1 if cut else n
+    out = {f"down_blocks.{d}": f"down_blocks.{d}" for d in range(keep)}
+    if net.mid_block is not None and "mid" not in names:
+        out["mid_block"] = "mid_block"
+    shift = 1 if cut else 0
+    out.update({f"up_blocks.{u}": f"up_blocks.{u + shift}" for u in range(keep)})
+    return out
+
+
+def teacher_inputs(source: str, allow_pickle: bool, data_name: str | None, seed: int):
+    """(teacher Denoiser, meta, images, labels, conds) for calibration: the teacher's own data set (its
+    ``stepdistill.json`` ``extra.dataset``, or ``data_name``), train split; text teachers through their caption bank
+    (the distill set-up: :func:`stepdistill.trainers.setup.prepare`)."""
+    from ..config import DistillConfig
+    from ..trainers.setup import prepare
+
+    den, meta = load_denoiser(source, allow_pickle=allow_pickle)
+    name = data_name or (meta.extra or {}).get("dataset")
+    if not name:
+        raise ConfigError(f"prune: {source} does not name its data set (stepdistill.json extra.dataset); pass --data")
+    cfg = DistillConfig()
+    cfg.dmd.teacher, cfg.dmd.allow_pickle, cfg.data.name, cfg.train.seed = source, allow_pickle, name, seed
+    c, h, _ = den.sample_shape
+    cfg.data.resolution, cfg.data.channels = h, c
+    s = prepare(cfg, den, meta, None, None) if meta.conditioning != "text" else prepare(cfg)
+    labels = s.data.labels if meta.conditioning in ("class", "text") else None
+    return s.teacher, s.meta, s.data.images, labels, s.conds
+
+
+def prune_model(source: str, out: str, ratio: float = 0.5, by: str = "params", num: int = 64,
+                timesteps=CALIBRATION_TIMESTEPS, seed: int = 0, data: str | None = None, latency_batch: int = 32,
+                allow_pickle: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Prune ``source`` by ``ratio`` of its parameters (``by="params"``) or of its measured latency at batch
+    ``latency_batch`` (``by="latency"``) and write the folder ``out``. Returns the report (also in
+    ``out/stepdistill.json`` ``extra.pruned``)."""
+    if not 0 < ratio < 1:
+        raise ConfigError(f"--ratio must lie in (0, 1), got {ratio}")
+    if by not in ("params", "latency"):
+        raise ConfigError(f"--by must be params | latency, got {by!r}")
+    root = Path(_resolve(str(source), allow_pickle))
+    den, meta, images, labels, conds = teacher_inputs(source, allow_pickle, data, seed)
+    net = den.backbone.eval()
+    cal = make_calibration(den, images, labels, conds, num=num, timesteps=timesteps, seed=seed)
+    say = (lambda m: print(m, flush=True)) if progress else (lambda m: None)
+    units = candidate_units(net)
+    say(f"prune: scoring {len(units)} units on {len(cal.x_t)} calibration inputs ({num} images x {len(timesteps)} "
+        f"noise levels)")
+    scores, rejected = score_units(net, units, cal, progress=lambda n: say(f"  scored {n}"))
+    full = param_count(net)
+    total = float(full)
+    if by == "latency":
+        base = latency_ms(net, cal, latency_batch)
+        for s in scores:
+            s.latency_ms = max(0.0, base - latency_ms(prune_network(net, [s.unit]), cal, latency_batch))
+        total = base
+    chosen = select_units(net, scores, ratio * total, cost=by)
+    if chosen is None:
+        reach = sum(s.params if by == "params" else s.latency_ms for s in scores) / total
+        raise ConfigError(f"prune: no set of prunable units removes {ratio:.0%} of the {by} "
+                          f"(all {len(scores)} units together: {reach:.0%}, and they must fit a stock config)")
+    stock = stock_network(net, chosen, probe=cal)
+    add = additivity(net, scores, cal)
+    joint = cal.error(stock)
+    record = {
+        "source": str(source), "ratio": ratio, "by": by, "removed": sorted(u.name for u in chosen),
+        "params_before": full, "params_after": param_count(stock),
+        "class_before": type(net).__name__, "class_after": type(stock).__name__,
+        "calibration": {"images": num, "timesteps": list(timesteps), "seed": seed, "inputs": len(cal.x_t)},
+        "scores": [{"unit": s.unit.name, "error": s.error, "relative": s.relative, "params": s.params,
+                    **({"latency_ms": s.latency_ms} if by == "latency" else {})} for s in scores],
+        "rejected": rejected,
+        "set_error": joint, "set_error_sum": sum(s.error for s in scores if s.unit in chosen),
+        "additivity": {k: v for k, v in add.items() if k != "pairs"} | {"num_pairs": len(add["pairs"])},
+        "block_map": block_map(net, chosen),
+    }
+    if by == "latency":
+        record["latency_ms_before"], record["latency_ms_after"] = total, latency_ms(stock, cal, latency_batch)
+    write_like(root, out, stock, {PRUNED_KEY: record}, meta, overwrite=overwrite, kind="pruned")
+    say(f"prune: removed {', '.join(record['removed'])}: {full:,} -> {record['params_after']:,} parameters "
+        f"({1 - record['params_after'] / full:.1%}); saved to {out}")
+    return record
+
+
+def write_like(base: Path, out: str | Path, backbone: torch.nn.Module, extra: dict, meta: ModelMeta,
+               overwrite: bool = False, kind: str = "pruned", own: bool = False) -> Path:
+    """``out``: the model folder ``base`` with ``backbone`` in place of its own (:func:`fill_like`), written
+    atomically; an existing ``out`` is replaced only with ``overwrite`` and only when it is a folder we wrote
+    (:func:`stepdistill.utils.atomic_folder`)."""
+    with atomic_folder(out, overwrite=overwrite, kind=kind, inputs=(base,), own=own) as tmp:
+        fill_like(tmp, base, backbone, extra, meta)
+    return Path(out)
+
+
+def fill_like(folder: Path, base: Path, backbone: torch.nn.Module, extra: dict, meta: ModelMeta) -> Path:
+    """Write into the empty ``folder`` the model folder ``base`` (scheduler, text encoder, tokenizer, VAE,
+    model_index.json) with ``backbone`` in place of its own and ``extra`` added to ``stepdistill.json``."""
+    folder, base = Path(folder), Path(base)
+    sub = component_name(backbone)
+    for p in base.iterdir():
+        if p.is_dir() and p.name not in (sub, "unet", "transformer") and not p.name.startswith("."):
+            shutil.copytree(p, folder / p.name)
+    index = json.loads((base / "model_index.json").read_text()) if (base / "model_index.json").exists() else {}
+    index.pop("unet", None), index.pop("transformer", None)
+    index[sub] = save_component(folder / sub, backbone)
+    index.setdefault("_class_name", "StepDistillTeacherPipeline")
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    ModelMeta(**{**meta.__dict__, "extra": {**(meta.extra or {}), **extra}}).save(folder)
+    return folder
+
+
+def pruned_record(source: str, allow_pickle: bool = False) -> dict | None:
+    """The ``extra.pruned`` record of a model folder (None for an unpruned one or a hub id without one)."""
+    try:
+        root = Path(_resolve(str(source), allow_pickle))
+    except Exception:  # noqa: BLE001 - not a folder we can read: no record
+        return None
+    m = ModelMeta.load(root) if root.is_dir() else None
+    return (m.extra or {}).get(PRUNED_KEY) if m is not None else None
+
+
+def describe(record: dict) -> str:
+    """The model card's words for a pruned network."""
+    n0, n1 = record["params_before"], record["params_after"]
+    return (f"The network is a layer-pruned copy of `{record['source']}` (LAPTOP-Diff one-shot pruning, "
+            f"`stepdistill prune --ratio {record['ratio']} --by {record['by']}`): "
+            f"{', '.join('`' + r + '`' for r in record['removed'])} removed, {n0:,} -> {n1:,} parameters "
+            f"({1 - n1 / n0:.1%} fewer; {record['class_before']} -> {record['class_after']}).")
