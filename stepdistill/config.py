@@ -99,6 +99,8 @@ class TrainConfig:
     fsdp_shard_teacher: bool = False  # with fsdp: shard the frozen teacher backbone too
     report_to: str = "none"        # none | tensorboard | wandb: an experiment tracker (trainers/tracking.py)
     attention: str = "sdpa"        # sdpa | math | xformers: diffusers attention backend of every network (attention.py)
+    memory_budget_gib: str = ""    # distill: "" (off) | N | auto: the planner picks the cheapest setting that fits
+                                   # (bf16 teacher, checkpointing, offload, FSDP, LoRA rank; profiling/budget.py)
 
 
 @dataclass
@@ -197,6 +199,16 @@ def reprlib_repr(value) -> str:
     r = reprlib.Repr()
     r.maxlevel, r.maxlist, r.maxdict, r.maxstring = 3, 8, 8, 60
     return r.repr(value)
+
+
+def _budget_ok(value: str) -> bool:
+    v = str(value).strip().lower()
+    if v in ("", "auto", "0", "none", "off"):
+        return True
+    try:
+        return float(v) > 0
+    except ValueError:
+        return False
 
 
 def _coerce(value, tp, key: str):
@@ -547,6 +559,8 @@ def validate(cfg) -> None:
         check(tr.guard_action in ("warn", "stop"), "train.guard_action", "must be warn | stop")
         check(tr.report_to in REPORT_TO, "train.report_to", f"must be {' | '.join(REPORT_TO)}, got {tr.report_to!r}")
         check(tr.attention in ATTENTION, "train.attention", f"must be {' | '.join(ATTENTION)}, got {tr.attention!r}")
+        check(_budget_ok(tr.memory_budget_gib), "train.memory_budget_gib",
+              f"must be a number of GiB > 0, auto or empty (off), got {tr.memory_budget_gib!r}")
         check(0 <= tr.seed <= MAX_SEED, "train.seed", f"must be an integer in 0..{MAX_SEED}, got {tr.seed}")
         check(tr.threads >= 0, "train.threads", f"must be >= 0 (0 = all cores), got {tr.threads}")
         check(tr.num_workers >= 0, "train.num_workers", f"must be >= 0, got {tr.num_workers}")

@@ -66,6 +66,10 @@ def cmd_distill(a):
     cfg = load_config(DistillConfig, a.config, a.overrides)
     if a.fork and a.resume:
         raise ConfigError("--fork starts a new run from another run's checkpoint; it cannot be combined with --resume")
+    if cfg.train.memory_budget_gib:  # the planner acts: the cheapest setting that fits, before anything is built
+        from ..profiling.budget import fit_to_budget
+
+        fit_to_budget(cfg)
     distill(cfg, resume=a.resume, overwrite=a.overwrite, fork=a.fork)
 
 

@@ -213,7 +213,7 @@ def cmd_plan(a):
 
 
 def cmd_prune(a):
-    from ..pruning.run import prune_model
+    from ..prune import prune_model
 
     _set_threads(a)
     timesteps = tuple(int(t) for t in a.timesteps.split(","))

@@ -33,6 +33,7 @@ from pathlib import Path
 from ..meter import maxrss_bytes, peak_rss_mb, proc_kb_field, process_peak, reset_peak, rss_mb
 
 MODES = {
+    "as_given": [],  # the overrides alone (a setting chosen by train.memory_budget_gib: profiling/budget.py)
     "full": ["dmd.lora_rank=0"],
     "lora": ["dmd.lora_rank=8"],
     "full_ckpt": ["dmd.lora_rank=0", "train.gradient_checkpointing=true"],

@@ -116,9 +116,21 @@ def meta_network(teacher: str, dtype: torch.dtype = torch.float32) -> tuple[nn.M
                     net = getattr(diffusers, cfg["_class_name"]).from_config(
                         {k: v for k, v in cfg.items() if not k.startswith("_")})
                 factor = 8 if (folder / "vae").is_dir() else 1
-                return net.to(dtype), factor, 77
+                return _cast(net, dtype), factor, 77
     raise ConfigError(f"--teacher {teacher}: no diffusers backbone config (unet/, transformer/ or config.json) "
                       f"with a class in {sorted(BACKBONE_KINDS)}")
+
+
+def _cast(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``net.to(dtype)`` without diffusers' warning about modules kept in float32 (a meta network holds no values)."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        return net.to(dtype)
+    finally:
+        dlog.set_verbosity(level)
 
 
 def example_inputs(den, batch: int, side: int, tokens: int, device="meta", dtype=torch.float32):

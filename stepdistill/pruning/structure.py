@@ -17,7 +17,8 @@ UNets (``UNet2DModel``, ``UNet2DConditionModel``; stages d = 0..n-1 by resolutio
                         UNet2DConditionModel: one ResBlock)
     mid                 the whole mid block                 (mid_block_type None)
     stage{n-1}          the deepest stage: its down and up blocks and the downsampler that leads to it (the mid
-                        block then runs one resolution higher)
+                        block then runs one resolution higher; offered when the two deepest stages have the
+                        same width)
 
 DiT / PixArt transformers: ``block{k}``, transformer block k (``num_layers`` shrinks).
 
@@ -109,9 +110,10 @@ def candidate_units(net: nn.Module) -> list[Unit]:
         if len(res) > 1:
             units.append(Unit("mid.tail", frozenset(attn + res[1:])))
         units.append(Unit("mid", frozenset(attn + res + ["mid_block"])))
-    if n > 1:  # the deepest stage, with the downsampler that leads to it
-        D = n - 1
-        mods = {f"down_blocks.{D}", f"up_blocks.0", f"down_blocks.{D - 1}.downsamplers"}
+    ch = list(net.config.block_out_channels)
+    if n > 1 and ch[-2] == ch[-1]:  # the deepest stage, with the downsampler that leads to it (the mid and up
+        D = n - 1                   # blocks after it then see the shallower stage's channels: they must agree)
+        mods = {f"down_blocks.{D}", "up_blocks.0", f"down_blocks.{D - 1}.downsamplers"}
         mods |= {m for unit in units for m in unit.modules
                  if m.startswith(f"down_blocks.{D}.") or m.startswith("up_blocks.0.")}
         units.append(Unit(f"stage{D}", frozenset(mods)))

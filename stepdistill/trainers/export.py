@@ -83,7 +83,7 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
     card_edit = parts.card
     pruned = _pruned_start(cfg)
     if pruned is not None:  # a smaller student from stepdistill prune: its metadata and card say what went
-        from ..pruning.run import describe
+        from ..pruning.folder import describe
 
         smeta.extra["pruned"] = pruned
         card_edit = _then(parts.card, lambda text: text.rstrip() + "\n\n## Pruned network\n\n" + describe(pruned)
@@ -122,7 +122,7 @@ def _pruned_start(cfg) -> dict | None:
     init = getattr(cfg.dmd, "student_init", "")
     if not init:
         return None
-    from ..pruning.run import pruned_record
+    from ..pruning.folder import pruned_record
 
     return pruned_record(init, cfg.dmd.allow_pickle)
 

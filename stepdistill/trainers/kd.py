@@ -176,7 +176,7 @@ class KDObjective(ObjectiveBase):
 def build_kd(cfg, teacher: Denoiser | None = None, meta=None, data=None, text_bank=None):
     """Teacher and data as for DMD (trainers/setup.py); the student is ``kd.student`` (a pruned folder) as it is."""
     from ..models import load_denoiser, load_scheduler_config
-    from ..pruning.run import pruned_record
+    from ..pruning.folder import pruned_record
     from .setup import prepare
 
     if not cfg.kd.student:
@@ -211,7 +211,7 @@ def export_kd(ema: dict[str, nn.Module], obj, cfg, meta, out):
     """The retrained student as a many-step model folder like ``kd.student``'s (its scheduler, text parts and prune
     record), with the KD run in ``stepdistill.json`` ``extra.kd``."""
     from ..models import ModelMeta, _resolve
-    from ..pruning.run import fill_like
+    from ..pruning.folder import fill_like
     from .export import _cfg_dict
 
     base = Path(_resolve(cfg.kd.student, cfg.dmd.allow_pickle))
@@ -224,7 +224,7 @@ def export_kd(ema: dict[str, nn.Module], obj, cfg, meta, out):
 
 
 def _write_card(out: Path, meta, cfg) -> None:
-    from ..pruning.run import describe
+    from ..pruning.folder import describe
 
     rec = (meta.extra or {}).get("pruned")
     lines = [f"# {out.name}", "",

@@ -179,7 +179,7 @@ def student_from(teacher: Denoiser, source: str, allow_pickle: bool = False) -> 
     """A trainable student from ``source`` (``dmd.student_init``) with the teacher's schedule and null inputs: a
     pruned model keeps its own (smaller) network; any other model must have the teacher's architecture, and its
     weights go into a copy of the teacher's network."""
-    from ..pruning.run import pruned_record
+    from ..pruning.folder import pruned_record
 
     if pruned_record(source, allow_pickle) is not None:
         init, _ = load_denoiser(source, allow_pickle=allow_pickle)

@@ -1,57 +1,33 @@
 """``stepdistill prune``: score every unit of a teacher, choose the cheapest set that meets the ratio in one shot
 (LAPTOP-Diff; :mod:`~stepdistill.pruning.criterion`), and write the pruned teacher as a diffusers folder with a
-smaller stock config (:mod:`~stepdistill.pruning.structure`).
+smaller stock config (:mod:`~stepdistill.pruning.structure`, :mod:`~stepdistill.pruning.folder`).
 
 The folder is the teacher's folder (scheduler, text encoder, ...) with the smaller backbone, and
 ``stepdistill.json`` ``extra.pruned``: the removed units, their scores, the parameters before and after, the
 additivity check and the block map that normalised feature distillation (``method: kd``) reads. It samples as a
 many-step model (``stepdistill eval --model <folder>``) and starts ``method: kd`` (``kd.student``), then a
-distillation (``dmd.student_init``).
+distillation (``dmd.student_init``). A tool on top of the trainers' set-up (it calibrates on the data a distill run
+would see), beside :mod:`stepdistill.onnx_export`; the pieces live below the trainers in :mod:`stepdistill.pruning`.
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
-import torch
-
-from ..denoiser import backbone_kind, component_name
-from ..errors import ConfigError
-from ..models import ModelMeta, _resolve, load_denoiser, save_component
-from ..utils import atomic_folder
-from .criterion import (CALIBRATION_TIMESTEPS, Calibration, additivity, latency_ms, make_calibration, param_count,
-                        score_units, select_units)
-from .structure import DIT_KINDS, Unit, candidate_units, prune_network, stock_network
-
-PRUNED_KEY = "pruned"
-
-
-def block_map(net: torch.nn.Module, units: list[Unit]) -> dict[str, str]:
-    """{pruned block path: teacher block path} for the blocks both keep (their outputs are the features that
-    ``method: kd`` matches): every down / up block and the mid block of a UNet (the deepest stage cut shifts the
-    up blocks by one), every kept transformer block of a DiT."""
-    names = {u.name for u in units}
-    if backbone_kind(net) in DIT_KINDS:
-        kept = [k for k in range(len(net.transformer_blocks)) if f"block{k}" not in names]
-        return {f"transformer_blocks.{i}": f"transformer_blocks.{k}" for i, k in enumerate(kept)}
-    n = len(net.down_blocks)
-    cut = f"stage{n - 1}" in names
-    keep = n - 1 if cut else n
-    out = {f"down_blocks.{d}": f"down_blocks.{d}" for d in range(keep)}
-    if net.mid_block is not None and "mid" not in names:
-        out["mid_block"] = "mid_block"
-    shift = 1 if cut else 0
-    out.update({f"up_blocks.{u}": f"up_blocks.{u + shift}" for u in range(keep)})
-    return out
+from .errors import ConfigError
+from .models import _resolve, load_denoiser
+from .pruning.criterion import (CALIBRATION_TIMESTEPS, additivity, latency_ms, make_calibration, param_count,
+                                score_units, select_units)
+from .pruning.folder import PRUNED_KEY, block_map, card, fill_like
+from .pruning.structure import candidate_units, prune_network, stock_network
+from .utils import atomic_folder
 
 
 def teacher_inputs(source: str, allow_pickle: bool, data_name: str | None, seed: int):
     """(teacher Denoiser, meta, images, labels, conds) for calibration: the teacher's own data set (its
     ``stepdistill.json`` ``extra.dataset``, or ``data_name``), train split; text teachers through their caption bank
     (the distill set-up: :func:`stepdistill.trainers.setup.prepare`)."""
-    from ..config import DistillConfig
-    from ..trainers.setup import prepare
+    from .config import DistillConfig
+    from .trainers.setup import prepare
 
     den, meta = load_denoiser(source, allow_pickle=allow_pickle)
     name = data_name or (meta.extra or {}).get("dataset")
@@ -114,53 +90,11 @@ def prune_model(source: str, out: str, ratio: float = 0.5, by: str = "params", n
     }
     if by == "latency":
         record["latency_ms_before"], record["latency_ms_after"] = total, latency_ms(stock, cal, latency_batch)
-    write_like(root, out, stock, {PRUNED_KEY: record}, meta, overwrite=overwrite, kind="pruned")
+    with atomic_folder(out, overwrite=overwrite, kind="pruned", inputs=(root,)) as tmp:
+        fill_like(tmp, root, stock, {PRUNED_KEY: record}, meta)
+        (tmp / "README.md").write_text(card(str(out), record))
     say(f"prune: removed {', '.join(record['removed'])}: {full:,} -> {record['params_after']:,} parameters "
         f"({1 - record['params_after'] / full:.1%}); saved to {out}")
     return record
 
 
-def write_like(base: Path, out: str | Path, backbone: torch.nn.Module, extra: dict, meta: ModelMeta,
-               overwrite: bool = False, kind: str = "pruned", own: bool = False) -> Path:
-    """``out``: the model folder ``base`` with ``backbone`` in place of its own (:func:`fill_like`), written
-    atomically; an existing ``out`` is replaced only with ``overwrite`` and only when it is a folder we wrote
-    (:func:`stepdistill.utils.atomic_folder`)."""
-    with atomic_folder(out, overwrite=overwrite, kind=kind, inputs=(base,), own=own) as tmp:
-        fill_like(tmp, base, backbone, extra, meta)
-    return Path(out)
-
-
-def fill_like(folder: Path, base: Path, backbone: torch.nn.Module, extra: dict, meta: ModelMeta) -> Path:
-    """Write into the empty ``folder`` the model folder ``base`` (scheduler, text encoder, tokenizer, VAE,
-    model_index.json) with ``backbone`` in place of its own and ``extra`` added to ``stepdistill.json``."""
-    folder, base = Path(folder), Path(base)
-    sub = component_name(backbone)
-    for p in base.iterdir():
-        if p.is_dir() and p.name not in (sub, "unet", "transformer") and not p.name.startswith("."):
-            shutil.copytree(p, folder / p.name)
-    index = json.loads((base / "model_index.json").read_text()) if (base / "model_index.json").exists() else {}
-    index.pop("unet", None), index.pop("transformer", None)
-    index[sub] = save_component(folder / sub, backbone)
-    index.setdefault("_class_name", "StepDistillTeacherPipeline")
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    ModelMeta(**{**meta.__dict__, "extra": {**(meta.extra or {}), **extra}}).save(folder)
-    return folder
-
-
-def pruned_record(source: str, allow_pickle: bool = False) -> dict | None:
-    """The ``extra.pruned`` record of a model folder (None for an unpruned one or a hub id without one)."""
-    try:
-        root = Path(_resolve(str(source), allow_pickle))
-    except Exception:  # noqa: BLE001 - not a folder we can read: no record
-        return None
-    m = ModelMeta.load(root) if root.is_dir() else None
-    return (m.extra or {}).get(PRUNED_KEY) if m is not None else None
-
-
-def describe(record: dict) -> str:
-    """The model card's words for a pruned network."""
-    n0, n1 = record["params_before"], record["params_after"]
-    return (f"The network is a layer-pruned copy of `{record['source']}` (LAPTOP-Diff one-shot pruning, "
-            f"`stepdistill prune --ratio {record['ratio']} --by {record['by']}`): "
-            f"{', '.join('`' + r + '`' for r in record['removed'])} removed, {n0:,} -> {n1:,} parameters "
-            f"({1 - n1 / n0:.1%} fewer; {record['class_before']} -> {record['class_after']}).")

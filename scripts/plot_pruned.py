@@ -1,0 +1,59 @@
+"""Quality against latency of the one-step students (BENCHMARKS.md "Smaller one-step students"): the full-size
+student, the pruned ones (25 % and 50 % of the parameters removed), MSD's 4 half-size students; the teacher's FID
+(50 DDIM steps, CFG 2) as a reference line. Reads docs/benchmarks/prune/eval_*_test.json and bench_*.json, writes
+docs/pruned_quality_latency.png.
+
+    python scripts/plot_pruned.py
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+B = ROOT / "docs" / "benchmarks" / "prune"
+ROWS = [("dmd2_full", "full size (DMD2 recipe)"), ("dmd2_25", "pruned 31 % + KD + DMD2"),
+        ("dmd2_50", "pruned 50 % + KD + DMD2"), ("msd_pruned", "MSD, 4 half-size students")]
+
+
+def latency_ms(bench: dict, batch: int, who: str = "student") -> float:
+    row = next(r for r in bench["results"] if r["batch_size"] == batch)
+    entry = row[who][0] if who == "student" else row[who]
+    return 1e3 * entry["latency_s"]
+
+
+def main() -> None:
+    teacher = json.loads((ROOT / "docs" / "benchmarks" / "eval_teacher50.json").read_text())
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, batch in zip(axes, (1, 32)):
+        for name, label in ROWS:
+            ev, be = B / f"eval_{name}_test.json", B / f"bench_{name}.json"
+            if not (ev.exists() and be.exists()):
+                continue
+            e, b = json.loads(ev.read_text()), json.loads(be.read_text())
+            x, y = latency_ms(b, batch), e["fid"]
+            ax.scatter([x], [y], s=40)
+            ax.annotate(f"{label}\n{b['config']['student_params'] / 1e6:.2f} M params", (x, y), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.axhline(teacher["fid"], color="k", ls="--", lw=1, label=f"teacher, 50 steps (FID {teacher['fid']:.1f})")
+        full = B / "bench_dmd2_full.json"
+        if full.exists():
+            t_ms = latency_ms(json.loads(full.read_text()), batch, "teacher")
+            ax.set_title(f"batch {batch} (the teacher's 50 steps: {t_ms:.0f} ms)", fontsize=9)
+        ax.set_xlabel("one-step latency (ms, CPU, 1 thread)")
+        ax.set_ylabel("FID (500 samples, test split)")
+        ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle("Smaller one-step students: quality against latency", fontsize=10)
+    fig.tight_layout()
+    out = ROOT / "docs" / "pruned_quality_latency.png"
+    fig.savefig(out, dpi=120)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
