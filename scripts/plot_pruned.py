@@ -17,8 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 B = ROOT / "docs" / "benchmarks" / "prune"
-ROWS = [("dmd2_full", "full size (DMD2 recipe)"), ("dmd2_25", "pruned 31 % + KD + DMD2"),
-        ("dmd2_50", "pruned 50 % + KD + DMD2"), ("msd_pruned", "MSD, 4 half-size students")]
+ROWS = [("dmd2_full", "full size (DMD2 recipe)"), ("dmd2_25", "pruned + KD + DMD2"),
+        ("dmd2_50", "pruned + KD + DMD2"), ("msd_pruned", "MSD x4 from the pruned student"),
+        ("msd_tsm", "MSD x4, fresh + TSM")]
 
 
 def latency_ms(bench: dict, batch: int, who: str = "student") -> float:
@@ -38,7 +39,8 @@ def main() -> None:
             e, b = json.loads(ev.read_text()), json.loads(be.read_text())
             x, y = latency_ms(b, batch), e["fid"]
             ax.scatter([x], [y], s=40)
-            ax.annotate(f"{label}\n{b['config']['student_params'] / 1e6:.2f} M params", (x, y), fontsize=7,
+            share = b["config"]["student_params"] / b["config"]["teacher_params"]
+            ax.annotate(f"{label}\n{share:.0%} of the teacher's params", (x, y), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
         ax.axhline(teacher["fid"], color="k", ls="--", lw=1, label=f"teacher, 50 steps (FID {teacher['fid']:.1f})")
         full = B / "bench_dmd2_full.json"

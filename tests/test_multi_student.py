@@ -368,3 +368,20 @@ def test_eval_demo_and_export_cli_find_it(msd_student, tiny_teacher, tmp_path):
         a = load_file(folder / sub / "diffusion_pytorch_model.safetensors")
         b = load_file(tmp_path / "again" / sub / "diffusion_pytorch_model.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_each_student_regresses_on_its_own_parts_pairs(tiny_teacher, tmp_path):
+    """dmd.regression_weight > 0 in MSD: the teacher ODE pairs are split by the partition, so every student's DMD
+    regression term pulls it toward the teacher on its own classes only, and the generator loss carries it."""
+    obj, data, _ = _objective(tiny_teacher, tmp_path, **{"msd.groups": ODD_EVEN, "dmd.regression_weight": 0.5,
+                                                         "dmd.regression_pairs": 16, "dmd.regression_steps": 2})
+    parts = [sub.pairs for sub in obj.subs]
+    for (noise, labels, x0), group in zip(parts, obj.groups):
+        assert len(labels) > 0 and set(labels.tolist()) <= set(group)
+        assert noise.shape[0] == labels.shape[0] == x0.shape[0]
+    assert sum(len(p[1]) for p in parts) == 16  # every pair goes to exactly one student
+    obj.players["critic_1"].module.requires_grad_(False)
+    total, logs = obj.loss("student_1", _ctx(0, data, step=1))
+    assert "regression_loss_1" in logs and logs["regression_loss_1"] > 0
+    without, _, _ = _objective(tiny_teacher, tmp_path / "b", **{"msd.groups": ODD_EVEN})
+    assert all(sub.pairs is None for sub in without.subs)

@@ -1,4 +1,5 @@
-r"""LAPTOP-Diff's one-shot pruning criterion (Zhang et al. 2024, arXiv 2404.11098, Sec. 3.2-3.3).
+r"""LAPTOP-Diff's one-shot pruning criterion (Zhang et al. 2024, arXiv 2404.11098: the output-loss
+criterion, its additivity and the one-shot choice).
 
 The score of a unit U (:mod:`~stepdistill.pruning.structure`) is the output loss of the teacher without it, on a
 calibration set of noised inputs::

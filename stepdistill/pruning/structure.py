@@ -1,6 +1,6 @@
 r"""What can be pruned from a diffusers backbone, the pruned network itself, and the stock config that holds it.
 
-LAPTOP-Diff (Zhang et al. 2024, arXiv 2404.11098, Sec. 3) prunes whole *layers* of the U-Net (ResBlocks and
+LAPTOP-Diff (Zhang et al. 2024, arXiv 2404.11098) prunes whole *layers* of the U-Net (ResBlocks and
 attention / transformer blocks) and keeps every remaining weight as it was. Here a prunable **unit** is a
 layer (or a set of layers) whose removal a *stock* diffusers config can express, so that the pruned student is
 a smaller config loaded with ``from_pretrained``, never a masked copy:

@@ -1,4 +1,4 @@
-r"""Normalised feature distillation (LAPTOP-Diff, Zhang et al. 2024, arXiv 2404.11098, Sec. 3.4) as a method,
+r"""Normalised feature distillation (LAPTOP-Diff, Zhang et al. 2024, arXiv 2404.11098) as a method,
 ``method: kd``: retrain a layer-pruned network (``stepdistill prune``) to be its teacher again, as a many-step
 diffusion model, before it is distilled to one step (``dmd.student_init``). Players: ``student`` (EMA).
 
@@ -11,7 +11,7 @@ dropped to the null class with probability ``kd.cfg_dropout`` (so that the stude
     L_outKD  = || f_S(x_t, t, c~) - f_T(x_t, t, c~) ||^2                 output KD (teacher without CFG)
     L_featKD = sum_l E_b [ || F_S^l - F_T^l ||^2 / || F_T^l ||^2 ]       per-layer feature KD, each layer's
                                                                          term divided by the teacher feature's
-                                                                         squared norm (LAPTOP-Diff Eq. 7)
+                                                                         squared L2 norm (LAPTOP-Diff)
 
 ||.||^2 in L_task / L_outKD is the mean over elements (as the teacher was trained); in L_featKD the squared
 L2 norms are per sample, so the ratio is scale-free: no layer dominates because its features are large

@@ -18,7 +18,9 @@ The algorithm, with the losses of each stage and the player each loss updates::
          L_TSM = || G_k.raw(x_t, t, c) - mu_real.raw(x_t, t, c) ||^2        # teacher without CFG
     4. DM stage (msd.steps_per_student updates per student): DMD2 restricted to part k
        (dmd.py's DMDObjective, unchanged, with c ~ U(P_k) and a GAN real batch from part k):
-         student_k:  c_dm L_DM + c_G softplus(-D(x_t))          x = G_k(z, c), c ~ U(P_k)
+         student_k:  c_dm L_DM + c_G softplus(-D(x_t)) [+ c_reg ||G_k(z_i, c_i) - y_i||^2]
+                     x = G_k(z, c), c ~ U(P_k); (z_i, c_i, y_i) teacher ODE pairs with c_i in P_k
+                     (dmd.regression_weight > 0: DMD's regression loss, keeps the part's modes)
          critic_k:   L_fake + c_D [softplus(D(fake)) + softplus(-D(real))]   real ~ part k
 
 Teacher score matching (TSM). A smaller student cannot start from the teacher's weights, and DM from
@@ -148,6 +150,19 @@ class RoutedGenerator:
         return out
 
 
+def part_pairs(pairs, group: list[int]):
+    """The teacher ODE pairs (noise, labels, x0) whose label lies in ``group`` (None stays None): each student's
+    regression term (``dmd.regression_weight``) pulls it toward the teacher on its own classes only."""
+    if pairs is None:
+        return None
+    noise, labels, x0 = pairs
+    keep = torch.isin(labels, torch.tensor(group, dtype=labels.dtype))
+    if not bool(keep.any()):
+        raise ConfigError(f"dmd.regression_pairs: none of the teacher ODE pairs has a class of group {group}; "
+                          "raise dmd.regression_pairs")
+    return noise[keep], labels[keep], x0[keep]
+
+
 # -- the objective --------------------------------------------------------------------------------
 class MultiStudentObjective(ObjectiveBase):
     """MSD (module docstring). Players ``student_0..student_{K-1}`` (EMA) and ``critic_0..critic_{K-1}``
@@ -163,7 +178,8 @@ class MultiStudentObjective(ObjectiveBase):
 
     def __init__(self, teacher: Denoiser, students: list[Denoiser], critics: list[Denoiser], cfg: DMDConfig,
                  msd: MSDConfig, groups: list[list[int]], num_classes: int, sample_shape: tuple[int, int, int],
-                 data_labels: torch.Tensor | None = None, seed: int = 0, data_std: float = 1.0):
+                 data_labels: torch.Tensor | None = None, seed: int = 0, data_std: float = 1.0,
+                 regression_pairs=None):
         K = len(students)
         if len(groups) != K or len(critics) != (1 if msd.shared_critic else K):
             raise ValueError(f"{K} students need {K} groups and {1 if msd.shared_critic else K} critic(s)")
@@ -184,7 +200,8 @@ class MultiStudentObjective(ObjectiveBase):
                                   "(the GAN and TSM need real data of every part)")
         # one DMD2 objective per part: DMD2's losses, unchanged, on the part's conditions and data
         self.subs = [DMDObjective(teacher, s, critics[0 if msd.shared_critic else k], cfg, num_classes, self.shape,
-                                  seed=seed, conds=ClassLabels(num_classes, self.groups[k]))
+                                  seed=seed, conds=ClassLabels(num_classes, self.groups[k]),
+                                  regression_pairs=part_pairs(regression_pairs, self.groups[k]))
                      for k, s in enumerate(students)]
         self.players = {f"student_{k}": sub.players["generator"] for k, sub in enumerate(self.subs)}
         self.mixed = None
@@ -295,9 +312,15 @@ def build_multi_student(cfg: DistillConfig, teacher: Denoiser, num_classes: int,
         students = [wrap(build_student_backbone(teacher.backbone, m, cfg.train.seed + k) if smaller
                          else copy.deepcopy(teacher.backbone)) for k in range(m.num_students)]
     critics = [wrap(copy.deepcopy(teacher.backbone)) for _ in range(1 if m.shared_critic else m.num_students)]
-    obj = MultiStudentObjective(teacher, students, critics, cfg.dmd, m, groups, num_classes,
-                                tuple(data.images.shape[1:]), data_labels=data.labels, seed=cfg.train.seed,
-                                data_std=real_data_std(data))
+    shape = tuple(data.images.shape[1:])
+    pairs = None
+    if cfg.dmd.regression_weight > 0:  # DMD's regression on teacher ODE pairs, each student on its part's pairs
+        from ..pairs import teacher_ode_pairs
+
+        pairs = teacher_ode_pairs(teacher, cfg.dmd, num_classes, shape, seed=cfg.train.seed)
+    obj = MultiStudentObjective(teacher, students, critics, cfg.dmd, m, groups, num_classes, shape,
+                                data_labels=data.labels, seed=cfg.train.seed, data_std=real_data_std(data),
+                                regression_pairs=pairs)
     apply_teacher_options(obj.teacher, cfg.dmd, None)  # after the copies: students and critics stay float32
     return obj
 
@@ -398,7 +421,6 @@ def check_msd(cfg: DistillConfig, check) -> None:
     check(not (d.student_init and (m.student_channels or m.student_layers_per_block)), "dmd.student_init",
           "gives the students' network; leave msd.student_channels / msd.student_layers_per_block unset with it")
     check(d.lora_rank == 0, "dmd.lora_rank", "LoRA students are not supported by method msd")
-    check(d.regression_weight == 0, "dmd.regression_weight", "DMD's regression loss is not supported by method msd")
     check(d.regression_warmup_steps == 0, "dmd.regression_warmup_steps", "not supported by method msd")
     if m.groups:  # structure only here (overlaps, gaps); the class count is checked against the teacher at build
         partition_classes(1 + max((c for g in m.groups for c in g), default=-1), K, m.groups)
