@@ -1,7 +1,7 @@
 """Quality against latency of the one-step students (BENCHMARKS.md "Smaller one-step students"): the full-size
-student, the pruned ones (25 % and 50 % of the parameters removed), MSD's 4 half-size students; the teacher's FID
-(50 DDIM steps, CFG 2) as a reference line. Reads docs/benchmarks/prune/eval_*_test.json and bench_*.json, writes
-docs/pruned_quality_latency.png.
+student, the pruned ones (25 % and 50 % of the parameters asked, 31 % and 50 % removed), MSD's 4 half-size
+students; the teacher's FID (50 DDIM steps, CFG 2) as a reference line. Reads docs/benchmarks/prune/eval_*_test.json
+and bench_*.json, writes docs/pruned_quality_latency.png and prints the BENCHMARKS.md table rows.
 
     python scripts/plot_pruned.py
 """
@@ -18,8 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 B = ROOT / "docs" / "benchmarks" / "prune"
 ROWS = [("dmd2_full", "full size (DMD2 recipe)"), ("dmd2_25", "pruned + KD + DMD2"),
-        ("dmd2_50", "pruned + KD + DMD2"), ("msd_pruned", "MSD x4 from the pruned student"),
+        ("dmd2_50", "pruned + KD + DMD2"), ("msd_pruned_reg", "MSD x4 from the pruned student"),
         ("msd_tsm", "MSD x4, fresh + TSM")]
+TABLE = ROWS[:3] + [("dmd2_50_cfg3", "pruned + KD + DMD2, CFG 3"), ("msd_pruned", "MSD x4 from the pruned student, "
+                                                                              "no regression")] + ROWS[3:]
 
 
 def latency_ms(bench: dict, batch: int, who: str = "student") -> float:
@@ -57,5 +59,23 @@ def main() -> None:
     print(out)
 
 
+def table() -> None:
+    """The BENCHMARKS.md rows: parameters (per student), latency at batch 1 / 32, test metrics."""
+    for name, label in TABLE:
+        ev, be = B / f"eval_{name}_test.json", B / f"bench_{name}.json"
+        if not ev.exists():
+            continue
+        e = json.loads(ev.read_text())
+        lat = "-"
+        params = ""
+        if be.exists():
+            b = json.loads(be.read_text())
+            lat = f"{latency_ms(b, 1):.1f} / {latency_ms(b, 32):.1f}"
+            params = f"{b['config']['student_params']:,} ({b['config']['student_params'] / b['config']['teacher_params']:.0%})"
+        print(f"| {label} (`{name}`) | {params} | {lat} | {e['fid']:.1f} | {e['precision']:.3f} | {e['recall']:.3f} | "
+              f"{e['min_class_recall']:.2f} | {e['class_accuracy']:.3f} | {e['diversity']:.3f} |")
+
+
 if __name__ == "__main__":
     main()
+    table()

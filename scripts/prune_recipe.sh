@@ -1,29 +1,56 @@
 #!/bin/sh
-# Smaller one-step students (BENCHMARKS.md "Pruned students"): LAPTOP-Diff one-shot pruning of the Animal-MNIST
-# teacher at 25 % and 50 % of its parameters, normalised feature distillation (method kd), then the main job's
-# DMD2 recipe (configs/dmd2_animal_mnist.yaml) from the retrained network; the full-size student by the same
-# recipe from the teacher; MSD with 4 half-size students from the pruned one-step student. One thread per run, two
-# at a time; the test split once per student, at the end of its fixed budget (nothing is picked).
-#   sh scripts/prune_recipe.sh             (about 75 minutes on 2 cores)
+# Smaller one-step students (BENCHMARKS.md "Smaller one-step students"): LAPTOP-Diff one-shot pruning of the
+# Animal-MNIST teacher (--ratio 0.25 and 0.5 of its parameters), normalised feature distillation (method kd), then
+# the main job's DMD2 recipe (configs/dmd2_animal_mnist.yaml) from the retrained network; the full-size student by
+# the same recipe from the teacher; MSD with 4 half-size students from the pruned one-step student (with and without
+# the regression term), and MSD with 4 fresh students of the same size from the paper's teacher score matching.
+# One thread per run, at most three at a time. Variants are compared on the validation split (noise seed 1); the
+# test split once per model, at the end of its fixed budget; then the latencies on a quiet machine, the JSON into
+# docs/benchmarks/prune/ and the plot.
+#   sh scripts/prune_recipe.sh             (about 100 minutes on 2 cores)
 # SD: the stepdistill command (default: stepdistill).
 set -e
 SD=${SD:-stepdistill}
 R=runs/prune
+D=docs/benchmarks/prune
 T="train.threads=1"
-mkdir -p $R
+mkdir -p $R $D
 pipeline() {  # ratio name
   $SD prune --ratio $1 --out $R/pruned_$2 --report $R/prune_$2.json --threads 1 --no-progress > $R/prune_$2.log 2>&1
   $SD distill --config configs/kd_animal_mnist.yaml kd.student=$R/pruned_$2 output_dir=$R/kd_$2 $T > $R/kd_$2.log 2>&1
   $SD distill --config configs/dmd2_animal_mnist.yaml dmd.student_init=$R/kd_$2/student output_dir=$R/dmd2_$2 $T \
     > $R/dmd2_$2.log 2>&1
 }
-test_once() { $SD eval --model $R/$1 --num 500 --seed 0 --threads 1 --no-progress --out $R/eval_$2_test.json \
-  > $R/eval_$2.log 2>&1; }
-(pipeline 0.5 50; test_once dmd2_50/student dmd2_50
- $SD distill --config configs/msd_pruned_animal_mnist.yaml output_dir=$R/msd_pruned $T > $R/msd_pruned.log 2>&1
- test_once msd_pruned/student msd_pruned) &
-(pipeline 0.25 25; test_once dmd2_25/student dmd2_25
+ev() { $SD eval --model $1 --num 500 --seed $3 --ref-split $4 --threads 1 --no-progress --out $R/eval_$2_$4.json \
+  > $R/eval_$2_$4.log 2>&1; }
+test_once() { ev $1 $2 0 test; }
+val() { ev $1 $2 1 val; }
+# the recipe's CFG 2 -> 3 after the warm-up, for the half-size student (compared with CFG 2 on validation)
+CFG3='schedule=[{at: 300, set: {dmd.optim.lr: 2.0e-5, dmd.critic_optim.lr: 2.0e-5, train.batch_size: 16, train.ema_decay: 0.99, dmd.real_guidance_scale: 3.0}}, {at: 450, set: {dmd.regression_weight: 0.05}}]'
+(pipeline 0.5 50; test_once $R/dmd2_50/student dmd2_50
+ $SD distill --config configs/msd_pruned_animal_mnist.yaml dmd.regression_weight=0 output_dir=$R/msd_pruned $T \
+   > $R/msd_pruned.log 2>&1
+ test_once $R/msd_pruned/student msd_pruned
+ $SD distill --config configs/dmd2_animal_mnist.yaml dmd.student_init=$R/kd_50/student output_dir=$R/dmd2_50_cfg3 \
+   "$CFG3" $T > $R/dmd2_50_cfg3.log 2>&1) &
+(pipeline 0.25 25; test_once $R/dmd2_25/student dmd2_25
  $SD distill --config configs/dmd2_animal_mnist.yaml output_dir=$R/dmd2_full $T > $R/dmd2_full.log 2>&1
- test_once dmd2_full/student dmd2_full) &
+ test_once $R/dmd2_full/student dmd2_full) &
+($SD distill --config configs/msd_small_animal_mnist.yaml "msd.student_channels=[22,44,44]" msd.tsm_steps=1000 \
+   msd.steps_per_student=150 train.max_steps=4600 train.batch_size=16 dmd.critic_updates=2 dmd.t_min=2.0 \
+   train.ema_decay=0.99 data.split=fit train.sample_every=500 train.checkpoint_every=500 output_dir=$R/msd_tsm $T \
+   > $R/msd_tsm.log 2>&1) &
 wait
-for n in 25 50; do test_once kd_$n/student kd_$n; done  # the retrained many-step networks (50 DDIM steps, CFG 2)
+$SD distill --config configs/msd_pruned_animal_mnist.yaml output_dir=$R/msd_pruned_reg $T > $R/msd_pruned_reg.log 2>&1
+# variants on validation: MSD with / without regression and the fresh + TSM students; the half-size student at CFG 2 / 3
+for n in msd_pruned msd_pruned_reg msd_tsm dmd2_50 dmd2_50_cfg3; do val $R/$n/student $n; done
+for n in msd_pruned_reg msd_tsm dmd2_50_cfg3; do test_once $R/$n/student $n; done
+# the many-step networks: pruned in one shot, and after KD (50 DDIM steps, CFG 2)
+for n in 25 50; do test_once $R/pruned_$n pruned_$n; test_once $R/kd_$n/student kd_$n; done
+for n in dmd2_full dmd2_25 dmd2_50 dmd2_50_cfg3 msd_pruned_reg msd_tsm; do
+  $SD bench --student $R/$n/student --teacher builtin:animal_mnist --batch-sizes 1,32 --teacher-steps 50 \
+    --repeats 5 --threads 1 --out $D/bench_$n.json > $R/bench_$n.log 2>&1
+done
+cp $R/eval_*_test.json $R/eval_*_val.json $R/prune_25.json $R/prune_50.json $D/
+python scripts/plot_pruned.py       # docs/pruned_quality_latency.png and the table rows
+python scripts/time_forwards.py $R/dmd2_full/student $R/dmd2_25/student $R/dmd2_50/student > $D/forwards_interleaved.json
