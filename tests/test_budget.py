@@ -60,21 +60,9 @@ def test_the_chosen_setting_fits_measured(heavy_teacher):
     # players, EMA), gradients (as large as the trainable weights) and AdamW states
     held = lambda r: r["param_mb"] + r["trainable_mb"] + r["optimizer_state_mb"]  # noqa: E731
     assert fits["lora_rank"] == 64 and held(fits) < BUDGET_MIB < held(over)
-
-
-@pytest.mark.slow
-def test_the_chosen_setting_fits_measured_rss(heavy_teacher):
-    """The same with the child process's resident-memory peak (activations and allocator slack included): 241 MiB
-    for the chosen setting, 612 MiB for full fine-tuning when run alone. Slow-marked: inside the full suite the
-    child's peak read 3.4 GB twice (not reproduced alone or beside another training job; under investigation),
-    while the tensor inventory above is exact."""
-    from stepdistill.profiling.memory import train_memory
-
-    cfg = _cfg(heavy_teacher, f"train.memory_budget_gib={BUDGET_MIB / 1024}")
-    choice = fit_to_budget(cfg, say=lambda m: None)
-    chosen = [f"{k}={v}" for k, v in choice["settings"].items()]
-    assert train_memory(_base(heavy_teacher) + chosen, steps=1, mode="as_given")["train_rss_mb"] < BUDGET_MIB
-    assert train_memory(_base(heavy_teacher), steps=1, mode="as_given")["train_rss_mb"] > BUDGET_MIB
+    # and the child process's resident-memory peak over its baseline (activations and allocator slack included;
+    # VmHWM of the child itself, whatever the size of this pytest process)
+    assert fits["train_rss_mb"] < BUDGET_MIB < over["train_rss_mb"]
 
 
 def test_a_budget_that_fits_changes_nothing(heavy_teacher):

@@ -4,7 +4,8 @@ Each mode runs in a fresh Python process (so peaks never mix): build teacher / s
 the trainer (optimizers, EMA), then ``steps`` training steps (each: ``dmd.critic_updates`` critic
 updates + one generator update), no sample grids or checkpoints. Reported per mode:
 
-* ``peak_rss_mb``: process peak resident memory (``ru_maxrss``; on CPU this is the number that
+* ``peak_rss_mb``: process peak resident memory (the kernel's high-water mark of the child's own memory, VmHWM;
+  ``ru_maxrss`` without /proc, which on Linux would carry over the parent's size at the fork; on CPU this is the number that
   matters), ``baseline_rss_mb``: resident memory after imports, data loading and one throw-away load
   of the teacher (which pays diffusers' import cost), before the models are built, and
   ``train_rss_mb = peak - baseline`` (models, optimizer states, EMA, activations, allocator caches);
@@ -30,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..meter import maxrss_bytes, peak_rss_mb, proc_kb_field, process_peak, reset_peak, rss_mb
+from ..meter import peak_rss_mb, proc_kb_field, process_peak, reset_peak, rss_mb
 
 MODES = {
     "as_given": [],  # the overrides alone (a setting chosen by train.memory_budget_gib: profiling/budget.py)
@@ -87,7 +88,10 @@ def measure_in_process(config: str | None, overrides: list[str], steps: int) -> 
     dev = trainer.acc.device
     sec, cuda_mb, _ = _run_steps(trainer, steps, reset_cpu_peak=False)
     param_mb, trainable_mb, state_mb = _inventory(obj, trainer)
-    peak = maxrss_bytes() / 2**20  # the process-lifetime peak: building the method counts too
+    # the process-lifetime peak (building the method counts too), from the kernel's high-water mark of this
+    # process's own memory (VmHWM): ru_maxrss survives fork + exec on Linux, so a child started by a large parent
+    # (a long pytest session) would report the parent's resident set at the fork
+    peak = peak_rss_mb()
     out = {"peak_rss_mb": round(peak, 1), "baseline_rss_mb": round(baseline, 1),
            "train_rss_mb": round(peak - baseline, 1), "param_mb": round(param_mb, 3),
            "trainable_mb": round(trainable_mb, 3), "optimizer_state_mb": round(state_mb, 3),
