@@ -27,7 +27,7 @@ def teacher_inputs(source: str, allow_pickle: bool, data_name: str | None, seed:
     ``stepdistill.json`` ``extra.dataset``, or ``data_name``), train split; text teachers through their caption bank
     (the distill set-up: :func:`stepdistill.trainers.setup.prepare`)."""
     from .config import DistillConfig
-    from .trainers.setup import prepare
+    from .trainers.setup import prepare, text_distill_setup
 
     den, meta = load_denoiser(source, allow_pickle=allow_pickle)
     name = data_name or (meta.extra or {}).get("dataset")
@@ -37,7 +37,10 @@ def teacher_inputs(source: str, allow_pickle: bool, data_name: str | None, seed:
     cfg.dmd.teacher, cfg.dmd.allow_pickle, cfg.data.name, cfg.train.seed = source, allow_pickle, name, seed
     c, h, _ = den.sample_shape
     cfg.data.resolution, cfg.data.channels = h, c
-    s = prepare(cfg, den, meta, None, None) if meta.conditioning != "text" else prepare(cfg)
+    bank = data = None
+    if meta.conditioning == "text":  # the caption bank and bank-aligned data, for the teacher already loaded
+        bank, data = text_distill_setup(cfg, meta)
+    s = prepare(cfg, den, meta, data, bank)
     labels = s.data.labels if meta.conditioning in ("class", "text") else None
     return s.teacher, s.meta, s.data.images, labels, s.conds
 
