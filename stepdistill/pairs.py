@@ -30,9 +30,29 @@ from .tensor_cache import cache_key_digest, cached_tensors
 SHIPPED_PAIRS_DIR = Path(__file__).resolve().parent / "assets" / "teacher_pairs"
 
 
+def _frozen_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a module computes with when no adapter is active. A LoRA view (``stepdistill.lora``) holds only
+    its adapter, so for the adapters-disabled teacher view this is its base without the injected LoRA tensors and
+    with peft's ``.base_layer`` renamed back: the same dict (and digest) as the plain teacher."""
+    if getattr(module, "is_lora_view", False) is True:
+        base = module.base.state_dict()
+        return {k.replace(".base_layer.", "."): v for k, v in base.items() if "lora_" not in k}
+    return module.state_dict()
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device a module computes on (a LoRA teacher view owns no parameter: its base's)."""
+    for t in module.parameters():
+        return t.device
+    for m in module.modules():
+        if getattr(m, "is_lora_view", False) is True:
+            return next(m.base.parameters()).device
+    raise ValueError("the module has no parameters to place it on a device")
+
+
 def weights_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
+    for k, v in sorted(_frozen_weights(module).items()):
         h.update(k.encode())
         h.update(v.detach().cpu().float().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -80,7 +100,7 @@ def teacher_ode_pairs(teacher: Denoiser, dmd_cfg, num_classes: int, shape: tuple
         shipped = shipped_pairs(key)
         if shipped is not None and torch.equal(shipped["labels"], labels):
             return {"noise": noise, "labels": labels, "x0": shipped["x0"]}
-        dev = next(teacher.parameters()).device
+        dev = module_device(teacher)
         outs = []
         for i in tqdm(range(0, n, batch), desc="teacher ODE pairs", leave=False):
             sched = make_scheduler("ddim", sched_cfg)
