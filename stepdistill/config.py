@@ -104,6 +104,19 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """``stepdistill teacher`` starting from a trained model instead of random weights (trainers/teacher_finetune.py):
+    a full fine-tune, or with ``lora_rank > 0`` a LoRA adapter on the frozen model (a "style" LoRA that stacks on a
+    distilled LoRA), on all of the data or a class-restricted / transformed part of it."""
+    init: str = ""                 # "" = train from scratch (model:); a model folder / hub id / builtin: to start from
+    lora_rank: int = 0             # > 0 (needs init): train a LoRA adapter on the frozen init; export merged + lora/
+    lora_alpha: float = 0.0        # LoRA scale alpha / rank; 0 means alpha = rank (scale 1)
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
+    classes: list[str] = field(default_factory=list)   # train on these classes only (names or indices); [] = all
+    transform: str = "none"        # none | invert | bold: applied to the training images (the "style")
+
+
+@dataclass
 class TeacherConfig:
     output_dir: str = "runs/teacher"
     data: DataConfig = field(default_factory=DataConfig)
@@ -111,6 +124,7 @@ class TeacherConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     text: TextConfig = field(default_factory=TextConfig)  # model.conditioning: text
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # start from a trained model (LoRA: a style)
     cfg_dropout: float = 0.1       # probability of replacing the label by the null class
     sample_steps: int = 25         # sampler steps for the periodic sample grids
     guidance_scale: float = 2.0
@@ -581,6 +595,13 @@ def validate(cfg) -> None:
         check(m.layers_per_block >= 1, "model.layers_per_block", "must be >= 1")
         check(len(m.attention_levels) == len(m.block_out_channels), "model.attention_levels",
               "needs one entry per block_out_channels")
+        f = cfg.finetune
+        check(f.lora_rank >= 0, "finetune.lora_rank", f"must be >= 0 (0 = full fine-tuning), got {f.lora_rank}")
+        check(f.lora_rank == 0 or bool(f.init), "finetune.lora_rank",
+              "needs finetune.init (a LoRA adapts a trained model; give its folder or builtin: name)")
+        check(f.lora_rank == 0 or len(f.lora_targets) > 0, "finetune.lora_targets", "needs at least one module name")
+        check(f.transform in ("none", "invert", "bold"), "finetune.transform",
+              f"must be none | invert | bold, got {f.transform!r}")
     text = getattr(cfg, "text", None)
     if text is not None:
         check(0 <= text.max_length <= 512, "text.max_length", "must be in 0..512 (0 = default)")

@@ -27,6 +27,12 @@ TEACHER_PIPELINE = "StepDistillTeacherPipeline"
 
 def train_teacher(cfg: TeacherConfig, resume: bool | str = False, accelerator=None, overwrite: bool = False) -> Path:
     data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
+    if cfg.finetune.init or cfg.finetune.classes or cfg.finetune.transform != "none":
+        from .teacher_finetune import restrict
+
+        data = restrict(data, cfg.finetune.classes, cfg.finetune.transform)
+    if cfg.finetune.init:
+        return _finetune(cfg, data, resume, accelerator, overwrite)
     scheduler = build_scheduler(cfg.model)
     schedule = VPSchedule(scheduler.alphas_cumprod.clone(), dict(scheduler.config))
     text = cfg.model.conditioning == "text"
@@ -70,4 +76,29 @@ def train_teacher(cfg: TeacherConfig, resume: bool | str = False, accelerator=No
                 save_model_folder(tmp, trainer.ema["model"], scheduler, meta, TEACHER_PIPELINE)
             (tmp / "training_result.json").write_text(json.dumps(result, indent=2, default=str))
         print(f"{'text teacher' if text else 'teacher'} saved to {out}")
+    return out
+
+
+def _finetune(cfg: TeacherConfig, data, resume, accelerator, overwrite: bool) -> Path:
+    """``finetune.init``: the same denoising objective from a trained model (LoRA: its adapter only)."""
+    from .teacher_finetune import finetune_start, save_finetuned
+
+    start = finetune_start(cfg, data)
+    text = start.conds is not None
+    num_classes = 0 if text else data.num_classes
+    obj = DiffusionObjective(start.den, dict(start.scheduler.config), num_classes, cfg.optim, cfg.cfg_dropout,
+                             cfg.sample_steps, cfg.guidance_scale, conds=start.conds)
+    trainer = Trainer(obj, cfg, accelerator=accelerator, data=data)
+    trainer.command = "teacher"
+    result = trainer.train(resume=resume, overwrite=overwrite)
+    raise_if_interrupted(trainer, result)
+    out = Path(cfg.output_dir) / "model"
+    if trainer.acc.is_main_process:
+        from ..text_models import TEXT_TEACHER_PIPELINE
+
+        with atomic_folder(out, own=True) as tmp:
+            save_finetuned(tmp, start, trainer.ema["model"], cfg, {"dataset": cfg.data.name, "steps": trainer.step},
+                           TEXT_TEACHER_PIPELINE if text else TEACHER_PIPELINE)
+            (tmp / "training_result.json").write_text(json.dumps(result, indent=2, default=str))
+        print(f"fine-tuned {'LoRA' if cfg.finetune.lora_rank else 'model'} of {cfg.finetune.init} saved to {out}")
     return out
