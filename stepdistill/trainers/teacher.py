@@ -81,9 +81,10 @@ def train_teacher(cfg: TeacherConfig, resume: bool | str = False, accelerator=No
 
 def _finetune(cfg: TeacherConfig, data, resume, accelerator, overwrite: bool) -> Path:
     """``finetune.init``: the same denoising objective from a trained model (LoRA: its adapter only)."""
-    from .teacher_finetune import finetune_start, save_finetuned
+    from .teacher_finetune import finetune_start, init_pipeline_class, save_finetuned
 
     start = finetune_start(cfg, data)
+    data = start.data
     text = start.conds is not None
     num_classes = 0 if text else data.num_classes
     obj = DiffusionObjective(start.den, dict(start.scheduler.config), num_classes, cfg.optim, cfg.cfg_dropout,
@@ -97,8 +98,9 @@ def _finetune(cfg: TeacherConfig, data, resume, accelerator, overwrite: bool) ->
         from ..text_models import TEXT_TEACHER_PIPELINE
 
         with atomic_folder(out, own=True) as tmp:
+            pipeline = init_pipeline_class(cfg.finetune.init, TEXT_TEACHER_PIPELINE if text else TEACHER_PIPELINE)
             save_finetuned(tmp, start, trainer.ema["model"], cfg, {"dataset": cfg.data.name, "steps": trainer.step},
-                           TEXT_TEACHER_PIPELINE if text else TEACHER_PIPELINE)
+                           pipeline)
             (tmp / "training_result.json").write_text(json.dumps(result, indent=2, default=str))
         print(f"fine-tuned {'LoRA' if cfg.finetune.lora_rank else 'model'} of {cfg.finetune.init} saved to {out}")
     return out

@@ -30,7 +30,9 @@ class FinetuneStart:
     scheduler: object        # the init's diffusers scheduler (saved with the result)
     conds: object | None     # text: a CaptionConditioner over the init's own caption bank
     encoder: object | None   # text: the init's PromptEncoder (saved with the result)
+    vae: object | None       # a latent text model's VAE (the data is trained as its latents; saved with the result)
     shared: object | None    # LoRA: the SharedLoRA on the frozen init
+    data: ArrayDataset       # what the objective trains on (latent models: the images' VAE latents)
 
 
 def restrict(data: ArrayDataset, classes: list, transform: str) -> ArrayDataset:
@@ -61,7 +63,7 @@ def finetune_start(cfg, data: ArrayDataset) -> FinetuneStart:
         raise ConfigError(f"finetune.init: {f.init} is a {den.schedule.kind} model; stepdistill teacher trains the "
                           "VP denoising objective (DDPM / DDIM-family schedulers)")
     scheduler = DDPMScheduler.from_config(load_scheduler_config(f.init, None))
-    conds = encoder = None
+    conds = encoder = vae = None
     if meta.conditioning == "text":
         from ..text import CaptionConditioner, caption_bank
         from ..text_models import load_text_components, text_meta
@@ -71,8 +73,13 @@ def finetune_start(cfg, data: ArrayDataset) -> FinetuneStart:
         if not names or not templates:
             raise ConfigError(f"finetune.init: {f.init} has no caption set (stepdistill.json extra.text)")
         _check_names(names, data)
-        encoder, _ = load_text_components(f.init, meta, cfg.text.max_length or None)
+        encoder, vae = load_text_components(f.init, meta, cfg.text.max_length or None)
         conds = CaptionConditioner(caption_bank(encoder, names, templates), len(templates))
+        if vae is not None:  # a latent model (Stable-Diffusion style) learns the scaled VAE latents of the images
+            from ..text_models import encode_latents
+
+            with torch.no_grad():
+                data = ArrayDataset(encode_latents(vae, data.images), data.labels, list(data.class_names))
     elif meta.conditioning == "class":
         _check_names(list(meta.class_names), data)
     shared = None
@@ -85,7 +92,23 @@ def finetune_start(cfg, data: ArrayDataset) -> FinetuneStart:
         backbone = shared.view("style")
     null_cond = conds.null_cond if conds is not None else None
     den = Denoiser(backbone, den.schedule, den.prediction_type, null_class=meta.null_class, null_cond=null_cond)
-    return FinetuneStart(den, meta, scheduler, conds, encoder, shared)
+    if tuple(data.images.shape[1:]) != tuple(den.sample_shape):
+        raise ConfigError(f"data.resolution: the data's samples are {tuple(data.images.shape[1:])}, finetune.init "
+                          f"{f.init} denoises {tuple(den.sample_shape)} (set data.resolution / data.channels)")
+    return FinetuneStart(den, meta, scheduler, conds, encoder, vae, shared, data)
+
+
+def init_pipeline_class(init: str, default: str) -> str:
+    """The pipeline class the init's ``model_index.json`` names (a stock ``StableDiffusionPipeline`` teacher stays
+    one), else ``default``."""
+    import json
+
+    from ..models import _resolve
+
+    index = Path(_resolve(str(init))) / "model_index.json"
+    if index.is_file():
+        return json.loads(index.read_text()).get("_class_name") or default
+    return default
 
 
 def _check_names(names: list[str], data: ArrayDataset) -> None:
@@ -115,7 +138,7 @@ def save_finetuned(folder: Path, start: FinetuneStart, trained, cfg, extra: dict
     if start.encoder is not None:
         from ..text_models import save_text_folder
 
-        save_text_folder(folder, backbone, start.scheduler, meta, pipeline_class, start.encoder)
+        save_text_folder(folder, backbone, start.scheduler, meta, pipeline_class, start.encoder, vae=start.vae)
     else:
         save_model_folder(folder, backbone, start.scheduler, meta, pipeline_class)
     if lora_view is not None:
