@@ -29,6 +29,7 @@ class DataConfig:
     resolution: int = 32
     channels: int = 1
     split: str = "train"
+    frames: int = 8                # video datasets (moving_animal_mnist): frames per clip
 
 
 @dataclass
@@ -39,6 +40,18 @@ class TextConfig:
     max_length: int = 0            # tokens per prompt (padded / truncated); 0: 16 (teacher training) | the teacher's
     templates: list[str] = field(default_factory=list)  # [] = stepdistill.text.CAPTION_TEMPLATES
     prompts: str = ""              # distill: "" = the teacher's caption set (GAN real branch aligned); or a prompt file
+
+
+@dataclass
+class VideoModelConfig:
+    """A video teacher's ``WanTransformer3DModel`` (diffusers; Wan 2.1's architecture at a tiny size)."""
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])   # (frames, height, width) per token
+    num_attention_heads: int = 2
+    attention_head_dim: int = 32
+    ffn_dim: int = 256
+    num_layers: int = 4
+    freq_dim: int = 64             # sinusoidal timestep embedding width
+    shift: float = 1.0             # flow-matching sigma shift of the scheduler
 
 
 @dataclass
@@ -53,6 +66,8 @@ class TeacherModelConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
     conditioning: str = "class"    # class: UNet2DModel + class labels | text: UNet2DConditionModel + captions (text:)
+    family: str = "unet"           # unet | wan (a video WanTransformer3DModel: text conditioning, flow matching)
+    video: VideoModelConfig = field(default_factory=lambda: VideoModelConfig())  # model.family: wan
 
 
 @dataclass
@@ -584,12 +599,21 @@ def validate(cfg) -> None:
               "must be epsilon | v_prediction | sample")
         check(0.0 <= cfg.cfg_dropout < 1.0, "cfg_dropout", "must be in [0, 1)")
         check(m.conditioning in ("class", "text"), "model.conditioning", "must be class | text")
+        check(m.family in ("unet", "wan"), "model.family", f"must be unet | wan, got {m.family!r}")
+        check(m.family != "wan" or m.conditioning == "text", "model.conditioning",
+              "a wan video teacher is text-conditioned (captions of the clip's class): set model.conditioning=text")
+        check(m.family != "wan" or cfg.data.frames >= 2, "data.frames", "a video teacher needs clips of >= 2 frames")
+        check(len(m.video.patch_size) == 3 and all(p >= 1 for p in m.video.patch_size), "model.video.patch_size",
+              f"needs three sizes >= 1 (frames, height, width), got {m.video.patch_size}")
+        check(m.family != "wan" or (cfg.data.resolution % m.video.patch_size[1] == 0
+                                    and cfg.data.frames % m.video.patch_size[0] == 0), "model.video.patch_size",
+              f"must divide the clip (frames {cfg.data.frames}, resolution {cfg.data.resolution})")
         check(len(m.block_out_channels) >= 1 and all(c > 0 for c in m.block_out_channels), "model.block_out_channels",
               f"needs at least one channel count > 0, e.g. [32, 64, 64], got {m.block_out_channels}")
         check(m.norm_num_groups > 0 and all(c % m.norm_num_groups == 0 for c in m.block_out_channels),
               "model.norm_num_groups", f"must divide every entry of model.block_out_channels {m.block_out_channels}")
         down = 2 ** (len(m.block_out_channels) - 1)
-        check(cfg.data.resolution % down == 0, "data.resolution",
+        check(m.family != "unet" or cfg.data.resolution % down == 0, "data.resolution",
               f"must be a multiple of {down} (the UNet halves it {len(m.block_out_channels) - 1} times), got "
               f"{cfg.data.resolution}")
         check(m.layers_per_block >= 1, "model.layers_per_block", "must be >= 1")

@@ -113,6 +113,11 @@ class ArrayDataset(TensorDataset):
     def resolution(self) -> int:
         return self.images.shape[-1]
 
+    @property
+    def frames(self) -> int:
+        """Frames per clip of a video dataset (samples (N, C, F, H, W)); 0 for images."""
+        return self.images.shape[2] if self.images.ndim == 5 else 0
+
 
 def animal_mnist(resolution: int = 32, split: str = "all") -> ArrayDataset:
     """Animal-MNIST silhouettes, padded 28 -> 32. ``split``: all | train (first 90% per class) | test | fit | val
@@ -209,15 +214,30 @@ def _is_gray(im) -> bool:
     return bool(np.abs(a[..., 0] - a[..., 1]).max() <= 2 and np.abs(a[..., 1] - a[..., 2]).max() <= 2)
 
 
-def load_dataset(name: str, resolution: int, split: str = "all", channels: int = 1) -> ArrayDataset:
-    """``animal_mnist`` | ``digits`` | a path to an image folder."""
-    if name in ("animal_mnist", "digits") and channels != 1:
+def moving_clips(resolution: int = 16, split: str = "all", frames: int = 8) -> ArrayDataset:
+    """Moving Animal-MNIST (:mod:`stepdistill.video_data`): one clip (1, F, H, W) per source silhouette of ``split``
+    (so the splits stay disjoint), labelled with the silhouette's class."""
+    from .video_data import moving_animal_mnist
+
+    source = animal_mnist(32, split)
+    v = moving_animal_mnist(len(source), frames, resolution, split, seed=0, source=source)
+    return ArrayDataset(v.clips, v.labels, v.class_names)
+
+
+def load_dataset(name: str, resolution: int, split: str = "all", channels: int = 1, frames: int = 8) -> ArrayDataset:
+    """``animal_mnist`` | ``digits`` | ``moving_animal_mnist`` (clips of ``frames`` frames) | an image folder."""
+    if name in ("animal_mnist", "digits", "moving_animal_mnist") and channels != 1:
         raise DataError(f"data.channels={channels}: {name} is grayscale (1 channel); set data.channels=1 or use an "
                         f"image folder with colour images")
     if name == "animal_mnist":
         return animal_mnist(resolution, split)
     if name == "digits":
         return digits(resolution, split)
+    if name == "moving_animal_mnist":
+        if frames < 2:
+            raise DataError(f"data.frames={frames}: a clip needs at least 2 frames")
+        return moving_clips(resolution, split, frames)
     if os.path.sep in name or Path(name).exists():
         return image_folder(name, resolution, channels)
-    raise DataError(f"unknown dataset {name!r}: use animal_mnist, digits or a path to an image folder")
+    raise DataError(f"unknown dataset {name!r}: use animal_mnist, digits, moving_animal_mnist or a path to an image "
+                    f"folder")

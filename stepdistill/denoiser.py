@@ -11,6 +11,7 @@ Supported backbones (``backbone_kind``):
 * ``pixart``       diffusers ``Transformer2DModel``     (PixArt-style, text cross-attention)
 * ``sd3``          diffusers ``SD3Transformer2DModel``  (text + pooled text, flow matching)
 * ``flux``         diffusers ``FluxTransformer2DModel`` (packed latents, flow matching)
+* ``wan``          diffusers ``WanTransformer3DModel``  (video: samples (B, C, F, H, W), text, flow matching)
 * ``custom``       any ``nn.Module`` with the signature
 
       ``forward(x_t: (B, C, H, W), t: (B,) float, cond: None | (B,) long | (B, L, D) float) -> (B, C, H, W)``
@@ -43,6 +44,7 @@ BACKBONE_KINDS = {
     "PixArtTransformer2DModel": "pixart",
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
+    "WanTransformer3DModel": "wan",
 }
 
 
@@ -54,7 +56,7 @@ def backbone_kind(module: nn.Module) -> str:
     return next((BACKBONE_KINDS[c.__name__] for c in type(module).__mro__ if c.__name__ in BACKBONE_KINDS), "custom")
 
 
-TRANSFORMER_KINDS = ("dit", "pixart", "sd3", "flux")
+TRANSFORMER_KINDS = ("dit", "pixart", "sd3", "flux", "wan")
 
 
 def component_name(backbone: nn.Module) -> str:
@@ -71,19 +73,22 @@ def component_name(backbone: nn.Module) -> str:
 MAX_SAMPLE_ELEMENTS = 4096 * 4096 * 4
 
 
-def check_sample_shape(shape: tuple[int, int, int], where: str = "the model") -> None:
-    """:class:`~stepdistill.errors.ModelLoadError` for a sample shape no one means (see MAX_SAMPLE_ELEMENTS)."""
+def check_sample_shape(shape: tuple[int, ...], where: str = "the model") -> None:
+    """:class:`~stepdistill.errors.ModelLoadError` for a sample shape no one means (see MAX_SAMPLE_ELEMENTS);
+    ``shape`` is (C, H, W) or, for video, (C, F, H, W)."""
+    import math
+
     from .errors import ModelLoadError
 
-    c, h, w = shape
-    if c * h * w > MAX_SAMPLE_ELEMENTS or min(shape) < 1:
-        raise ModelLoadError(f"{where} samples {c}x{h}x{w} tensors (its config's sample_size is {h}): too large to "
-                             f"draw; check sample_size in its config.json")
+    if math.prod(shape) > MAX_SAMPLE_ELEMENTS or min(shape) < 1:
+        raise ModelLoadError(f"{where} samples {'x'.join(map(str, shape))} tensors (its config's sample_size is "
+                             f"{shape[-1]}): too large to draw; check sample_size in its config.json")
 
 
-def sample_shape(backbone: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) of one sample ``backbone`` denoises: from a diffusers config (``in_channels``, ``sample_size``),
-    or a custom module's own ``sample_shape`` attribute. The one place pipelines, samplers and exporters read
+def sample_shape(backbone: nn.Module) -> tuple[int, ...]:
+    """(C, H, W) of one sample ``backbone`` denoises ((C, F, H, W) for video): from a diffusers config
+    (``in_channels``, ``sample_size``), or the module's own ``sample_shape`` attribute (custom modules; video
+    transformers, whose config has no sample size, get it from ``stepdistill.json`` when loaded). The one place pipelines, samplers and exporters read
     the noise shape from."""
     c = getattr(backbone, "config", None)
     if c is not None and hasattr(c, "in_channels") and hasattr(c, "sample_size"):
@@ -139,6 +144,8 @@ class Denoiser(nn.Module):
         if getattr(b, "bottleneck", None) is not None:
             return b.bottleneck
         blocks = getattr(b, "transformer_blocks", None)
+        if blocks is None and self.kind == "wan":
+            blocks = b.blocks
         if blocks is not None and len(blocks) > 0:
             return blocks[len(blocks) // 2]
         return None
@@ -149,22 +156,26 @@ class Denoiser(nn.Module):
             out = output[-1] if self.kind in ("sd3", "flux") else output[0]
         else:
             out = output
-        if self.kind in ("dit", "pixart", "sd3", "flux") and out.ndim == 3:  # tokens (B, N, D) -> (B, D, h, w)
+        if self.kind == "wan" and out.ndim == 3:  # video tokens (B, F'h'w', D) -> (B, D, F'h', w')
+            B, N, D = out.shape
+            w = self.sample_shape[-1] // self.backbone.config.patch_size[2]
+            out = out.transpose(1, 2).reshape(B, D, N // w, w)
+        elif self.kind in ("dit", "pixart", "sd3", "flux") and out.ndim == 3:  # tokens (B, N, D) -> (B, D, h, w)
             B, N, D = out.shape
             h = int(round(N ** 0.5))
             out = out.transpose(1, 2).reshape(B, D, h, N // h)
         self._feats = out
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one sample the backbone denoises (:func:`sample_shape`)."""
+    def sample_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one sample the backbone denoises ((C, F, H, W) for video; :func:`sample_shape`)."""
         return sample_shape(self.backbone)
 
     @property
     def text_dim(self) -> int | None:
         """Width D of the text embeddings (B, L, D) a text-conditional backbone takes; None for others."""
         c = getattr(self.backbone, "config", None)
-        return next((int(v) for k in ("cross_attention_dim", "joint_attention_dim", "caption_channels")
+        return next((int(v) for k in ("cross_attention_dim", "joint_attention_dim", "caption_channels", "text_dim")
                      if (v := getattr(c, k, None))), None)
 
     @property
@@ -175,7 +186,7 @@ class Denoiser(nn.Module):
         b = self.backbone
         if self.kind in ("unet2d", "unet2d_cond"):
             return b.config.block_out_channels[-1]
-        if self.kind in ("dit", "pixart", "sd3", "flux"):
+        if self.kind in ("dit", "pixart", "sd3", "flux", "wan"):
             return b.config.num_attention_heads * b.config.attention_head_dim
         if not hasattr(b, "bottleneck_channels"):
             raise ValueError("a custom backbone with a bottleneck must also set bottleneck_channels (its channel count)")
@@ -223,6 +234,8 @@ class Denoiser(nn.Module):
                      timestep=tm).sample
         if k == "flux":
             return _flux_call(b, x_t, tm, cond)
+        if k == "wan":  # (B, C, F, H, W); Wan's pipelines feed the flow sigma * 1000 as the timestep
+            return b(hidden_states=x_t, timestep=tm, encoder_hidden_states=cond).sample
         return b(x_t, tm, cond)
 
     def _uncond_like(self, cond, batch: int):

@@ -154,7 +154,12 @@ def load_backbone(path_or_id: str | Path, allow_pickle: bool = False, subfolder:
                 f"{folder}: model class {cls_name!r} is not supported; supported: {', '.join(BACKBONE_KINDS)}")
         safe = _check_weights(folder, allow_pickle)
         cls = getattr(diffusers, cls_name)
-        return cls.from_pretrained(folder, use_safetensors=safe), folder
+        model = cls.from_pretrained(folder, use_safetensors=safe)
+        if BACKBONE_KINDS[cls_name] == "wan":  # a video clip's shape is not in Wan's config
+            from .video_models import attach_sample_shape
+
+            attach_sample_shape(model, folder)
+        return model, folder
     raise ModelLoadError(f"{path_or_id}: no such folder (and not a hub id of the form owner/name); "
                          f"{missing_folder_hint(path_or_id)}")
 

@@ -25,7 +25,11 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def make_grid(x: torch.Tensor, nrow: int, scale: int = 1, pad: int = 1) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (rows*H, nrow*W, 3) uint8 image, ``scale``x nearest upsampled."""
+    """(N, C, H, W) in [-1, 1] -> (rows*H, nrow*W, 3) uint8 image, ``scale``x nearest upsampled. Video clips
+    (N, C, F, H, W) become a frame strip: one clip per row, its F frames left to right (``nrow`` is ignored)."""
+    if x.ndim == 5:
+        n, c, f, h, w = x.shape
+        x, nrow = x.permute(0, 2, 1, 3, 4).reshape(n * f, c, h, w), f
     imgs = to_uint8(x)
     if imgs.shape[-1] not in (1, 3):  # latents (SD3: 16 channels): preview the first 3 channels (1 if only 2)
         imgs = imgs[..., :3] if imgs.shape[-1] > 3 else imgs[..., :1]

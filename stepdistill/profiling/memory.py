@@ -76,7 +76,7 @@ def measure_in_process(config: str | None, overrides: list[str], steps: int) -> 
                       + [f"train.max_steps={steps}"])
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
+    data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels, cfg.data.frames)
     # warm-up: loading a model the first time imports most of diffusers (~300 MB of RSS for a 4 MB model);
     # load the teacher once and drop it, so the baseline holds the libraries and the data but no model
     warm, _ = load_denoiser(cfg.dmd.teacher, allow_pickle=cfg.dmd.allow_pickle)

@@ -56,7 +56,7 @@ class DiffusionObjective(ObjectiveBase):
             labels = self.conds.grid(n, device)
         else:
             labels = class_balanced_labels(n, self.num_classes).to(device)
-        sched = make_scheduler("ddim", self.scheduler_config)
+        sched = make_scheduler("flow_euler" if self.den.schedule.kind == "flow" else "ddim", self.scheduler_config)
         return scheduler_sample(den, sched, labels, self.sample_steps, self.guidance_scale, noise)
 
     def _shape(self):

@@ -38,7 +38,7 @@ def prepare(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMeta
                           "from, or set dmd.allow_student_teacher=true if you mean it")
     data_given = data is not None
     if data is None and meta.conditioning != "text":
-        data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
+        data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels, cfg.data.frames)
     num_classes = len(meta.class_names) if meta.conditioning == "class" else 0
     if num_classes and data.num_classes != num_classes:
         raise ConfigError(
@@ -54,7 +54,7 @@ def prepare(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMeta
         if text_bank is None:  # from the config: the teacher's caption set + bank-aligned real data
             text_bank, data = text_distill_setup(cfg, meta, data if data_given else None)
         elif data is None:
-            data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
+            data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels, cfg.data.frames)
         conds = text_bank
         if teacher.null_cond is None:
             teacher.null_cond = text_bank.null_cond
@@ -110,10 +110,10 @@ def text_distill_setup(cfg, meta, data=None):
                           "set dmd.gan=false (or text.prompts='' for the teacher's caption set)")
     bank, vae, names, templates = teacher_text_bank(cfg, meta)
     if data is None and cfg.text.prompts:
-        data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
+        data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels, cfg.data.frames)
         data = ArrayDataset(data.images, torch.zeros_like(data.labels), list(data.class_names))
     elif data is None:
-        raw = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
+        raw = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels, cfg.data.frames)
         if list(raw.class_names) != list(names):
             raise ConfigError(f"data.name: {cfg.data.name} has classes {raw.class_names}, the teacher's captions "
                               f"name {names}")

@@ -26,15 +26,24 @@ TEACHER_PIPELINE = "StepDistillTeacherPipeline"
 
 
 def train_teacher(cfg: TeacherConfig, resume: bool | str = False, accelerator=None, overwrite: bool = False) -> Path:
-    data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels)
+    data = load_dataset(cfg.data.name, cfg.data.resolution, cfg.data.split, cfg.data.channels, cfg.data.frames)
     if cfg.finetune.init or cfg.finetune.classes or cfg.finetune.transform != "none":
         from .teacher_finetune import restrict
 
         data = restrict(data, cfg.finetune.classes, cfg.finetune.transform)
     if cfg.finetune.init:
         return _finetune(cfg, data, resume, accelerator, overwrite)
-    scheduler = build_scheduler(cfg.model)
-    schedule = VPSchedule(scheduler.alphas_cumprod.clone(), dict(scheduler.config))
+    video = cfg.model.family == "wan"
+    if video:  # a video transformer trained with flow matching (stepdistill/video_models.py)
+        from ..schedules import FlowMatchSchedule
+        from ..video_models import video_scheduler
+
+        scheduler = video_scheduler(cfg.model)
+        schedule = FlowMatchSchedule.from_scheduler_config(dict(scheduler.config))
+    else:
+        scheduler = build_scheduler(cfg.model)
+        schedule = VPSchedule(scheduler.alphas_cumprod.clone(), dict(scheduler.config))
+    prediction_type = "flow_prediction" if video else cfg.model.prediction_type
     text = cfg.model.conditioning == "text"
     with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed alone
         torch.manual_seed(cfg.train.seed)
@@ -45,8 +54,13 @@ def train_teacher(cfg: TeacherConfig, resume: bool | str = False, accelerator=No
             templates = list(cfg.text.templates or CAPTION_TEMPLATES)
             encoder = PromptEncoder.load(cfg.text.encoder, cfg.text.max_length or 16)
             bank = caption_bank(encoder, list(data.class_names), templates)       # (C*T, L, D), null = ""
-            unet = build_text_unet(cfg.model, encoder.dim, data.channels, data.resolution)
-            den = Denoiser(unet, schedule, cfg.model.prediction_type, null_cond=bank.null_cond)
+            if video:
+                from ..video_models import build_video_transformer
+
+                unet = build_video_transformer(cfg.model, encoder.dim, data.channels, data.frames, data.resolution)
+            else:
+                unet = build_text_unet(cfg.model, encoder.dim, data.channels, data.resolution)
+            den = Denoiser(unet, schedule, prediction_type, null_cond=bank.null_cond)
             obj = DiffusionObjective(den, dict(scheduler.config), 0, cfg.optim, cfg.cfg_dropout, cfg.sample_steps,
                                      cfg.guidance_scale, conds=CaptionConditioner(bank, len(templates)))
         else:
@@ -67,9 +81,13 @@ def train_teacher(cfg: TeacherConfig, resume: bool | str = False, accelerator=No
 
                 extra["text"] = {"class_names": list(data.class_names), "templates": templates,
                                  "source_encoder": cfg.text.encoder}
-                meta = ModelMeta(prediction_type=cfg.model.prediction_type, conditioning="text", class_names=[],
-                                 extra=extra)
-                save_text_folder(tmp, trainer.ema["model"], scheduler, meta, TEXT_TEACHER_PIPELINE, encoder)
+                if video:
+                    from ..video_models import VIDEO_TEACHER_PIPELINE
+
+                    extra["sample_shape"] = list(den.sample_shape)                  # (C, F, H, W)
+                meta = ModelMeta(prediction_type=prediction_type, conditioning="text", class_names=[], extra=extra)
+                save_text_folder(tmp, trainer.ema["model"], scheduler, meta,
+                                 VIDEO_TEACHER_PIPELINE if video else TEXT_TEACHER_PIPELINE, encoder)
             else:
                 meta = ModelMeta(prediction_type=cfg.model.prediction_type, conditioning="class",
                                  class_names=list(data.class_names), null_class=data.num_classes, extra=extra)
