@@ -108,6 +108,7 @@ class TrainConfig:
     guard_every: int = 0           # collapse / over-saturation guard every N steps (0 = off; trainers/guards.py)
     guard_min_diversity: float = 0.05   # trip when same-condition sample diversity (x data std) falls below
     guard_max_saturation: float = 0.5   # trip when the fraction of pixels with |x| > 0.98 exceeds
+    guard_max_collapsed: float = 0.25  # video: trip when more of the grid's clips are static or solid-colour
     guard_action: str = "warn"     # warn | stop (stop: checkpoint, then raise CollapseError)
     nonfinite_tolerance: float = 1e-3  # stop when a step's NaN/inf score fraction (*_nonfinite_frac) exceeds it
     fsdp: bool = False             # shard players + EMA over the processes (FSDP2; trainers/fsdp.py)
@@ -585,6 +586,7 @@ def validate(cfg) -> None:
         check(tr.guard_every >= 0, "train.guard_every", "must be >= 0 (0 = off)")
         check(tr.guard_min_diversity >= 0, "train.guard_min_diversity", "must be >= 0")
         check(0.0 <= tr.guard_max_saturation <= 1.0, "train.guard_max_saturation", "must be in [0, 1]")
+        check(0.0 <= tr.guard_max_collapsed <= 1.0, "train.guard_max_collapsed", "must be in [0, 1]")
         check(tr.guard_action in ("warn", "stop"), "train.guard_action", "must be warn | stop")
         check(tr.report_to in REPORT_TO, "train.report_to", f"must be {' | '.join(REPORT_TO)}, got {tr.report_to!r}")
         check(tr.attention in ATTENTION, "train.attention", f"must be {' | '.join(ATTENTION)}, got {tr.attention!r}")

@@ -23,6 +23,9 @@ def make_scheduler(name: str, config: dict):
         from ..errors import ConfigError
 
         raise ConfigError(f"unknown sampler / --scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
+    if "FlowMatch" in str(config.get("_class_name", "")) or config.get("kind") == "flow":
+        # a flow-matching model (SD3, Flux, Wan): the VP samplers' formulas do not apply; its Euler ODE sampler does
+        name = "flow_euler"
     cls = getattr(diffusers, SCHEDULERS[name])
     extra = {"timestep_spacing": "trailing"} if name in ("ddim", "euler", "dpm++") else {}
     if name == "dpm++":

@@ -185,11 +185,18 @@ def load_text_pipeline(path: str | Path, allow_pickle: bool = False):
     sched_cfg = load_scheduler_config(path, None)
     sched_cls = getattr(diffusers, sched_cfg.get("_class_name", "DDPMScheduler"), diffusers.DDPMScheduler)
     scheduler = sched_cls.from_config(sched_cfg)
-    kw = dict(unet=den.backbone, scheduler=scheduler, text_encoder=encoder.text_encoder, tokenizer=encoder.tokenizer,
+    kw = dict(scheduler=scheduler, text_encoder=encoder.text_encoder, tokenizer=encoder.tokenizer,
               vae=vae, max_length=encoder.max_length, prediction_type=meta.prediction_type)
-    if meta.student_timesteps:
-        pipe = StepDistillTextPipeline(student_timesteps=meta.student_timesteps, **kw)
+    if den.kind == "wan":  # text-to-video (pipelines/video.py)
+        from .video import StepDistillVideoPipeline, StepDistillVideoTeacherPipeline
+
+        student_cls, teacher_cls, kw["transformer"] = StepDistillVideoPipeline, StepDistillVideoTeacherPipeline, \
+            den.backbone
     else:
-        pipe = StepDistillTextTeacherPipeline(**kw)
+        student_cls, teacher_cls, kw["unet"] = StepDistillTextPipeline, StepDistillTextTeacherPipeline, den.backbone
+    if meta.student_timesteps:
+        pipe = student_cls(student_timesteps=meta.student_timesteps, **kw)
+    else:
+        pipe = teacher_cls(**kw)
     pipe.meta = meta
     return pipe

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from ..config import DistillConfig
-from ..denoiser import component_name
+from ..denoiser import backbone_kind, component_name, sample_shape
 from ..models import ModelMeta, load_scheduler_config, save_model_folder
 
 STUDENT_PIPELINE = "StepDistillPipeline"
@@ -147,8 +147,14 @@ def save_text_student(out: Path, backbone, scheduler, smeta, teacher_src: str, t
     encoder, vae = load_text_components(teacher_src, teacher_meta)
     smeta.extra = {**(smeta.extra or {}), "text": text_meta(teacher_meta)}
     cls = SD_PIPELINE if is_sd_family(encoder.text_encoder, vae) else TEXT_PIPELINE
+    flow_cls = TEXT_PIPELINE
+    if backbone_kind(backbone) == "wan":  # a video student: its clip shape (not in Wan's config) and video pipeline
+        from ..video_models import VIDEO_PIPELINE
+
+        smeta.extra["sample_shape"] = list(sample_shape(backbone))
+        flow_cls = VIDEO_PIPELINE
     if "FlowMatch" in type(scheduler).__name__:  # flow teachers keep the stochastic flow scheduler (see above)
-        return save_text_folder(out, backbone, scheduler, smeta, (parts and parts.pipeline) or TEXT_PIPELINE, encoder,
+        return save_text_folder(out, backbone, scheduler, smeta, (parts and parts.pipeline) or flow_cls, encoder,
                                 vae=vae, parts=parts and parts.networks, index_extra=index_extra)
     T = scheduler.config.num_train_timesteps
     keep = set(inspect.signature(LCMScheduler.__init__).parameters)  # DDPM-only keys (variance_type) dropped

@@ -18,6 +18,10 @@ asks the objective for ``guard_stats(ema) -> dict`` (DMD / DMD2 implement it; an
   logged next to it: binary data sets (Animal-MNIST silhouettes) are saturated by nature, so set the
   threshold above that value.
 
+* **video collapse** (samples (B, C, F, H, W)): the fraction of the grid's clips that are static (no change
+  between frames) or solid-colour (:func:`stepdistill.eval.video.collapse_flags`), the video distillers' most
+  reported failures. Trips above ``train.guard_max_collapsed``.
+
 Stats go to ``guards.jsonl`` (one row per check) and into the step's ``log.jsonl`` row
 (``guard_diversity``, ``guard_saturation``). When a threshold is crossed the sample grid is saved
 as ``samples/guard_step_N.png`` and ``train.guard_action`` decides: ``warn`` prints the reason to
@@ -107,6 +111,12 @@ def run_guards(trainer) -> dict:
     if not stats:
         return {}
     samples = stats.pop("samples", None)
+    if samples is not None and samples.ndim == 5:  # video: static / solid-colour clips
+        from ..video_stats import collapse_flags
+
+        flags = collapse_flags(samples)
+        stats.update(static_frac=flags["static_frac"], solid_frac=flags["solid_frac"],
+                     collapsed_frac=flags["collapsed_frac"])
     if not hasattr(trainer, "_guard_data_stats"):
         trainer._guard_data_stats = data_stats(trainer.data)
     step = trainer.step
@@ -117,6 +127,10 @@ def run_guards(trainer) -> dict:
     if sat > tc.guard_max_saturation:
         tripped.append(f"saturation {sat:.4f} > train.guard_max_saturation={tc.guard_max_saturation} "
                        f"(data: {trainer._guard_data_stats.get('data_saturation', float('nan')):.4f})")
+    collapsed = float(stats.get("collapsed_frac", 0.0))
+    if collapsed > tc.guard_max_collapsed:
+        tripped.append(f"collapsed clips {collapsed:.4f} > train.guard_max_collapsed={tc.guard_max_collapsed} "
+                       f"(static {stats['static_frac']:.2f}, solid colour {stats['solid_frac']:.2f})")
     row = {"step": step, **{k: round(float(v), 6) for k, v in stats.items()},
            **{k: round(v, 6) for k, v in trainer._guard_data_stats.items()}, "tripped": tripped}
     grid = None
