@@ -66,6 +66,7 @@ BUILTIN = {
     "uni_instruct": "stepdistill.trainers.score_implicit:UNI_INSTRUCT_METHOD",
     "boot": "stepdistill.trainers.boot:METHOD",
     "kd": "stepdistill.trainers.kd:METHOD",
+    "self_forcing": "stepdistill.trainers.causal:METHOD",
 }
 _REGISTERED: dict[str, Method] = {}
 

@@ -92,8 +92,12 @@ def teacher_ode_pairs(teacher: Denoiser, dmd_cfg, num_classes: int, shape: tuple
     k = len(conds) if text else max(num_classes, 1)
 
     def build():
-        sched_cfg = dict(teacher.schedule.config) if hasattr(teacher.schedule, "config") else {}
-        sched_cfg.setdefault("prediction_type", teacher.prediction_type)
+        if teacher.schedule.kind == "flow":  # flow teachers: their Euler ODE sampler (make_scheduler)
+            sched_cfg = {k: v for k, v in teacher.schedule.to_config().items() if k != "kind"}
+            sched_cfg["_class_name"] = "FlowMatchEulerDiscreteScheduler"
+        else:
+            sched_cfg = dict(teacher.schedule.config) if hasattr(teacher.schedule, "config") else {}
+            sched_cfg.setdefault("prediction_type", teacher.prediction_type)
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn(n, *shape, generator=g)
         labels = torch.randint(0, k, (n,), generator=g)

@@ -170,3 +170,108 @@ def test_temporal_metrics_on_known_motion():
     # two paths: (k, k) and (0, -k) for k = 0..3, RMS distance over the 4 frames x 2 coords
     want = ((torch.tensor([0, 1, 2, 3.]) ** 2 + torch.tensor([0, 2, 4, 6.]) ** 2).sum() / 4) ** 0.5
     assert motion_diversity(both) == pytest.approx(float(want), rel=0.05)
+
+
+# -- causal and streaming students ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def causal_student(video_teacher, tmp_path_factory):
+    from stepdistill.frontends.cli import main
+
+    out = tmp_path_factory.mktemp("causal_student") / "run"
+    extra = {"dmd.teacher": video_teacher, "data.resolution": 8, "data.frames": 4, "train.max_steps": 2,
+             "train.batch_size": 2, "train.sample_every": 2, "train.checkpoint_every": 2, "train.guard_every": 2,
+             "train.cpu": "true", "dmd.critic_updates": 1, "dmd.regression_warmup_steps": 1,
+             "dmd.regression_pairs": 4, "dmd.regression_steps": 2}
+    assert main(_argv("distill", "configs/self_forcing_video_animal_mnist.yaml", out, **extra)) == 0
+    return out / "student"
+
+
+def _tiny_den(video_teacher):
+    from stepdistill.models import load_denoiser
+
+    den, _ = load_denoiser(video_teacher)
+    return den
+
+
+def test_per_frame_timesteps_equal_the_clip_timestep(video_teacher):
+    from stepdistill.streaming import frame_x0
+
+    den = _tiny_den(video_teacher)
+    g = torch.Generator().manual_seed(1)
+    x, cond = torch.randn(2, 1, 4, 8, 8, generator=g), torch.randn(2, 16, den.text_dim, generator=g)
+    t = torch.tensor([800.0, 200.0])
+    torch.testing.assert_close(frame_x0(den, x, t[:, None].expand(2, 4), cond), den(x, t, cond), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode,reach", [("chunked", 1), ("pipelined", 2)])
+def test_a_chunk_does_not_depend_on_later_chunks(video_teacher, mode, reach):
+    """Chunked: chunk k's frames are a function of the noise of chunks <= k. Pipelined (a 2-step buffer): of chunks
+    < k + 2, the chunks sharing its buffer. Checked by changing the noise of one chunk j at a time: chunks k with
+    k + reach <= j stay bit-identical."""
+    from stepdistill.streaming import generate_clip
+
+    den = _tiny_den(video_teacher)
+    g = torch.Generator().manual_seed(2)
+    cond = torch.randn(1, 16, den.text_dim, generator=g)
+    base = torch.randn(1, 1, 8, 8, 8, generator=g)                      # 4 chunks of 2 frames
+
+    def run(noise):
+        r = torch.Generator().manual_seed(3)
+        return generate_clip(den, noise, cond, [999.0, 500.0], 2, mode, randn=lambda s: torch.randn(s, generator=r))
+
+    ref = run(base)
+    for j in range(4):
+        changed = base.clone()
+        changed[:, :, 2 * j:2 * j + 2] = torch.randn(1, 1, 2, 8, 8, generator=g)
+        out = run(changed)
+        for k in range(4):
+            diff = (out[:, :, 2 * k:2 * k + 2] - ref[:, :, 2 * k:2 * k + 2]).abs().max().item()
+            if k + reach <= j:
+                assert diff == 0.0, (mode, j, k)            # chunks that never share a window with chunk j: untouched
+            elif k == j:
+                assert diff > 1e-4, (mode, j, k)            # the chunk itself: moved (the check can fail)
+
+
+def test_streamed_frames_equal_the_clip(causal_student):
+    """The causal student's frames() yields each chunk as soon as it is final, and the streamed frames are the
+    clip __call__ gives for the same generator; a stream can also run past the trained clip length."""
+    from stepdistill.pipelines.text import load_text_pipeline
+
+    pipe = load_text_pipeline(causal_student)
+    assert pipe.causal == {"chunk_frames": 2, "mode": "chunked", "context_frames": 0}
+    emb = pipe.encode_prompt(["a cat", "a dog"])
+    clip = pipe(prompt_embeds=emb, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    calls = []
+    handle = pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
+    stream = pipe.frames(prompt_embeds=emb, generator=torch.Generator().manual_seed(0))
+    first = next(stream)
+    assert len(calls) == 2            # the first chunk's two steps, nothing of later chunks yet
+    frames = [first, *stream]
+    handle.remove()
+    torch.testing.assert_close(torch.stack(frames, 2), clip)
+    long = list(pipe.frames(prompt_embeds=emb[:1], num_frames=10, seed=0))
+    assert len(long) == 10 and all(f.shape == (1, 1, 8, 8) for f in long)
+    meta = json.loads((causal_student / "stepdistill.json").read_text())
+    assert meta["method"] == "self_forcing" and meta["extra"]["causal"]["chunk_frames"] == 2
+
+
+def test_causal_settings_fail_with_their_key(video_teacher, tmp_path, capsys):
+    from stepdistill.frontends.cli import main
+
+    for extra, key in (({"causal.chunk_frames": 3}, "causal.chunk_frames"),
+                       ({"causal.mode": "rolling"}, "causal.mode")):
+        argv = _argv("distill", "configs/self_forcing_video_animal_mnist.yaml", tmp_path / "bad",
+                     **{"dmd.teacher": video_teacher, "data.resolution": 8, "data.frames": 4, **extra})
+        assert main(argv) != 0
+        assert f"error: {key}:" in capsys.readouterr().err
+
+
+def test_spatio_temporal_pixel_discriminator():
+    from stepdistill.trainers.pixel_gan import PixelDiscriminator
+
+    d = PixelDiscriminator(1, 8, num_classes=3, video=True)
+    x = torch.randn(2, 1, 4, 8, 8, requires_grad=True)
+    out = d(x, torch.tensor([0, 2]))
+    assert out.shape == (2,)
+    out.sum().backward()
+    assert x.grad[:, :, 0].abs().sum() > 0 and x.grad[:, :, 3].abs().sum() > 0   # every frame is seen

@@ -194,6 +194,8 @@ def load_text_pipeline(path: str | Path, allow_pickle: bool = False):
             den.backbone
     else:
         student_cls, teacher_cls, kw["unet"] = StepDistillTextPipeline, StepDistillTextTeacherPipeline, den.backbone
+    if (meta.extra or {}).get("causal"):  # a causal / streaming video student (trainers/causal.py)
+        kw["causal"] = dict(meta.extra["causal"])
     if meta.student_timesteps:
         pipe = student_cls(student_timesteps=meta.student_timesteps, **kw)
     else:

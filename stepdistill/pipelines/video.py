@@ -49,13 +49,67 @@ class StepDistillVideoTeacherPipeline(_VideoMixin, StepDistillTextTeacherPipelin
 
 
 class StepDistillVideoPipeline(_VideoMixin, StepDistillTextPipeline):
-    """One-/few-step sampling of a distilled text-to-video student."""
+    """One-/few-step sampling of a distilled text-to-video student. ``causal`` (a Self-Forcing / streaming student,
+    ``trainers/causal.py``: ``{"chunk_frames", "mode", "context_frames"}``) makes sampling the chunk-by-chunk
+    rollout of :mod:`stepdistill.streaming`, and :meth:`frames` then yields each chunk's frames as soon as they
+    are final, for as many frames as asked (the context window stays at the trained clip length)."""
 
     def __init__(self, transformer, scheduler, text_encoder=None, tokenizer=None, vae=None,
                  student_timesteps: list[float] | None = None, max_length: int | None = None,
-                 prediction_type: str | None = None):
+                 prediction_type: str | None = None, causal: dict | None = None):
         super(StepDistillTextPipeline, self).__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
                               tokenizer=tokenizer, vae=vae)
         self.register_to_config(student_timesteps=list(student_timesteps or [999.0]), max_length=max_length,
-                                prediction_type=prediction_type or scheduler.config.prediction_type)
+                                prediction_type=prediction_type or scheduler.config.prediction_type,
+                                causal=dict(causal) if causal else None)
+
+    @property
+    def causal(self) -> dict | None:
+        return self.config.causal
+
+    def _rollout(self, noise, cond, steps, generator, context: int | None = None):
+        from ..streaming import rollout
+
+        c = self.causal
+        return rollout(self.denoiser(), noise, cond, self.timesteps_for(steps), c["chunk_frames"], c["mode"],
+                       c["context_frames"] if context is None else context,
+                       randn=lambda s: torch.randn(s, generator=generator).to(noise.device))
+
+    @torch.no_grad()
+    def sample(self, noise, cond, num_inference_steps=None, generator=None, first_step=None, hybrid_steps: int = 1):
+        if self.causal is None:
+            return super().sample(noise, cond, num_inference_steps, generator, first_step, hybrid_steps)
+        if first_step is not None:
+            raise ValueError("hybrid sampling (first_step) is not supported for video students")
+        return self.decode(torch.cat([x for _, x in self._rollout(noise, cond, num_inference_steps, generator)], 2))
+
+    @torch.no_grad()
+    def frames(self, prompt=None, num_frames: int | None = None, prompt_embeds=None, num_inference_steps=None,
+               generator: torch.Generator | None = None, seed: int | None = None, **kwargs) -> Iterator[torch.Tensor]:
+        """Yield frames (B, C, H, W) as they are produced. A causal student streams chunk by chunk, ``num_frames``
+        (default: the trained clip length, else a multiple of its chunk) as long as asked; the noise and every
+        re-noising come from ``generator`` in the order ``__call__`` draws them, so the frames of a clip-length
+        stream equal ``__call__``'s clip."""
+        if self.causal is None:
+            yield from super().frames(prompt, prompt_embeds=prompt_embeds, num_inference_steps=num_inference_steps,
+                                      generator=generator, seed=seed, **kwargs)
+            return
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        cond = prompt_embeds.to(self.unet.device) if prompt_embeds is not None else self.encode_prompt(prompt)
+        C, F, H, W = self.unet.sample_shape
+        n = F if num_frames is None else int(num_frames)
+        c = self.causal["chunk_frames"]
+        if n < c or n % c:
+            raise ValueError(f"num_frames must be a multiple of the chunk size {c}, got {n}")
+        noise = torch.randn(cond.shape[0], C, n, H, W, generator=generator).to(self.unet.device)
+        context = self.causal["context_frames"]
+        if n > F:  # a stream past the trained length: the window keeps the trained clip length
+            steps = len(self.timesteps_for(num_inference_steps))
+            live = c * (steps if self.causal["mode"] == "pipelined" else 1)
+            context = min(context or F - live, F - live)
+        for _, x in self._rollout(noise, cond, num_inference_steps, generator, context):
+            x = self.decode(x)
+            for f in range(x.shape[2]):
+                yield x[:, :, f]

@@ -141,7 +141,7 @@ class DMDObjective(ObjectiveBase):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + 1)
                 self.pixel_disc = PixelDiscriminator(self.shape[0], cfg.pixel_gan_width,
-                                                     num_classes=self.conds.num_classes)
+                                                     num_classes=self.conds.num_classes, video=len(self.shape) == 4)
             critic_mod["pixel_disc"] = self.pixel_disc
         self.players = {
             "generator": Player.from_optim(student.backbone, cfg.optim, ema=True),

@@ -23,30 +23,36 @@ import torch.nn as nn
 
 
 class PixelDiscriminator(nn.Module):
-    """Patch discriminator on (B, C, H, W) images in the data range.
+    """Patch discriminator on (B, C, H, W) images in the data range (``video``: on clips (B, C, F, H, W), with 3-D
+    convolutions over (frame, height, width) patches: flicker and jumps between frames are texture it sees).
 
     conv3x3 (C -> w), then ``downs`` x [conv4x4 stride 2, width doubling], LeakyReLU(0.2) after each, then a
     1x1 conv to a logit per patch (receptive field ~ 3 + 6 * (2^downs - 1) pixels: 21 for downs = 2). The
     patch logits are averaged; with ``num_classes > 0`` the projection term (zero-initialised) is added.
     """
 
-    def __init__(self, channels: int, width: int = 32, downs: int = 2, num_classes: int = 0):
+    def __init__(self, channels: int, width: int = 32, downs: int = 2, num_classes: int = 0, video: bool = False):
         super().__init__()
-        layers, c = [nn.Conv2d(channels, width, 3, 1, 1), nn.LeakyReLU(0.2)], width
+        if video:  # spatio-temporal patches of clips (B, C, F, H, W): 3-frame kernels, time kept at full rate
+            first, down, last = (nn.Conv3d(channels, width, 3, 1, 1), lambda c: nn.Conv3d(c, 2 * c, (3, 4, 4), (1, 2, 2),
+                                                                                        1), nn.Conv3d)
+        else:
+            first, down, last = nn.Conv2d(channels, width, 3, 1, 1), lambda c: nn.Conv2d(c, 2 * c, 4, 2, 1), nn.Conv2d
+        layers, c = [first, nn.LeakyReLU(0.2)], width
         for _ in range(downs):
-            layers += [nn.Conv2d(c, 2 * c, 4, 2, 1), nn.LeakyReLU(0.2)]
+            layers += [down(c), nn.LeakyReLU(0.2)]
             c *= 2
         self.body = nn.Sequential(*layers)
-        self.logit = nn.Conv2d(c, 1, 1)
+        self.logit = last(c, 1, 1)
         self.embed = nn.Embedding(num_classes, c) if num_classes > 0 else None
         if self.embed is not None:  # zero: D starts unconditional (an N(0, 1) table gives logits of ~+-50)
             nn.init.zeros_(self.embed.weight)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # -> (B,)
-        h = self.body(x.float())                                  # (B, c, H / 2^downs, W / 2^downs)
+        h = self.body(x.float())                                  # (B, c, [F,] H / 2^downs, W / 2^downs)
         out = self.logit(h).flatten(1).mean(1)                   # (B,) mean patch logit
         if self.embed is not None and labels is not None:  # integer labels (:func:`labels_of`)
-            out = out + (self.embed(labels.long()) * h.mean((2, 3))).sum(1)
+            out = out + (self.embed(labels.long()) * h.mean(tuple(range(2, h.ndim)))).sum(1)
         return out
 
 
