@@ -60,6 +60,22 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int, scale: int = 2) -> P
     return path
 
 
+def save_gif(clips: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 3, fps: int = 4) -> Path:
+    """Clips (N, C, F, H, W) in [-1, 1] -> an animated GIF: frame f shows frame f of every clip in a grid."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = [Image.fromarray(make_grid(clips[:, :, f], nrow, scale)) for f in range(clips.shape[2])]
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.gif")
+    try:
+        frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def _png_tag():
     """PNG metadata that marks a file as written by stepdistill (outputs.is_our_file: replaced without asking)."""
     from PIL.PngImagePlugin import PngInfo

@@ -57,8 +57,12 @@ class TextModel(EvalModel):
         return self.pipe.unet
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        C, s, _ = sample_shape(self.unet)
+    def image_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of an image, (C, F, H, W) of a video clip."""
+        shape = sample_shape(self.unet)
+        if len(shape) == 4:  # video (pixel space)
+            return tuple(shape)
+        C, s, _ = shape
         if self.pipe.vae is not None:
             f = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
             return (int(self.pipe.vae.config.out_channels), s * f, s * f)
@@ -165,6 +169,11 @@ def evaluate_text(m: TextModel, prompts: list[str] | None, num: int, steps: int,
         out.update(guidance_scale=guidance_scale, sampler=m.sampler)
     ds_name, _ = training_dataset(m)
     ref_name = ref or ds_name
+    if x.ndim == 5:  # video clips: per-frame FID, frame classes, temporal consistency, motion, collapse
+        out.update(video_metrics(x, labels, pidx, ref_name or "moving_animal_mnist", ref_split, ref_num))
+        out.update(generate_seconds=gen_s, latency_per_clip_s=gen_s / num,
+                   frames_per_second=num * x.shape[2] / gen_s, device=str(m.device))
+        return out
     if ref_name:
         ref_images, _, cache_key = load_reference(ref_name, m.resolution, m.channels, ref_split, ref_num)
         out["reference"] = reference_info(ref_name, ref_split, m.resolution, ref_images, cache_key)
@@ -181,4 +190,20 @@ def evaluate_text(m: TextModel, prompts: list[str] | None, num: int, steps: int,
     else:
         out.update(clip_score=None, clip_note="pass --clip-model FOLDER (a local CLIP) for the CLIP score")
     out.update(generate_seconds=gen_s, latency_per_image_s=gen_s / num, device=str(m.device))
+    return out
+
+
+def video_metrics(x: torch.Tensor, labels, groups, ref_name: str, ref_split: str, ref_num: int | None) -> dict:
+    """:func:`stepdistill.eval.video.evaluate_clips` against the real clips of ``ref_name``'s ``ref_split`` (the
+    clip shape of ``x``), with the real clips' own temporal values beside them."""
+    from ..data import load_dataset
+    from .video import evaluate_clips, temporal_metrics
+
+    _, _, F, H, _ = x.shape
+    real = load_dataset(ref_name, H, ref_split, x.shape[1], F)
+    clips = real.images if ref_num is None else real.images[:ref_num]
+    key = f"{ref_name}-{H}-{F}f-{ref_split}" + (f"-sub{len(clips)}" if ref_num is not None else "")
+    out = {"reference": {"name": ref_name, "split": ref_split, "clips": len(clips), "frames": F, "resolution": H}}
+    out.update(evaluate_clips(x, labels, clips, key, groups))
+    out["real"] = {k: v for k, v in temporal_metrics(clips, real.labels[:len(clips)]).items()}
     return out
