@@ -197,13 +197,19 @@ def video_metrics(x: torch.Tensor, labels, groups, ref_name: str, ref_split: str
     """:func:`stepdistill.eval.video.evaluate_clips` against the real clips of ``ref_name``'s ``ref_split`` (the
     clip shape of ``x``), with the real clips' own temporal values beside them."""
     from ..data import load_dataset
-    from .video import evaluate_clips, temporal_metrics
+    from .video import FRAME_CLASSIFIER_DIR, evaluate_clips, frame_accuracy, temporal_metrics
 
     _, _, F, H, _ = x.shape
     real = load_dataset(ref_name, H, ref_split, x.shape[1], F)
-    clips = real.images if ref_num is None else real.images[:ref_num]
+    idx = torch.arange(len(real.images))
+    if ref_num is not None:  # a fixed random subset (the split is ordered by class)
+        idx = torch.randperm(len(idx), generator=torch.Generator().manual_seed(0))[:ref_num].sort().values
+    clips, ref_labels = real.images[idx], real.labels[idx]
     key = f"{ref_name}-{H}-{F}f-{ref_split}" + (f"-sub{len(clips)}" if ref_num is not None else "")
     out = {"reference": {"name": ref_name, "split": ref_split, "clips": len(clips), "frames": F, "resolution": H}}
     out.update(evaluate_clips(x, labels, clips, key, groups))
-    out["real"] = {k: v for k, v in temporal_metrics(clips, real.labels[:len(clips)]).items()}
+    real_stats = temporal_metrics(clips, ref_labels)
+    if FRAME_CLASSIFIER_DIR.is_dir():
+        real_stats["frame_class_accuracy"] = frame_accuracy(clips, ref_labels)
+    out["real"] = real_stats
     return out
