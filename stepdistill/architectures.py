@@ -1,5 +1,5 @@
-"""Real-size architectures without weights: the configs of the SD 1.5 and SDXL UNets and the SD3-medium and
-Flux-dev transformers (shipped in ``assets/architectures/``, a few KB each; no hub access needed), built with
+"""Real-size architectures without weights: the configs of the SD 1.5 and SDXL UNets, the SD3-medium and
+Flux-dev transformers and the Wan 2.1 text-to-video transformers (1.3B, 14B) (shipped in ``assets/architectures/``, a few KB each; no hub access needed), built with
 random initialisation on the meta device (parameter counts, the memory planner) or on the CPU (measurements).
 
     den = architecture_denoiser("sd15")                   # meta device: shapes and counts, no memory
@@ -22,6 +22,9 @@ ARCHITECTURES = {
                                 "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"}),
     "sd3": ("sd3_medium_transformer.json", {"kind": "flow", "num_train_timesteps": 1000, "shift": 3.0}),
     "flux": ("flux_dev_transformer.json", {"kind": "flow", "num_train_timesteps": 1000, "shift": 3.0}),
+    # Wan 2.1 text-to-video (Wan Team 2025): 480p sampling uses shift 3, 720p shift 5
+    "wan-1.3b": ("wan21_t2v_1_3b_transformer.json", {"kind": "flow", "num_train_timesteps": 1000, "shift": 3.0}),
+    "wan-14b": ("wan21_t2v_14b_transformer.json", {"kind": "flow", "num_train_timesteps": 1000, "shift": 5.0}),
 }
 
 
@@ -37,10 +40,19 @@ def build_architecture(name: str, device: str | torch.device = "meta", dtype: to
 
     cfg = architecture_config(name)
     cls = getattr(diffusers, cfg["_class_name"])
-    kwargs = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    kwargs = {k: v for k, v in cfg.items() if not k.startswith("_")}  # _class_name, _source: not arguments
     with torch.device(device):
         net = cls.from_config(kwargs)
-    return net.to(dtype) if dtype is not None else net
+    if dtype is None:
+        return net
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # diffusers warns about modules it would keep in float32: a plan holds no values
+    try:
+        return net.to(dtype)
+    finally:
+        dlog.set_verbosity(level)
 
 
 def architecture_denoiser(name: str, device: str | torch.device = "meta", dtype: torch.dtype | None = None):

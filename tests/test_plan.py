@@ -147,3 +147,30 @@ def test_accelerate_launch_configs_parse(name, machines):
     c = load_config_from_file(f"configs/accelerate/{name}")
     assert c.num_machines == machines and c.num_processes == 8 * machines
     assert c.distributed_type.value == "MULTI_GPU" and c.mixed_precision == "no"
+
+
+def test_wan_video_teachers_from_their_configs():
+    """Wan 2.1 1.3B / 14B are built on the meta device from their shipped configs: the parameter counts match the
+    names, and a tiny Wan's meta trace equals the real CPU trace and grows with the clip's latent frames."""
+    import diffusers
+
+    from stepdistill.profiling.plan import latent_frames
+
+    small, big = count_parameters("wan-1.3b")["backbone"], count_parameters("wan-14b")["backbone"]
+    assert 1.3e9 < small < 1.5e9 and 13e9 < big < 15e9
+    assert latent_frames("wan-1.3b", 81) == 21 and latent_frames("sd15", 81) == 0
+
+    def tiny(device):
+        torch.manual_seed(0)
+        with torch.device(device):
+            return diffusers.WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                   out_channels=4, text_dim=16, freq_dim=8, ffn_dim=32, num_layers=2)
+
+    real = trace_activations(_denoiser(tiny("cpu")), 1, 8, 5, fused_attention=False, frames=3)
+    meta = trace_activations(_denoiser(tiny("meta")), 1, 8, 5, frames=3)
+    assert real["bytes"] == meta["bytes"] > 0 and meta["feature_shape"][1] == 3 * 4 * 4   # tokens F' h' w'
+    six = trace_activations(_denoiser(tiny("meta")), 1, 8, 5, frames=6)["bytes"]
+    assert 1.7 * meta["bytes"] < six < 2.6 * meta["bytes"]
+    res = plan(PlanRequest(teacher="wan-1.3b", mode="lora", frames=81, resolution=480, gradient_checkpointing=True),
+               calibration=CAL)
+    assert res["latent_side"] == 60 and res["total_gib"] > 0

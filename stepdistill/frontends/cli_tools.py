@@ -192,7 +192,8 @@ def cmd_plan(a):
 
     if not (math.isfinite(a.gpu_gib) and a.gpu_gib > 0):
         raise ConfigError(f"--gpu-gib must be a finite number of GiB > 0, got {a.gpu_gib}")
-    for flag, v in (("--batch", a.batch), ("--resolution", a.resolution), ("--gpus", getattr(a, "gpus", 1))):
+    for flag, v in (("--batch", a.batch), ("--resolution", a.resolution), ("--gpus", getattr(a, "gpus", 1)),
+                    ("--frames", a.frames)):
         if v is not None and v < 1:
             raise ConfigError(f"{flag} must be >= 1, got {v}")
     if a.fit_grid:
@@ -206,7 +207,7 @@ def cmd_plan(a):
     else:
         res = plan(PlanRequest(teacher=a.teacher, mode=a.mode, gpus=a.gpus, fsdp=a.fsdp,
                                shard_teacher=a.shard_teacher, dtype=a.dtype, batch=a.batch,
-                               resolution=a.resolution, lora_rank=a.lora_rank,
+                               resolution=a.resolution, frames=a.frames, lora_rank=a.lora_rank,
                                gradient_checkpointing=a.gradient_checkpointing, gpu_gib=a.gpu_gib))
         print(format_table(res), file=sys.stderr)
     _emit(res, a.out)
@@ -248,7 +249,8 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("plan", help="per-GPU memory of DMD2 training on a real-size teacher (weights, gradients, "
                                     "optimizer, EMA, critic, activations); JSON on stdout, a table on stderr")
-    p.add_argument("--teacher", default="sd15", help="sd15 | sdxl | sd3 | flux | a diffusers folder (default sd15)")
+    p.add_argument("--teacher", default="sd15", help="sd15 | sdxl | sd3 | flux | wan-1.3b | wan-14b | a diffusers "
+                   "folder (default sd15)")
     p.add_argument("--mode", default="full", choices=["full", "lora"], help="full fine-tuning or LoRA student+critic")
     p.add_argument("--gpus", type=int, default=1, help="GPUs (default 1)")
     p.add_argument("--fsdp", action="store_true", help="shard student, critic, optimizer and EMA over the GPUs (FSDP2)")
@@ -257,6 +259,7 @@ def add_commands(sub) -> None:
                    help="frozen teacher weights and activations (trainable master weights stay fp32)")
     p.add_argument("--batch", type=int, default=1, help="per-GPU micro-batch (default 1)")
     p.add_argument("--resolution", type=int, default=512, help="image side in pixels (default 512)")
+    p.add_argument("--frames", type=int, default=81, help="video teachers: frames per clip (default 81)")
     p.add_argument("--lora-rank", type=int, default=64, help="--mode lora: adapter rank (default 64)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing of the players")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU to fit in (default 80)")

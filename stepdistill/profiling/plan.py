@@ -46,13 +46,23 @@ from ..errors import ConfigError
 CALIBRATION = Path(__file__).resolve().parents[1] / "assets" / "memory_calibration.json"
 GIB = 2**30
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TEXT_TOKENS = {"sd15": 77, "sdxl": 77, "sd3": 333, "flux": 512}   # prompt tokens the family's encoders give
-LATENT_FACTOR = {"sd15": 8, "sdxl": 8, "sd3": 8, "flux": 8}       # VAE downsampling: pixels -> latent side
+TEXT_TOKENS = {"sd15": 77, "sdxl": 77, "sd3": 333, "flux": 512,   # prompt tokens the family's encoders give
+               "wan-1.3b": 512, "wan-14b": 512}                   # (Wan: UMT5, 512)
+LATENT_FACTOR = {"sd15": 8, "sdxl": 8, "sd3": 8, "flux": 8,       # VAE downsampling: pixels -> latent side
+                 "wan-1.3b": 8, "wan-14b": 8}
+TEMPORAL_FACTOR = {"wan-1.3b": 4, "wan-14b": 4}                   # video VAE: frames 1 + 4 k -> latent frames 1 + k
+
+
+def latent_frames(teacher: str, frames: int) -> int:
+    """Latent frames of a ``frames``-frame clip for a video teacher (Wan's causal VAE: 1 + (F - 1) / 4); 0 for
+    image teachers."""
+    f = TEMPORAL_FACTOR.get(teacher)
+    return 0 if f is None else 1 + (max(frames, 1) - 1) // f
 
 
 @dataclass
 class PlanRequest:
-    teacher: str = "sd15"          # sd15 | sdxl | sd3 | flux | a diffusers folder
+    teacher: str = "sd15"          # sd15 | sdxl | sd3 | flux | wan-1.3b | wan-14b | a diffusers folder
     mode: str = "full"             # full | lora
     gpus: int = 1
     fsdp: bool = False
@@ -60,6 +70,7 @@ class PlanRequest:
     dtype: str = "bf16"            # fp32 | bf16: frozen teacher weights and activations
     batch: int = 1                 # per-GPU micro-batch
     resolution: int = 512          # pixels (latent side = resolution / VAE factor)
+    frames: int = 81               # video teachers: frames per clip (Wan's default 81 -> 21 latent frames)
     lora_rank: int = 64
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
     gradient_checkpointing: bool = False
@@ -79,7 +90,7 @@ class PlanRequest:
             raise ConfigError(f"--mode must be full | lora, got {self.mode!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for k in ("gpus", "batch", "resolution"):
+        for k in ("gpus", "batch", "resolution", "frames"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"--{k} must be >= 1, got {getattr(self, k)}")
         if self.mode == "lora" and self.lora_rank < 1:
@@ -133,13 +144,17 @@ def _cast(net: nn.Module, dtype: torch.dtype) -> nn.Module:
         dlog.set_verbosity(level)
 
 
-def example_inputs(den, batch: int, side: int, tokens: int, device="meta", dtype=torch.float32):
-    """(x_t, model timestep, condition) of the right shapes for ``den``'s family (random values)."""
+def example_inputs(den, batch: int, side: int, tokens: int, device="meta", dtype=torch.float32, frames: int = 0):
+    """(x_t, model timestep, condition) of the right shapes for ``den``'s family (random values); ``frames``:
+    latent frames of a video backbone (x_t (B, C, frames, side, side))."""
     b, kind = den.backbone, den.kind
     c = b.config
     opts = {"device": device, "dtype": dtype}
     channels = c.in_channels // 4 if kind == "flux" else c.in_channels
-    x = torch.randn(batch, channels, side, side, **opts)
+    if kind == "wan":
+        x = torch.randn(batch, channels, max(frames, 1), side, side, **opts)
+    else:
+        x = torch.randn(batch, channels, side, side, **opts)
     tm = torch.full((batch,), 500.0, device=device)
     cond = None
     if kind in ("unet2d", "dit") and (getattr(c, "num_class_embeds", None) or getattr(c, "num_embeds_ada_norm", None)):
@@ -153,6 +168,8 @@ def example_inputs(den, batch: int, side: int, tokens: int, device="meta", dtype
             cond = emb
     elif kind == "pixart":
         cond = torch.randn(batch, tokens, c.caption_channels, **opts)
+    elif kind == "wan":
+        cond = torch.randn(batch, tokens, c.text_dim, **opts)
     elif kind in ("sd3", "flux"):
         cond = {"emb": torch.randn(batch, tokens, c.joint_attention_dim, **opts),
                 "pooled": torch.randn(batch, c.pooled_projection_dim, **opts)}
@@ -216,7 +233,7 @@ class _SavedBytes:
 
 def trace_activations(den, batch: int, side: int, tokens: int = 77, dtype=torch.float32,
                       gradient_checkpointing: bool = False, trainable: str = "full",
-                      fused_attention: bool = True) -> dict:
+                      fused_attention: bool = True, frames: int = 0) -> dict:
     """Bytes autograd keeps for one forward of ``den`` (a Denoiser on the meta device, or on the CPU for checks).
 
     ``trainable``: ``full`` (every parameter requires grad), ``lora`` (only LoRA adapters: the frozen base
@@ -238,7 +255,7 @@ def trace_activations(den, batch: int, side: int, tokens: int = 77, dtype=torch.
     if gradient_checkpointing:
         b.enable_gradient_checkpointing(tracer.checkpoint)
     device = params[0].device
-    x, tm, cond = example_inputs(den, batch, side, tokens, device, dtype)
+    x, tm, cond = example_inputs(den, batch, side, tokens, device, dtype, frames)
     if fused_attention:
         F.scaled_dot_product_attention = _fused_attention
     try:
@@ -286,7 +303,7 @@ def _denoiser(net: nn.Module):
 
 @functools.lru_cache(maxsize=64)
 def _measure_architecture(teacher: str, dtype: str, mode: str, rank: int, targets: tuple, ckpt: bool,
-                          resolution: int) -> tuple[int, int, int, int, int]:
+                          resolution: int, frames: int = 0) -> tuple[int, int, int, int, int]:
     """(P, P_l, GAN head params, latent side, traced bytes per sample): everything the plan takes from the
     architecture (cached: the GPU count and sharding do not change it)."""
     dt = DTYPES[dtype]
@@ -296,11 +313,14 @@ def _measure_architecture(teacher: str, dtype: str, mode: str, rank: int, target
     side = resolution // factor
     P = sum(p.numel() for p in net.parameters())
     P_l = _lora_params(net, rank, targets) if mode == "lora" else 0
-    tr = trace_activations(_denoiser(net), 1, side, tokens, dt, ckpt, mode)
+    tr = trace_activations(_denoiser(net), 1, side, tokens, dt, ckpt, mode, frames=latent_frames(teacher, frames))
     fshape = tr["feature_shape"]
     head = 0
     if fshape and len(fshape) == 4:      # (B, C', h, w) feature map
         head = _gan_head_params(fshape[1], fshape[-1])
+    elif fshape and len(fshape) == 3 and type(net).__name__ == "WanTransformer3DModel":
+        # video tokens (B, F'h'w', D): the Denoiser folds them to (B, D, F'h', w'), the head's side is w'
+        head = _gan_head_params(fshape[2], side // net.config.patch_size[2])
     elif fshape and len(fshape) == 3:    # transformer tokens (B, N, D): the Denoiser folds them to (B, D, h, w)
         head = _gan_head_params(fshape[2], int(round(fshape[1] ** 0.5)))
     return P, P_l, head, side, tr["bytes"]
@@ -332,7 +352,7 @@ def plan(req: PlanRequest, calibration: dict | None = None) -> dict:
     wb = torch.finfo(DTYPES[req.dtype]).bits // 8
     P, P_l, head, side, traced = _measure_architecture(req.teacher, req.dtype, req.mode, req.lora_rank,
                                                        tuple(req.lora_targets), req.gradient_checkpointing,
-                                                       req.resolution)
+                                                       req.resolution, req.frames)
     tr = {"bytes": traced}
     n_shard = req.gpus if req.fsdp else 1
     trainable = P if req.mode == "full" else P_l
