@@ -275,3 +275,23 @@ def test_spatio_temporal_pixel_discriminator():
     assert out.shape == (2,)
     out.sum().backward()
     assert x.grad[:, :, 0].abs().sum() > 0 and x.grad[:, :, 3].abs().sum() > 0   # every frame is seen
+
+
+def test_demo_streams_the_causal_students_frames(causal_student):
+    """The demo's video section: one update per frame, in order, each frame the pipeline's own (upscaled)."""
+    import numpy as np
+
+    from stepdistill.frontends.demo import DemoInputError, _to_pil, stream_video
+    from stepdistill.pipelines.text import load_text_pipeline
+
+    updates = list(stream_video(str(causal_student), "a cat", seed=3, num_frames=6))
+    assert [u.index for u in updates] == list(range(6))
+    assert all(b.elapsed_s >= a.elapsed_s for a, b in zip(updates, updates[1:]))
+    want = list(load_text_pipeline(causal_student).frames("a cat", num_frames=6, seed=3))
+    for u, f in zip(updates, want):
+        assert np.array_equal(np.asarray(u.frame), np.asarray(_to_pil(f[:1])[0]))
+    assert updates[-1].strip.size[0] > 5 * updates[-1].frame.size[0]
+    with pytest.raises(DemoInputError, match="multiple of the chunk size 2"):
+        list(stream_video(str(causal_student), "a cat", num_frames=5))
+    with pytest.raises(DemoInputError, match="prompt"):
+        list(stream_video(str(causal_student), "  "))

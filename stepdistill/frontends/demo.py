@@ -639,3 +639,65 @@ def _to_pil(x) -> list:
             img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
         out.append(img)
     return out
+
+
+# -- video: a student's frames as they are produced ----------------------------------------------------------------
+MAX_STREAM_FRAMES = 64
+
+
+@dataclass
+class StreamedFrame:
+    index: int                  # 0-based frame number
+    frame: Any                  # the frame, a PIL image upscaled for display
+    strip: Any                  # every frame so far side by side (PIL)
+    elapsed_s: float            # since the stream started
+    summary: str
+
+
+def stream_video(student_path: str, prompt: str, seed=0, num_frames=None, steps=None):
+    """Yield a :class:`StreamedFrame` for every frame of a video student's clip as soon as the pipeline produces it
+    (``StepDistillVideoPipeline.frames``: a causal / streaming student chunk by chunk, a bidirectional one all at
+    the end). Bad input raises :class:`DemoInputError` with one line."""
+    import time
+
+    import torch
+
+    info = read_model_info(student_path, "video student")
+    if info.conditioning != "text" or not info.max_student_steps:
+        raise DemoInputError(f"{info.path} is not a distilled text-to-video student")
+    pipe = load_student(info)
+    if not hasattr(pipe, "frames") or len(getattr(pipe.unet, "sample_shape", ())) != 4:
+        raise DemoInputError(f"{info.path} is not a video model (its samples are not clips)")
+    if not str(prompt or "").strip():
+        raise DemoInputError("give a prompt, e.g. 'a cat'")
+    seed = _int_in(seed, "seed", 0, MAX_SEED)
+    clip_frames = pipe.unet.sample_shape[1]
+    causal = pipe.causal
+    n = clip_frames if num_frames in (None, "") else _int_in(num_frames, "frames", 1, MAX_STREAM_FRAMES)
+    if causal is None and n != clip_frames:
+        raise DemoInputError(f"this student makes whole clips of {clip_frames} frames; only a causal student streams "
+                             f"other lengths")
+    if causal is not None and n % causal["chunk_frames"]:
+        raise DemoInputError(f"frames must be a multiple of the chunk size {causal['chunk_frames']}, got {n}")
+    k = _int_in(steps if steps not in (None, "") else info.max_student_steps, "student steps", 1,
+                info.max_student_steps)
+    kw = {"num_frames": n} if causal is not None else {}
+    t0, frames = time.perf_counter(), []
+    with torch.no_grad():
+        for i, f in enumerate(pipe.frames(str(prompt), num_inference_steps=k, seed=seed, **kw)):
+            img = _to_pil(f[:1].float().cpu())[0]
+            frames.append(img)
+            elapsed = time.perf_counter() - t0
+            mode = f"{causal['mode']} chunks of {causal['chunk_frames']}" if causal else "whole clip"
+            yield StreamedFrame(i, img, _strip(frames), elapsed,
+                                f"frame {i + 1}/{n} after {elapsed:.2f} s ({mode}, {k} step(s))")
+
+
+def _strip(frames: list):
+    from PIL import Image
+
+    w, h = frames[0].size
+    out = Image.new(frames[0].mode, (w * len(frames) + 2 * (len(frames) - 1), h))
+    for i, f in enumerate(frames):
+        out.paste(f, (i * (w + 2), 0))
+    return out

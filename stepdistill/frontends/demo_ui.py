@@ -11,7 +11,7 @@ from .demo import (ALL_CLASSES, COMPILE, DEFAULT_STUDENT, DEFAULT_TEACHER, DemoI
                     HYBRID_DEFAULTS, HYBRID_HANDOFFS, MAX_BATCH, MAX_GUIDANCE, MAX_HYBRID_SUBSTEPS, MAX_SEED,
                     MAX_TEACHER_STEPS, SAMPLERS, _int_in, hybrid_compatible, hybrid_settings, plan_generation,
                     read_model_info, run_student, student_nfe, student_supports_hybrid,
-                    student_supports_hybrid_chain, teacher_progress)
+                    stream_video, student_supports_hybrid_chain, teacher_progress)
 
 
 def _ui_state(teacher_path: str, student_path: str) -> dict:
@@ -155,6 +155,34 @@ def build_demo(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_
                     gr.update(interactive=s["hybrid_full"], value=HYBRID_DEFAULTS["steps"] if s["hybrid_full"] else 1),
                     gr.update(interactive=s["hybrid_full"],
                               value=HYBRID_DEFAULTS["handoff"] if s["hybrid_full"] else "renoise"))
+
+        with gr.Accordion("Video: stream a clip from a video student", open=False):
+            gr.Markdown("A causal or streaming student (`method: self_forcing`) shows each frame as soon as its chunk "
+                        "is final; a DMD2 video student makes the whole clip at once.")
+            with gr.Row():
+                v_box = gr.Textbox(value="", label="Video student folder", elem_id="video-student",
+                                   placeholder="runs/video/stream/student")
+                v_prompt = gr.Textbox(value="a cat", label="Prompt", elem_id="video-prompt")
+                v_seed = gr.Number(value=0, precision=0, label=f"Seed (0..{MAX_SEED})")
+                v_frames = gr.Number(value=None, precision=0, label="Frames (default: the clip length)")
+            v_go = gr.Button("Stream", elem_id="video-stream")
+            with gr.Row():
+                v_frame = gr.Image(label="Current frame", type="pil", elem_id="video-frame", height=256)
+                v_strip = gr.Image(label="Frames so far", type="pil", elem_id="video-strip")
+            v_txt = gr.Textbox(label="Frames and time", interactive=False, elem_id="video-text")
+
+        def on_stream(path, prompt, seed, frames):
+            yield None, None, "⏳ streaming…"
+            try:
+                for sf in stream_video(path, prompt, seed, frames):
+                    yield sf.frame, sf.strip, sf.summary
+            except DemoInputError as e:
+                print(f"stepdistill demo: rejected input: {e}", file=sys.stderr, flush=True)
+                yield None, None, ""
+                raise gr.Error(str(e), print_exception=False) from None
+
+        v_go.click(on_stream, inputs=[v_box, v_prompt, v_seed, v_frames], outputs=[v_frame, v_strip, v_txt],
+                   api_name="stream_video", concurrency_limit=1)
 
         gr.on([teacher_box.submit, teacher_box.blur, student_box.submit, student_box.blur], on_models,
               inputs=[teacher_box, student_box, class_dd],
