@@ -248,3 +248,24 @@ def test_lora_config_validation(tiny_teacher, tmp_path):
         _cfg(tiny_teacher, tmp_path, **{"dmd.lora_rank": -1})
     with pytest.raises(ValueError, match="match no"):
         build_method(_cfg(tiny_teacher, tmp_path, **{"dmd.lora_targets": "[nonexistent]"}))
+
+
+def test_lora_teacher_regression_pairs_are_the_plain_teachers(tiny_teacher, tmp_path):
+    """With dmd.lora_rank > 0 the teacher is the adapters-off view, which owns no parameters: DMD's ODE pairs take
+    its device and their cache key from the base without its adapters, so a LoRA run and a full run of the same
+    teacher share (and reuse) one set of pairs, and another teacher never matches it."""
+    from stepdistill.models import load_denoiser
+    from stepdistill.pairs import module_device, teacher_ode_pairs, weights_digest
+
+    extra = {"dmd.regression_weight": 0.25, "dmd.regression_pairs": 8, "dmd.regression_steps": 2}
+    obj, _, _ = build_method(_cfg(tiny_teacher, tmp_path / "lora", **extra))
+    plain, _ = load_denoiser(tiny_teacher)
+    assert list(obj.teacher.parameters()) == [] and module_device(obj.teacher) == torch.device("cpu")
+    assert weights_digest(obj.teacher.backbone) == weights_digest(plain.backbone)
+    with torch.no_grad():
+        next(plain.backbone.parameters()).add_(1.0)
+    assert weights_digest(obj.teacher.backbone) != weights_digest(plain.backbone)
+    full, _, _ = build_method(load_config(DistillConfig, None, tiny_distill_overrides(
+        tiny_teacher, tmp_path / "full", **{"train.max_steps": 2, **extra})))
+    for a, b in zip(obj.pairs, full.pairs):
+        assert torch.equal(a, b)
