@@ -137,3 +137,51 @@ def test_demo_in_a_real_browser(browser, app_url, tmp_path):
           "images after the error")
     assert "seed must be in" not in drv.find_element("tag name", "body").text  # the old error toast was closed
     assert len(_images(drv, "student-gallery")) >= BATCH
+
+
+def test_video_section_streams_frames_in_a_real_browser(browser, app_url, tmp_path_factory):
+    """A person opens the video section, names a causal video student, presses Stream and sees the frames arrive:
+    the current frame, the strip of frames so far and the frame count, then the whole stream."""
+    from test_video import TINY, _argv
+
+    from stepdistill.frontends.cli import main
+
+    root = tmp_path_factory.mktemp("browser_video")
+    assert main(_argv("teacher", "configs/teacher_video_animal_mnist.yaml", root / "t", **TINY)) == 0
+    extra = {"dmd.teacher": root / "t" / "model", "data.resolution": 8, "data.frames": 4, "train.max_steps": 1,
+             "train.batch_size": 2, "train.sample_every": 1, "train.checkpoint_every": 1, "train.cpu": "true",
+             "dmd.critic_updates": 1, "dmd.regression_warmup_steps": 0}
+    assert main([str(a) for a in _argv("distill", "configs/self_forcing_video_animal_mnist.yaml", root / "s",
+                                       **extra)]) == 0
+    drv = browser
+    drv.get(app_url)
+    toggle = _wait(lambda: [e for e in drv.find_elements("css selector", "#video-section button, #video-section "
+                                                                             ".label-wrap") if e.is_displayed()],
+                   what="the video section")[0]
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'});", toggle)
+    toggle.click()
+    box = _wait(lambda: [e for e in drv.find_elements("css selector", "#video-student textarea, #video-student input")
+                         if e.is_displayed()], 30, "the video student box")[0]
+    folder = str(root / "s" / "student")
+    for _ in range(5):  # the box can miss the first keys while the section opens: type until it holds the path
+        box.click()
+        box.clear()
+        box.send_keys(folder)
+        if box.get_attribute("value") == folder:
+            break
+        time.sleep(0.5)
+    assert box.get_attribute("value") == folder
+    seen = set()
+    drv.find_element("css selector", "#video-stream").click()
+
+    def done():
+        t = _text(drv, "video-text")
+        seen.add(t)
+        return "frame 4/4" in t
+    try:
+        _wait(done, 120, "the last frame")
+    except AssertionError:
+        raise AssertionError(f"page: {drv.find_element('tag name', 'body').text[-800:]!r}; seen {seen}") from None
+    assert any(t.startswith("frame") for t in seen)
+    assert _images(drv, "video-frame") and _images(drv, "video-strip")
+    assert "chunked chunks of 2" in _text(drv, "video-text")

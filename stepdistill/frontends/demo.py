@@ -673,7 +673,7 @@ def stream_video(student_path: str, prompt: str, seed=0, num_frames=None, steps=
     seed = _int_in(seed, "seed", 0, MAX_SEED)
     clip_frames = pipe.unet.sample_shape[1]
     causal = pipe.causal
-    n = clip_frames if num_frames in (None, "") else _int_in(num_frames, "frames", 1, MAX_STREAM_FRAMES)
+    n = clip_frames if num_frames in (None, "", 0) else _int_in(num_frames, "frames", 1, MAX_STREAM_FRAMES)
     if causal is None and n != clip_frames:
         raise DemoInputError(f"this student makes whole clips of {clip_frames} frames; only a causal student streams "
                              f"other lengths")

@@ -9,9 +9,9 @@ import sys
 
 from .demo import (ALL_CLASSES, COMPILE, DEFAULT_STUDENT, DEFAULT_TEACHER, DemoInputError, GenerateResult, HYBRID_CAPTION,
                     HYBRID_DEFAULTS, HYBRID_HANDOFFS, MAX_BATCH, MAX_GUIDANCE, MAX_HYBRID_SUBSTEPS, MAX_SEED,
-                    MAX_TEACHER_STEPS, SAMPLERS, _int_in, hybrid_compatible, hybrid_settings, plan_generation,
-                    read_model_info, run_student, student_nfe, student_supports_hybrid,
-                    stream_video, student_supports_hybrid_chain, teacher_progress)
+                    MAX_STREAM_FRAMES, MAX_TEACHER_STEPS, SAMPLERS, _int_in, hybrid_compatible, hybrid_settings,
+                    plan_generation, read_model_info, run_student, stream_video, student_nfe, student_supports_hybrid,
+                    student_supports_hybrid_chain, teacher_progress)
 
 
 def _ui_state(teacher_path: str, student_path: str) -> dict:
@@ -156,7 +156,7 @@ def build_demo(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_
                     gr.update(interactive=s["hybrid_full"],
                               value=HYBRID_DEFAULTS["handoff"] if s["hybrid_full"] else "renoise"))
 
-        with gr.Accordion("Video: stream a clip from a video student", open=False):
+        with gr.Accordion("Video: stream a clip from a video student", open=False, elem_id="video-section"):
             gr.Markdown("A causal or streaming student (`method: self_forcing`) shows each frame as soon as its chunk "
                         "is final; a DMD2 video student makes the whole clip at once.")
             with gr.Row():
@@ -164,7 +164,8 @@ def build_demo(teacher_path: str = DEFAULT_TEACHER, student_path: str = DEFAULT_
                                    placeholder="runs/video/stream/student")
                 v_prompt = gr.Textbox(value="a cat", label="Prompt", elem_id="video-prompt")
                 v_seed = gr.Number(value=0, precision=0, label=f"Seed (0..{MAX_SEED})")
-                v_frames = gr.Number(value=None, precision=0, label="Frames (default: the clip length)")
+                v_frames = gr.Number(value=0, precision=0, label=f"Frames (0 = the clip length; up to "
+                                                                 f"{MAX_STREAM_FRAMES})")
             v_go = gr.Button("Stream", elem_id="video-stream")
             with gr.Row():
                 v_frame = gr.Image(label="Current frame", type="pil", elem_id="video-frame", height=256)
