@@ -68,32 +68,41 @@ def train_teacher(cfg: TeacherConfig, resume: bool | str = False, accelerator=No
             den = Denoiser(unet, schedule, cfg.model.prediction_type, null_class=data.num_classes)
             obj = DiffusionObjective(den, dict(scheduler.config), data.num_classes, cfg.optim, cfg.cfg_dropout,
                                      cfg.sample_steps, cfg.guidance_scale)
+
+    def save(tmp: Path, model, extra: dict) -> None:
+        if text:
+            from ..text_models import TEXT_TEACHER_PIPELINE, save_text_folder
+
+            extra["text"] = {"class_names": list(data.class_names), "templates": templates,
+                             "source_encoder": cfg.text.encoder}
+            if video:
+                from ..video_models import VIDEO_TEACHER_PIPELINE
+
+                extra["sample_shape"] = list(den.sample_shape)                      # (C, F, H, W)
+            meta = ModelMeta(prediction_type=prediction_type, conditioning="text", class_names=[], extra=extra)
+            save_text_folder(tmp, model, scheduler, meta, VIDEO_TEACHER_PIPELINE if video else TEXT_TEACHER_PIPELINE,
+                             encoder)
+        else:
+            meta = ModelMeta(prediction_type=cfg.model.prediction_type, conditioning="class",
+                             class_names=list(data.class_names), null_class=data.num_classes, extra=extra)
+            save_model_folder(tmp, model, scheduler, meta, TEACHER_PIPELINE)
+
+    return _train_and_save(cfg, obj, data, resume, accelerator, overwrite, save, "text teacher" if text else "teacher")
+
+
+def _train_and_save(cfg: TeacherConfig, obj, data, resume, accelerator, overwrite: bool, save, what: str) -> Path:
+    """Train ``obj`` in the one trainer core, then write the run's ``model/`` folder with ``save(tmp, ema network,
+    extra metadata)`` (the run's own folder: replaced whole)."""
     trainer = Trainer(obj, cfg, accelerator=accelerator, data=data)
     trainer.command = "teacher"
     result = trainer.train(resume=resume, overwrite=overwrite)
     raise_if_interrupted(trainer, result)
     out = Path(cfg.output_dir) / "model"
     if trainer.acc.is_main_process:
-        extra = {"dataset": cfg.data.name, "steps": trainer.step}
-        with atomic_folder(out, own=True) as tmp:  # the run's own model (inside our run folder): replaced whole
-            if text:
-                from ..text_models import TEXT_TEACHER_PIPELINE, save_text_folder
-
-                extra["text"] = {"class_names": list(data.class_names), "templates": templates,
-                                 "source_encoder": cfg.text.encoder}
-                if video:
-                    from ..video_models import VIDEO_TEACHER_PIPELINE
-
-                    extra["sample_shape"] = list(den.sample_shape)                  # (C, F, H, W)
-                meta = ModelMeta(prediction_type=prediction_type, conditioning="text", class_names=[], extra=extra)
-                save_text_folder(tmp, trainer.ema["model"], scheduler, meta,
-                                 VIDEO_TEACHER_PIPELINE if video else TEXT_TEACHER_PIPELINE, encoder)
-            else:
-                meta = ModelMeta(prediction_type=cfg.model.prediction_type, conditioning="class",
-                                 class_names=list(data.class_names), null_class=data.num_classes, extra=extra)
-                save_model_folder(tmp, trainer.ema["model"], scheduler, meta, TEACHER_PIPELINE)
+        with atomic_folder(out, own=True) as tmp:
+            save(tmp, trainer.ema["model"], {"dataset": cfg.data.name, "steps": trainer.step})
             (tmp / "training_result.json").write_text(json.dumps(result, indent=2, default=str))
-        print(f"{'text teacher' if text else 'teacher'} saved to {out}")
+        print(f"{what} saved to {out}")
     return out
 
 
@@ -107,18 +116,9 @@ def _finetune(cfg: TeacherConfig, data, resume, accelerator, overwrite: bool) ->
     num_classes = 0 if text else data.num_classes
     obj = DiffusionObjective(start.den, dict(start.scheduler.config), num_classes, cfg.optim, cfg.cfg_dropout,
                              cfg.sample_steps, cfg.guidance_scale, conds=start.conds)
-    trainer = Trainer(obj, cfg, accelerator=accelerator, data=data)
-    trainer.command = "teacher"
-    result = trainer.train(resume=resume, overwrite=overwrite)
-    raise_if_interrupted(trainer, result)
-    out = Path(cfg.output_dir) / "model"
-    if trainer.acc.is_main_process:
-        from ..text_models import TEXT_TEACHER_PIPELINE
+    from ..text_models import TEXT_TEACHER_PIPELINE
 
-        with atomic_folder(out, own=True) as tmp:
-            pipeline = init_pipeline_class(cfg.finetune.init, TEXT_TEACHER_PIPELINE if text else TEACHER_PIPELINE)
-            save_finetuned(tmp, start, trainer.ema["model"], cfg, {"dataset": cfg.data.name, "steps": trainer.step},
-                           pipeline)
-            (tmp / "training_result.json").write_text(json.dumps(result, indent=2, default=str))
-        print(f"fine-tuned {'LoRA' if cfg.finetune.lora_rank else 'model'} of {cfg.finetune.init} saved to {out}")
-    return out
+    pipeline = init_pipeline_class(cfg.finetune.init, TEXT_TEACHER_PIPELINE if text else TEACHER_PIPELINE)
+    return _train_and_save(cfg, obj, data, resume, accelerator, overwrite,
+                           lambda tmp, model, extra: save_finetuned(tmp, start, model, cfg, extra, pipeline),
+                           f"fine-tuned {'LoRA' if cfg.finetune.lora_rank else 'model'} of {cfg.finetune.init}")
