@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher-steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reuse-teacher-rows", default=None,
+                    help="a previous JSON of the same teacher, style LoRA, --num, --seed and --split: its two teacher "
+                         "rows are taken instead of sampled again (50 CFG steps each)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -77,7 +80,19 @@ def main(argv=None) -> int:
     out = {"teacher": a.teacher, "distilled": a.distilled, "style": a.style, "style_transform": a.style_transform,
            "num": a.num, "seed": a.seed, "split": a.split, "guidance_teacher": a.guidance,
            "real": {"ink": ink(ref), f"ink_{a.style_transform}": ink(styled_ref)}, "rows": []}
+    reuse = {}
+    if a.reuse_teacher_rows:
+        prev = json.loads(Path(a.reuse_teacher_rows).read_text())
+        same = all(prev[k] == v for k, v in (("teacher", a.teacher), ("style", a.style), ("num", a.num),
+                                               ("seed", a.seed), ("split", a.split)))
+        if not same:
+            raise SystemExit(f"--reuse-teacher-rows {a.reuse_teacher_rows}: another teacher, style, num, seed or split")
+        reuse = {r["model"]: r for r in prev["rows"] if r["model"].startswith("teacher")}
     for name, model, adapters, steps in rows:
+        if name in reuse:
+            out["rows"].append({**reuse[name], "reused_from": a.reuse_teacher_rows})
+            print(json.dumps(out["rows"][-1]), flush=True)
+            continue
         if adapters is None:
             unet.disable_lora()
         else:
