@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
-    from stepdistill.pipelines.text import load_text_pipeline
+    from stepdistill.pipelines.loading import load_text_pipeline
     from stepdistill.utils import save_gif, save_grid
 
     out = Path(a.out)

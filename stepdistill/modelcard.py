@@ -218,7 +218,7 @@ def _text_usage(folder: Path, steps: list[float]) -> str:
 With stepdistill (`pip install stepdistill`):
 
 ```python
-from stepdistill.pipelines.text import load_text_pipeline
+from stepdistill.pipelines.loading import load_text_pipeline
 
 pipe = load_text_pipeline("{folder.name}")
 images = pipe(["a cat", "a dog"], seed=0).images  # PIL images; guidance is distilled in

@@ -84,12 +84,12 @@ def _path(kind: int, frames: int, size: int, obj: int, g: torch.Generator) -> li
 
 def moving_animal_mnist(n: int, frames: int = 8, size: int = 16, split: str = "train", seed: int = 0,
                         obj: int | None = None, source=None) -> VideoDataset:
-    """``n`` clips (module docstring). ``source``: an :class:`~stepdistill.data.ArrayDataset` of silhouettes (default:
-    Animal-MNIST's ``split`` at 32 px); ``obj``: the silhouette's side in pixels (default ``size`` * 0.6)."""
+    """``n`` clips (module docstring). ``source``: the silhouettes, an :class:`~stepdistill.data.ArrayDataset`
+    (``stepdistill.data.moving_clips`` passes Animal-MNIST's ``split`` at 32 px); ``split`` also seeds the paths;
+    ``obj``: the silhouette's side in pixels (default ``size`` * 0.6)."""
     if source is None:
-        from .data import load_dataset
-
-        source = load_dataset("animal_mnist", 32, split)
+        raise ValueError("moving_animal_mnist needs the source silhouettes (stepdistill.data.moving_clips loads a "
+                         "split's)")
     obj = obj or max(4, int(round(size * 0.6)))
     sprites = (source.images[:, 0].float() + 1) / 2                     # (M, 32, 32) in [0, 1]
     clips = torch.empty(n, 1, frames, size, size)

@@ -275,7 +275,7 @@ def test_ui_state_and_expert_captions(models, tmp_path):
 
 def test_text_models_take_a_prompt(text_teacher, text_student):
     """Text teacher and student: the prompt box drives both; the images are the text pipelines' own."""
-    from stepdistill.pipelines.text import load_text_pipeline
+    from stepdistill.pipelines.loading import load_text_pipeline
 
     st = U._ui_state(str(text_teacher), str(text_student))
     assert st["prompt_visible"] and not st["class_visible"] and not st["hybrid"]

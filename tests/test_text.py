@@ -125,7 +125,9 @@ def test_text_config_errors_name_the_key():
 def test_text_teacher_folder_and_pipeline_cfg(text_teacher):
     from diffusers import UNet2DConditionModel
 
-    from stepdistill.pipelines.text import StepDistillTextTeacherPipeline, load_text_pipeline
+    from stepdistill.pipelines.loading import load_text_pipeline
+
+    from stepdistill.pipelines.text import StepDistillTextTeacherPipeline
 
     for sub in ("unet", "scheduler", "text_encoder", "tokenizer"):
         assert (text_teacher / sub).is_dir()
@@ -168,7 +170,9 @@ def test_sample_cli_teacher_with_prompts(text_teacher, tmp_path, capsys):
 def test_distill_cli_exports_a_text_student(text_student, text_teacher):
     from diffusers import LCMScheduler
 
-    from stepdistill.pipelines.text import StepDistillTextPipeline, load_text_pipeline
+    from stepdistill.pipelines.loading import load_text_pipeline
+
+    from stepdistill.pipelines.text import StepDistillTextPipeline
 
     for sub in ("unet", "scheduler", "text_encoder", "tokenizer"):
         assert (text_student / sub).is_dir()
@@ -202,7 +206,7 @@ def test_distill_cli_exports_a_text_student(text_student, text_teacher):
 
 
 def test_export_cli_rebuilds_the_text_student(text_student, text_teacher, tmp_path):
-    from stepdistill.pipelines.text import load_text_pipeline
+    from stepdistill.pipelines.loading import load_text_pipeline
 
     out = tmp_path / "exported"
     argv = ["export", "--config", "configs/dmd2_text_animal_mnist.yaml", "--out", str(out)]
@@ -296,7 +300,7 @@ def test_shipped_text_teacher_draws_the_prompted_animals():
     from stepdistill.data import ANIMAL_CLASSES
     from stepdistill.eval.classifier import class_accuracy, load_default_classifier
     from stepdistill.shipped import BUILTIN_TEACHERS
-    from stepdistill.pipelines.text import load_text_pipeline
+    from stepdistill.pipelines.loading import load_text_pipeline
 
     folder = BUILTIN_TEACHERS["builtin:animal_mnist_text"]
     assert not (folder / "text_encoder").exists() and sum(f.stat().st_size for f in folder.rglob("*")) < 10e6

@@ -72,7 +72,9 @@ def test_latent_text_teacher_distills_on_vae_latents(sd_teacher, sd_student):
 def test_stock_stable_diffusion_pipeline_matches_ours(sd_student):
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    from stepdistill.pipelines.text import StepDistillTextPipeline, load_text_pipeline
+    from stepdistill.pipelines.loading import load_text_pipeline
+
+    from stepdistill.pipelines.text import StepDistillTextPipeline
 
     index = json.loads((sd_student / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline" and index["vae"] == ["diffusers", "AutoencoderKL"]

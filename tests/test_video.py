@@ -67,7 +67,7 @@ def test_adapter_round_trips_5d_samples(video_teacher):
 
 
 def test_video_teacher_folder_and_pipeline(video_teacher):
-    from stepdistill.pipelines.text import load_text_pipeline
+    from stepdistill.pipelines.loading import load_text_pipeline
 
     index = json.loads((video_teacher / "model_index.json").read_text())
     assert index["_class_name"] == "StepDistillVideoTeacherPipeline" and index["transformer"][1] == \
@@ -88,7 +88,7 @@ def test_video_student_loads_in_stock_diffusers(video_student):
     Euler steps over the stock transformer give our pipeline's clips for the same generator."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
-    from stepdistill.pipelines.text import load_text_pipeline
+    from stepdistill.pipelines.loading import load_text_pipeline
 
     folder = video_student / "student"
     pipe = load_text_pipeline(folder)
@@ -115,9 +115,10 @@ def test_video_student_run_logs_the_collapse_guard(video_student):
 
 # -- metrics and the collapse detector ------------------------------------------------------------------------------
 def _clips():
+    from stepdistill.data import animal_mnist
     from stepdistill.video_data import moving_animal_mnist
 
-    return moving_animal_mnist(24, frames=6, size=16, split="test")
+    return moving_animal_mnist(24, frames=6, size=16, split="test", source=animal_mnist(32, "test"))
 
 
 def test_collapse_detector_fires_on_static_and_solid_clips():
@@ -235,7 +236,7 @@ def test_a_chunk_does_not_depend_on_later_chunks(video_teacher, mode, reach):
 def test_streamed_frames_equal_the_clip(causal_student):
     """The causal student's frames() yields each chunk as soon as it is final, and the streamed frames are the
     clip __call__ gives for the same generator; a stream can also run past the trained clip length."""
-    from stepdistill.pipelines.text import load_text_pipeline
+    from stepdistill.pipelines.loading import load_text_pipeline
 
     pipe = load_text_pipeline(causal_student)
     assert pipe.causal == {"chunk_frames": 2, "mode": "chunked", "context_frames": 0}
@@ -282,7 +283,7 @@ def test_demo_streams_the_causal_students_frames(causal_student):
     import numpy as np
 
     from stepdistill.frontends.demo import DemoInputError, _to_pil, stream_video
-    from stepdistill.pipelines.text import load_text_pipeline
+    from stepdistill.pipelines.loading import load_text_pipeline
 
     updates = list(stream_video(str(causal_student), "a cat", seed=3, num_frames=6))
     assert [u.index for u in updates] == list(range(6))

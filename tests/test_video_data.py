@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from stepdistill.video_data import MOTIONS, moving_animal_mnist
+from stepdistill.data import animal_mnist
+from stepdistill.video_data import MOTIONS, moving_animal_mnist as _clips
+
+_SOURCES = {}
+
+
+def moving_animal_mnist(n, split="train", **kw):
+    """Clips of ``split``'s silhouettes (what stepdistill.data.moving_clips does for a whole split)."""
+    if split not in _SOURCES:
+        _SOURCES[split] = animal_mnist(32, split)
+    return _clips(n, split=split, source=_SOURCES[split], **kw)
 
 
 def test_clips_are_deterministic_and_shaped():
@@ -39,6 +49,14 @@ def test_splits_come_from_the_image_splits():
     from stepdistill.data import load_dataset
 
     te = load_dataset("animal_mnist", 32, "test")
-    a = moving_animal_mnist(6, split="test", seed=1)
-    assert torch.equal(a.clips, moving_animal_mnist(6, split="test", seed=1, source=te).clips)
-    assert not torch.equal(a.clips, moving_animal_mnist(6, split="train", seed=1).clips)
+    whole = load_dataset("moving_animal_mnist", 16, "test", 1, 8)          # one clip per test silhouette
+    assert len(whole) == len(te)
+    assert torch.equal(whole.images, _clips(len(te), frames=8, size=16, split="test", source=te).clips)
+    assert not torch.equal(moving_animal_mnist(6, split="test", seed=1).clips,
+                           moving_animal_mnist(6, split="train", seed=1).clips)
+    try:
+        _clips(3)
+    except ValueError as e:
+        assert "moving_clips" in str(e)
+    else:
+        raise AssertionError("no source: a clear error")

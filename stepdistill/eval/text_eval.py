@@ -35,7 +35,8 @@ class TextModel(EvalModel):
     is_text = True
 
     def __init__(self, path: str, meta, device):
-        from ..pipelines.text import StepDistillTextPipeline, load_text_pipeline
+        from ..pipelines.loading import load_text_pipeline
+        from ..pipelines.text import StepDistillTextPipeline
         from ..text import TextEncoderError
         from .metrics import TextModelsNotSupported
 

@@ -123,7 +123,8 @@ def sample_text(a) -> None:
 
     from ..config import ConfigError
     from ..text_models import default_prompts
-    from ..pipelines.text import StepDistillTextPipeline, load_text_pipeline
+    from ..pipelines.loading import load_text_pipeline
+    from ..pipelines.text import StepDistillTextPipeline
     from ..utils import save_labeled_grid
 
     pipe = load_text_pipeline(a.model, allow_pickle=a.allow_pickle)

@@ -207,7 +207,7 @@ def load_teacher(info: FolderInfo):
     from ..pipelines.teacher import StepDistillTeacherPipeline
 
     if info.conditioning == "text":  # text encoder (+ VAE) come with it; safetensors only
-        from ..pipelines.text import load_text_pipeline
+        from ..pipelines.loading import load_text_pipeline
 
         return _cached(("teacher", _stamp(info.path)), info.path, lambda: load_text_pipeline(info.path))
     if not (info.path / "model_index.json").exists():  # a bare network + scheduler (docs/your_teacher.md)
@@ -233,7 +233,7 @@ def _bare_teacher_pipeline(path: Path):
 def load_student(info: FolderInfo):
     def build():
         if info.conditioning == "text":
-            from ..pipelines.text import load_text_pipeline
+            from ..pipelines.loading import load_text_pipeline
 
             return load_text_pipeline(info.path)
         cls = _student_pipeline_class(info)
