@@ -14,7 +14,9 @@ from .errors import ModelLoadError
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN_TEACHERS = {"builtin:animal_mnist": ASSETS / "animal_mnist_teacher",
                     # text-to-image (UNet2DConditionModel on MiniLM captions; references the MiniLM package)
-                    "builtin:animal_mnist_text": ASSETS / "animal_mnist_text_teacher"}
+                    "builtin:animal_mnist_text": ASSETS / "animal_mnist_text_teacher",
+                    # text-to-video (WanTransformer3DModel, flow matching, 8 x 16 x 16 clips; references MiniLM)
+                    "builtin:moving_animal_mnist": ASSETS / "moving_animal_mnist_teacher"}
 BUILTIN_STUDENTS = {"builtin:animal_mnist_dmd2": ASSETS / "animal_mnist_dmd2_student",
                     "builtin:animal_mnist_dmd2_4step": ASSETS / "animal_mnist_dmd2_4step_student"}
 

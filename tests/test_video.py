@@ -296,3 +296,19 @@ def test_demo_streams_the_causal_students_frames(causal_student):
         list(stream_video(str(causal_student), "a cat", num_frames=5))
     with pytest.raises(DemoInputError, match="prompt"):
         list(stream_video(str(causal_student), "  "))
+
+
+def test_shipped_video_teacher():
+    """builtin:moving_animal_mnist loads offline (the MiniLM encoder referenced, not copied) and makes moving,
+    non-collapsed clips of its captions."""
+    from stepdistill.pipelines.loading import load_text_pipeline
+    from stepdistill.shipped import BUILTIN_TEACHERS
+    from stepdistill.video_stats import collapse_flags
+
+    folder = BUILTIN_TEACHERS["builtin:moving_animal_mnist"]
+    assert not (folder / "text_encoder").exists() and sum(f.stat().st_size for f in folder.rglob("*")) < 3e6
+    pipe = load_text_pipeline("builtin:moving_animal_mnist")
+    clips = pipe([f"a {n}" for n in ("cat", "dog", "bird", "zebra")], num_inference_steps=10, seed=0,
+                 output_type="pt").images
+    assert clips.shape == (4, 1, 8, 16, 16)
+    assert collapse_flags(clips)["collapsed_frac"] == 0.0
