@@ -10,11 +10,11 @@ for k in 1 2 4; do
   stepdistill distill --config configs/dmd2_video_animal_mnist.yaml dmd.teacher=$T "dmd.student_timesteps=$ts" \
     output_dir=runs/video/dmd2_$k
 done
-stepdistill distill --config configs/self_forcing_video_animal_mnist.yaml dmd.teacher=$T causal.mode=pipelined \
+stepdistill distill --config configs/self_forcing_video_animal_mnist.yaml dmd.teacher=$T causal.mode=pipelined train.max_steps=360 \
   output_dir=runs/video/stream
 for m in dmd2_1 dmd2_2 dmd2_4 stream; do
   stepdistill eval --model runs/video/$m/student --num 128 --ref-num 250 --out docs/benchmarks/video/eval_$m.json
 done
-stepdistill eval --model $T --steps 25 --num 128 --ref-num 250 --out docs/benchmarks/video/eval_teacher.json
-python scripts/video_media.py --out docs/video teacher=$T:25 dmd2_1=runs/video/dmd2_1/student \
+stepdistill eval --model $T --steps 50 --num 128 --ref-num 250 --out docs/benchmarks/video/eval_teacher.json
+python scripts/video_media.py --out docs/video teacher=$T:50 dmd2_1=runs/video/dmd2_1/student \
   dmd2_2=runs/video/dmd2_2/student dmd2_4=runs/video/dmd2_4/student stream=runs/video/stream/student
