@@ -48,7 +48,8 @@ class TextModel(EvalModel):
         self.path, self.meta, self.device = str(path), meta, torch.device(device)
         self.pipe.to(self.device)
         self.kind = "student" if isinstance(self.pipe, StepDistillTextPipeline) else "teacher"
-        self.sampler = "ddim"
+        # flow models (Wan, SD3) always integrate with the flow Euler scheduler (pipelines/sampling.make_scheduler)
+        self.sampler = "flow_euler" if "FlowMatch" in type(self.pipe.scheduler).__name__ else "ddim"
         self.last_generate_s: float | None = None
         self.folder = Path(path) if Path(path).is_dir() else None
 
