@@ -23,7 +23,7 @@ def _teacher_argv(teacher, out, **extra):
             "train.checkpoint_every": 2, "train.log_every": 1, "train.threads": 1, "train.cpu": "true",
             "optim.lr": 5e-3, "optim.warmup_steps": 0, "sample_steps": 2}
     base.update(extra)
-    return ["teacher", "--config", "configs/style_lora_text_animal_mnist.yaml", *[f"{k}={v}" for k, v in base.items()]]
+    return ["teacher", "--config", "configs/teacher_style_lora_text_animal_mnist.yaml", *[f"{k}={v}" for k, v in base.items()]]
 
 
 @pytest.fixture(scope="module")
