@@ -10,6 +10,8 @@ from stepdistill.architectures import ARCHITECTURES, architecture_denoiser, para
 
 @pytest.mark.parametrize("name, kind, params", [
     ("sd15", "unet2d_cond", 860e6), ("sdxl", "unet2d_cond", 2.6e9), ("sd3", "sd3", 2.0e9), ("flux", "flux", 11.9e9),
+    # Wan 2.1 T2V is named 1.3B / 14B; its diffusers transformers hold 1.419 B / 14.29 B (embedders included)
+    ("wan-1.3b", "wan", 1.42e9), ("wan-14b", "wan", 14.29e9),
 ])
 def test_real_architectures_build_with_the_right_size(name, kind, params):
     den = architecture_denoiser(name)
@@ -17,7 +19,7 @@ def test_real_architectures_build_with_the_right_size(name, kind, params):
     n = param_count(name)
     assert abs(n - params) / params < 0.015, n  # 859.5M, 2.567B, 2.028B, 11.90B (published: 860M, 2.6B, 2B, 11.9B)
     assert den.schedule.kind == ("vp" if name in ("sd15", "sdxl") else "flow")
-    assert set(ARCHITECTURES) == {"sd15", "sdxl", "sd3", "flux"}
+    assert set(ARCHITECTURES) == {"sd15", "sdxl", "sd3", "flux", "wan-1.3b", "wan-14b"}
 
 
 def test_the_sd15_unet_runs_on_the_cpu_at_a_small_latent():
