@@ -10,9 +10,11 @@ for k in 1 2 4; do
   stepdistill distill --config configs/dmd2_video_animal_mnist.yaml dmd.teacher=$T "dmd.student_timesteps=$ts" \
     output_dir=runs/video/dmd2_$k
 done
+stepdistill distill --config configs/dmd2_video_animal_mnist.yaml --fork runs/video/dmd2_4/checkpoints/step_000450 \
+  dmd.teacher=$T "dmd.student_timesteps=[999,750,500,250]" train.max_steps=900 output_dir=runs/video/dmd2_4_long
 stepdistill distill --config configs/self_forcing_video_animal_mnist.yaml dmd.teacher=$T causal.mode=pipelined train.max_steps=360 \
   output_dir=runs/video/stream
-for m in dmd2_1 dmd2_2 dmd2_4 stream; do
+for m in dmd2_1 dmd2_2 dmd2_4 dmd2_4_long stream; do
   stepdistill eval --model runs/video/$m/student --num 128 --ref-num 250 --out docs/benchmarks/video/eval_$m.json
 done
 stepdistill eval --model $T --steps 50 --num 128 --ref-num 250 --out docs/benchmarks/video/eval_teacher.json
