@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -22,15 +23,16 @@ def main(src: str, out: str) -> int:
         raise SystemExit(f"{src} is not a video teacher")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(src, subfolder="scheduler")
     meta = ModelMeta.load(Path(src))
-    tmp = Path(out + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if Path(out).exists():
+        raise SystemExit(f"{out} exists: remove it yourself first")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".ship_", dir=Path(out).parent)) / "model"   # ours alone: nothing else touched
     save_text_folder(tmp, den.backbone, scheduler, meta, VIDEO_TEACHER_PIPELINE, None, encoder_ref="minilm")
     for f in ("training_result.json",):
         if (Path(src) / f).is_file():
             shutil.copy(Path(src) / f, tmp / f)
-    if Path(out).exists():
-        raise SystemExit(f"{out} exists: remove it yourself first")
     tmp.rename(out)
+    tmp.parent.rmdir()
     print(out)
     return 0
 

@@ -102,7 +102,3 @@ def generate_clip(den: Denoiser, noise: torch.Tensor, cond, timesteps: list[floa
     return torch.cat([x for _, x in rollout(den, noise, cond, timesteps, chunk, mode, context, randn, exit_step,
                                             grad)], 2)
 
-
-def forwards_per_chunk(mode: str, steps: int) -> int:
-    """Network calls per emitted chunk once a stream runs: K for chunked, 1 for pipelined."""
-    return 1 if mode == "pipelined" else steps

@@ -73,22 +73,26 @@ def motion_diversity(clips: torch.Tensor, groups: torch.Tensor | None = None) ->
     return float(torch.stack(per).mean())
 
 
-def collapse_flags(clips: torch.Tensor, static_tol: float = STATIC_TOL, solid_tol: float = SOLID_TOL) -> dict:
-    """Per-clip collapse flags: ``static`` (N,) bool, ``solid`` (N,) bool, and their fractions."""
+def collapse_flags(clips: torch.Tensor, static_tol: float = STATIC_TOL, solid_tol: float = SOLID_TOL,
+                   frame_diff: torch.Tensor | None = None) -> dict:
+    """Per-clip collapse flags: ``static`` (N,) bool, ``solid`` (N,) bool, and their fractions (``frame_diff``: the
+    clips' :func:`clip_frame_diff` when already computed)."""
     x = check_clips(clips)
-    static = clip_frame_diff(x) < static_tol
+    static = (clip_frame_diff(x) if frame_diff is None else frame_diff) < static_tol
     solid = x.std((1, 3, 4)).amax(1) < solid_tol                   # every frame flat
     return {"static": static, "solid": solid, "static_frac": float(static.float().mean()),
             "solid_frac": float(solid.float().mean()), "collapsed_frac": float((static | solid).float().mean())}
 
 
 def temporal_metrics(clips: torch.Tensor, groups: torch.Tensor | None = None) -> dict:
-    flags = collapse_flags(clips)
-    out = {"frame_diff": float(clip_frame_diff(clips).mean()), "warp_residual": float(clip_warp_residual(clips).mean()),
+    x = check_clips(clips)
+    diff = clip_frame_diff(x)
+    flags = collapse_flags(x, frame_diff=diff)
+    out = {"frame_diff": float(diff.mean()), "warp_residual": float(clip_warp_residual(x).mean()),
            "static_frac": flags["static_frac"], "solid_frac": flags["solid_frac"],
            "collapsed_frac": flags["collapsed_frac"]}
     try:
-        out["motion_diversity"] = motion_diversity(clips, groups)
+        out["motion_diversity"] = motion_diversity(x, groups)
     except ValueError:
         out["motion_diversity"] = None
     return out

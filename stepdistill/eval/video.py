@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..video_stats import (STATIC_TOL, SOLID_TOL, check_clips, centroid_tracks, clip_frame_diff,  # noqa: F401
-                           clip_warp_residual, collapse_flags, frames_of, motion_diversity, temporal_metrics)
+from ..video_stats import check_clips, frames_of, temporal_metrics
 
 FRAME_CLASSIFIER_DIR = Path(__file__).resolve().parent.parent / "assets" / "moving_animal_mnist_frame_classifier"
 
@@ -51,7 +50,6 @@ def main_train_frame_classifier(out_dir: str | Path = FRAME_CLASSIFIER_DIR, step
     """Write the shipped frame classifier (``python -m stepdistill.eval.video``)."""
     from .classifier import save_classifier
 
-    torch.manual_seed(seed)
     model, acc, per = train_frame_classifier(steps=steps, seed=seed)
     return save_classifier(model, out_dir, extra={"dataset": "moving_animal_mnist", "resolution": 16, "frames": 8,
                                                   "train_split": "train", "steps": steps, "seed": seed,

@@ -67,10 +67,7 @@ class CausalDMDObjective(DMDObjective):
 
     def regression_loss(self, ctx: Ctx) -> torch.Tensor:
         """CausVid's ODE initialisation: one random chunk, teacher-forced context (module docstring)."""
-        noise, labels, target = self.pairs
-        idx = ctx.randint(0, noise.shape[0]).cpu()
-        z, y = noise[idx].to(ctx.device), target[idx].to(ctx.device)         # (B, C, F, H, W)
-        cond = self.conds.index(labels[idx], ctx.device)
+        z, y, cond = self.pair_batch(ctx)                                    # (B, C, F, H, W) each
         c = self.causal.chunk_frames
         k = ctx.scalar_randint(0, self.shape[1] // c)
         context = y[:, :, :k * c]

@@ -255,12 +255,16 @@ class DMDObjective(ObjectiveBase):
         return l_dm, {"dm_nonfinite_frac": nonfinite_frac(real_x0, fake_x0), "dm_loss": l_dm.item(),
                       "dm_grad_abs": grad.abs().mean().item()}
 
-    def regression_loss(self, ctx: Ctx) -> torch.Tensor:
-        """DMD Eq. 9: E ||G(z) - y||, (z, y) pairs from the teacher's deterministic ODE sampler."""
+    def pair_batch(self, ctx: Ctx):
+        """(noise z, teacher x0 y, condition) of a random batch of the teacher's ODE pairs."""
         noise, labels, target = self.pairs
         idx = ctx.randint(0, noise.shape[0]).cpu()
         z, y = noise[idx].to(ctx.device), target[idx].to(ctx.device)
-        cond = self.conds.index(labels[idx], ctx.device)  # class labels, prompt embeddings or None
+        return z, y, self.conds.index(labels[idx], ctx.device)  # class labels, prompt embeddings or None
+
+    def regression_loss(self, ctx: Ctx) -> torch.Tensor:
+        """DMD Eq. 9: E ||G(z) - y||, (z, y) pairs from the teacher's deterministic ODE sampler."""
+        z, y, cond = self.pair_batch(ctx)
         pred = self.student(z, self._tt(self.timesteps[0], z), cond)
         if self.cfg.regression_distance == "lpips":
             return lpips_distance(pred, y)

@@ -27,6 +27,16 @@ def resolve_classes(spec: list[str], class_names: list[str], key: str = "pso.tar
     return sorted(set(out))
 
 
+def select_classes(images: torch.Tensor, labels: torch.Tensor, spec: list, class_names: list[str], key: str,
+                   where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images (and labels) of the classes ``spec`` names (names or indices into ``class_names``); ValueError
+    naming ``key`` for an unknown class or when none of ``where``'s images is of these classes."""
+    keep = torch.isin(labels, torch.tensor(resolve_classes(list(spec), class_names, key)))
+    if not keep.any():
+        raise ValueError(f"{key} {list(spec)}: no images of these classes in {where}")
+    return images[keep], labels[keep]
+
+
 def _labels_to_model(data: ArrayDataset, class_names: list[str], source: str) -> torch.Tensor:
     """Dataset labels -> the model's class indices, matched by class name."""
     missing = [n for n in data.class_names if n not in class_names]
@@ -52,10 +62,7 @@ def build_target(cfg: DistillConfig, meta: ModelMeta, data: ArrayDataset | None 
     if p.target_classes:
         if not cond:
             raise ValueError("pso.target_classes needs a class-conditional model")
-        keep = torch.isin(labels, torch.tensor(resolve_classes(p.target_classes, names)))
-        images, labels = images[keep], labels[keep]
-        if len(labels) == 0:
-            raise ValueError(f"pso.target_classes {p.target_classes}: no images of these classes in {source}")
+        images, labels = select_classes(images, labels, p.target_classes, names, "pso.target_classes", source)
     images = apply_transform(images, p.target_transform)
     return ArrayDataset(images, labels, names)
 

@@ -31,25 +31,21 @@ class FinetuneStart:
     conds: object | None     # text: a CaptionConditioner over the init's own caption bank
     encoder: object | None   # text: the init's PromptEncoder (saved with the result)
     vae: object | None       # a latent text model's VAE (the data is trained as its latents; saved with the result)
-    shared: object | None    # LoRA: the SharedLoRA on the frozen init
     data: ArrayDataset       # what the objective trains on (latent models: the images' VAE latents)
 
 
 def restrict(data: ArrayDataset, classes: list, transform: str) -> ArrayDataset:
     """The training images of ``classes`` only (names or indices; [] = all), with ``transform`` applied
     (:func:`stepdistill.trainers.pso_data.apply_transform`: none | invert | bold)."""
-    from .pso_data import apply_transform, resolve_classes
+    from .pso_data import apply_transform, select_classes
 
     images, labels = data.tensors
     if classes:
         try:
-            keep_ids = resolve_classes(list(classes), list(data.class_names), key="finetune.classes")
+            images, labels = select_classes(images, labels, classes, list(data.class_names), "finetune.classes",
+                                            "the training data")
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        keep = torch.isin(labels, torch.tensor(keep_ids))
-        images, labels = images[keep], labels[keep]
-        if len(labels) == 0:
-            raise ConfigError(f"finetune.classes {classes}: no training images of these classes")
     return ArrayDataset(apply_transform(images, transform), labels, list(data.class_names))
 
 
@@ -82,7 +78,6 @@ def finetune_start(cfg, data: ArrayDataset) -> FinetuneStart:
                 data = ArrayDataset(encode_latents(vae, data.images), data.labels, list(data.class_names))
     elif meta.conditioning == "class":
         _check_names(list(meta.class_names), data)
-    shared = None
     backbone = den.backbone
     if f.lora_rank > 0:
         from ..lora import SharedLoRA
@@ -95,7 +90,7 @@ def finetune_start(cfg, data: ArrayDataset) -> FinetuneStart:
     if tuple(data.images.shape[1:]) != tuple(den.sample_shape):
         raise ConfigError(f"data.resolution: the data's samples are {tuple(data.images.shape[1:])}, finetune.init "
                           f"{f.init} denoises {tuple(den.sample_shape)} (set data.resolution / data.channels)")
-    return FinetuneStart(den, meta, scheduler, conds, encoder, vae, shared, data)
+    return FinetuneStart(den, meta, scheduler, conds, encoder, vae, data)
 
 
 def init_pipeline_class(init: str, default: str) -> str:
