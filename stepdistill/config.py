@@ -529,7 +529,8 @@ def normalise(cfg) -> None:
     # a path written with ~ means the home folder, from YAML as from the shell (never a literal ./~)
     if isinstance(getattr(cfg, "output_dir", None), str) and cfg.output_dir.startswith("~"):
         cfg.output_dir = str(Path(cfg.output_dir).expanduser())
-    for section, key in (("dmd", "teacher"), ("dmd", "student_init"), ("data", "name"), ("pso", "model")):
+    for section, key in (("dmd", "teacher"), ("dmd", "student_init"), ("dmd", "critic_init"), ("data", "name"),
+                         ("pso", "model")):
         sec = getattr(cfg, section, None)
         v = getattr(sec, key, None)
         if isinstance(v, str) and v.startswith("~"):

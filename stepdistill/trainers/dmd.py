@@ -348,6 +348,7 @@ class DMDConfig(SharedDistillConfig):
     divergence: str = "reverse_kl"  # reverse_kl (DMD) | forward_kl | js: f-distill's h(r) weights (needs dmd.gan)
     divergence_logit_clip: float = 10.0  # the discriminator logit log r is clipped to +-this before h(r)
     critic_optim: OptimConfig = field(default_factory=dmd2_optim)  # the fake score and its GAN head
+    critic_init: str = ""          # a dmd / dmd2 run (or one checkpoint of it) whose critic the critic(s) start from
     # Decoupled DMD (Liu et al. 2025): the guided DM gradient split into a CFG-augmentation (CA) term and a
     # distribution-matching term, each with its own weight and re-noising schedule (trainers/decoupled_dmd.py)
     decoupled: bool = False

@@ -39,7 +39,7 @@ def build_dmd_family(cfg, teacher: Denoiser | None = None, meta=None, data=None,
     """
     from ..lora import apply_teacher_options
     from ..pairs import teacher_ode_pairs
-    from .setup import check_student_timesteps, prepare, student_and_critic
+    from .setup import check_student_timesteps, load_critic_init, prepare, student_and_critic
 
     s = prepare(cfg, teacher, meta, data, text_bank)
     check_student_timesteps(cfg, s)
@@ -52,6 +52,8 @@ def build_dmd_family(cfg, teacher: Denoiser | None = None, meta=None, data=None,
     make = make_objective or dmd_objective_class(cfg.dmd)
     obj = make(s.teacher, student, critic, cfg.dmd, s.num_classes, shape, regression_pairs=pairs,
                seed=cfg.train.seed, conds=s.conds, data_std=real_data_std(s.data))
+    if getattr(cfg.dmd, "critic_init", ""):
+        print(load_critic_init(obj.players, cfg.dmd.critic_init))
     return obj, s.data, s.meta
 
 

@@ -321,6 +321,10 @@ def build_multi_student(cfg: DistillConfig, teacher: Denoiser, num_classes: int,
     obj = MultiStudentObjective(teacher, students, critics, cfg.dmd, m, groups, num_classes, shape,
                                 data_labels=data.labels, seed=cfg.train.seed, data_std=real_data_std(data),
                                 regression_pairs=pairs)
+    if cfg.dmd.critic_init:  # every critic_k from the critic of the run the students came from
+        from .setup import load_critic_init
+
+        print(load_critic_init(obj.players, cfg.dmd.critic_init))
     apply_teacher_options(obj.teacher, cfg.dmd, None)  # after the copies: students and critics stay float32
     return obj
 

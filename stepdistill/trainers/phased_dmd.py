@@ -416,6 +416,8 @@ class PhasedConfig:
 def check_phased(cfg: DistillConfig, check) -> None:
     """``method: phased_dmd`` (trainers/phased_dmd.py)."""
     check_dmd_section(cfg, check)
+    check(not cfg.dmd.critic_init, "dmd.critic_init", "is not supported by method phased_dmd (one critic per phase, "
+          "each fitted to its own expert)")
     b, n, K, tr = cfg.phased.boundaries, cfg.phased.steps_per_phase, len(cfg.phased.boundaries) - 1, cfg.train
     check(K >= 1 and all(x > y for x, y in zip(b, b[1:])) and b[-1] == 0, "phased.boundaries",
           "needs >= 2 strictly decreasing entries ending at 0, e.g. [999, 500, 0]")

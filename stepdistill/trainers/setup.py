@@ -202,3 +202,66 @@ def _load_student_weights(student: Denoiser, source: str, allow_pickle: bool, lo
         raise ConfigError(f"dmd.student_init {source}: its network does not match the teacher's architecture "
                           f"(first differing weight: {bad[0]}); a smaller student comes from stepdistill prune")
     student.backbone.load_state_dict(got)
+
+
+def load_critic_init(players: dict, source: str) -> str:
+    r"""``dmd.critic_init``: every critic player of an objective (``critic``; MSD's ``critic_k``) starts from the
+    critic of a DMD / DMD2 run's checkpoint instead of a teacher copy with fresh heads: its fake score always, its GAN
+    head and pixel discriminator where the checkpoint holds them with this run's shapes (else they start fresh).
+
+    Why. DMD's generator gradient is the difference of two scores, ``mu_fake(x_t, t) - mu_real(x_t, t)`` (DMD,
+    Yin et al. 2023, Eq. 7). A critic copied from the teacher has ``mu_fake = mu_real``: a run that starts from an
+    already distilled student (``dmd.student_init``; MSD's per-part students from one student) begins with a DM
+    gradient of zero, and then follows a fake score that lags the student's distribution for hundreds of steps at
+    the two time-scale rule's learning rate (DMD2, Yin et al. 2024, Sec. 4.1). The checkpoint that the student
+    came from holds the critic that already tracks it. The critic's optimizer state is not carried over.
+
+    ``source``: a checkpoint folder (``.../checkpoints/step_NNNNNN``) or a run folder (its latest checkpoint). The
+    checkpoint's files are verified against their recorded sha256 first. Returns a one-line summary."""
+    import re
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from .checkpoint import CheckpointError, verify_checkpoint
+
+    path = Path(source)
+    if not (path / "models.safetensors").exists() and (path / "checkpoints" / "latest").exists():
+        path = path / "checkpoints" / (path / "checkpoints" / "latest").read_text().strip()
+    if not (path / "models.safetensors").exists():
+        raise ConfigError(f"dmd.critic_init {source}: not a checkpoint folder (no models.safetensors) nor a run "
+                          "folder with checkpoints/latest")
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as e:
+        raise ConfigError(f"dmd.critic_init: {e}") from e
+    pre = "player.critic."
+    src = {k[len(pre):]: v for k, v in load_file(path / "models.safetensors").items() if k.startswith(pre)}
+    if not src:
+        raise ConfigError(f"dmd.critic_init {path}: the checkpoint holds no critic (player 'critic'); it must come "
+                          "from a dmd / dmd2 run")
+    critics = {name: p.module for name, p in players.items() if re.fullmatch(r"critic(_\d+)?", name)}
+    if not critics:
+        raise ConfigError(f"dmd.critic_init: this method's objective has no critic to start (players: "
+                          f"{', '.join(players)})")
+    loaded, fresh = set(), set()
+    for module in critics.values():
+        for part, sub in module.named_children():   # fake (the fake score), head (GAN), pixel_disc
+            want = sub.state_dict()
+            have = {k[len(part) + 1:]: v for k, v in src.items() if k.startswith(part + ".")}
+            fits = have.keys() == want.keys() and all(have[k].shape == want[k].shape for k in want)
+            if part == "fake" and not fits:
+                bad = sorted((want.keys() ^ have.keys()) or
+                             {k for k in want if have[k].shape != want[k].shape})[:3]
+                raise ConfigError(f"dmd.critic_init {path}: its fake score does not match this run's critic network "
+                                  f"(the teacher's architecture); first differing tensors: {', '.join(bad)}")
+            if fits:
+                sub.load_state_dict(have)
+                loaded.add(part)
+            else:
+                fresh.add(part)
+    if "fake" not in loaded:
+        raise ConfigError(f"dmd.critic_init: this method's critic has no fake score to start (parts: "
+                          f"{', '.join(sorted(fresh)) or 'none'})")
+    line = f"dmd.critic_init: {len(critics)} critic(s) start from {path} ({' + '.join(sorted(loaded))})"
+    return line + (f"; fresh: {', '.join(sorted(fresh))}" if fresh else "")
