@@ -141,6 +141,20 @@ def test_curve_pick_reads_class_accuracy_on_more_samples_when_measured():
     assert pick_checkpoint(pts, 0.95)["step"] == 1600
 
 
+def test_curve_scores_video_runs_by_per_frame_metrics_and_never_picks_collapsed_clips():
+    from stepdistill.eval.curve import pick_checkpoint, video_aliases
+
+    r = {"frame_fid": 36.8, "frame_precision": 0.09, "frame_recall": 0.58, "frame_class_accuracy": 0.32,
+         "collapsed_frac": 0.0}
+    assert video_aliases(r) == {"fid": 36.8, "precision": 0.09, "recall": 0.58, "class_accuracy": 0.32}
+    assert video_aliases({"fid": 50.0, "class_accuracy": 0.9}) == {}          # image runs keep their own keys
+    pts = [{"step": 1000, "fid": 40.0, "collapsed_frac": 0.0}, {"step": 1200, "fid": 33.0, "collapsed_frac": 0.023},
+           {"step": 1400, "fid": 35.0, "collapsed_frac": 0.0}]
+    p = pick_checkpoint(pts, 0.0)
+    assert p["step"] == 1400 and p["met_bar"] and "no collapsed clip" in p["rule"]   # 1200 has empty clips
+    assert pick_checkpoint(pts[1:2], 0.0)["step"] == 1200 and not pick_checkpoint(pts[1:2], 0.0)["met_bar"]
+
+
 def test_curve_scores_class_accuracy_on_more_noise_and_records_the_pick(tmp_path, monkeypatch):
     """``--acc-num``: the extra accuracy uses other noise (seed + 1) than the FID samples; ``--pick-acc`` writes the
     pick into curve.json and the printed JSON."""

@@ -153,6 +153,7 @@ def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | N
         r.update(step=step, dmd_steps=max(step - warm, 0), sample_passes=sample_passes(cfg, step),
                  wall_seconds=json.loads((ckpt / "meta.json").read_text()).get("wall_seconds"))
         r.pop("model", None)
+        r.update(video_aliases(r))
         curve["points"] = sorted(curve["points"] + [r], key=lambda p: p["step"])
         atomic_write_text(path, json.dumps(curve, indent=2) + "\n")   # nothing lost if stopped mid-way
         if tracker is not None:
@@ -171,6 +172,18 @@ def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | N
     return curve
 
 
+#: a video run's per-frame metrics (stepdistill/eval/video.py) under the names the curve plots and picks by
+VIDEO_ALIASES = {"fid": "frame_fid", "precision": "frame_precision", "recall": "frame_recall",
+                 "class_accuracy": "frame_class_accuracy"}
+
+
+def video_aliases(r: dict) -> dict:
+    """``{fid: frame_fid, ...}`` for a video evaluation (per-frame FID against the real clips' frames), {} else."""
+    if r.get("frame_fid") is None or r.get("fid") is not None:
+        return {}
+    return {k: r.get(v) for k, v in VIDEO_ALIASES.items()}
+
+
 def point_accuracy(p: dict) -> float | None:
     """A point's class accuracy for picking: the one on more samples (``--acc-num``) when it was measured."""
     more = p.get("class_accuracy_more") or {}
@@ -178,17 +191,20 @@ def point_accuracy(p: dict) -> float | None:
 
 
 def pick_checkpoint(points: list[dict], acc_bar: float) -> dict:
-    """The selection rule: the lowest FID among points with class accuracy >= ``acc_bar`` (:func:`point_accuracy`),
-    else the lowest FID. Returns ``{"step", "fid", "class_accuracy", "rule", "met_bar"}``."""
+    """The selection rule: the lowest FID among points with class accuracy >= ``acc_bar`` (:func:`point_accuracy`)
+    and, for video runs, no collapsed clip (``collapsed_frac`` 0: static or solid-colour clips,
+    :mod:`stepdistill.video_stats`), else the lowest FID. Returns ``{"step", "fid", "class_accuracy", "rule",
+    "met_bar"}``."""
     scored = [p for p in points if p.get("fid") is not None]
     if not scored:
         raise ConfigError("no scored checkpoint to pick from")
-    ok = [p for p in scored if (point_accuracy(p) or 0.0) >= acc_bar]
+    ok = [p for p in scored if (point_accuracy(p) or 0.0) >= acc_bar and not p.get("collapsed_frac")]
     best = min(ok or scored, key=lambda p: p["fid"])
     n = (best.get("class_accuracy_more") or {}).get("num")
     on = f" (on {n} more samples)" if n else ""
+    video = " and no collapsed clip" if any("collapsed_frac" in p for p in scored) else ""
     return {"step": best["step"], "fid": best["fid"], "class_accuracy": point_accuracy(best), "met_bar": bool(ok),
-            "rule": f"lowest FID among checkpoints with class accuracy >= {acc_bar}{on}, else the lowest FID"}
+            "rule": f"lowest FID among checkpoints with class accuracy >= {acc_bar}{on}{video}, else the lowest FID"}
 
 
 def plot_curve(curve: dict, path: Path) -> Path:
