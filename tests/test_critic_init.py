@@ -81,3 +81,29 @@ def test_bad_critic_init_names_the_key(tiny_teacher, source_run, tmp_path):
         build_method(tiny_cfg(tiny_teacher, tmp_path / "c", **{"dmd.critic_init": bad_ckpt}))
     with pytest.raises(ConfigError, match="dmd.critic_init"):
         tiny_cfg(tiny_teacher, tmp_path / "d", method="phased_dmd", **{"dmd.critic_init": source_run})
+
+
+def test_msd_trains_the_pixel_discriminator_per_critic_and_starts_it_warm(tiny_teacher, source_run, tmp_path):
+    """method msd takes DMD2's pixel discriminator: one per private critic (each trained by its own critic update),
+    the shared critic's one for every part; dmd.critic_init loads it from the DMD2 checkpoint."""
+    ckpt = source_run / "checkpoints" / "step_000004"
+    src = load_file(ckpt / "models.safetensors")
+    over = {"dmd.gan": "true", "msd.num_students": 2, "msd.steps_per_student": 2, "train.max_steps": 4,
+            "dmd.pixel_gan_g_weight": 0.3, "dmd.pixel_gan_lr": 5e-4, "dmd.critic_init": ckpt}
+    obj, _, _ = build_method(tiny_cfg(tiny_teacher, tmp_path / "p", method="msd", **over))
+    discs = [obj.players[f"critic_{k}"].module["pixel_disc"] for k in range(2)]
+    assert discs[0] is not discs[1] and all(d is obj.subs[k].pixel_disc for k, d in enumerate(discs))
+    assert all(_equal(d, src, "player.critic.pixel_disc.") for d in discs)
+    shared, _, _ = build_method(tiny_cfg(tiny_teacher, tmp_path / "s", method="msd",
+                                         **{**over, "msd.shared_critic": "true"}))
+    d = shared.players["critic"].module["pixel_disc"]
+    assert all(sub.pixel_disc is d for sub in shared.subs)
+    # trained: after the run, each critic's pixel discriminator moved away from its warm start
+    out = tmp_path / "run"
+    distill(tiny_cfg(tiny_teacher, out, method="msd", **over))
+    got = load_file(out / "checkpoints" / "step_000004" / "models.safetensors")
+    for k in range(2):
+        pre = f"player.critic_{k}.pixel_disc."
+        moved = [not torch.equal(v, src["player.critic.pixel_disc." + n[len(pre):]])
+                 for n, v in got.items() if n.startswith(pre)]
+        assert moved and any(moved)

@@ -359,6 +359,10 @@ class DMDConfig(SharedDistillConfig):
     ca_t_max: float = 980.0
 
 
+#: methods whose objective trains :mod:`pixel_gan`'s discriminator with the critic (MSD: one per part's critic)
+PIXEL_GAN_METHODS = ("dmd", "dmd2", "msd")
+
+
 def check_dmd_section(cfg, check, dm_options: bool | None = None) -> None:
     """The ``dmd`` section of every DMD-family method: ranges of the critic, GAN, regression and pixel-GAN options;
     f-distill, Decoupled DMD and the pixel discriminator are options of the DMD objective only (``dm_options``:
@@ -390,5 +394,5 @@ def check_dmd_section(cfg, check, dm_options: bool | None = None) -> None:
         check(d.divergence == "reverse_kl", "dmd.divergence",
               f"forward_kl / js are supported by method dmd / dmd2 only, not {cfg.method}")
         check(not d.decoupled, "dmd.decoupled", f"is supported by method dmd / dmd2 only, not {cfg.method}")
-        check(d.pixel_gan_g_weight == 0, "dmd.pixel_gan_g_weight",
-              f"the pixel discriminator is supported by method dmd / dmd2 only, not {cfg.method}")
+        check(d.pixel_gan_g_weight == 0 or cfg.method in PIXEL_GAN_METHODS, "dmd.pixel_gan_g_weight",
+              f"the pixel discriminator is supported by methods {' / '.join(PIXEL_GAN_METHODS)} only, not {cfg.method}")

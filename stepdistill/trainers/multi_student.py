@@ -22,6 +22,9 @@ The algorithm, with the losses of each stage and the player each loss updates::
                      x = G_k(z, c), c ~ U(P_k); (z_i, c_i, y_i) teacher ODE pairs with c_i in P_k
                      (dmd.regression_weight > 0: DMD's regression loss, keeps the part's modes)
          critic_k:   L_fake + c_D [softplus(D(fake)) + softplus(-D(real))]   real ~ part k
+       (dmd.pixel_gan_g_weight > 0: DMD2's pixel-space discriminator too, one per critic, on the part's real
+       images; dmd.critic_init: every critic_k starts from a DMD2 run's critic, e.g. the one that trained the
+       student that dmd.student_init copies)
 
 Teacher score matching (TSM). A smaller student cannot start from the teacher's weights, and DM from
 a random network is slow and unstable, so (as in the paper) it first learns the teacher's denoiser:
@@ -208,8 +211,11 @@ class MultiStudentObjective(ObjectiveBase):
         if msd.shared_critic:  # DMD2's critic loss with the routed generator as its G
             self.mixed = DMDObjective(teacher, RoutedGenerator(students, self.table), critics[0], cfg, num_classes,
                                       self.shape, seed=seed, conds=self.conds)
-            for sub in self.subs if cfg.gan else []:  # one GAN head too
-                sub.head = self.mixed.head
+            for sub in self.subs:  # one GAN head and one pixel discriminator too (trained by the shared critic)
+                if cfg.gan:
+                    sub.head = self.mixed.head
+                if sub.pixel_disc is not None:
+                    sub.pixel_disc = self.mixed.pixel_disc
             self.players["critic"] = self.mixed.players["critic"]
         else:
             for k, sub in enumerate(self.subs):
