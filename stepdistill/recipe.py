@@ -28,7 +28,7 @@ from typing import Any
 #: dotted config keys a schedule may change, and the methods whose objective reads them live ("*": the trainer
 #: core reads them, so every method)
 SCHEDULABLE: dict[str, tuple[str, ...]] = {
-    **{f"dmd.{k}": ("dmd", "dmd2") for k in (
+    **{f"dmd.{k}": ("dmd", "dmd2", "msd") for k in (  # MSD: every part's DMD2 objective reads the same dmd section
         "dm_weight", "gan_g_weight", "gan_d_weight", "regression_weight", "pixel_gan_g_weight", "pixel_gan_d_weight",
         "pixel_gan_r1", "pixel_gan_lr", "t_min", "t_max", "critic_updates", "real_guidance_scale",
         "ca_weight", "dm_term_weight")},

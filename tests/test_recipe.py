@@ -130,8 +130,29 @@ def test_pixel_discriminator_cannot_be_switched_on_from_zero():
         load_config(DistillConfig, None, ["schedule=[{at: 5, set: {dmd.pixel_gan_g_weight: 0.3}}]"])
 
 
+def test_msd_parts_read_a_scheduled_dmd_value_from_its_step(tiny_teacher, tmp_path, monkeypatch):
+    """method msd: every part's DMD2 objective reads the one dmd section, so a scheduled DM CFG reaches all of them
+    at its step (the teacher ODE pairs, built before step 0, keep the configured value)."""
+    from conftest import tiny_cfg
+    from stepdistill.trainers.dmd import DMDObjective
+    from stepdistill.trainers.distill import distill
+
+    seen = []
+    orig = DMDObjective.generator_loss
+
+    def spy(self, ctx):
+        seen.append((ctx.step, self.cfg.real_guidance_scale))
+        return orig(self, ctx)
+
+    monkeypatch.setattr(DMDObjective, "generator_loss", spy)
+    cfg = tiny_cfg(tiny_teacher, tmp_path / "msd", method="msd", **{
+        "msd.num_students": 2, "msd.steps_per_student": 2, "schedule": "[{at: 2, set: {dmd.real_guidance_scale: 3.0}}]"})
+    distill(cfg)
+    assert seen == [(0, 2.0), (1, 2.0), (2, 3.0), (3, 3.0)]   # round robin: student 0, 1, 0, 1
+
+
 def test_method_specific_keys_are_refused_for_other_methods():
-    with pytest.raises(ConfigError, match="method dmd | dmd2 only, not rcm"):
+    with pytest.raises(ConfigError, match=r"method dmd \| dmd2 \| msd only, not rcm"):
         load_config(DistillConfig, None, ["method=rcm", "dmd.gan=false",
                                           "schedule=[{at: 5, set: {dmd.regression_weight: 0.5}}]"])
 
