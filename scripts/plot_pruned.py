@@ -1,6 +1,7 @@
 """Quality against latency of the one-step students (BENCHMARKS.md "Smaller one-step students"): the full-size
 student, the pruned ones (25 % and 50 % of the parameters asked, 31 % and 50 % removed), MSD's 4 half-size
-students; the teacher's FID (50 DDIM steps, CFG 2) as a reference line. Reads docs/benchmarks/prune/eval_*_test.json
+students; squares: the full 1,600-step recipe's students (configs/dmd2_animal_mnist_full.yaml); the teacher's FID
+(50 DDIM steps, CFG 2) as a reference line. Reads docs/benchmarks/prune/eval_*_test.json
 and bench_*.json, writes docs/pruned_quality_latency.png and prints the BENCHMARKS.md table rows.
 
     python scripts/plot_pruned.py
@@ -19,9 +20,22 @@ ROOT = Path(__file__).resolve().parents[1]
 B = ROOT / "docs" / "benchmarks" / "prune"
 ROWS = [("dmd2_full", "full size (DMD2 recipe)"), ("dmd2_25", "pruned + KD + DMD2"),
         ("dmd2_50", "pruned + KD + DMD2"), ("msd_pruned_reg", "MSD x4 from the pruned student"),
-        ("msd_tsm", "MSD x4, fresh + TSM")]
+        ("msd_tsm", "MSD x4, fresh + TSM"),
+        ("recipe_full", "full size, full recipe"), ("recipe_50", "pruned 50 % + KD, full recipe"),
+        ("msd_recipe_warm", "MSD x4 from it, warm critics")]
 TABLE = ROWS[:3] + [("dmd2_50_cfg3", "pruned + KD + DMD2, CFG 3"), ("msd_pruned", "MSD x4 from the pruned student, "
-                                                                              "no regression")] + ROWS[3:]
+                                                                              "no regression")] + ROWS[3:] + \
+    [("msd_recipe", "MSD x4 from it, fresh critics")]
+#: the full recipe's students (configs/dmd2_animal_mnist_full.yaml, 1,600 steps) have the networks of the main
+#: recipe's: their latency is that network's bench; the full-size student's test JSON is the recipe section's
+SAME_NETWORK = {"recipe_full": "dmd2_full", "recipe_50": "dmd2_50", "msd_recipe_warm": "msd_pruned_reg",
+                "msd_recipe": "msd_pruned_reg"}
+EVAL = {"recipe_full": ROOT / "docs" / "benchmarks" / "eval_recipe1600_seed0_step1600_test.json"}
+
+
+def files(name: str) -> tuple[Path, Path]:
+    """(test-split eval JSON, bench JSON) of a row."""
+    return EVAL.get(name, B / f"eval_{name}_test.json"), B / f"bench_{SAME_NETWORK.get(name, name)}.json"
 
 
 YMAX = 120
@@ -38,7 +52,7 @@ def main() -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, batch in zip(axes, (1, 32)):
         for name, label in ROWS:
-            ev, be = B / f"eval_{name}_test.json", B / f"bench_{name}.json"
+            ev, be = files(name)
             if not (ev.exists() and be.exists()):
                 continue
             e, b = json.loads(ev.read_text()), json.loads(be.read_text())
@@ -47,11 +61,11 @@ def main() -> None:
                 ax.annotate(f"{label}: FID {y:.0f} (off the chart)", (x, YMAX), fontsize=6, xytext=(0, -10),
                             textcoords="offset points", ha="center")
                 continue
-            ax.scatter([x], [y], s=40)
+            ax.scatter([x], [y], s=40, marker="s" if name in SAME_NETWORK else "o")
             share = b["config"]["student_params"] / b["config"]["teacher_params"]
             ax.annotate(f"{label}\n{share:.0%} of the teacher's params", (x, y), fontsize=6,
                         xytext=(4, 4), textcoords="offset points")
-        ax.set_ylim(55, YMAX)
+        ax.set_ylim(50, YMAX)
         ax.axhline(teacher["fid"], color="k", ls="--", lw=1, label=f"teacher, 50 steps (FID {teacher['fid']:.1f})")
         full = B / "bench_dmd2_full.json"
         if full.exists():
@@ -70,7 +84,7 @@ def main() -> None:
 def table() -> None:
     """The BENCHMARKS.md rows: parameters (per student), latency at batch 1 / 32, test metrics."""
     for name, label in TABLE:
-        ev, be = B / f"eval_{name}_test.json", B / f"bench_{name}.json"
+        ev, be = files(name)
         if not ev.exists():
             continue
         e = json.loads(ev.read_text())

@@ -54,3 +54,19 @@ done
 cp $R/eval_*_test.json $R/eval_*_val.json $R/prune_25.json $R/prune_50.json $D/
 python scripts/plot_pruned.py       # docs/pruned_quality_latency.png and the table rows
 python scripts/time_forwards.py $R/dmd2_full/student $R/dmd2_25/student $R/dmd2_50/student > $D/forwards_interleaved.json
+# The full recipe (configs/dmd2_animal_mnist_full.yaml, 1,600 steps) from the half-size KD network, picked on
+# validation as the full-size recipe student was; then MSD students that continue its last phase from that pick,
+# every critic from the same checkpoint (configs/msd_pruned_recipe_animal_mnist.yaml); the test split once each.
+$SD distill --config configs/dmd2_animal_mnist_full.yaml dmd.student_init=$R/kd_50/student output_dir=$R/full_50 $T \
+  > $R/full_50.log 2>&1
+$SD curve --run $R/full_50 --ref-split val --seed 1 --min-step 800 --every 200 --acc-num 2000 --pick-acc 0.96 \
+  --threads 1 --no-progress > $R/curve_full_50.log 2>&1
+cp $R/full_50/curve/curve.json $D/curve_recipe_50_val.json
+N=$(python -c "import json; print(json.load(open('$D/curve_recipe_50_val.json'))['pick']['step'])")
+$SD export --config $R/full_50/config.yaml --checkpoint $R/full_50/checkpoints/step_$(printf %06d $N) \
+  --out $R/full_50_pick > $R/full_50_pick.log 2>&1   # the MSD config's student_init / critic_init (step 1600 here)
+ev $R/full_50_pick recipe_50 0 test
+$SD distill --config configs/msd_pruned_recipe_animal_mnist.yaml $T > $R/msd_recipe_warm.log 2>&1
+val $R/msd_recipe_warm/student msd_recipe_warm; test_once $R/msd_recipe_warm/student msd_recipe_warm
+cp $R/eval_recipe_50_test.json $R/eval_msd_recipe_warm_*.json $D/
+python scripts/plot_pruned.py
