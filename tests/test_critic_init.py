@@ -81,6 +81,8 @@ def test_bad_critic_init_names_the_key(tiny_teacher, source_run, tmp_path):
         build_method(tiny_cfg(tiny_teacher, tmp_path / "c", **{"dmd.critic_init": bad_ckpt}))
     with pytest.raises(ConfigError, match="dmd.critic_init"):
         tiny_cfg(tiny_teacher, tmp_path / "d", method="phased_dmd", **{"dmd.critic_init": source_run})
+    with pytest.raises(ConfigError, match="dmd.critic_init: is not supported with dmd.lora_rank"):
+        tiny_cfg(tiny_teacher, tmp_path / "e", **{"dmd.critic_init": source_run, "dmd.lora_rank": 4})
 
 
 def test_msd_trains_the_pixel_discriminator_per_critic_and_starts_it_warm(tiny_teacher, source_run, tmp_path):

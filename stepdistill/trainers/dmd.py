@@ -379,6 +379,8 @@ def check_dmd_section(cfg, check, dm_options: bool | None = None) -> None:
     check(d.pixel_gan_width >= 1, "dmd.pixel_gan_width", "must be >= 1")
     check(d.pixel_gan_r1 >= 0, "dmd.pixel_gan_r1", "must be >= 0")
     check(d.critic_optim.lr > 0, "dmd.critic_optim.lr", "must be > 0")
+    check(not (d.critic_init and d.lora_rank > 0), "dmd.critic_init",
+          "is not supported with dmd.lora_rank > 0 (the critic is an adapter role on the student's shared base)")
     if dm_options is None:
         dm_options = cfg.method in ("dmd", "dmd2")
     if dm_options:
