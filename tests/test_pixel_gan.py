@@ -141,7 +141,7 @@ def test_pixel_gan_config_is_checked(tiny_teacher, tmp_path):
         cfg(**{"dmd.pixel_gan_r1": -0.5})
     with pytest.raises(ConfigError, match="dmd.pixel_gan_width"):
         cfg(**{"dmd.pixel_gan_width": 0})
-    with pytest.raises(ConfigError, match="dmd.pixel_gan_g_weight.*dmd / dmd2 only"):
+    with pytest.raises(ConfigError, match="dmd.pixel_gan_g_weight.*dmd / dmd2 / msd only, not phased_dmd"):
         cfg(**{"method": "phased_dmd", "dmd.pixel_gan_g_weight": 0.1})
 
 
