@@ -306,6 +306,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def latest_checkpoint(run: str | Path) -> Path | None:
+    """The checkpoint folder that a run's ``checkpoints/latest`` names, or None when the run has none."""
+    ptr = Path(run) / "checkpoints" / "latest"
+    return ptr.parent / ptr.read_text().strip() if ptr.exists() else None
+
+
 def load_ema_weights(output_dir: str | Path, modules: dict[str, nn.Module], checkpoint: str | Path | None = None,
                      weights: str = "ema") -> Path:
     """Load the EMA weights of the named players (``{"generator": module}``) from a run's checkpoint
@@ -313,13 +319,9 @@ def load_ema_weights(output_dir: str | Path, modules: dict[str, nn.Module], chec
     players' own (un-averaged) weights instead, to measure what the EMA buys. Returns the checkpoint path."""
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    ckpt_dir = Path(output_dir) / "checkpoints"
-    if checkpoint:
-        path = Path(checkpoint)
-    else:
-        if not (ckpt_dir / "latest").exists():
-            raise CheckpointError(f"no checkpoint in {ckpt_dir}; train first or pass --checkpoint")
-        path = ckpt_dir / (ckpt_dir / "latest").read_text().strip()
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(output_dir)
+    if path is None:
+        raise CheckpointError(f"no checkpoint in {Path(output_dir) / 'checkpoints'}; train first or pass --checkpoint")
     verify_checkpoint(path)  # a tampered or truncated checkpoint never reaches an export
     tensors = load_file(path / "models.safetensors")
     for name, m in modules.items():

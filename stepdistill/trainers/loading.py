@@ -6,15 +6,14 @@ from pathlib import Path
 
 from ..config import DistillConfig
 from ..methods import get_method
-from .checkpoint import load_ema_weights
+from .checkpoint import latest_checkpoint, load_ema_weights
 
 
 def load_trained(cfg: DistillConfig, checkpoint: str | Path | None = None, weights: str = "ema"):
     """``(ema modules {player: network}, objective, meta)`` of a run's checkpoint (latest by default);
     ``weights="raw"``: the players' own weights instead of their EMA."""
     method = get_method(cfg.method)
-    ptr = Path(cfg.output_dir) / "checkpoints" / "latest"
-    path = Path(checkpoint) if checkpoint else (ptr.parent / ptr.read_text().strip() if ptr.exists() else None)
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(cfg.output_dir)
     if path is not None:  # before building anything: another run's checkpoint is refused in one line
         check_checkpoint_matches(cfg, path)
     obj, _, meta = method.build(cfg)

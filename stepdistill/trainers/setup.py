@@ -223,11 +223,11 @@ def load_critic_init(players: dict, source: str) -> str:
 
     from safetensors.torch import load_file
 
-    from .checkpoint import CheckpointError, verify_checkpoint
+    from .checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
 
     path = Path(source)
-    if not (path / "models.safetensors").exists() and (path / "checkpoints" / "latest").exists():
-        path = path / "checkpoints" / (path / "checkpoints" / "latest").read_text().strip()
+    if not (path / "models.safetensors").exists():
+        path = latest_checkpoint(path) or path
     if not (path / "models.safetensors").exists():
         raise ConfigError(f"dmd.critic_init {source}: not a checkpoint folder (no models.safetensors) nor a run "
                           "folder with checkpoints/latest")
