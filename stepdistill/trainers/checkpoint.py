@@ -194,11 +194,10 @@ class CheckpointIO:
             self.load_checkpoint(path)
             say(f"--resume: continuing from {path} (step {self.step}, update {self.update})", file=sys.stderr)
             return True
-        ptr = self.ckpt_dir / "latest"
-        if not ptr.exists():
+        newest = latest_checkpoint(self.out)
+        if newest is None:
             say(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0", file=sys.stderr)
             return False
-        newest = self.ckpt_dir / ptr.read_text().strip()
         candidates = [newest] + sorted((p for p in self.ckpt_dir.glob("step_*") if p != newest and p.is_dir()),
                                        key=lambda p: p.name, reverse=True)
         errors = []

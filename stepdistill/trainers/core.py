@@ -33,7 +33,7 @@ from ..errors import NonFiniteLossError, TrainingInterrupted
 from ..meter import process_peak
 from ..recipe import Schedule
 from ..utils import atomic_write_text, plot_losses, save_grid
-from .checkpoint import CheckpointIO
+from .checkpoint import CheckpointIO, latest_checkpoint
 from .objective import Ctx, Objective, _param_groups, update_seed
 
 
@@ -211,10 +211,9 @@ class Trainer(CheckpointIO):
                 self.save_checkpoint()
                 msg = f"interrupted: saved checkpoint at step {self.step} update {self.update}"
             else:  # weights are part-way through an update: saving them would make resume re-apply it
-                latest = self.ckpt_dir / "latest"
-                last = latest.read_text().strip() if latest.exists() else None
+                last = latest_checkpoint(self.out)
                 msg = (f"interrupted mid-update at step {self.step}: nothing saved; resume continues from "
-                       + (f"checkpoint {last}" if last else "step 0 (no checkpoint yet)"))
+                       + (f"checkpoint {last.name}" if last else "step 0 (no checkpoint yet)"))
             if acc.is_main_process:
                 print(f"{msg}. Resume with:\n  {resume}", file=sys.stderr)
         return {"steps": self.step, "seconds": time.time() - t0, "interrupted": self._stop,

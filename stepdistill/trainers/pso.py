@@ -90,6 +90,7 @@ from ..models import ModelMeta, load_denoiser
 from ..pairs import weights_digest
 from ..pipelines.sampling import grid_sample, student_sample
 from ..tensor_cache import cached_tensors
+from .checkpoint import latest_checkpoint
 from .objective import Ctx, ObjectiveBase, Player, real_data_std, update_seed
 from .losses import pso_loss
 from .pso_data import build_target, load_preference_pairs
@@ -326,12 +327,9 @@ class PSOObjective(_TuneObjective):
     def _load_saved_pool(self, r: int) -> ReferencePool | None:
         if self.output_dir is None:
             return None
-        ckpt = self.output_dir / "checkpoints"
-        latest = ckpt / "latest"
-        if not latest.exists():
-            return None
-        f = ckpt / latest.read_text().strip() / ONLINE_REF_FILE
-        if not f.exists():
+        latest = latest_checkpoint(self.output_dir)
+        f = latest / ONLINE_REF_FILE if latest is not None else None
+        if f is None or not f.exists():
             return None
         d = load_file(str(f))
         if int(d["step"][0]) != r:
