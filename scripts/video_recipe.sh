@@ -9,10 +9,11 @@ stepdistill teacher --config configs/teacher_video_animal_mnist.yaml output_dir=
 for k in 1 2 4; do
   case $k in 1) ts="[999]";; 2) ts="[999,500]";; 4) ts="[999,750,500,250]";; esac
   stepdistill distill --config configs/dmd2_video_animal_mnist.yaml dmd.teacher=$T "dmd.student_timesteps=$ts" \
-    output_dir=runs/video/dmd2_$k
+    dmd.pixel_gan_g_weight=0.1 train.max_steps=450 output_dir=runs/video/dmd2_$k   # the file's settings until 2026-12-05
 done
 stepdistill distill --config configs/dmd2_video_animal_mnist.yaml --fork runs/video/dmd2_4/checkpoints/step_000450 \
-  dmd.teacher=$T "dmd.student_timesteps=[999,750,500,250]" train.max_steps=900 output_dir=runs/video/dmd2_4_long
+  dmd.teacher=$T "dmd.student_timesteps=[999,750,500,250]" dmd.pixel_gan_g_weight=0.1 train.max_steps=900 \
+  output_dir=runs/video/dmd2_4_long
 stepdistill distill --config configs/self_forcing_video_animal_mnist.yaml dmd.teacher=$T causal.mode=pipelined train.max_steps=360 \
   output_dir=runs/video/stream
 for m in dmd2_1 dmd2_2 dmd2_4 dmd2_4_long stream; do
@@ -31,3 +32,20 @@ stepdistill eval --model runs/video/dmd2_4_xl_pick --num 128 --ref-num 250 --out
 stepdistill eval --model $T --steps 50 --num 128 --ref-num 250 --out docs/benchmarks/video/eval_teacher.json
 python scripts/video_media.py --out docs/video teacher=$T:50 dmd2_1=runs/video/dmd2_1/student \
   dmd2_2=runs/video/dmd2_2/student dmd2_4=runs/video/dmd2_4/student stream=runs/video/stream/student
+# fourth session: three probes of the 4-step recipe, fresh runs, scored on the validation split only (rules written
+# before scoring); P1 (the pixel discriminator at 0.3 from DMD2's first step) won and is now the file's setting
+stepdistill distill --config configs/dmd2_video_animal_mnist.yaml output_dir=runs/video/p1   # the file as it is now
+stepdistill distill --config runs/video/p1/config.yaml --fork runs/video/p1/checkpoints/step_001200 train.max_steps=2000 \
+  output_dir=runs/video/p1_xl
+stepdistill distill --config configs/dmd2_video_animal_mnist.yaml dmd.pixel_gan_g_weight=0.1 dmd.regression_pairs=1024 \
+  "schedule=[{at: 150, set: {dmd.optim.lr: 2.0e-5, dmd.critic_optim.lr: 2.0e-5, train.ema_decay: 0.99}}]" \
+  output_dir=runs/video/p2                                   # P2: regression kept at 0.25 on 1,024 pairs
+stepdistill distill --config configs/dmd2_video_animal_mnist.yaml dmd.real_guidance_scale=2.0 train.max_steps=800 \
+  output_dir=runs/video/p3               # P3: P1 with the teacher's CFG 2 in the DM term
+for r in p1 p2 p3; do
+  stepdistill curve --run runs/video/$r --ref-split val --ref-num 250 --num 128 --seed 1 --min-step 600 --every 200 --pick-acc 0
+done
+stepdistill curve --run runs/video/p1_xl --ref-split val --ref-num 250 --num 128 --seed 1 --min-step 1400 --every 200 --pick-acc 0
+# the final pick by the rule (P1 step 800, validation 31.5), then the test split once
+stepdistill export --config runs/video/p1/config.yaml --out runs/video/p1_pick --checkpoint runs/video/p1/checkpoints/step_000800
+stepdistill eval --model runs/video/p1_pick --num 128 --ref-num 250 --out docs/benchmarks/video/eval_p1_pick.json
