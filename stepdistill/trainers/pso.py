@@ -328,10 +328,9 @@ class PSOObjective(_TuneObjective):
         if self.output_dir is None:
             return None
         latest = latest_checkpoint(self.output_dir)
-        f = latest / ONLINE_REF_FILE if latest is not None else None
-        if f is None or not f.exists():
+        if latest is None or not (latest / ONLINE_REF_FILE).exists():
             return None
-        d = load_file(str(f))
+        d = load_file(str(latest / ONLINE_REF_FILE))
         if int(d["step"][0]) != r:
             return None
         return ReferencePool(d["images"], d["labels"], r)
