@@ -294,12 +294,37 @@ def test_bad_settings_name_their_key(tiny_teacher, tmp_path):
         build_method(cfg)
 
 
-def test_prune_by_latency_counts_measured_savings(tiny_teacher, tmp_path):
+def test_prune_by_latency_counts_measured_savings(tiny_teacher, tmp_path, monkeypatch):
+    """``--by latency`` chooses on per-unit latency savings and meets the ratio on them. The clock is injected (a
+    fixed overhead plus a cost per parameter), so the choice does not hang on wall-clock noise; the real timer is
+    checked separately below."""
+    import stepdistill.prune as prune_mod
     from stepdistill.prune import prune_model
 
+    calls = []
+
+    def fake_latency(net, cal, batch, repeats=5):
+        calls.append(batch)
+        return 3.0 + param_count(net) / 1000.0  # ms
+
+    monkeypatch.setattr(prune_mod, "latency_ms", fake_latency)
     rec = prune_model(str(tiny_teacher), str(tmp_path / "lat"), ratio=0.2, by="latency", num=4, latency_batch=8,
                       progress=False)
-    assert rec["by"] == "latency" and rec["latency_ms_before"] > 0 and rec["latency_ms_after"] > 0
+    assert rec["by"] == "latency" and set(calls) == {8}
+    assert rec["latency_ms_before"] == pytest.approx(3.0 + rec["params_before"] / 1000.0)
+    assert rec["latency_ms_after"] == pytest.approx(3.0 + rec["params_after"] / 1000.0)
+    for s in rec["scores"]:  # each unit's saving is the whole net's latency minus the net without that unit
+        assert s["latency_ms"] == pytest.approx(s["params"] / 1000.0, rel=1e-6, abs=1e-6)
     saved = sum(s["latency_ms"] for s in rec["scores"] if s["unit"] in rec["removed"])
     assert saved >= 0.2 * rec["latency_ms_before"]  # the choice meets the ratio on the per-unit measurements
     assert rec["params_after"] < rec["params_before"]
+
+
+def test_latency_timer_measures_a_forward():
+    from stepdistill.pruning.criterion import latency_ms
+
+    net = _tiny_unet()
+    cal = make_calibration(_den(net), torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]), None, num=4,
+                           timesteps=(100, 500), seed=0)
+    ms = latency_ms(net, cal, batch=6, repeats=3)
+    assert 0 < ms < 60_000
