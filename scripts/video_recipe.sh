@@ -49,3 +49,21 @@ stepdistill curve --run runs/video/p1_xl --ref-split val --ref-num 250 --num 128
 # the final pick by the rule (P1 step 800, validation 31.5), then the test split once
 stepdistill export --config runs/video/p1/config.yaml --out runs/video/p1_pick --checkpoint runs/video/p1/checkpoints/step_000800
 stepdistill eval --model runs/video/p1_pick --num 128 --ref-num 250 --out docs/benchmarks/video/eval_p1_pick.json
+# fifth session: four more probes, forks of P1 at step 150 (the end of the warm-up), scored on the validation split
+# only (rules written before scoring); P5 (the regression pull off from step 250) won and is now the file's setting
+S150='{at: 150, set: {dmd.optim.lr: 2.0e-5, dmd.critic_optim.lr: 2.0e-5, train.ema_decay: 0.99}}'
+NOREG='{at: 250, set: {dmd.regression_weight: 0.0}}'
+F150="--config runs/video/p1/config.yaml --fork runs/video/p1/checkpoints/step_000150 train.max_steps=1000"
+stepdistill distill $F150 dmd.pixel_gan_g_weight=1.0 output_dir=runs/video/p4                # P4: pixel D 1.0
+stepdistill distill $F150 "schedule=[$S150, $NOREG]" output_dir=runs/video/p5                # P5: no regression pull
+stepdistill distill $F150 dmd.pixel_gan_g_weight=0.6 "schedule=[$S150, $NOREG]" output_dir=runs/video/p6  # P6: P5 + pixel D 0.6
+stepdistill distill $F150 "schedule=[{at: 150, set: {dmd.optim.lr: 2.0e-5, dmd.critic_optim.lr: 2.0e-5, train.ema_decay: 0.995}}, $NOREG]" \
+  output_dir=runs/video/p7                                                                   # P7: P5 + EMA 0.995
+for r in p4 p5 p6 p7; do
+  stepdistill curve --run runs/video/$r --ref-split val --ref-num 250 --num 128 --seed 1 --min-step 600 --every 200 --pick-acc 0
+done
+stepdistill eval --model $T --steps 50 --num 128 --ref-num 250 --ref-split val --seed 1 \
+  --out docs/benchmarks/video/eval_teacher_val.json                                          # for scale only
+# the pick by the rule (P5 step 800, validation 30.1), then the test split once
+stepdistill export --config runs/video/p5/config.yaml --out runs/video/p5_pick --checkpoint runs/video/p5/checkpoints/step_000800
+stepdistill eval --model runs/video/p5_pick --num 128 --ref-num 250 --out docs/benchmarks/video/eval_p5_pick.json
