@@ -64,6 +64,10 @@ for r in p4 p5 p6 p7; do
 done
 stepdistill eval --model $T --steps 50 --num 128 --ref-num 250 --ref-split val --seed 1 \
   --out docs/benchmarks/video/eval_teacher_val.json                                          # for scale only
+for r in p1 p5; do  # the same points at noise seed 2, for the record (changes no pick)
+  stepdistill curve --run runs/video/$r --out runs/video/$r/curve_seed2 --ref-split val --ref-num 250 --num 128 --seed 2 \
+    --min-step 800 --every 200 --pick-acc 0
+done
 # the pick by the rule (P5 step 800, validation 30.1), then the test split once
 stepdistill export --config runs/video/p5/config.yaml --out runs/video/p5_pick --checkpoint runs/video/p5/checkpoints/step_000800
 stepdistill eval --model runs/video/p5_pick --num 128 --ref-num 250 --out docs/benchmarks/video/eval_p5_pick.json
