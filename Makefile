@@ -16,8 +16,10 @@ run: install
 	stepdistill report --student $(RUN_DIR)/student --out $(RUN_DIR)/report --fid --num 100 --fid-num 500 \
 		--teacher-steps 25 --teacher-metrics docs/benchmarks/eval_teacher50.json
 
+# two workers, one per core (each test file on one worker: tests in a file share fixtures and ports; every
+# worker and the processes it starts use one torch thread, tests/conftest.py)
 test: install
-	$(PY) -m pytest -m "not slow" -p no:cacheprovider
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow" -p no:cacheprovider
 
 bench: install
 	stepdistill bench --student $(RUN_DIR)/student

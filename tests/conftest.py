@@ -5,6 +5,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# one thread per process, subprocesses included: `make test` runs two workers on two cores, and a 2-thread torch job
+# beside another busy process slows several-fold
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 import pytest
 import torch

@@ -54,7 +54,8 @@ def test_bench_json_keys_and_exact_nfe(tiny_teacher, student2, capsys):
         for s in r["student"]:
             assert s["speedup"] == pytest.approx(t["latency_s"] / s["latency_s"])
         assert r["bare_forward"]["latency_s"] > 0
-        assert r["pipeline_overhead"] >= 0.5  # sanity only: 1.0 is the floor up to timing noise
+        # the fewest-step pipeline's time over its one bare forward (no bound on wall-clock noise: no timed asserts)
+        assert r["pipeline_overhead"] == pytest.approx(r["student"][0]["latency_s"] / r["bare_forward"]["latency_s"])
 
 
 def test_bench_without_cfg_and_step_subset(tiny_teacher, student2, capsys):
