@@ -155,6 +155,29 @@ def test_curve_scores_video_runs_by_per_frame_metrics_and_never_picks_collapsed_
     assert pick_checkpoint(pts[1:2], 0.0)["step"] == 1200 and not pick_checkpoint(pts[1:2], 0.0)["met_bar"]
 
 
+def test_pick_over_noise_seeds_reads_the_mean_and_excludes_a_collapse_on_any_seed():
+    """--pick-with: P5 (BENCHMARKS "The regression pull off on video") read 30.1 / 31.8 at steps 800 / 1000 on seed 1
+    and 30.2 / 31.8 on seed 2, with a collapsed clip at 1000 on seed 2 only."""
+    from stepdistill.eval.curve import mean_points, pick_checkpoint
+
+    s1 = {"points": [{"step": 600, "fid": 34.9, "collapsed_frac": 0.0}, {"step": 800, "fid": 30.1, "collapsed_frac": 0.0},
+                     {"step": 1000, "fid": 31.8, "collapsed_frac": 0.0}]}
+    s2 = {"points": [{"step": 800, "fid": 30.2, "collapsed_frac": 0.0},
+                     {"step": 1000, "fid": 31.8, "collapsed_frac": 1 / 128}]}
+    m = mean_points([s1, s2])
+    assert [p["step"] for p in m] == [800, 1000]                     # 600 was not scored on seed 2
+    assert m[0]["fid"] == pytest.approx(30.15) and m[0]["per_seed"] == [30.1, 30.2]
+    assert m[1]["collapsed_frac"] == 1 / 128                            # a collapse on any seed counts
+    assert pick_checkpoint(m, 0.0)["step"] == 800
+    # the mean can reverse a one-seed pick: seed 1 alone prefers 1000, the mean prefers 800
+    a = {"points": [{"step": 800, "fid": 31.0, "class_accuracy": 0.9}, {"step": 1000, "fid": 30.0, "class_accuracy": 0.9}]}
+    b = {"points": [{"step": 800, "fid": 30.0, "class_accuracy": 0.8}, {"step": 1000, "fid": 32.0, "class_accuracy": 0.9}]}
+    assert pick_checkpoint(a["points"], 0.0)["step"] == 1000
+    mab = mean_points([a, b])
+    assert pick_checkpoint(mab, 0.0)["step"] == 800 and mab[0]["class_accuracy"] == pytest.approx(0.85)
+    assert pick_checkpoint(mab, 0.86)["step"] == 1000                  # the bar reads the mean accuracy too
+
+
 def test_curve_scores_class_accuracy_on_more_noise_and_records_the_pick(tmp_path, monkeypatch):
     """``--acc-num``: the extra accuracy uses other noise (seed + 1) than the FID samples; ``--pick-acc`` writes the
     pick into curve.json and the printed JSON."""
@@ -203,6 +226,23 @@ def test_curve_scores_class_accuracy_on_more_noise_and_records_the_pick(tmp_path
         C.quality_curve(run, num=20, seed=3, acc_num=0, out=tmp_path / "c")
     with pytest.raises(ConfigError, match="--pick-acc"):
         C.quality_curve(run, num=20, seed=3, pick_acc=1.5, out=tmp_path / "d")
+    # --pick-with: another noise seed's curve of the same run; the pick reads the mean of the two
+    other = {"run": str(run), "num": 20, "seed": 7,
+             "points": [{"step": 2, "fid": 50.0, "class_accuracy": 0.98}, {"step": 4, "fid": 20.0, "class_accuracy": 1.0}]}
+    (tmp_path / "seed7.json").write_text(json.dumps(other))
+    res = C.quality_curve(run, num=20, seed=3, acc_num=100, pick_acc=0.94, out=tmp_path / "c",
+                          pick_with=[tmp_path / "seed7.json"])
+    assert res["pick"]["step"] == 4 and res["pick"]["seeds"] == [3, 7]   # 4 now passes: (0.90 + 1.0) / 2 >= 0.94
+    assert res["pick"]["fid"] == pytest.approx(30.0) and "mean over noise seeds 3, 7" in res["pick"]["rule"]
+    for bad, msg in (({**other, "seed": 3}, "at another seed"), ({**other, "run": "elsewhere"}, "is not this run")):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match=msg):
+            C.quality_curve(run, num=20, seed=3, acc_num=100, pick_acc=0.95, out=tmp_path / "c",
+                            pick_with=[tmp_path / "bad.json"])
+    with pytest.raises(ConfigError, match="needs --pick-acc"):
+        C.quality_curve(run, num=20, seed=3, acc_num=100, out=tmp_path / "c", pick_with=[tmp_path / "seed7.json"])
+    with pytest.raises(ConfigError, match="no such curve.json"):
+        C.quality_curve(run, num=20, seed=3, acc_num=100, pick_acc=0.9, out=tmp_path / "c", pick_with=[tmp_path / "x"])
 
 
 class _Here:

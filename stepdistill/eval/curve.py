@@ -14,7 +14,8 @@ scored on the same ``num`` noises, so a bar on class accuracy read from 500 samp
 happened to pass it on that draw (measured: 0.972 on the validation noise, 0.957 over 4,000 fresh samples;
 BENCHMARKS.md "The full recipe at 1,600 steps"). ``--acc-num N`` also scores class accuracy on ``N`` more
 class-balanced samples at noise seed ``seed + 1`` (class accuracy needs no reference images: nothing held out is
-touched), and the pick then reads that.
+touched), and the pick then reads that. ``--pick-with OTHER/curve.json ...`` picks on the mean over several curves
+of the same run at other noise seeds (:func:`mean_points`): one noise draw's luck is then averaged out of the pick.
 """
 from __future__ import annotations
 
@@ -101,15 +102,17 @@ def sample_passes(cfg, step: int) -> int:
 def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | None = None,
                   teacher_eval: str | None = None, every: int = 1, out: str | Path | None = None,
                   progress: bool = False, min_step: int = 0, acc_num: int = 0, pick_acc: float | None = None,
-                  **eval_kwargs) -> dict:
+                  pick_with: list | tuple = (), **eval_kwargs) -> dict:
     """Score every ``every``-th checkpoint of ``run`` (see module docstring); returns the curve dict.
     ``eval_kwargs`` go to :func:`~stepdistill.eval.generate.evaluate_model` (``ref``, ``ref_num``, ...).
-    ``acc_num``: class accuracy on that many more samples per checkpoint; ``pick_acc``: record the pick."""
+    ``acc_num``: class accuracy on that many more samples per checkpoint; ``pick_acc``: record the pick;
+    ``pick_with``: ``curve.json`` files of the same run at other noise seeds, the pick then reads the mean."""
     from ..config import DistillConfig, load_config
     from ..methods import get_method
     from ..trainers.loading import load_trained
     from .generate import class_accuracy_of, evaluate_model
 
+    others = [_other_curve(c, pick_acc) for c in pick_with]
     if acc_num < 0 or acc_num == 1:
         raise ConfigError(f"--acc-num must be 0 (off) or >= 2, got {acc_num}")
     if pick_acc is not None and not 0 <= pick_acc <= 1:
@@ -165,7 +168,17 @@ def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | N
         curve["teacher"] = {k: t.get(k) for k in ("fid", "recall", "precision", "class_accuracy", "min_class_recall",
                                                   "diversity", "steps", "nfe_per_sample")}
     if pick_acc is not None and curve["points"]:
-        curve["pick"] = pick_checkpoint(curve["points"], pick_acc)
+        if others:
+            seeds = [seed] + [o.get("seed") for o in others]
+            for o in others:
+                if (o.get("run"), o.get("num")) != (curve["run"], num) or o.get("seed") == seed:
+                    raise ConfigError(f"--pick-with: a curve of {o.get('run')} at num={o.get('num')} seed="
+                                      f"{o.get('seed')} is not this run ({curve['run']}, num={num}) at another seed")
+            pick = pick_checkpoint(mean_points([curve] + others), pick_acc)
+            curve["pick"] = {**pick, "seeds": seeds, "rule": f"{pick['rule']}; each point the mean over noise seeds "
+                             f"{', '.join(map(str, seeds))}"}
+        else:
+            curve["pick"] = pick_checkpoint(curve["points"], pick_acc)
     atomic_write_text(path, json.dumps(curve, indent=2) + "\n")
     if curve["points"]:
         plot_curve(curve, out / "curve.png")
@@ -188,6 +201,33 @@ def point_accuracy(p: dict) -> float | None:
     """A point's class accuracy for picking: the one on more samples (``--acc-num``) when it was measured."""
     more = p.get("class_accuracy_more") or {}
     return more.get("accuracy") if more.get("accuracy") is not None else p.get("class_accuracy")
+
+
+def _other_curve(path, pick_acc) -> dict:
+    if pick_acc is None:
+        raise ConfigError("--pick-with needs --pick-acc (it changes how the pick is made)")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--pick-with {path}: no such curve.json")
+    return json.loads(path.read_text())
+
+
+def mean_points(curves: list[dict]) -> list[dict]:
+    """One point per step scored in every curve (the same run at different noise seeds): FID and class accuracy
+    (:func:`point_accuracy`) averaged, ``collapsed_frac`` the largest (a collapsed clip on any seed counts), and
+    ``per_seed`` FIDs for the record. Steps missing from any curve are left out."""
+    by_step = [{p["step"]: p for p in c["points"] if p.get("fid") is not None} for c in curves]
+    steps = sorted(set.intersection(*(set(b) for b in by_step)))
+    out = []
+    for s in steps:
+        ps = [b[s] for b in by_step]
+        accs = [point_accuracy(p) for p in ps]
+        point = {"step": s, "fid": sum(p["fid"] for p in ps) / len(ps), "per_seed": [p["fid"] for p in ps],
+                 "class_accuracy": None if None in accs else sum(accs) / len(accs)}
+        if any("collapsed_frac" in p for p in ps):
+            point["collapsed_frac"] = max(p.get("collapsed_frac") or 0.0 for p in ps)
+        out.append(point)
+    return out
 
 
 def pick_checkpoint(points: list[dict], acc_bar: float) -> dict:

@@ -96,7 +96,7 @@ def cmd_curve(a):
     res = quality_curve(a.run, num=a.num, seed=a.seed, steps=a.steps, teacher_eval=a.teacher_eval, every=a.every,
                         out=a.out, progress=not a.no_progress, ref=a.ref, ref_split=a.ref_split, ref_num=a.ref_num,
                         diversity_extractor=a.diversity_extractor, min_step=a.min_step, acc_num=a.acc_num,
-                        pick_acc=a.pick_acc)
+                        pick_acc=a.pick_acc, pick_with=a.pick_with)
     keys = ("step", "wall_seconds", "fid", "precision", "recall", "min_class_recall", "class_accuracy", "diversity")
     points = [{k: p.get(k) for k in keys} | ({"class_accuracy_more": p["class_accuracy_more"]["accuracy"]}
                                              if p.get("class_accuracy_more") else {}) for p in res["points"]]
@@ -345,6 +345,9 @@ def add_commands(sub) -> None:
     p.add_argument("--pick-acc", type=float, default=None,
                    help="record the pick: lowest FID with class accuracy >= this (the --acc-num one if measured), "
                         "else the lowest FID. Use with --ref-split val")
+    p.add_argument("--pick-with", nargs="+", default=(), metavar="CURVE_JSON",
+                   help="with --pick-acc: curve.json files of this run at other --seed values (--out keeps them "
+                        "apart); the pick reads each step's mean over the seeds")
     p.add_argument("--out", default=None, help="output folder (default RUN/curve): curve.json, curve.png")
     _ref_args(p)
     _common(p, device=False)
