@@ -109,3 +109,28 @@ def test_msd_trains_the_pixel_discriminator_per_critic_and_starts_it_warm(tiny_t
         moved = [not torch.equal(v, src["player.critic.pixel_disc." + n[len(pre):]])
                  for n, v in got.items() if n.startswith(pre)]
         assert moved and any(moved)
+
+
+def test_resume_and_export_do_not_need_the_critic_init_source(tiny_teacher, source_run, tmp_path, capsys):
+    """A resumed run restores its critics from its own checkpoint: dmd.critic_init's source may be gone by then (a
+    user cleaned up old runs), and the resumed run equals the uninterrupted one. Export reads only the checkpoint."""
+    import shutil
+
+    from stepdistill.trainers.loading import load_trained
+
+    src = tmp_path / "src_ckpt"
+    shutil.copytree(source_run / "checkpoints" / "step_000004", src)
+    over = {"dmd.gan": "true", "dmd.pixel_gan_g_weight": 0.1, "dmd.critic_init": src}
+    distill(tiny_cfg(tiny_teacher, tmp_path / "full", **over))
+    distill(tiny_cfg(tiny_teacher, tmp_path / "part", **over, **{"train.max_steps": 2}))
+    shutil.rmtree(src)
+    with pytest.raises(ConfigError, match="dmd.critic_init"):       # a fresh run still needs it
+        build_method(tiny_cfg(tiny_teacher, tmp_path / "fresh", **over))
+    capsys.readouterr()
+    distill(tiny_cfg(tiny_teacher, tmp_path / "part", **over), resume=True)
+    assert "dmd.critic_init: not read" in capsys.readouterr().out
+    a = load_file(tmp_path / "full" / "checkpoints" / "step_000004" / "models.safetensors")
+    b = load_file(tmp_path / "part" / "checkpoints" / "step_000004" / "models.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    modules, _, _ = load_trained(tiny_cfg(tiny_teacher, tmp_path / "part", **over))   # export's loader
+    assert all(torch.equal(v, a["ema.generator." + k]) for k, v in modules["generator"].state_dict().items())

@@ -12,7 +12,9 @@ from ..denoiser import Denoiser
 from ..methods import get_method
 from ..models import ModelMeta
 from ..utils import atomic_folder, atomic_write_text
+from .checkpoint import latest_checkpoint
 from .core import Trainer, raise_if_interrupted
+from .setup import restoring_checkpoint
 
 
 def build_method(cfg: DistillConfig, teacher: Denoiser | None = None, meta: ModelMeta | None = None,
@@ -22,6 +24,16 @@ def build_method(cfg: DistillConfig, teacher: Denoiser | None = None, meta: Mode
     denoiser instead of ``dmd.teacher`` (PSO: the distilled model to tune); ``data`` / ``text_bank``: see
     :func:`stepdistill.trainers.setup.prepare`."""
     return get_method(cfg.method).build(cfg, teacher=teacher, meta=meta, data=data, text_bank=text_bank)
+
+
+def restores_checkpoint(cfg: DistillConfig, resume: bool | str) -> bool:
+    """Whether :meth:`~stepdistill.trainers.core.Trainer.train` will load the run's own checkpoint: ``--resume``
+    with a checkpoint to resume from (a named one, ``last_good``, or ``latest`` when the run has one; a named one
+    that is missing fails there). Then every player's weights come from it, and the build skips
+    ``dmd.critic_init`` (:func:`~stepdistill.trainers.setup.restoring_checkpoint`)."""
+    if not resume:
+        return False
+    return resume not in (True, "latest") or latest_checkpoint(cfg.output_dir) is not None
 
 
 def distill(cfg: DistillConfig, resume: bool | str = False, accelerator=None, teacher: Denoiser | None = None,
@@ -36,7 +48,8 @@ def distill(cfg: DistillConfig, resume: bool | str = False, accelerator=None, te
         torch.set_num_threads(cfg.train.threads)
     t_build = time.time()
     method = get_method(cfg.method)  # the one lookup: its builder now, its exporter at the end
-    obj, data, meta = method.build(cfg, teacher=teacher, meta=meta, data=data, text_bank=text_bank)
+    with restoring_checkpoint(restores_checkpoint(cfg, resume) and not fork):
+        obj, data, meta = method.build(cfg, teacher=teacher, meta=meta, data=data, text_bank=text_bank)
     trainer = Trainer(obj, cfg, accelerator=accelerator, data=data)
     trainer.setup_seconds = time.time() - t_build  # teacher ODE pairs etc.: counted in the run's wall time
     result = trainer.train(resume=resume, overwrite=overwrite, fork=fork)

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..config import DistillConfig
 from ..methods import get_method
 from .checkpoint import latest_checkpoint, load_ema_weights
+from .setup import restoring_checkpoint
 
 
 def load_trained(cfg: DistillConfig, checkpoint: str | Path | None = None, weights: str = "ema"):
@@ -16,7 +17,8 @@ def load_trained(cfg: DistillConfig, checkpoint: str | Path | None = None, weigh
     path = Path(checkpoint) if checkpoint else latest_checkpoint(cfg.output_dir)
     if path is not None:  # before building anything: another run's checkpoint is refused in one line
         check_checkpoint_matches(cfg, path)
-    obj, _, meta = method.build(cfg)
+    with restoring_checkpoint(path is not None):  # the checkpoint's weights replace any dmd.critic_init
+        obj, _, meta = method.build(cfg)
     modules = method.ema_modules(obj)
     load_ema_weights(cfg.output_dir, modules, checkpoint, weights)
     return modules, obj, meta

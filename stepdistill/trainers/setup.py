@@ -5,6 +5,8 @@ teacher as the adapters-disabled view of a shared LoRA base. :func:`student_and_
 two trainable players of the DMD family."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 from dataclasses import dataclass
 
@@ -204,6 +206,24 @@ def _load_student_weights(student: Denoiser, source: str, allow_pickle: bool, lo
     student.backbone.load_state_dict(got)
 
 
+#: True while a method is built for a run that will restore its own checkpoint (``--resume`` with one to resume
+#: from): every player's weights then come from that checkpoint, so ``dmd.critic_init`` is not read
+_RESTORING = contextvars.ContextVar("stepdistill_restoring", default=False)
+
+
+@contextlib.contextmanager
+def restoring_checkpoint(restoring: bool = True):
+    """Build a method for a run that resumes from its own checkpoint (:func:`stepdistill.trainers.distill.distill`):
+    :func:`load_critic_init` then reads nothing, so a resumed run does not need its ``dmd.critic_init`` source any
+    more (it may have been moved or deleted). ``dmd.student_init`` is still read: a pruned student's network shape
+    comes from its folder."""
+    token = _RESTORING.set(bool(restoring))
+    try:
+        yield
+    finally:
+        _RESTORING.reset(token)
+
+
 def load_critic_init(players: dict, source: str) -> str:
     r"""``dmd.critic_init``: every critic player of an objective (``critic``; MSD's ``critic_k``) starts from the
     critic of a DMD / DMD2 run's checkpoint instead of a teacher copy with fresh heads: its fake score always, its GAN
@@ -217,7 +237,10 @@ def load_critic_init(players: dict, source: str) -> str:
     came from holds the critic that already tracks it. The critic's optimizer state is not carried over.
 
     ``source``: a checkpoint folder (``.../checkpoints/step_NNNNNN``) or a run folder (its latest checkpoint). The
-    checkpoint's files are verified against their recorded sha256 first. Returns a one-line summary."""
+    checkpoint's files are verified against their recorded sha256 first. Returns a one-line summary. Inside
+    :func:`restoring_checkpoint` (a resumed run) nothing is read: the run's own checkpoint holds its critics."""
+    if _RESTORING.get():
+        return f"dmd.critic_init: not read ({source}): the run resumes from its own checkpoint, which holds the critics"
     import re
     from pathlib import Path
 
