@@ -71,3 +71,16 @@ done
 # the pick by the rule (P5 step 800, validation 30.1), then the test split once
 stepdistill export --config runs/video/p5/config.yaml --out runs/video/p5_pick --checkpoint runs/video/p5/checkpoints/step_000800
 stepdistill eval --model runs/video/p5_pick --num 128 --ref-num 250 --out docs/benchmarks/video/eval_p5_pick.json
+# sixth session: two probes of quieter late steps, forks of P5 at step 600, picked on the mean of validation noise
+# seeds 1 and 2 (--pick-with); neither won (BENCHMARKS "Quieter late steps on video")
+S600="--config runs/video/p5/config.yaml --fork runs/video/p5/checkpoints/step_000600 train.max_steps=1000"
+stepdistill distill $S600 "schedule=[$S150, $NOREG, {at: 600, set: {dmd.optim.lr: 1.0e-5, dmd.critic_optim.lr: 1.0e-5}}, \
+  {at: 800, set: {dmd.optim.lr: 5.0e-6, dmd.critic_optim.lr: 5.0e-6}}]" output_dir=runs/video/p8   # P8: lr annealed
+stepdistill distill $S600 "schedule=[$S150, $NOREG, {at: 600, set: {train.batch_size: 16}}]" \
+  output_dir=runs/video/p9                                                                   # P9: batch 16
+for r in p8 p9; do
+  stepdistill curve --run runs/video/$r --out runs/video/$r/curve_seed2 --ref-split val --ref-num 250 --num 128 --seed 2 \
+    --min-step 800 --every 200 --pick-acc 0
+  stepdistill curve --run runs/video/$r --out runs/video/$r/curve_seed1 --ref-split val --ref-num 250 --num 128 --seed 1 \
+    --min-step 800 --every 200 --pick-acc 0 --pick-with runs/video/$r/curve_seed2/curve.json
+done
