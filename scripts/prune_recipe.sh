@@ -80,3 +80,8 @@ $SD distill --config configs/dmd2_animal_mnist_full.yaml dmd.student_init=$R/kd_
 $SD curve --run $R/full_50_kd2000 --ref-split val --seed 1 --min-step 800 --every 200 --acc-num 2000 --pick-acc 0.96 \
   --threads 1 --no-progress > $R/curve_full_50_kd2000.log 2>&1
 cp $R/full_50_kd2000/curve/curve.json $D/curve_recipe_50_kd2000_val.json
+# the two KD networks as many-step models on validation (50 DDIM steps, CFG 2)
+$SD export --config $R/kd_50_long/config.yaml --checkpoint $R/kd_50_long/checkpoints/step_001000 --out $R/kd_50_1000
+for n in 1000 2000; do
+  $SD eval --model $R/kd_50_$n --num 500 --seed 1 --ref-split val --threads 1 --no-progress --out $D/eval_kd_50_${n}_val.json
+done
