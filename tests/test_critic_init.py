@@ -134,3 +134,13 @@ def test_resume_and_export_do_not_need_the_critic_init_source(tiny_teacher, sour
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     modules, _, _ = load_trained(tiny_cfg(tiny_teacher, tmp_path / "part", **over))   # export's loader
     assert all(torch.equal(v, a["ema.generator." + k]) for k, v in modules["generator"].state_dict().items())
+
+
+def test_which_resumes_restore_a_checkpoint(source_run, tmp_path):
+    """The build skips dmd.critic_init exactly when load_resume_point will load a checkpoint of the run."""
+    from stepdistill.trainers.checkpoint import restores_checkpoint
+
+    assert not restores_checkpoint(source_run, False)
+    assert restores_checkpoint(source_run, True) and restores_checkpoint(source_run, "latest")
+    assert not restores_checkpoint(tmp_path / "empty", True)          # --resume on an empty run: starts at step 0
+    assert restores_checkpoint(tmp_path / "empty", "last_good")       # a named one: loaded, or refused when missing

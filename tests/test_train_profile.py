@@ -234,11 +234,17 @@ def test_curve_scores_class_accuracy_on_more_noise_and_records_the_pick(tmp_path
                           pick_with=[tmp_path / "seed7.json"])
     assert res["pick"]["step"] == 4 and res["pick"]["seeds"] == [3, 7]   # 4 now passes: (0.90 + 1.0) / 2 >= 0.94
     assert res["pick"]["fid"] == pytest.approx(30.0) and "mean over noise seeds 3, 7" in res["pick"]["rule"]
-    for bad, msg in (({**other, "seed": 3}, "at another seed"), ({**other, "run": "elsewhere"}, "is not this run")):
+    scored = len(calls)
+    for bad, msg in (({**other, "seed": 3}, "at another seed"), ({**other, "run": "elsewhere"}, "is not this run"),
+                     ({**other, "num": 500}, "num=500")):
         (tmp_path / "bad.json").write_text(json.dumps(bad))
-        with pytest.raises(ConfigError, match=msg):
-            C.quality_curve(run, num=20, seed=3, acc_num=100, pick_acc=0.95, out=tmp_path / "c",
+        with pytest.raises(ConfigError, match=msg):     # a fresh --out: refused before any checkpoint is scored
+            C.quality_curve(run, num=20, seed=3, acc_num=100, pick_acc=0.95, out=tmp_path / "fresh",
                             pick_with=[tmp_path / "bad.json"])
+    with pytest.raises(ConfigError, match="seed=7 is not this run"):   # two curves at one seed count once, not twice
+        C.quality_curve(run, num=20, seed=3, acc_num=100, pick_acc=0.95, out=tmp_path / "fresh",
+                        pick_with=[tmp_path / "seed7.json", tmp_path / "seed7.json"])
+    assert len(calls) == scored and not (tmp_path / "fresh" / "curve.json").exists()
     with pytest.raises(ConfigError, match="needs --pick-acc"):
         C.quality_curve(run, num=20, seed=3, acc_num=100, out=tmp_path / "c", pick_with=[tmp_path / "seed7.json"])
     with pytest.raises(ConfigError, match="no such curve.json"):

@@ -112,7 +112,7 @@ def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | N
     from ..trainers.loading import load_trained
     from .generate import class_accuracy_of, evaluate_model
 
-    others = [_other_curve(c, pick_acc) for c in pick_with]
+    others = _other_curves(pick_with, pick_acc, Path(run), num, seed)  # refused before any scoring, not after
     if acc_num < 0 or acc_num == 1:
         raise ConfigError(f"--acc-num must be 0 (off) or >= 2, got {acc_num}")
     if pick_acc is not None and not 0 <= pick_acc <= 1:
@@ -170,10 +170,6 @@ def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | N
     if pick_acc is not None and curve["points"]:
         if others:
             seeds = [seed] + [o.get("seed") for o in others]
-            for o in others:
-                if (o.get("run"), o.get("num")) != (curve["run"], num) or o.get("seed") == seed:
-                    raise ConfigError(f"--pick-with: a curve of {o.get('run')} at num={o.get('num')} seed="
-                                      f"{o.get('seed')} is not this run ({curve['run']}, num={num}) at another seed")
             pick = pick_checkpoint(mean_points([curve] + others), pick_acc)
             curve["pick"] = {**pick, "seeds": seeds, "rule": f"{pick['rule']}; each point the mean over noise seeds "
                              f"{', '.join(map(str, seeds))}"}
@@ -203,13 +199,22 @@ def point_accuracy(p: dict) -> float | None:
     return more.get("accuracy") if more.get("accuracy") is not None else p.get("class_accuracy")
 
 
-def _other_curve(path, pick_acc) -> dict:
-    if pick_acc is None:
+def _other_curves(paths, pick_acc, run: Path, num: int, seed: int) -> list[dict]:
+    """The ``--pick-with`` curves: each of ``run`` at ``num`` samples and at a noise seed of its own."""
+    if paths and pick_acc is None:
         raise ConfigError("--pick-with needs --pick-acc (it changes how the pick is made)")
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--pick-with {path}: no such curve.json")
-    return json.loads(path.read_text())
+    out, seeds = [], {seed}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ConfigError(f"--pick-with {path}: no such curve.json")
+        o = json.loads(path.read_text())
+        same_run = o.get("run") is not None and Path(o["run"]).resolve() == run.resolve()
+        if not same_run or o.get("num") != num or o.get("seed") in seeds:
+            raise ConfigError(f"--pick-with {path}: a curve of {o.get('run')} at num={o.get('num')} seed="
+                              f"{o.get('seed')} is not this run ({run}, num={num}) at another seed")
+        seeds.add(o.get("seed"))
+        out.append(o)
+    return out
 
 
 def mean_points(curves: list[dict]) -> list[dict]:

@@ -183,7 +183,8 @@ class CheckpointIO:
         return {n: plain_copy(self._ema_templates[n], sd) for n, sd in full.items()} if keep else {}
 
     def load_resume_point(self, which: bool | str = "latest") -> bool:
-        """Load the checkpoint to resume from (see :meth:`train`); False when the run has none yet."""
+        """Load the checkpoint to resume from (see :meth:`train`); False when the run has none yet (predicted before
+        the build by :func:`restores_checkpoint`)."""
         which = "latest" if which is True else str(which)
         say = print if self.acc.is_main_process else (lambda *a, **k: None)
         if which != "latest":
@@ -309,6 +310,15 @@ def latest_checkpoint(run: str | Path) -> Path | None:
     """The checkpoint folder that a run's ``checkpoints/latest`` names, or None when the run has none."""
     ptr = Path(run) / "checkpoints" / "latest"
     return ptr.parent / ptr.read_text().strip() if ptr.exists() else None
+
+
+def restores_checkpoint(run: str | Path, resume: bool | str) -> bool:
+    """Whether :meth:`CheckpointIO.load_resume_point` will load one of the run's own checkpoints for ``resume``: a
+    named one (a folder, ``last_good``: loaded, or refused when missing), or ``latest`` when the run has one (else
+    the run starts from step 0). Keep it beside that method's branches."""
+    if not resume:
+        return False
+    return resume not in (True, "latest") or latest_checkpoint(run) is not None
 
 
 def load_ema_weights(output_dir: str | Path, modules: dict[str, nn.Module], checkpoint: str | Path | None = None,

@@ -12,7 +12,7 @@ from ..denoiser import Denoiser
 from ..methods import get_method
 from ..models import ModelMeta
 from ..utils import atomic_folder, atomic_write_text
-from .checkpoint import latest_checkpoint
+from .checkpoint import restores_checkpoint
 from .core import Trainer, raise_if_interrupted
 from .setup import restoring_checkpoint
 
@@ -24,16 +24,6 @@ def build_method(cfg: DistillConfig, teacher: Denoiser | None = None, meta: Mode
     denoiser instead of ``dmd.teacher`` (PSO: the distilled model to tune); ``data`` / ``text_bank``: see
     :func:`stepdistill.trainers.setup.prepare`."""
     return get_method(cfg.method).build(cfg, teacher=teacher, meta=meta, data=data, text_bank=text_bank)
-
-
-def restores_checkpoint(cfg: DistillConfig, resume: bool | str) -> bool:
-    """Whether :meth:`~stepdistill.trainers.core.Trainer.train` will load the run's own checkpoint: ``--resume``
-    with a checkpoint to resume from (a named one, ``last_good``, or ``latest`` when the run has one; a named one
-    that is missing fails there). Then every player's weights come from it, and the build skips
-    ``dmd.critic_init`` (:func:`~stepdistill.trainers.setup.restoring_checkpoint`)."""
-    if not resume:
-        return False
-    return resume not in (True, "latest") or latest_checkpoint(cfg.output_dir) is not None
 
 
 def distill(cfg: DistillConfig, resume: bool | str = False, accelerator=None, teacher: Denoiser | None = None,
@@ -48,7 +38,8 @@ def distill(cfg: DistillConfig, resume: bool | str = False, accelerator=None, te
         torch.set_num_threads(cfg.train.threads)
     t_build = time.time()
     method = get_method(cfg.method)  # the one lookup: its builder now, its exporter at the end
-    with restoring_checkpoint(restores_checkpoint(cfg, resume) and not fork):
+    # a resumed run takes every player's weights from its own checkpoint: the build skips dmd.critic_init
+    with restoring_checkpoint(restores_checkpoint(cfg.output_dir, resume) and not fork):
         obj, data, meta = method.build(cfg, teacher=teacher, meta=meta, data=data, text_bank=text_bank)
     trainer = Trainer(obj, cfg, accelerator=accelerator, data=data)
     trainer.setup_seconds = time.time() - t_build  # teacher ODE pairs etc.: counted in the run's wall time
