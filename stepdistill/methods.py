@@ -11,7 +11,8 @@ A method is one record, made in the method's own module (its one home)::
 * ``export(ema_modules, objective, cfg, meta, out) -> out``: writes the diffusers folder (through the one
   exporter, :func:`stepdistill.trainers.export.export_student`);
 * ``pipeline``: the pipeline class named in ``model_index.json``; ``curve``: ``stepdistill curve`` can score
-  its checkpoints (one student network);
+  its checkpoints (one student network): True, or ``curve(cfg) -> bool`` when it depends on the run (KD makes a
+  one-step student only from a distilled ``dmd.teacher``);
 * ``sections``: the config sections the method brings, ``{name: dataclass}``: a ``dmd`` entry extends the shared
   section (:class:`~stepdistill.config.SharedDistillConfig`, e.g. DMD's critic and GAN options), others add a
   section (``phased``, ``msd``, ...). :func:`stepdistill.config.distill_config_class` builds the method's config;
@@ -44,7 +45,7 @@ class Method:
     ema_modules: Callable
     export: Callable
     pipeline: str = "StepDistillPipeline"
-    curve: bool = False
+    curve: bool | Callable = False
     description: str = ""
     checks: Callable | None = None
     sections: dict = field(default_factory=dict)
@@ -52,6 +53,10 @@ class Method:
     describe_run: Callable | None = None
     normalise: Callable | None = None
     passes: Callable | None = None  # (cfg) -> forward passes of one sample per generator step (curve budgets)
+
+    def scores_curve(self, cfg) -> bool:
+        """Whether ``stepdistill curve`` can score this run's checkpoints (``curve``)."""
+        return bool(self.curve(cfg)) if callable(self.curve) else bool(self.curve)
 
 
 BUILTIN = {

@@ -6,7 +6,12 @@ The folder is the teacher's folder (scheduler, text encoder, ...) with the small
 ``stepdistill.json`` ``extra.pruned``: the removed units, their scores, the parameters before and after, the
 additivity check and the block map that normalised feature distillation (``method: kd``) reads. It samples as a
 many-step model (``stepdistill eval --model <folder>``) and starts ``method: kd`` (``kd.student``), then a
-distillation (``dmd.student_init``). A tool on top of the trainers' set-up (it calibrates on the data a distill run
+distillation (``dmd.student_init``).
+
+A distilled student prunes the same way (``--model`` a one- or few-step student folder): it is calibrated at its
+own timesteps (pure noise at t = 999 for a one-step student; the inputs it is ever given), and the pruned folder is
+a smaller student of the same timesteps, retrained by ``method: kd`` with the student as ``dmd.teacher``
+(``kd.timesteps``; docs/methods/pruning.md). A tool on top of the trainers' set-up (it calibrates on the data a distill run
 would see), beside :mod:`stepdistill.onnx_export`; the pieces live below the trainers in :mod:`stepdistill.pruning`.
 """
 from __future__ import annotations
@@ -22,6 +27,23 @@ from .pruning.structure import candidate_units, prune_network, stock_network
 from .utils import atomic_folder
 
 
+def dataset_of(meta, allow_pickle: bool) -> str | None:
+    """The data set a model was trained on: its ``stepdistill.json`` ``extra.dataset``, or, for a distilled student,
+    its teacher's (``extra.teacher``)."""
+    from .models import ModelMeta
+
+    extra = (meta.extra or {}) if meta is not None else {}
+    if extra.get("dataset"):
+        return extra["dataset"]
+    if meta is not None and meta.student_timesteps and extra.get("teacher"):
+        try:
+            tmeta = ModelMeta.load(Path(_resolve(str(extra["teacher"]), allow_pickle)))
+        except Exception:   # the teacher is not reachable (a hub id offline, a moved folder): the caller asks for --data
+            return None
+        return ((tmeta.extra or {}) if tmeta else {}).get("dataset")
+    return None
+
+
 def teacher_inputs(source: str, allow_pickle: bool, data_name: str | None, seed: int):
     """(teacher Denoiser, meta, images, labels, conds) for calibration: the teacher's own data set (its
     ``stepdistill.json`` ``extra.dataset``, or ``data_name``), train split; text teachers through their caption bank
@@ -30,11 +52,12 @@ def teacher_inputs(source: str, allow_pickle: bool, data_name: str | None, seed:
     from .trainers.setup import prepare, text_distill_setup
 
     den, meta = load_denoiser(source, allow_pickle=allow_pickle)
-    name = data_name or (meta.extra or {}).get("dataset")
+    name = data_name or dataset_of(meta, allow_pickle)
     if not name:
         raise ConfigError(f"prune: {source} does not name its data set (stepdistill.json extra.dataset); pass --data")
     cfg = DistillConfig()
     cfg.dmd.teacher, cfg.dmd.allow_pickle, cfg.data.name, cfg.train.seed = source, allow_pickle, name, seed
+    cfg.dmd.allow_student_teacher = True   # a distilled student prunes too, calibrated at its own timesteps
     c, h, _ = den.sample_shape
     cfg.data.resolution, cfg.data.channels = h, c
     bank = data = None
@@ -46,7 +69,7 @@ def teacher_inputs(source: str, allow_pickle: bool, data_name: str | None, seed:
 
 
 def prune_model(source: str, out: str, ratio: float = 0.5, by: str = "params", num: int = 64,
-                timesteps=CALIBRATION_TIMESTEPS, seed: int = 0, data: str | None = None, latency_batch: int = 32,
+                timesteps=None, seed: int = 0, data: str | None = None, latency_batch: int = 32,
                 allow_pickle: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Prune ``source`` by ``ratio`` of its parameters (``by="params"``) or of its measured latency at batch
     ``latency_batch`` (``by="latency"``) and write the folder ``out``. Returns the report (also in
@@ -57,6 +80,8 @@ def prune_model(source: str, out: str, ratio: float = 0.5, by: str = "params", n
         raise ConfigError(f"--by must be params | latency, got {by!r}")
     root = Path(_resolve(str(source), allow_pickle))
     den, meta, images, labels, conds = teacher_inputs(source, allow_pickle, data, seed)
+    if timesteps is None:   # a teacher: noise levels across the range; a distilled student: the inputs it sees
+        timesteps = tuple(meta.student_timesteps) if meta.student_timesteps else CALIBRATION_TIMESTEPS
     net = den.backbone.eval()
     cal = make_calibration(den, images, labels, conds, num=num, timesteps=timesteps, seed=seed)
     say = (lambda m: print(m, flush=True)) if progress else (lambda m: None)

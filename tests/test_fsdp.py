@@ -51,7 +51,8 @@ def _run(tiny_teacher, tmp_path, out: Path, procs: int, fsdp: bool, resume: bool
          shard_teacher: bool = False):
     script = tmp_path / "fsdp_run.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), teacher=str(tiny_teacher)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent),
+           "CUDA_VISIBLE_DEVICES": ""}   # gloo CPU processes, also on a GPU machine (rank 1 has no cuda:1 there)
     args = [str(out), str(fsdp).lower(), "1" if resume else "0", str(shard_teacher).lower()]
     if procs == 1:
         cmd = [sys.executable, str(script), *args]

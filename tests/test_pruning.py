@@ -328,3 +328,81 @@ def test_latency_timer_measures_a_forward():
                            timesteps=(100, 500), seed=0)
     ms = latency_ms(net, cal, batch=6, repeats=3)
     assert 0 < ms < 60_000
+
+
+def test_a_distilled_student_prunes_and_kd_makes_it_again(tiny_teacher, tmp_path, capsys):
+    """A one-step student prunes at its own input (t = 999; its teacher's data set, found through the student's
+    record), the pruned folder is a smaller student of the same timestep, and ``method: kd`` with the student as
+    ``dmd.teacher`` trains on the student's own inputs: t = 999 and pure noise, so the KD loss does not depend on the
+    data at all, and equals ||G_S(eps) - G_T(eps)||^2 (+ the feature term) by hand."""
+    from stepdistill.data import ArrayDataset
+    from stepdistill.trainers.distill import build_method, distill
+    from stepdistill.trainers.kd import normalised_feature_loss
+    from stepdistill.trainers.objective import Ctx
+
+    student = distill(load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path / "st")))
+    capsys.readouterr()
+    pruned = tmp_path / "pruned"
+    rc, out, _ = run_cli(capsys, ["prune", "--model", student, "--out", pruned, "--ratio", "0.3", "--num", "8",
+                                  "--no-progress", "--threads", "1"])
+    assert rc == 0
+    rec = json.loads(out)
+    assert rec["calibration"]["timesteps"] == [999.0] and rec["calibration"]["inputs"] == 8
+    p_den, p_meta = load_denoiser(pruned)
+    assert p_meta.student_timesteps == [999.0] and param_count(p_den.backbone) == rec["params_after"]
+
+    over = {"kd.student": pruned, "dmd.teacher": student, "dmd.allow_student_teacher": "true", "kd.cfg_dropout": 0.0}
+    with pytest.raises(ConfigError, match="kd.task_weight"):
+        build_method(load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path / "k0",
+                                                                              method="kd", **over)))
+    with pytest.raises(ConfigError, match="kd.timesteps"):
+        load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path / "k0", method="kd", **over,
+                                                                **{"kd.timesteps": "[-5]"}))
+    cfg = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path / "k1", method="kd", **over,
+                                                                  **{"kd.task_weight": 0}))
+    obj, data, _ = build_method(cfg)
+    assert obj.timesteps == [999.0] and obj.student_teacher
+
+    seen = []
+    raw = obj.teacher.raw
+    obj.teacher.raw = lambda x, t, c: seen.append((x.clone(), t.clone(), c.clone())) or raw(x, t, c)
+    zeros = ArrayDataset(torch.zeros_like(data.images), data.labels, data.class_names)
+    losses = {}
+    for name, d in (("data", data), ("zeros", zeros)):
+        ctx = Ctx(torch.Generator().manual_seed(3), 0, 1, 8, torch.device("cpu"), 0, d)
+        with torch.no_grad():
+            loss, logs = obj.loss("student", ctx)
+        losses[name] = (loss, logs)
+    (x_a, t_a, c_a), (x_b, _, _) = seen
+    assert torch.equal(x_a, x_b)                      # pure noise: the real images never enter
+    assert torch.equal(t_a, torch.full_like(t_a, 999.0)) and abs(float(x_a.std()) - 1) < 0.2
+    assert logs["task_loss"] >= 0 and losses["data"][0] == losses["zeros"][0]
+    with torch.no_grad():   # the loss by hand
+        feats = {}
+        hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: feats.__setitem__(n, o[0] if isinstance(o, tuple) else o))
+                 for n, m in obj.student.backbone.named_modules() if n in obj.pairs]
+        f_s = obj.student.raw(x_a, t_a, c_a).float()
+        for h in hooks:
+            h.remove()
+        f_t = raw(x_a, t_a, c_a).float()
+        t_feats = obj._t_tap.take()
+        by_hand = torch.nn.functional.mse_loss(f_s, f_t) + normalised_feature_loss(feats, t_feats, obj.pairs)
+    assert torch.allclose(losses["data"][0], by_hand, rtol=1e-5)
+
+    rc, _, _ = run_cli(capsys, ["distill", "--config", "", *tiny_distill_overrides(
+        tiny_teacher, tmp_path / "kd", method="kd", **over, **{"kd.task_weight": 0, "train.max_steps": 2})])
+    assert rc == 0
+    kd_den, kd_meta = load_denoiser(tmp_path / "kd" / "student")
+    assert kd_meta.student_timesteps == [999.0] and param_count(kd_den.backbone) == rec["params_after"]
+    assert "distilled student of the same timesteps" in (tmp_path / "kd" / "student" / "README.md").read_text()
+
+    # `stepdistill curve` scores such a KD run (a one-step student at each checkpoint), not a many-step KD run
+    from stepdistill.eval.curve import quality_curve
+    from stepdistill.methods import get_method
+
+    teacher_kd = load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path / "k2", method="kd",
+                                                                         **{"kd.student": pruned}))
+    assert get_method("kd").scores_curve(cfg) and not get_method("kd").scores_curve(teacher_kd)
+    res = quality_curve(tmp_path / "kd", num=10, seed=1, ref="digits", ref_num=20, out=tmp_path / "curve")
+    assert [p["step"] for p in res["points"]] == [2]
+    assert res["points"][0]["sample_passes"] == 2 * 8 * 2 and res["points"][0]["fid"] > 0   # 2 passes x batch 8 x 2 steps

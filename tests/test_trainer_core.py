@@ -141,7 +141,8 @@ Trainer(obj, cfg, accelerator=acc, data=data).train()
 
 def test_two_process_gloo_run_matches_single_process(tiny_teacher, tmp_path):
     script = tmp_path / "run.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent),
+           "CUDA_VISIBLE_DEVICES": ""}   # gloo CPU processes, also on a GPU machine (rank 1 has no cuda:1 there)
     logs = {}
     for n in (1, 2):
         out = tmp_path / f"p{n}"

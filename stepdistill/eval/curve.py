@@ -123,9 +123,9 @@ def quality_curve(run: str | Path, num: int = 500, seed: int = 0, steps: int | N
         raise ConfigError(f"{run} is not a stepdistill distill run (no config.yaml)")
     cfg = load_config(DistillConfig, str(run / "config.yaml"), [])
     method = get_method(cfg.method)
-    if not method.curve:
-        raise ConfigError(f"stepdistill curve scores one-student runs (dmd, dmd2, rcm, sid, uni_instruct, boot), "
-                          f"not method {cfg.method}")
+    if not method.scores_curve(cfg):
+        raise ConfigError(f"stepdistill curve scores one-student runs (dmd, dmd2, rcm, sid, uni_instruct, boot; kd "
+                          f"from a distilled dmd.teacher), not this method {cfg.method} run")
     out = Path(out) if out else run / "curve"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "curve.json"

@@ -217,7 +217,7 @@ def cmd_prune(a):
     from ..prune import prune_model
 
     _set_threads(a)
-    timesteps = tuple(int(t) for t in a.timesteps.split(","))
+    timesteps = tuple(int(t) for t in a.timesteps.split(",")) if a.timesteps else None
     rec = prune_model(a.model, a.out, ratio=a.ratio, by=a.by, num=a.num, timesteps=timesteps, seed=a.seed,
                       data=a.data, latency_batch=a.latency_batch, allow_pickle=a.allow_pickle, overwrite=a.overwrite,
                       progress=not a.no_progress)
@@ -235,8 +235,9 @@ def add_commands(sub) -> None:
     p.add_argument("--by", default="params", choices=["params", "latency"],
                    help="what --ratio counts: parameters, or measured latency at --latency-batch (default params)")
     p.add_argument("--num", type=int, default=64, help="calibration images (default %(default)s)")
-    p.add_argument("--timesteps", default=",".join(str(t) for t in (50, 250, 500, 750, 950)),
-                   help="calibration noise levels, model timesteps of T=1000 (default %(default)s)")
+    p.add_argument("--timesteps", default=None,
+                   help="calibration noise levels, model timesteps of T=1000 (default: 50,250,500,750,950 for a "
+                        "teacher; a distilled student's own timesteps, e.g. 999)")
     p.add_argument("--data", default=None, help="calibration data set (default: the teacher's own, stepdistill.json)")
     p.add_argument("--latency-batch", type=int, default=32, help="--by latency: the batch timed (default 32)")
     p.add_argument("--seed", type=seed_arg, default=0, help="calibration draw, 0..2**31-1 (default 0)")

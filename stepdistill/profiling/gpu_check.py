@@ -56,12 +56,21 @@ def _last_json(text: str):
         return None
 
 
+def failed_tests(stdout: str) -> list[str]:
+    """The test ids pytest's short summary (``-rfE``) names as FAILED or ERROR, in its order."""
+    return re.findall(r"^(?:FAILED|ERROR) (\S+)", stdout, re.M)
+
+
 def part_tests(dry: bool, timeout: float) -> dict:
-    r = _run([sys.executable, "-m", "pytest", "-m", "not slow", "-p", "no:cacheprovider",
+    import importlib.util
+
+    # four workers on the GPU machine (16 cores; each file on one worker, as `make test` does)
+    workers = [] if dry or not importlib.util.find_spec("xdist") else ["-n", "4", "--dist", "loadfile"]
+    r = _run([sys.executable, "-m", "pytest", "-m", "not slow", "-p", "no:cacheprovider", "-rfE", "--tb=short", *workers,
               *(DRY_TESTS if dry else CUDA_TESTS)], timeout)
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", r["stdout"])}
-    return {"rc": r["rc"], "seconds": r["seconds"], **counts, "stderr_tail": r["stderr_tail"] or
-            ("" if r["rc"] == 0 else r["stdout"][-2000:])}
+    return {"rc": r["rc"], "seconds": r["seconds"], **counts, "failed_tests": failed_tests(r["stdout"]),
+            "stdout_tail": "" if r["rc"] == 0 else r["stdout"][-6000:], "stderr_tail": r["stderr_tail"]}
 
 
 def part_memory(dry: bool, timeout: float) -> dict:
@@ -69,7 +78,7 @@ def part_memory(dry: bool, timeout: float) -> dict:
         cmd = [sys.executable, "-m", "stepdistill.profiling.memory", "--modes", "full,lora", "--steps", "1",
                "train.batch_size=2", "train.threads=1", "dmd.critic_updates=1"]
     else:
-        cmd = [sys.executable, "-m", "stepdistill.profiling.memory", "--arch", "sd15", "--side", "64", "--steps", "2",
+        cmd = [sys.executable, "-m", "stepdistill.profiling.memory", "--arch", "sd15", "--side", "64", "--steps", "3",
                "--modes", "full_bf16,lora_bf16"]
     r = _run(cmd, timeout)
     res = {"rc": r["rc"], "seconds": r["seconds"], "stderr_tail": r["stderr_tail"]}

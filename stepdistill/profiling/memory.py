@@ -13,7 +13,8 @@ updates + one generator update), no sample grids or checkpoints. Reported per mo
 * ``param_mb``: distinct parameter storages of teacher, student, critic (+ GAN head) and the EMA
   (a LoRA view counts its shared base once), ``trainable_mb``: parameters the optimizers update,
   ``optimizer_state_mb``: AdamW moments after the steps;
-* ``sec_per_step``.
+* ``sec_per_step``: the mean of the steps after the first, and ``first_step_s`` (one-time set-up: CUDA kernel
+  selection, allocator growth, optimizer states). With ``--steps 1`` both are the first step.
 
 Command line (prints JSON)::
 
@@ -86,7 +87,7 @@ def measure_in_process(config: str | None, overrides: list[str], steps: int) -> 
     obj, data, _ = build_method(cfg, data=data)
     trainer = Trainer(obj, cfg, data=data)
     dev = trainer.acc.device
-    sec, cuda_mb, _ = _run_steps(trainer, steps, reset_cpu_peak=False)
+    timing, cuda_mb, _ = _run_steps(trainer, steps, reset_cpu_peak=False)
     param_mb, trainable_mb, state_mb = _inventory(obj, trainer)
     # the process-lifetime peak (building the method counts too), from the kernel's high-water mark of this
     # process's own memory (VmHWM): ru_maxrss survives fork + exec on Linux, so a child started by a large parent
@@ -95,7 +96,8 @@ def measure_in_process(config: str | None, overrides: list[str], steps: int) -> 
     out = {"peak_rss_mb": round(peak, 1), "baseline_rss_mb": round(baseline, 1),
            "train_rss_mb": round(peak - baseline, 1), "param_mb": round(param_mb, 3),
            "trainable_mb": round(trainable_mb, 3), "optimizer_state_mb": round(state_mb, 3),
-           "sec_per_step": round(sec, 3), "device": str(dev), "steps": steps, "batch_size": cfg.train.batch_size,
+           "sec_per_step": round(timing["sec_per_step"], 3),
+           "first_step_s": round(timing["first_step_s"], 3), "device": str(dev), "steps": steps, "batch_size": cfg.train.batch_size,
            "lora_rank": cfg.dmd.lora_rank, "teacher_dtype": cfg.dmd.teacher_dtype,
            "gradient_checkpointing": cfg.train.gradient_checkpointing, "threads": torch.get_num_threads()}
     if cuda_mb is not None:
@@ -103,23 +105,28 @@ def measure_in_process(config: str | None, overrides: list[str], steps: int) -> 
     return out
 
 
-def _run_steps(trainer, steps: int, reset_cpu_peak: bool) -> tuple[float, float | None, bool]:
+def _run_steps(trainer, steps: int, reset_cpu_peak: bool) -> tuple[dict, float | None, bool]:
     """``steps`` training steps after a fresh peak (the CUDA allocator's; the CPU high-water mark too when
-    ``reset_cpu_peak``). Returns (seconds per step, CUDA peak MiB or None on CPU, whether the CPU mark was reset)."""
+    ``reset_cpu_peak``). Returns (timing, CUDA peak MiB or None on CPU, whether the CPU mark was reset). ``timing``
+    holds ``first_step_s`` (kernel selection, allocator and optimizer-state set-up included) and ``sec_per_step``:
+    the mean of the steps after the first (the first alone when ``steps`` is 1)."""
     import torch
 
     dev = trainer.acc.device
     reset = reset_peak(dev, cpu=reset_cpu_peak)
-    t0 = time.time()
+    times = []
     for _ in range(steps):
+        t0 = time.time()
         trainer._run_step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.time() - t0)
         trainer.step += 1
         trainer.update = 0
-    cuda_mb = None
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        cuda_mb = process_peak(dev)["peak_memory_mb"]
-    return (time.time() - t0) / max(steps, 1), cuda_mb, reset
+    cuda_mb = process_peak(dev)["peak_memory_mb"] if dev.type == "cuda" else None
+    later = times[1:] or times[:1]
+    timing = {"first_step_s": times[0] if times else 0.0, "sec_per_step": sum(later) / max(len(later), 1)}
+    return timing, cuda_mb, reset
 
 
 def _inventory(obj, trainer) -> tuple[float, float, float]:
@@ -200,7 +207,7 @@ def measure_arch_in_process(arch: str, side: int, config: str | None, overrides:
     trainer = Trainer(obj, cfg, data=data)
     dev = trainer.acc.device
     # the teacher is built in float32: its transient must not set the peak
-    sec, cuda_mb, out["peak_reset"] = _run_steps(trainer, steps, reset_cpu_peak=True)
+    timing, cuda_mb, out["peak_reset"] = _run_steps(trainer, steps, reset_cpu_peak=True)
     if cuda_mb is not None:
         out["peak_cuda_mb"] = round(cuda_mb, 1)
     out["device"] = str(dev)
@@ -222,7 +229,8 @@ def measure_arch_in_process(arch: str, side: int, config: str | None, overrides:
             "optimizer_state_mb": round(opt_mb, 1), "activation_mb": round(act_mb, 1),
             "traced_activation_mb_per_sample": round(traced, 1),
             "activation_factor": round(act_mb / (traced * cfg.train.batch_size), 3),
-            "sec_per_step": round(sec, 1), "threads": torch.get_num_threads(),
+            "sec_per_step": round(timing["sec_per_step"], 2),
+            "first_step_s": round(timing["first_step_s"], 2), "steps": steps, "threads": torch.get_num_threads(),
             "planner_states_gib": states["total_gib"]}
 
 

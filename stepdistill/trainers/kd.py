@@ -20,10 +20,19 @@ of the blocks both networks keep, paired by the prune record's ``block_map`` (a 
 block, an up block; a DiT's transformer blocks) and kept only where the shapes agree (after the deepest stage is
 cut, the shallower down block loses its downsampler and the mid block runs at another resolution). Without a
 prune record, blocks of the same name and shape are paired.
+
+**A distilled student as the KD teacher** (``dmd.teacher`` a one- or few-step student, with
+``dmd.allow_student_teacher``; the pruned folder made by ``stepdistill prune --model <that student>``): the pruned
+network is retrained to be that student again, on the inputs the student is given, not on the diffusion's training
+law. t is drawn from ``kd.timesteps`` (default: the student's own, e.g. [999]); at the first of them the input is
+pure noise x_T = eps, as in the student's chain (DMD2's generator), and at later ones noised real data. Only the
+output and feature terms apply (``kd.task_weight`` must be 0: the denoising loss at t = T regresses onto the data
+mean), so the loss is L = w_out ||G_S(eps, T, c) - G_T(eps, T, c)||^2 + w_feat L_featKD: distillation of the
+one-step map itself, one forward of each network per sample, no sampling chain.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,7 +41,7 @@ import torch.nn.functional as F
 
 from ..denoiser import Denoiser
 from ..errors import ConfigError
-from ..pipelines.sampling import make_scheduler, scheduler_sample
+from ..pipelines.sampling import make_scheduler, scheduler_sample, student_sample
 from ..utils import class_balanced_labels
 from .objective import Ctx, ObjectiveBase, Player, real_data_std
 
@@ -112,8 +121,12 @@ class KDObjective(ObjectiveBase):
     """L = w_task L_task + w_out L_outKD + w_feat L_featKD (module docstring); player ``student``."""
 
     def __init__(self, teacher: Denoiser, student: Denoiser, kd: "KDConfig", optim, num_classes: int,
-                 pairs: dict[str, str], scheduler_config: dict, shape, conds=None, data_std: float = 1.0):
+                 pairs: dict[str, str], scheduler_config: dict, shape, conds=None, data_std: float = 1.0,
+                 timesteps: list[float] | None = None, student_teacher: bool = False):
         self.teacher, self.student, self.kd = teacher, student, kd
+        # t: the schedule's training law, or these timesteps (a distilled KD teacher's own; the first pure noise)
+        self.timesteps = [float(t) for t in (timesteps or [])]
+        self.student_teacher = student_teacher
         self.players = {"student": Player.from_optim(student.backbone, optim, ema=True)}
         self.num_classes, self.pairs, self.scheduler_config = num_classes, pairs, scheduler_config
         self.shape, self.conds, self.data_std = tuple(shape), conds, data_std
@@ -140,8 +153,15 @@ class KDObjective(ObjectiveBase):
         x0, labels = ctx.real_batch()                                          # (B, C, H, W), (B,)
         cond = self._labels(labels, ctx)
         eps = ctx.randn(*x0.shape[1:])
-        t = ctx.sample_t(sch, 0, sch.num_train_timesteps - 1)                  # (B,)
-        x_t = sch.add_noise(x0, eps, t)
+        if self.timesteps:                                                     # a distilled student's inputs
+            ki = ctx.randint(0, len(self.timesteps))                           # (B,)
+            t = torch.tensor(self.timesteps, dtype=torch.float64)[ki]
+            x_t = sch.add_noise(x0, eps, t)
+            if self.student_teacher:                                           # x_T = eps at the chain's start
+                x_t = torch.where((ki == 0).to(x_t.device).view(-1, *[1] * (x_t.ndim - 1)), eps.to(x_t), x_t)
+        else:
+            t = ctx.sample_t(sch, 0, sch.num_train_timesteps - 1)              # (B,)
+            x_t = sch.add_noise(x0, eps, t)
         with torch.no_grad():
             f_t = self.teacher.raw(x_t, t, cond).float()
         feats_t = self._t_tap.take() if self._t_tap else {}
@@ -168,6 +188,8 @@ class KDObjective(ObjectiveBase):
             cond = self.conds.grid(n, device)
         else:
             cond = class_balanced_labels(n, self.num_classes).to(device) if self.num_classes else None
+        if self.student_teacher:   # a few-step student: its own chain on the same noise
+            return student_sample(den, self.timesteps, cond, noise, generator=g)
         sched = make_scheduler("ddim", self.scheduler_config)
         return scheduler_sample(den, sched, cond, self.kd.sample_steps, self.kd.guidance_scale, noise)
 
@@ -197,9 +219,19 @@ def build_kd(cfg, teacher: Denoiser | None = None, meta=None, data=None, text_ba
     if cfg.kd.feature_weight and not pairs:
         raise ConfigError(f"kd.feature_weight: no block of {cfg.kd.student} has a teacher block of the same output "
                           "shape to distill from; set kd.feature_weight=0")
+    own = list(s.meta.student_timesteps or []) if s.meta is not None else []
+    if own and cfg.kd.task_weight:
+        raise ConfigError(f"kd.task_weight: dmd.teacher {cfg.dmd.teacher} is a distilled student; the denoising loss "
+                          "trains a many-step model (at its t = T it regresses onto the data mean): set "
+                          "kd.task_weight=0 to distil the student's map with the output and feature terms")
+    timesteps = list(cfg.kd.timesteps) or own
+    T = t.schedule.num_train_timesteps
+    bad = [x for x in timesteps if not 0 <= x < T]
+    if bad:
+        raise ConfigError(f"kd.timesteps: {bad[0]} is outside the teacher's [0, {T})")
     obj = KDObjective(t, student, cfg.kd, cfg.dmd.optim, s.num_classes, pairs,
                       load_scheduler_config(cfg.kd.student, None), shape, conds=s.conds,
-                      data_std=real_data_std(s.data))
+                      data_std=real_data_std(s.data), timesteps=timesteps, student_teacher=bool(own))
     return obj, s.data, s.meta
 
 
@@ -216,7 +248,7 @@ def export_kd(ema: dict[str, nn.Module], obj, cfg, meta, out):
 
     base = Path(_resolve(cfg.kd.student, cfg.dmd.allow_pickle))
     smeta = ModelMeta.load(base) or meta
-    kd = {"teacher": cfg.dmd.teacher, "student": cfg.kd.student, "steps": cfg.train.max_steps,
+    kd = {"teacher": cfg.dmd.teacher, "student": cfg.kd.student, "max_steps": cfg.train.max_steps,
           "feature_pairs": obj.pairs, "config": _cfg_dict(cfg)}
     fill_like(Path(out), base, ema["student"], {"kd": kd}, smeta)
     _write_card(Path(out), smeta, cfg)
@@ -230,12 +262,18 @@ def _write_card(out: Path, meta, cfg) -> None:
     lines = [f"# {out.name}", "",
              "A layer-pruned diffusion model retrained with normalised feature distillation (LAPTOP-Diff, "
              f"Zhang et al. 2024; `stepdistill distill method=kd`) from the teacher `{cfg.dmd.teacher}`: "
-             f"{cfg.train.max_steps} steps at batch {cfg.train.batch_size}, weights task {cfg.kd.task_weight:g}, "
+             f"a run of {cfg.train.max_steps} steps (this folder may hold one of its checkpoints) at batch "
+             f"{cfg.train.batch_size}, weights task {cfg.kd.task_weight:g}, "
              f"output KD {cfg.kd.output_weight:g}, feature KD {cfg.kd.feature_weight:g}.", ""]
     if rec:
         lines += [describe(rec), ""]
-    lines += ["It samples as a many-step model (`stepdistill sample --model <folder>`) and is the start of a one-step "
-              "student: `stepdistill distill dmd.student_init=<folder>`.", ""]
+    if meta is not None and meta.student_timesteps:
+        lines += [f"It is a distilled student of the same timesteps ({meta.student_timesteps}) as its KD teacher, "
+                  "made smaller: `stepdistill sample --model <folder>`; it can continue as "
+                  "`stepdistill distill dmd.student_init=<folder>`.", ""]
+    else:
+        lines += ["It samples as a many-step model (`stepdistill sample --model <folder>`) and is the start of a "
+                  "one-step student: `stepdistill distill dmd.student_init=<folder>`.", ""]
     (out / "README.md").write_text("\n".join(lines))
 
 
@@ -249,8 +287,22 @@ class KDConfig:
     output_weight: float = 1.0     # output KD
     feature_weight: float = 1.0    # normalised per-block feature KD
     cfg_dropout: float = 0.1       # labels dropped to the null class (keeps CFG)
+    timesteps: list[float] = field(default_factory=list)  # train at these t only; empty: the schedule's law, or the
+                                   # student's own when dmd.teacher is a distilled student (its first: pure noise)
     sample_steps: int = 50         # sample grids: DDIM steps
     guidance_scale: float = 2.0    # sample grids: CFG scale
+
+
+def kd_makes_a_student(cfg) -> bool:
+    """A KD run whose ``dmd.teacher`` is a distilled student exports a student of its timesteps: ``stepdistill
+    curve`` scores its checkpoints (two forward passes per sample and step: the student's and the teacher's)."""
+    from ..models import ModelMeta, _resolve
+
+    try:
+        meta = ModelMeta.load(Path(_resolve(str(cfg.dmd.teacher), cfg.dmd.allow_pickle)))
+    except Exception:   # an unreachable teacher: curve refuses the run with its own message
+        return False
+    return bool(meta is not None and meta.student_timesteps)
 
 
 def check_kd(cfg, check) -> None:
@@ -261,6 +313,8 @@ def check_kd(cfg, check) -> None:
     check(k.task_weight + k.output_weight + k.feature_weight > 0, "kd.task_weight", "at least one weight must be > 0")
     check(0 <= k.cfg_dropout < 1, "kd.cfg_dropout", "must lie in [0, 1)")
     check(k.sample_steps >= 1, "kd.sample_steps", "must be >= 1")
+    check(all(isinstance(x, (int, float)) and x >= 0 for x in k.timesteps), "kd.timesteps",
+          "must be a list of model timesteps >= 0, e.g. [999]")
     check(cfg.dmd.lora_rank == 0, "dmd.lora_rank", "method kd trains the whole pruned network (no LoRA)")
 
 
@@ -274,7 +328,7 @@ def _method():
     from ..methods import Method
 
     return Method("kd", build=build_kd, ema_modules=_ema, export=export_kd,
-                  pipeline="StepDistillTeacherPipeline",
+                  pipeline="StepDistillTeacherPipeline", curve=kd_makes_a_student, passes=lambda cfg: 2,
                   description="LAPTOP-Diff normalised feature distillation of a pruned teacher (many-step)",
                   sections={"dmd": SharedDistillConfig, "kd": KDConfig}, checks=check_kd, card=CARD)
 
