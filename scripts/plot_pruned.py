@@ -1,6 +1,7 @@
 """Quality against latency of the one-step students (BENCHMARKS.md "Smaller one-step students"): the full-size
 student, the pruned ones (25 % and 50 % of the parameters asked, 31 % and 50 % removed), MSD's 4 half-size
-students; squares: the full 1,600-step recipe's students (configs/dmd2_animal_mnist_full.yaml); the teacher's FID
+students; squares: the full 1,600-step recipe's students (configs/dmd2_animal_mnist_full.yaml), one of them from the pruned
+one-step student (configs/kd_student_animal_mnist.yaml); the teacher's FID
 (50 DDIM steps, CFG 2) as a reference line. Reads docs/benchmarks/prune/eval_*_test.json
 and bench_*.json, writes docs/pruned_quality_latency.png and prints the BENCHMARKS.md table rows.
 
@@ -22,14 +23,19 @@ ROWS = [("dmd2_full", "full size (DMD2 recipe)"), ("dmd2_25", "pruned + KD + DMD
         ("dmd2_50", "pruned + KD + DMD2"), ("msd_pruned_reg", "MSD x4 from the pruned student"),
         ("msd_tsm", "MSD x4, fresh + TSM"),
         ("recipe_full", "full size, full recipe"), ("recipe_50", "pruned 50 % + KD, full recipe"),
-        ("msd_recipe_warm", "MSD x4 from it, warm critics")]
+        ("msd_recipe_warm", "MSD x4 from it, warm critics"),
+        ("recipe_from_kdstudent", "pruned one-step student + KD, full recipe")]
 TABLE = ROWS[:3] + [("dmd2_50_cfg3", "pruned + KD + DMD2, CFG 3"), ("msd_pruned", "MSD x4 from the pruned student, "
                                                                               "no regression")] + ROWS[3:] + \
     [("msd_recipe", "MSD x4 from it, fresh critics")]
 #: the full recipe's students (configs/dmd2_animal_mnist_full.yaml, 1,600 steps) have the networks of the main
 #: recipe's: their latency is that network's bench; the full-size student's test JSON is the recipe section's
 SAME_NETWORK = {"recipe_full": "dmd2_full", "recipe_50": "dmd2_50", "msd_recipe_warm": "msd_pruned_reg",
-                "msd_recipe": "msd_pruned_reg"}
+                "msd_recipe": "msd_pruned_reg", "recipe_from_kdstudent": "dmd2_50"}
+#: drawn as squares: the students of the full recipe (recipe_from_kdstudent prunes the shipped one-step student
+#: itself, KD of its map, then the same recipe: recipe_50's network, so its latency is that bench's; its own bench,
+#: bench_recipe_from_kdstudent.json, ran on a machine twice as slow that day, the teacher too)
+FULL_RECIPE = set(SAME_NETWORK)
 EVAL = {"recipe_full": ROOT / "docs" / "benchmarks" / "eval_recipe1600_seed0_step1600_test.json"}
 
 
@@ -51,6 +57,7 @@ def main() -> None:
     teacher = json.loads((ROOT / "docs" / "benchmarks" / "eval_teacher50.json").read_text())
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, batch in zip(axes, (1, 32)):
+        drawn = []
         for name, label in ROWS:
             ev, be = files(name)
             if not (ev.exists() and be.exists()):
@@ -61,10 +68,12 @@ def main() -> None:
                 ax.annotate(f"{label}: FID {y:.0f} (off the chart)", (x, YMAX), fontsize=6, xytext=(0, -10),
                             textcoords="offset points", ha="center")
                 continue
-            ax.scatter([x], [y], s=40, marker="s" if name in SAME_NETWORK else "o")
+            ax.scatter([x], [y], s=40, marker="s" if name in FULL_RECIPE else "o")
             share = b["config"]["student_params"] / b["config"]["teacher_params"]
+            k = sum(abs(x - px) < 1e-9 for px in drawn)   # students of one network share x: labels stacked
+            drawn.append(x)
             ax.annotate(f"{label}\n{share:.0%} of the teacher's params", (x, y), fontsize=6,
-                        xytext=(4, 4), textcoords="offset points")
+                        xytext=(4, 4 - 18 * k), textcoords="offset points")
         ax.set_ylim(50, YMAX)
         ax.axhline(teacher["fid"], color="k", ls="--", lw=1, label=f"teacher, 50 steps (FID {teacher['fid']:.1f})")
         full = B / "bench_dmd2_full.json"

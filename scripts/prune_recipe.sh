@@ -85,3 +85,28 @@ $SD export --config $R/kd_50_long/config.yaml --checkpoint $R/kd_50_long/checkpo
 for n in 1000 2000; do
   $SD eval --model $R/kd_50_$n --num 500 --seed 1 --ref-split val --threads 1 --no-progress --out $D/eval_kd_50_${n}_val.json
 done
+# Seventh session: prune the shipped one-step student itself (calibrated at its own input, pure noise at t = 999),
+# retrain the half-size network on that student's map (output + normalised feature KD, no real-data term,
+# configs/kd_student_animal_mnist.yaml), then the same full recipe from KD step 1000 (the teacher route's KD length).
+# Rules written before scoring: docs/benchmarks/prune/rule_student_route.txt.
+$SD prune --model builtin:animal_mnist_dmd2 --out $R/student_50 --ratio 0.5 --threads 1 --no-progress \
+  --report $D/prune_student_50.json
+$SD eval --model $R/student_50 --num 500 --seed 1 --ref-split val --threads 1 --no-progress \
+  --out $D/eval_student_50_oneshot_val.json
+$SD distill --config configs/kd_student_animal_mnist.yaml kd.student=$R/student_50 output_dir=$R/kd_student_50 \
+  train.max_steps=2000 $T > $R/kd_student_50.log 2>&1
+$SD curve --run $R/kd_student_50 --ref-split val --seed 1 --min-step 500 --every 500 --acc-num 2000 --pick-acc 0.95 \
+  --threads 1 --no-progress --out $R/curve_kd_student_val > /dev/null   # KD alone: pick 103.8 / 0.764, not tested
+cp $R/curve_kd_student_val/curve.json $D/curve_kd_student_val.json
+$SD export --config $R/kd_student_50/config.yaml --checkpoint $R/kd_student_50/checkpoints/step_001000 \
+  --out $R/kd_student_50_step1000
+$SD distill --config configs/dmd2_animal_mnist_full.yaml train.seed=0 dmd.student_init=$R/kd_student_50_step1000 \
+  output_dir=$R/recipe_from_kdstudent $T > $R/recipe_from_kdstudent.log 2>&1
+$SD curve --run $R/recipe_from_kdstudent --ref-split val --seed 1 --min-step 800 --every 200 --acc-num 2000 \
+  --pick-acc 0.96 --threads 1 --no-progress --out $R/curve_recipe_from_kdstudent_val > /dev/null   # pick: 1600
+cp $R/curve_recipe_from_kdstudent_val/curve.json $D/curve_recipe_from_kdstudent_val.json
+$SD eval --model $R/recipe_from_kdstudent/student --num 500 --seed 0 --ref-split test --threads 1 --no-progress \
+  --out $D/eval_recipe_from_kdstudent_test.json   # the test split once
+$SD bench --student $R/recipe_from_kdstudent/student --batch-sizes 1,32 --repeats 5 --threads 1 --no-progress \
+  > $D/bench_recipe_from_kdstudent.json
+python scripts/plot_pruned.py
