@@ -1,7 +1,7 @@
 """Quality against latency of the one-step students (BENCHMARKS.md "Smaller one-step students"): the full-size
 student, the pruned ones (25 % and 50 % of the parameters asked, 31 % and 50 % removed), MSD's 4 half-size
-students; squares: the full 1,600-step recipe's students (configs/dmd2_animal_mnist_full.yaml), one of them from the pruned
-one-step student (configs/kd_student_animal_mnist.yaml); the teacher's FID
+students; squares: the full 1,600-step recipe's students (configs/dmd2_animal_mnist_full.yaml), one of them from
+the pruned one-step student (configs/kd_student_animal_mnist.yaml); the teacher's FID
 (50 DDIM steps, CFG 2) as a reference line. Reads docs/benchmarks/prune/eval_*_test.json
 and bench_*.json, writes docs/pruned_quality_latency.png and prints the BENCHMARKS.md table rows.
 

@@ -66,8 +66,8 @@ def part_tests(dry: bool, timeout: float) -> dict:
 
     # four workers on the GPU machine (16 cores; each file on one worker, as `make test` does)
     workers = [] if dry or not importlib.util.find_spec("xdist") else ["-n", "4", "--dist", "loadfile"]
-    r = _run([sys.executable, "-m", "pytest", "-m", "not slow", "-p", "no:cacheprovider", "-rfE", "--tb=short", *workers,
-              *(DRY_TESTS if dry else CUDA_TESTS)], timeout)
+    r = _run([sys.executable, "-m", "pytest", "-m", "not slow", "-p", "no:cacheprovider", "-rfE", "--tb=short",
+              *workers, *(DRY_TESTS if dry else CUDA_TESTS)], timeout)
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", r["stdout"])}
     return {"rc": r["rc"], "seconds": r["seconds"], **counts, "failed_tests": failed_tests(r["stdout"]),
             "stdout_tail": "" if r["rc"] == 0 else r["stdout"][-6000:], "stderr_tail": r["stderr_tail"]}

@@ -97,7 +97,8 @@ def measure_in_process(config: str | None, overrides: list[str], steps: int) -> 
            "train_rss_mb": round(peak - baseline, 1), "param_mb": round(param_mb, 3),
            "trainable_mb": round(trainable_mb, 3), "optimizer_state_mb": round(state_mb, 3),
            "sec_per_step": round(timing["sec_per_step"], 3),
-           "first_step_s": round(timing["first_step_s"], 3), "device": str(dev), "steps": steps, "batch_size": cfg.train.batch_size,
+           "first_step_s": round(timing["first_step_s"], 3), "device": str(dev), "steps": steps,
+           "batch_size": cfg.train.batch_size,
            "lora_rank": cfg.dmd.lora_rank, "teacher_dtype": cfg.dmd.teacher_dtype,
            "gradient_checkpointing": cfg.train.gradient_checkpointing, "threads": torch.get_num_threads()}
     if cuda_mb is not None:
