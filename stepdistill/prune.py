@@ -11,8 +11,10 @@ distillation (``dmd.student_init``).
 A distilled student prunes the same way (``--model`` a one- or few-step student folder): it is calibrated at its
 own timesteps (pure noise at t = 999 for a one-step student; the inputs it is ever given), and the pruned folder is
 a smaller student of the same timesteps, retrained by ``method: kd`` with the student as ``dmd.teacher``
-(``kd.timesteps``; docs/methods/pruning.md). A tool on top of the trainers' set-up (it calibrates on the data a distill run
-would see), beside :mod:`stepdistill.onnx_export`; the pieces live below the trainers in :mod:`stepdistill.pruning`.
+(``kd.timesteps``; docs/methods/pruning.md).
+
+A tool on top of the trainers' set-up (it calibrates on the data a distill run would see), beside
+:mod:`stepdistill.onnx_export`; the pieces live below the trainers in :mod:`stepdistill.pruning`.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def dataset_of(meta, allow_pickle: bool) -> str | None:
     if meta is not None and meta.student_timesteps and extra.get("teacher"):
         try:
             tmeta = ModelMeta.load(Path(_resolve(str(extra["teacher"]), allow_pickle)))
-        except Exception:   # the teacher is not reachable (a hub id offline, a moved folder): the caller asks for --data
+        except Exception:   # the teacher is unreachable (a hub id offline, a moved folder): the caller asks for --data
             return None
         return ((tmeta.extra or {}) if tmeta else {}).get("dataset")
     return None
@@ -105,7 +107,8 @@ def prune_model(source: str, out: str, ratio: float = 0.5, by: str = "params", n
     add = additivity(net, scores, cal)
     joint = cal.error(stock)
     record = {
-        "source": str(source), "ratio": ratio, "by": by, "removed": sorted(u.name for u in chosen),
+        "source": str(source), "student_timesteps": list(meta.student_timesteps or []) or None,
+        "ratio": ratio, "by": by, "removed": sorted(u.name for u in chosen),
         "params_before": full, "params_after": param_count(stock),
         "class_before": type(net).__name__, "class_after": type(stock).__name__,
         "calibration": {"images": num, "timesteps": list(timesteps), "seed": seed, "inputs": len(cal.x_t)},

@@ -350,6 +350,8 @@ def test_a_distilled_student_prunes_and_kd_makes_it_again(tiny_teacher, tmp_path
     assert rec["calibration"]["timesteps"] == [999.0] and rec["calibration"]["inputs"] == 8
     p_den, p_meta = load_denoiser(pruned)
     assert p_meta.student_timesteps == [999.0] and param_count(p_den.backbone) == rec["params_after"]
+    card = (pruned / "README.md").read_text()
+    assert rec["student_timesteps"] == [999.0] and "kd_student_animal_mnist.yaml" in card and "many-step" not in card
 
     over = {"kd.student": pruned, "dmd.teacher": student, "dmd.allow_student_teacher": "true", "kd.cfg_dropout": 0.0}
     with pytest.raises(ConfigError, match="kd.task_weight"):

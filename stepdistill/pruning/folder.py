@@ -71,8 +71,9 @@ def card(out: str, record: dict) -> str:
     add = record["additivity"]
     return "\n".join([
         f"# {Path(out).name}", "", describe(record), "",
-        "Each layer was scored by the output loss of the teacher without it, ||f(x_t) - f_without(x_t)||^2 on "
-        f"{record['calibration']['inputs']} noised calibration inputs (LAPTOP-Diff, Zhang et al. 2024), and the "
+        "Each layer was scored by the output loss of the network without it, ||f(x_t) - f_without(x_t)||^2 on "
+        f"{record['calibration']['inputs']} calibration inputs at timesteps {record['calibration']['timesteps']} "
+        "(LAPTOP-Diff, Zhang et al. 2024), and the "
         "cheapest set meeting the ratio was removed in one shot.", "",
         "| unit | parameters | output loss | relative | |", "|---|---|---|---|---|", rows, "",
         f"Output loss of the removed set: {record['set_error']:.3g} (sum of its units' losses: "
@@ -80,10 +81,28 @@ def card(out: str, record: dict) -> str:
         f"{add.get('pearson', float('nan')):.3f}, median relative gap {add.get('median_relative_gap', float('nan')):.2f}.",
         *([""] + [f"Not removable alone: `{k}` ({v})." for k, v in record["rejected"].items()] if record["rejected"]
           else []),
-        "", "This is a many-step model (the teacher minus those layers). Retrain it with normalised feature "
-        "distillation, then distill it to one step:", "", "```bash",
-        f"stepdistill distill --config configs/kd_animal_mnist.yaml kd.student={out} output_dir=runs/kd",
-        "stepdistill distill --config configs/dmd2_animal_mnist.yaml dmd.student_init=runs/kd/student", "```", ""])
+        "", *_next_steps(out, record)])
+
+
+def _next_steps(out: str, record: dict) -> list[str]:
+    """What to run on the pruned folder: a pruned teacher is retrained as a many-step model, a pruned distilled
+    student on its own map (``method: kd`` with the student as ``dmd.teacher``)."""
+    ts = record.get("student_timesteps")
+    if ts:
+        return [f"This is a distilled student of timesteps {ts} minus those layers, scored at its own inputs. Retrain "
+                "it on the full student's map (normalised feature distillation, pure noise in), then continue it "
+                "with the one-step recipe:", "", "```bash",
+                f"stepdistill distill --config configs/kd_student_animal_mnist.yaml kd.student={out} "
+                f"dmd.teacher={record['source']} output_dir=runs/kd_student",
+                "stepdistill export output_dir=runs/kd_student --checkpoint runs/kd_student/checkpoints/step_001000 "
+                "--out runs/kd_student_1000",
+                "stepdistill distill --config configs/dmd2_animal_mnist_full.yaml "
+                "dmd.student_init=runs/kd_student_1000",
+                "```", ""]
+    return ["This is a many-step model (the teacher minus those layers). Retrain it with normalised feature "
+            "distillation, then distill it to one step:", "", "```bash",
+            f"stepdistill distill --config configs/kd_animal_mnist.yaml kd.student={out} output_dir=runs/kd",
+            "stepdistill distill --config configs/dmd2_animal_mnist.yaml dmd.student_init=runs/kd/student", "```", ""]
 
 
 def describe(record: dict) -> str:
