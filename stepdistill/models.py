@@ -210,6 +210,16 @@ def load_scheduler_config(path_or_id: str | Path, model_folder: Path | None) -> 
         f"(docs/your_teacher.md)")
 
 
+def load_meta(path_or_id: str | Path, allow_pickle: bool = False) -> ModelMeta | None:
+    """A model's ``stepdistill.json`` without loading its weights: None for a folder without one, or a source that
+    cannot be reached here (a hub id offline, a moved folder)."""
+    try:
+        root = Path(_resolve(str(path_or_id), allow_pickle))
+    except Exception:  # noqa: BLE001 - not a folder we can read: no metadata
+        return None
+    return ModelMeta.load(root)
+
+
 def load_denoiser(path_or_id: str | Path, allow_pickle: bool = False) -> tuple[Denoiser, ModelMeta]:
     """Teacher (or student) as a :class:`Denoiser` plus its metadata."""
     backbone, folder = load_backbone(path_or_id, allow_pickle)

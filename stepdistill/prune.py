@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import ConfigError
-from .models import _resolve, load_denoiser
+from .models import _resolve, load_denoiser, load_meta
 from .pruning.criterion import (CALIBRATION_TIMESTEPS, additivity, latency_ms, make_calibration, param_count,
                                 score_units, select_units)
 from .pruning.folder import PRUNED_KEY, block_map, card, fill_like
@@ -32,16 +32,11 @@ from .utils import atomic_folder
 def dataset_of(meta, allow_pickle: bool) -> str | None:
     """The data set a model was trained on: its ``stepdistill.json`` ``extra.dataset``, or, for a distilled student,
     its teacher's (``extra.teacher``)."""
-    from .models import ModelMeta
-
     extra = (meta.extra or {}) if meta is not None else {}
     if extra.get("dataset"):
         return extra["dataset"]
     if meta is not None and meta.student_timesteps and extra.get("teacher"):
-        try:
-            tmeta = ModelMeta.load(Path(_resolve(str(extra["teacher"]), allow_pickle)))
-        except Exception:   # the teacher is unreachable (a hub id offline, a moved folder): the caller asks for --data
-            return None
+        tmeta = load_meta(extra["teacher"], allow_pickle)   # None when unreachable: the caller asks for --data
         return ((tmeta.extra or {}) if tmeta else {}).get("dataset")
     return None
 

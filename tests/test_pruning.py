@@ -408,3 +408,12 @@ def test_a_distilled_student_prunes_and_kd_makes_it_again(tiny_teacher, tmp_path
     res = quality_curve(tmp_path / "kd", num=10, seed=1, ref="digits", ref_num=20, out=tmp_path / "curve")
     assert [p["step"] for p in res["points"]] == [2]
     assert res["points"][0]["sample_passes"] == 2 * 8 * 2 and res["points"][0]["fid"] > 0   # 2 passes x batch 8 x 2 steps
+
+
+def test_load_meta_reads_stepdistill_json_or_none(tmp_path):
+    """The one helper behind pruned_record, prune's data-set lookup and kd's curve predicate."""
+    from stepdistill.models import load_meta
+
+    assert load_meta("builtin:animal_mnist_dmd2").student_timesteps == [999.0]
+    assert load_meta(tmp_path) is None                          # a folder without stepdistill.json
+    assert load_meta(tmp_path / "moved" / "away") is None       # not reachable here

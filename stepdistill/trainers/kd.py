@@ -296,12 +296,9 @@ class KDConfig:
 def kd_makes_a_student(cfg) -> bool:
     """A KD run whose ``dmd.teacher`` is a distilled student exports a student of its timesteps: ``stepdistill
     curve`` scores its checkpoints (two forward passes per sample and step: the student's and the teacher's)."""
-    from ..models import ModelMeta, _resolve
+    from ..models import load_meta
 
-    try:
-        meta = ModelMeta.load(Path(_resolve(str(cfg.dmd.teacher), cfg.dmd.allow_pickle)))
-    except Exception:   # an unreachable teacher: curve refuses the run with its own message
-        return False
+    meta = load_meta(cfg.dmd.teacher, cfg.dmd.allow_pickle)   # None when unreachable: curve refuses the run
     return bool(meta is not None and meta.student_timesteps)
 
 
