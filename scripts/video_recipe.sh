@@ -84,3 +84,25 @@ for r in p8 p9; do
   stepdistill curve --run runs/video/$r --out runs/video/$r/curve_seed1 --ref-split val --ref-num 250 --num 128 --seed 1 \
     --min-step 800 --every 200 --pick-acc 0 --pick-with runs/video/$r/curve_seed2/curve.json
 done
+# eighth session: probes forked from P5 at step 250 (where the regression pull ends), one change each from that
+# step, and P10 continued (P10x); scored on validation noise seeds 1 and 2 (BENCHMARKS "Two time-scale updates,
+# guidance and learning rate on video"); P11 (critic-head GAN 1e-2) was stopped unscored: too small a change
+S250="--config runs/video/p5/config.yaml --fork runs/video/p5/checkpoints/step_000250 train.max_steps=1000"
+stepdistill distill $S250 "schedule=[$S150, {at: 250, set: {dmd.regression_weight: 0.0, dmd.critic_updates: 5}}]" \
+  output_dir=runs/video/p10                                                                  # P10: 5 critic updates
+stepdistill distill $S250 "schedule=[$S150, {at: 250, set: {dmd.regression_weight: 0.0, dmd.real_guidance_scale: 4.0}}]" \
+  output_dir=runs/video/p12                                                                  # P12: DM-term CFG 4
+stepdistill distill $S250 "schedule=[$S150, {at: 250, set: {dmd.regression_weight: 0.0, dmd.optim.lr: 4.0e-5, \
+  dmd.critic_optim.lr: 4.0e-5}}]" output_dir=runs/video/p13                                 # P13: learning rates 4e-5
+stepdistill distill --config runs/video/p10/config.yaml --fork runs/video/p10/checkpoints/step_001000 \
+  train.max_steps=1400 output_dir=runs/video/p10x                                           # P10 on to step 1400
+for r in p10 p12 p13; do
+  for s in 1 2; do
+    stepdistill curve --run runs/video/$r --out runs/video/$r/curve_seed$s --ref-split val --ref-num 250 --num 128 \
+      --seed $s --min-step 600 --every 200 --pick-acc 0
+  done
+done
+for s in 1 2; do
+  stepdistill curve --run runs/video/p10x --out runs/video/p10x/curve_seed$s --ref-split val --ref-num 250 --num 128 \
+    --seed $s --min-step 1200 --every 200 --pick-acc 0
+done
