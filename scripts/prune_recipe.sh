@@ -9,6 +9,10 @@
 # docs/benchmarks/prune/ and the plot.
 #   sh scripts/prune_recipe.sh             (about 100 minutes on 2 cores)
 # SD: the stepdistill command (default: stepdistill).
+# Since 2026-12-06 configs/dmd2_animal_mnist_full.yaml runs 2,000 steps with a fourth schedule entry (the DM term's
+# teacher CFG 4 from step 1600), and builtin:animal_mnist_dmd2 is that file's seed-1 student: the numbers recorded
+# came from the file at 1,600 steps (add train.max_steps=1600 and its first three schedule entries) and from the
+# student shipped before (git show 0e16082:stepdistill/assets/animal_mnist_dmd2_student/...).
 set -e
 SD=${SD:-stepdistill}
 R=runs/prune

@@ -191,9 +191,11 @@ def test_a_config_can_extend_another_with_base(tmp_path):
     assert js.train == warmup.train and js.dmd.critic_updates == 5
     full = load_config(DistillConfig, str(root / "dmd2_animal_mnist_full.yaml"), [])
     main_job = load_config(DistillConfig, str(root / "dmd2_animal_mnist.yaml"), [])
-    assert full.train.max_steps == 1600 and main_job.train.max_steps < full.train.max_steps
+    assert full.train.max_steps == 2000 and main_job.train.max_steps < full.train.max_steps
     assert full.dmd == main_job.dmd and full.schedule[:2] == main_job.schedule  # the full recipe: the main job, longer
     assert full.schedule[2].at == 1000 and full.schedule[2].set == {"dmd.real_guidance_scale": 3.0}  # then CFG 3
+    assert full.schedule[3].at == 1600 and full.schedule[3].set == {"dmd.real_guidance_scale": 4.0}  # then CFG 4
+    assert len(full.schedule) == 4
     (tmp_path / "a.yaml").write_text("base: b.yaml\ntrain: {seed: 3}\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="base: chain loops"):
