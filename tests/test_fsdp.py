@@ -44,6 +44,8 @@ def init(self, *a, **k):  # record what each process holds once the trainer is b
 
 core.Trainer.__init__ = init
 distill(cfg, resume=resume, accelerator=acc)
+from stepdistill.frontends.cli import close_process_group
+close_process_group()  # as the CLI does: a process group left open can abort the interpreter's exit
 """
 
 

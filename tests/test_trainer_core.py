@@ -136,7 +136,31 @@ obj, data, _ = build_method(cfg)
 acc = Accelerator(cpu=True)
 assert acc.num_processes == int(sys.argv[1]), acc.num_processes
 Trainer(obj, cfg, accelerator=acc, data=data).train()
+from stepdistill.frontends.cli import close_process_group
+close_process_group()  # as the CLI does: a process group left open can abort the interpreter's exit
 """
+
+
+def test_the_cli_closes_a_process_group_after_success_only(tmp_path, capsys):
+    """Under ``accelerate launch`` every process ends its command by destroying the process group (an open gloo
+    group can abort the interpreter's exit with SIGABRT, failing a finished run); after an error it is left alone,
+    as another process may still be inside a collective."""
+    import torch.distributed as dist
+
+    from stepdistill.frontends.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        assert main(["sample", "--model", "builtin:animal_mnist_dmd2", "--classes", "cat,dog,cow", "--num", "2",
+                     "--out", str(tmp_path / "x.png")]) == 2          # a user error: the group stays
+        assert dist.is_initialized()
+        assert main(["sample", "--model", "builtin:animal_mnist_dmd2", "--num", "10",
+                     "--out", str(tmp_path / "s.png")]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    capsys.readouterr()
 
 
 def test_two_process_gloo_run_matches_single_process(tiny_teacher, tmp_path):

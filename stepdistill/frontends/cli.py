@@ -407,7 +407,20 @@ def main(argv: list[str] | None = None) -> int:
             line = line[:MAX_ERROR_CHARS] + f" ... ({len(line) - MAX_ERROR_CHARS} more characters)"
         print(f"error: {line}", file=sys.stderr)
         return 2
+    close_process_group()
     return rc if isinstance(rc, int) else 0
+
+
+def close_process_group() -> None:
+    """Destroy this process's torch.distributed process group, if a multi-process run (``accelerate launch``)
+    started one. PyTorch asks every process to do so before it exits: otherwise gloo's worker threads can abort the
+    interpreter's shutdown (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#190489), and a
+    run that finished and saved everything is reported as failed by the launcher. Called after a command succeeded
+    only: after an error another process may still be inside a collective, and destroying the group then can hang
+    it (the lesson of pytorch/torchtitan#1342)."""
+    dist = sys.modules.get("torch.distributed")  # never imports torch for commands that did not
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def user_error(e: BaseException) -> str | None:
