@@ -106,9 +106,12 @@ for s in 1 2; do
   stepdistill curve --run runs/video/p10x --out runs/video/p10x/curve_seed$s --ref-split val --ref-num 250 --num 128 \
     --seed $s --min-step 1200 --every 200 --pick-acc 0
 done
-# tenth session: f-distill's JS weights on the DM term (P15), a fork of P1 at step 150 with P5's config (BENCHMARKS
-# "f-distill's JS weights on video"); seed 2 not scored (seed 1 left no room for a win)
-stepdistill distill --config runs/video/p5/config.yaml --fork runs/video/p1/checkpoints/step_000150 train.max_steps=1000 \
-  dmd.divergence=js "schedule=[$S150, $NOREG]" output_dir=runs/video/p15                   # P15: JS weights
-stepdistill curve --run runs/video/p15 --out runs/video/p15/curve_seed1 --ref-split val --ref-num 250 --num 128 \
-  --seed 1 --min-step 600 --every 200 --pick-acc 0
+# tenth / eleventh session: f-distill's JS (P15) and forward-KL (P16) weights on the DM term, forks of P1 at step 150
+# with P5's config (BENCHMARKS "f-distill's weights on video"); seed 2 not scored (seed 1 left no room for a win)
+for div in js forward_kl; do
+  r=$([ $div = js ] && echo p15 || echo p16)
+  stepdistill distill --config runs/video/p5/config.yaml --fork runs/video/p1/checkpoints/step_000150 \
+    train.max_steps=1000 dmd.divergence=$div "schedule=[$S150, $NOREG]" output_dir=runs/video/$r
+  stepdistill curve --run runs/video/$r --out runs/video/$r/curve_seed1 --ref-split val --ref-num 250 --num 128 \
+    --seed 1 --min-step 600 --every 200 --pick-acc 0
+done

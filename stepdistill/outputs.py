@@ -206,7 +206,7 @@ def check_replace_folder(out: Path, overwrite: bool, kind: str, inputs: list | t
     marker = read_marker(out)
     if marker is None or marker.get("kind") != kind:
         what = f"a stepdistill {marker['kind']} folder" if marker else f"not a folder stepdistill wrote (no {MARKER})"
-        _refuse(f"--overwrite refused: {out} is {what}, not a {kind}; nothing was deleted. Choose another --out")
+        _refuse(f"--overwrite refused: {out} is {what}, not a {kind} folder; nothing was deleted. Choose another --out")
     listed = set(marker.get("files", []))
     extra = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MARKER
                    and str(p.relative_to(out)) not in listed)

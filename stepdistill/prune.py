@@ -55,8 +55,10 @@ def teacher_inputs(source: str, allow_pickle: bool, data_name: str | None, seed:
     cfg = DistillConfig()
     cfg.dmd.teacher, cfg.dmd.allow_pickle, cfg.data.name, cfg.train.seed = source, allow_pickle, name, seed
     cfg.dmd.allow_student_teacher = True   # a distilled student prunes too, calibrated at its own timesteps
-    c, h, _ = den.sample_shape
-    cfg.data.resolution, cfg.data.channels = h, c
+    shape = den.sample_shape                      # (C, H, W), or (C, F, H, W) for a video model
+    cfg.data.resolution, cfg.data.channels = shape[-2], shape[0]
+    if len(shape) == 4:
+        cfg.data.frames = shape[1]
     bank = data = None
     if meta.conditioning == "text":  # the caption bank and bank-aligned data, for the teacher already loaded
         bank, data = text_distill_setup(cfg, meta)

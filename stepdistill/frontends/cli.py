@@ -1,4 +1,4 @@
-"""stepdistill command line: teacher | distill | export | sample | eval | bench | curve | report | onnx | plan | prune | demo."""
+"""stepdistill command line: teacher | distill | export | sample | eval | bench | curve | report | onnx | plan | prune | grow | demo."""
 from __future__ import annotations
 
 import argparse

@@ -224,6 +224,33 @@ def cmd_prune(a):
     _emit(rec, a.report)
 
 
+def cmd_grow(a):
+    from ..errors import ConfigError
+    from ..grow import grow_model
+
+    _set_threads(a)
+    try:
+        after = [int(k) for k in a.after.split(",") if k.strip()]
+    except ValueError:
+        raise ConfigError(f"--after must be block indices separated by commas, e.g. 1,3; got {a.after!r}") from None
+    rec = grow_model(a.model, a.out, after, num=a.num, seed=a.seed, data=a.data, allow_pickle=a.allow_pickle,
+                     overwrite=a.overwrite, progress=not a.no_progress)
+    _emit(rec, a.report)
+
+
+def _folder_tool_args(p, fn) -> None:
+    """The options every model-folder tool shares (``prune``, ``grow``): calibration data and seed, the JSON report,
+    --overwrite, --allow-pickle, --no-progress, --threads."""
+    p.add_argument("--data", default=None, help="calibration data set (default: the teacher's own, stepdistill.json)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="calibration draw, 0..2**31-1 (default 0)")
+    p.add_argument("--report", default=None, help="also write the JSON report here")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a folder we wrote")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stdout")
+    threads_arg(p)
+    p.set_defaults(fn=fn)
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("prune", help="LAPTOP-Diff one-shot layer pruning of a teacher: score every removable layer "
                                      "by its output loss, drop the cheapest set meeting --ratio, write a smaller "
@@ -238,15 +265,18 @@ def add_commands(sub) -> None:
     p.add_argument("--timesteps", default=None,
                    help="calibration noise levels, model timesteps of T=1000 (default: 50,250,500,750,950 for a "
                         "teacher; a distilled student's own timesteps, e.g. 999)")
-    p.add_argument("--data", default=None, help="calibration data set (default: the teacher's own, stepdistill.json)")
     p.add_argument("--latency-batch", type=int, default=32, help="--by latency: the batch timed (default 32)")
-    p.add_argument("--seed", type=seed_arg, default=0, help="calibration draw, 0..2**31-1 (default 0)")
-    p.add_argument("--report", default=None, help="also write the JSON report here")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a folder we wrote")
-    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights")
-    p.add_argument("--no-progress", action="store_true", help="no progress lines on stdout")
-    threads_arg(p)
-    p.set_defaults(fn=cmd_prune)
+    _folder_tool_args(p, cmd_prune)
+
+    p = sub.add_parser("grow", help="a deeper transformer with the same function: a zero-output copy of each block "
+                                    "in --after inserted after it, written as a diffusers folder to start a deeper "
+                                    "student from (dmd.student_init; JSON record on stdout)")
+    p.add_argument("--model", default="builtin:moving_animal_mnist", help="teacher folder, hub id or builtin: name "
+                   "of a Wan / DiT / PixArt transformer (default %(default)s)")
+    p.add_argument("--out", required=True, help="the grown model folder to write")
+    p.add_argument("--after", required=True, help="blocks to copy, comma-separated indices, e.g. 1,3")
+    p.add_argument("--num", type=int, default=16, help="calibration samples for the equality check (default 16)")
+    _folder_tool_args(p, cmd_grow)
 
     p = sub.add_parser("plan", help="per-GPU memory of DMD2 training on a real-size teacher (weights, gradients, "
                                     "optimizer, EMA, critic, activations); JSON on stdout, a table on stderr")

@@ -88,6 +88,13 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
         smeta.extra["pruned"] = pruned
         card_edit = _then(parts.card, lambda text: text.rstrip() + "\n\n## Pruned network\n\n" + describe(pruned)
                           + "\n")
+    grown = _grown_start(cfg)
+    if grown is not None:  # a deeper student from stepdistill grow: its metadata and card say so
+        from ..pruning.growth import describe as describe_grown
+
+        smeta.extra["grown"] = grown
+        card_edit = _then(card_edit, lambda text: text.rstrip() + "\n\n## Grown network\n\n" + describe_grown(grown)
+                          + "\n")
     lora_view = backbone if getattr(backbone, "is_lora_view", False) is True else None
     if lora_view is not None:  # LoRA student: a plain merged model, plus the adapter in lora/ (three formats)
         from ..lora import lora_file_names
@@ -125,6 +132,16 @@ def _pruned_start(cfg) -> dict | None:
     from ..pruning.folder import pruned_record
 
     return pruned_record(init, cfg.dmd.allow_pickle)
+
+
+def _grown_start(cfg) -> dict | None:
+    """The grow record of ``dmd.student_init`` (None when the student did not start from a grown model)."""
+    init = getattr(cfg.dmd, "student_init", "")
+    if not init:
+        return None
+    from ..pruning.growth import grown_record
+
+    return grown_record(init, cfg.dmd.allow_pickle)
 
 
 def _then(first, second):

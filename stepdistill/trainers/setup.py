@@ -179,11 +179,13 @@ def student_and_critic(s: Setup, student_init: str = "", allow_pickle: bool = Fa
 
 def student_from(teacher: Denoiser, source: str, allow_pickle: bool = False) -> Denoiser:
     """A trainable student from ``source`` (``dmd.student_init``) with the teacher's schedule and null inputs: a
-    pruned model keeps its own (smaller) network; any other model must have the teacher's architecture, and its
-    weights go into a copy of the teacher's network."""
+    pruned model (``stepdistill prune``) or a grown one (``stepdistill grow``) keeps its own smaller or deeper
+    network; any other model must have the teacher's architecture, and its weights go into a copy of the teacher's
+    network."""
     from ..pruning.folder import pruned_record
+    from ..pruning.growth import grown_record
 
-    if pruned_record(source, allow_pickle) is not None:
+    if pruned_record(source, allow_pickle) is not None or grown_record(source, allow_pickle) is not None:
         init, _ = load_denoiser(source, allow_pickle=allow_pickle)
         return Denoiser(init.backbone, teacher.schedule, teacher.prediction_type, teacher.null_class,
                         teacher.null_cond)
@@ -202,7 +204,8 @@ def _load_student_weights(student: Denoiser, source: str, allow_pickle: bool, lo
     bad = sorted(set(want) ^ set(got)) or [k for k in want if want[k].shape != got[k].shape]
     if bad:
         raise ConfigError(f"dmd.student_init {source}: its network does not match the teacher's architecture "
-                          f"(first differing weight: {bad[0]}); a smaller student comes from stepdistill prune")
+                          f"(first differing weight: {bad[0]}); a smaller student comes from stepdistill prune, a "
+                          "deeper one from stepdistill grow")
     student.backbone.load_state_dict(got)
 
 
