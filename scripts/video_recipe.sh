@@ -115,3 +115,17 @@ for div in js forward_kl; do
   stepdistill curve --run runs/video/$r --out runs/video/$r/curve_seed1 --ref-split val --ref-num 250 --num 128 \
     --seed 1 --min-step 600 --every 200 --pick-acc 0
 done
+# eleventh session (BENCHMARKS "A deeper student and two more schedule probes on video"): P17 a 6-block student grown
+# from the teacher (stepdistill grow), fresh; P18 P4 to step 600 then P5's settings; P19 P13's learning rates with
+# P16's forward-KL weights, a fork of P5 at 250. Seed 2 scored only where seed 1 left room for a win.
+stepdistill grow --model builtin:moving_animal_mnist --after 1,3 --out runs/video/grown6
+stepdistill distill --config configs/dmd2_video_animal_mnist.yaml dmd.student_init=runs/video/grown6 \
+  output_dir=runs/video/p17                                                                  # P17: deeper student
+stepdistill distill --config runs/video/p4/config.yaml --fork runs/video/p4/checkpoints/step_000600 train.max_steps=1000 \
+  dmd.pixel_gan_g_weight=0.3 "schedule=[$S150, $NOREG]" output_dir=runs/video/p18             # P18: P4, then P5's
+stepdistill distill $S250 dmd.divergence=forward_kl "schedule=[$S150, {at: 250, set: {dmd.regression_weight: 0.0, \
+  dmd.optim.lr: 4.0e-5, dmd.critic_optim.lr: 4.0e-5}}]" output_dir=runs/video/p19            # P19: P13 + forward KL
+for r in p17 p18 p19; do
+  stepdistill curve --run runs/video/$r --out runs/video/$r/curve_seed1 --ref-split val --ref-num 250 --num 128 \
+    --seed 1 --min-step 600 --every 200 --pick-acc 0
+done

@@ -105,7 +105,7 @@ TINY_TEACHER = {"data.resolution": 8, "data.frames": 4, "model.video.num_layers"
                 "sample_steps": 2, "train.cpu": "true", "optim.warmup_steps": 0}
 
 
-def test_grow_then_distill_a_deeper_video_student_through_the_cli(tmp_path, capsys):
+def test_grow_then_distill_a_deeper_video_student_through_the_cli(tmp_path, capsys, monkeypatch):
     """The CLI writes a stock folder (its record says the outputs matched on real calibration clips), refuses to
     replace a folder it did not write, and a DMD2 run with dmd.student_init=<it> trains and exports the deeper
     student (stock diffusers loads it with its own num_layers; its metadata and card say it was grown)."""
@@ -138,6 +138,19 @@ def test_grow_then_distill_a_deeper_video_student_through_the_cli(tmp_path, caps
     assert (mine / "notes.txt").read_text() == "keep"
     assert main(["grow", "--model", str(teacher), "--out", str(tmp_path / "x"), "--after", "0,a"]) != 0
     assert "--after must be block indices" in capsys.readouterr().err
+    # the equality check is measured: a grown network that is not its source's function is refused, nothing written
+    import stepdistill.grow as grow_mod
+
+    def off_by_a_bit(net, after):
+        g = grow_network(net, after)
+        with torch.no_grad():
+            g.blocks[1].ffn.net[2].bias.fill_(1e-3)
+        return g
+
+    monkeypatch.setattr(grow_mod, "grow_network", off_by_a_bit)
+    assert main(["grow", "--model", str(teacher), "--out", str(tmp_path / "bad"), "--after", "0", "--num", "2"]) != 0
+    assert "outputs differ" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    monkeypatch.undo()
     # a deeper student: trained, exported with its own config, recorded
     out = tmp_path / "student_run"
     extra = {"dmd.teacher": teacher, "dmd.student_init": grown, "data.resolution": 8, "data.frames": 4,
