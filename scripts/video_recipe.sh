@@ -115,7 +115,7 @@ for div in js forward_kl; do
   stepdistill curve --run runs/video/$r --out runs/video/$r/curve_seed1 --ref-split val --ref-num 250 --num 128 \
     --seed 1 --min-step 600 --every 200 --pick-acc 0
 done
-# eleventh session (BENCHMARKS "A deeper student and two more schedule probes on video"): P17 a 6-block student grown
+# eleventh session (BENCHMARKS "The 4-step video student within 10 % of its teacher"): P17 a 6-block student grown
 # from the teacher (stepdistill grow), fresh; P18 P4 to step 600 then P5's settings; P19 P13's learning rates with
 # P16's forward-KL weights, a fork of P5 at 250. Seed 2 scored only where seed 1 left room for a win.
 stepdistill grow --model builtin:moving_animal_mnist --after 1,3 --out runs/video/grown6

@@ -15,7 +15,8 @@ value at step N + R. The values are a pure function of the step, so a resumed ru
 uninterrupted one did, and the checkpoint records the values in force (``meta.json``: ``schedule``).
 
 Only the keys in :data:`SCHEDULABLE` can be scheduled: loss weights, learning rates, noise-level range,
-guidance, critic ratio, EMA decay and the batch size, all read live by the trainer and the DMD objective.
+guidance, critic ratio, the f-divergence of the DM term, EMA decay and the batch size, all read live by the
+trainer and the DMD objective.
 Settings that shape networks or data (``dmd.gan``, ``dmd.regression_pairs``, ...) are fixed for the run.
 """
 from __future__ import annotations
@@ -32,6 +33,9 @@ SCHEDULABLE: dict[str, tuple[str, ...]] = {
         "dm_weight", "gan_g_weight", "gan_d_weight", "regression_weight", "pixel_gan_g_weight", "pixel_gan_d_weight",
         "pixel_gan_r1", "pixel_gan_lr", "t_min", "t_max", "critic_updates", "real_guidance_scale",
         "ca_weight", "dm_term_weight")},
+    # f-distill's weights (trainers/fdistill.py): read live by the DM term; a run whose schedule names a divergence
+    # other than reverse_kl trains with the f-distill objective, which is DMD2 bit for bit while reverse_kl is in force
+    "dmd.divergence": ("dmd", "dmd2"),
     "dmd.optim.lr": ("*",), "dmd.critic_optim.lr": ("*",), "train.ema_decay": ("*",),
     "train.batch_size": ("*",),  # each update draws its global batch at the size in force (trainers/objective.Ctx)
 }
@@ -166,6 +170,8 @@ def check_schedule(cfg, coerce, validate, error) -> None:
             v = coerce(value, tp, name)
             if e.ramp and tp is int:
                 error(f"{name}: {key} is an integer and cannot ramp; use ramp: 0 (a switch)")
+            if e.ramp and tp is str:
+                error(f"{name}: {key} is a name and cannot ramp; use ramp: 0 (a switch)")
             if key in ("dmd.pixel_gan_g_weight", "dmd.pixel_gan_lr") and get_dotted(cfg, key) == 0:
                 error(f"{name}: the pixel discriminator is built only when {key} > 0 at the start; give it a base "
                       f"value > 0 (its weight can start small) and schedule the change")

@@ -97,3 +97,35 @@ def test_divergence_needs_the_discriminator(tiny_teacher, tmp_path):
         load_config(DistillConfig, None, over)
     with pytest.raises(ConfigError, match="dmd.divergence"):
         load_config(DistillConfig, None, tiny_distill_overrides(tiny_teacher, tmp_path, **{"dmd.divergence": "tv"}))
+
+
+def test_a_scheduled_switch_to_forward_kl_is_dmd2_before_it(tiny_teacher, tmp_path):
+    """``schedule: [{at: 2, set: {dmd.divergence: forward_kl}}]`` (the video file's recipe): the run trains with the
+    f-distill objective, equals a DMD2 run bit for bit up to step 2 (reverse_kl in force: no weights computed), then
+    weighs the DM term (logged weights from step 2 on) and leaves DMD2's path."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from stepdistill.frontends.cli import main
+    from stepdistill.trainers.dmd_method import dmd_objective_class
+    from stepdistill.trainers.fdistill import FDistillObjective
+
+    runs = {}
+    for name, extra in (("dmd2", {}), ("switch", {"schedule": "[{at: 2, set: {dmd.divergence: forward_kl}}]"})):
+        over = tiny_distill_overrides(tiny_teacher, tmp_path / name, **{"dmd.gan": "true", **extra})
+        if name == "switch":
+            cfg = load_config(DistillConfig, None, over)
+            assert cfg.dmd.divergence == "reverse_kl" and dmd_objective_class(cfg.dmd, cfg.schedule) is FDistillObjective
+        assert main(["distill", "--config", "", *over]) == 0
+        runs[name] = tmp_path / name
+    ck = lambda run, s: load_file(run / "checkpoints" / f"step_{s:06d}" / "models.safetensors")  # noqa: E731
+    a2, b2 = ck(runs["dmd2"], 2), ck(runs["switch"], 2)
+    assert a2.keys() == b2.keys() and all(torch.equal(a2[k], b2[k]) for k in a2)
+    a4, b4 = ck(runs["dmd2"], 4), ck(runs["switch"], 4)
+    assert any(not torch.equal(a4[k], b4[k]) for k in a4)
+    rows = [json.loads(line) for line in (runs["switch"] / "log.jsonl").read_text().splitlines()]
+    weighted = sorted(r["step"] for r in rows if "f_weight_max" in r)
+    assert weighted and min(weighted) >= 2 and all("f_weight_max" not in r for r in rows if r.get("step", 0) < 2)
+    meta = json.loads((runs["switch"] / "checkpoints" / "step_000004" / "meta.json").read_text())
+    assert meta["schedule"]["values"]["dmd.divergence"] == "forward_kl"

@@ -10,18 +10,21 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..denoiser import Denoiser
+from ..recipe import flatten_set
 from .decoupled_dmd import DecoupledDMDObjective
 from .dmd import DMDConfig, DMDObjective, check_dmd_section
 from .fdistill import FDistillObjective
 from .objective import real_data_std
 
 
-def dmd_objective_class(c: DMDConfig) -> type[DMDObjective]:
+def dmd_objective_class(c: DMDConfig, schedule=()) -> type[DMDObjective]:
     """The objective a ``dmd`` section asks for: Decoupled DMD (``decoupled``), f-distill (a ``divergence`` other
-    than reverse_kl) or DMD / DMD2 (config checks refuse both at once)."""
+    than reverse_kl, from the start or from a ``schedule`` entry) or DMD / DMD2 (config checks refuse both at
+    once). f-distill with reverse_kl in force is DMD2 bit for bit, so a scheduled switch changes nothing before it."""
     if c.decoupled:
         return DecoupledDMDObjective
-    if c.divergence != "reverse_kl":
+    scheduled = {flatten_set(e.set).get("dmd.divergence", "reverse_kl") for e in schedule or ()}
+    if c.divergence != "reverse_kl" or scheduled - {"reverse_kl"}:
         return FDistillObjective
     return DMDObjective
 
@@ -49,7 +52,7 @@ def build_dmd_family(cfg, teacher: Denoiser | None = None, meta=None, data=None,
     pairs = None
     if cfg.dmd.regression_weight > 0 or cfg.dmd.regression_warmup_steps > 0:
         pairs = teacher_ode_pairs(s.teacher, cfg.dmd, s.num_classes, shape, seed=cfg.train.seed, conds=s.conds)
-    make = make_objective or dmd_objective_class(cfg.dmd)
+    make = make_objective or dmd_objective_class(cfg.dmd, cfg.schedule)
     obj = make(s.teacher, student, critic, cfg.dmd, s.num_classes, shape, regression_pairs=pairs,
                seed=cfg.train.seed, conds=s.conds, data_std=real_data_std(s.data))
     if getattr(cfg.dmd, "critic_init", ""):

@@ -5,7 +5,8 @@ Thm. 1: for D_f(p || q_theta) the gradient is DMD's score difference weighted by
 density ratio r = p_t(x_t) / q_t(x_t), read from DMD2's GAN discriminator logit at the DM term's own noised
 sample (the math and the table of f, h: :mod:`stepdistill.trainers.divergences`). Selected by
 ``dmd.divergence: forward_kl | js`` (needs ``dmd.gan``); ``reverse_kl`` is DMD2 itself
-(:class:`~stepdistill.trainers.dmd.DMDObjective`), bit for bit.
+(:class:`~stepdistill.trainers.dmd.DMDObjective`), bit for bit. The divergence can switch during a run
+(``schedule: [{at: 250, set: {dmd.divergence: forward_kl}}]``): the DM term reads it live.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class FDistillObjective(DMDObjective):
 
     def dm_term(self, ctx: Ctx, x, x_t, t, cond, k: int, real_x0, fake_x0, logits, weight=None):
         c = self.cfg
+        if c.divergence == "reverse_kl":  # h = 1: DMD2's term itself (until a scheduled switch, recipe.py)
+            return super().dm_term(ctx, x, x_t, t, cond, k, real_x0, fake_x0, logits, weight)
         logits = ratio_logits(self, x_t, t, cond, logits)
         weight = f_weights(logits, c.divergence, c.divergence_logit_clip)
         l_dm, logs = super().dm_term(ctx, x, x_t, t, cond, k, real_x0, fake_x0, logits, weight)
