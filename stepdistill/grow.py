@@ -47,7 +47,7 @@ def grow_model(source: str, out: str, after, num: int = 16, seed: int = 0, data:
     n0, n = grown.config.num_layers - len(idx), grown.config.num_layers
     record = {
         "source": str(source), "student_timesteps": list(meta.student_timesteps or []) or None,
-        "after": idx, "inserted": inserted_blocks(n0, idx), "num_layers_before": n0, "num_layers_after": n,
+        "after": idx, "inserted": inserted_blocks(idx), "num_layers_before": n0, "num_layers_after": n,
         "params_before": param_count(net), "params_after": param_count(grown), "class": type(net).__name__,
         "block_map": block_map(n0, idx),
         "check": {"inputs": len(cal.x_t), "mse": err, "seed": seed},

@@ -220,6 +220,13 @@ def load_meta(path_or_id: str | Path, allow_pickle: bool = False) -> ModelMeta |
     return ModelMeta.load(root)
 
 
+def meta_extra(path_or_id: str | Path, allow_pickle: bool = False) -> dict:
+    """A model's ``stepdistill.json`` ``extra`` section ({} for a folder without one or an unreachable source): the
+    records that tools leave there (``pruned``, ``grown``) are read from it."""
+    m = load_meta(path_or_id, allow_pickle)
+    return dict(m.extra or {}) if m is not None else {}
+
+
 def load_denoiser(path_or_id: str | Path, allow_pickle: bool = False) -> tuple[Denoiser, ModelMeta]:
     """Teacher (or student) as a :class:`Denoiser` plus its metadata."""
     backbone, folder = load_backbone(path_or_id, allow_pickle)

@@ -41,7 +41,7 @@ def test_a_grown_wan_equals_its_source_and_its_new_blocks_learn():
         want = net(x, t, enc, return_dict=False)[0]
         got = grown(x, t, enc, return_dict=False)[0]
     assert want.abs().mean() > 0.1 and torch.equal(got, want)           # bit for bit, on a non-trivial output
-    assert inserted_blocks(3, [0, 2]) == [1, 4]
+    assert inserted_blocks([0, 2]) == [1, 4]
     assert block_map(3, [0, 2]) == {"0": 0, "1": 0, "2": 1, "3": 2, "4": 2}
     for j, k in ((1, 0), (4, 2)):                                        # the copies: block k with zero writers
         new, old = grown.blocks[j], net.blocks[k]

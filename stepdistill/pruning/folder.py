@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..denoiser import backbone_kind, component_name
-from ..models import ModelMeta, load_meta, save_component
+from ..models import ModelMeta, meta_extra, save_component
 from .structure import DIT_KINDS, Unit
 
 PRUNED_KEY = "pruned"
@@ -56,8 +56,7 @@ def fill_like(folder: Path, base: Path, backbone: torch.nn.Module, extra: dict, 
 
 def pruned_record(source: str, allow_pickle: bool = False) -> dict | None:
     """The ``extra.pruned`` record of a model folder (None for an unpruned one or a hub id without one)."""
-    m = load_meta(source, allow_pickle)
-    return (m.extra or {}).get(PRUNED_KEY) if m is not None else None
+    return meta_extra(source, allow_pickle).get(PRUNED_KEY)
 
 
 def card(out: str, record: dict) -> str:

@@ -92,7 +92,7 @@ def grow_network(net: nn.Module, after) -> nn.Module:
     return (grown if dtype == torch.float32 else grown.to(dtype)).eval()
 
 
-def inserted_blocks(n: int, after: list[int]) -> list[int]:
+def inserted_blocks(after: list[int]) -> list[int]:
     """The indices, in the grown network, of the inserted copies (block k's copy follows it)."""
     return [k + 1 + i for i, k in enumerate(sorted(after))]
 
@@ -111,10 +111,9 @@ def block_map(n: int, after: list[int]) -> dict[str, int]:
 
 def grown_record(source: str, allow_pickle: bool = False) -> dict | None:
     """The ``extra.grown`` record of a model folder (None for any other, or a hub id without one)."""
-    from ..models import load_meta
+    from ..models import meta_extra
 
-    m = load_meta(source, allow_pickle)
-    return (m.extra or {}).get(GROWN_KEY) if m is not None else None
+    return meta_extra(source, allow_pickle).get(GROWN_KEY)
 
 
 def describe(record: dict) -> str:

@@ -81,14 +81,15 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
     parts = parts or ExportParts()
     smeta.extra.update(parts.meta)
     card_edit = parts.card
-    pruned = _pruned_start(cfg)
+    start = _student_init_extra(cfg)
+    pruned = start.get("pruned")
     if pruned is not None:  # a smaller student from stepdistill prune: its metadata and card say what went
         from ..pruning.folder import describe
 
         smeta.extra["pruned"] = pruned
         card_edit = _then(parts.card, lambda text: text.rstrip() + "\n\n## Pruned network\n\n" + describe(pruned)
                           + "\n")
-    grown = _grown_start(cfg)
+    grown = start.get("grown")
     if grown is not None:  # a deeper student from stepdistill grow: its metadata and card say so
         from ..pruning.growth import describe as describe_grown
 
@@ -124,24 +125,15 @@ def export_student(backbone, cfg: DistillConfig, meta: ModelMeta, out: Path, sch
     return out
 
 
-def _pruned_start(cfg) -> dict | None:
-    """The prune record of ``dmd.student_init`` (None when the student did not start from a pruned model)."""
+def _student_init_extra(cfg) -> dict:
+    """The ``stepdistill.json`` ``extra`` of ``dmd.student_init`` ({} without one): its ``pruned`` record
+    (``stepdistill prune``) or ``grown`` record (``stepdistill grow``) says what network the student started as."""
     init = getattr(cfg.dmd, "student_init", "")
     if not init:
-        return None
-    from ..pruning.folder import pruned_record
+        return {}
+    from ..models import meta_extra
 
-    return pruned_record(init, cfg.dmd.allow_pickle)
-
-
-def _grown_start(cfg) -> dict | None:
-    """The grow record of ``dmd.student_init`` (None when the student did not start from a grown model)."""
-    init = getattr(cfg.dmd, "student_init", "")
-    if not init:
-        return None
-    from ..pruning.growth import grown_record
-
-    return grown_record(init, cfg.dmd.allow_pickle)
+    return meta_extra(init, cfg.dmd.allow_pickle)
 
 
 def _then(first, second):

@@ -182,10 +182,12 @@ def student_from(teacher: Denoiser, source: str, allow_pickle: bool = False) -> 
     pruned model (``stepdistill prune``) or a grown one (``stepdistill grow``) keeps its own smaller or deeper
     network; any other model must have the teacher's architecture, and its weights go into a copy of the teacher's
     network."""
-    from ..pruning.folder import pruned_record
-    from ..pruning.growth import grown_record
+    from ..models import meta_extra
+    from ..pruning.folder import PRUNED_KEY
+    from ..pruning.growth import GROWN_KEY
 
-    if pruned_record(source, allow_pickle) is not None or grown_record(source, allow_pickle) is not None:
+    extra = meta_extra(source, allow_pickle)
+    if extra.get(PRUNED_KEY) is not None or extra.get(GROWN_KEY) is not None:
         init, _ = load_denoiser(source, allow_pickle=allow_pickle)
         return Denoiser(init.backbone, teacher.schedule, teacher.prediction_type, teacher.null_class,
                         teacher.null_cond)
